@@ -1,0 +1,45 @@
+"""normopt: exact operator norms of CNN layers, and norm decay on top of any PyTorch optimizer.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import normopt
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    >>> sorted(normopt.model_norms(model, torch.zeros(1, 3, 16, 16), ord="linf"))
+    ['0', '1']
+"""
+
+from normopt.discovery import LayerSpecs, layer_specs, module_spec, unwrap
+from normopt.norms import (
+    NormArgMax,
+    layer_argmax,
+    layer_argmaxes,
+    layer_norm,
+    layer_norms,
+    nonfinite_layers,
+    parse_ord,
+)
+from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
+from normopt.summary import NetworkNorms, model_norms, network_norms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormSpec",
+    "ConvSpec",
+    "LayerSpecs",
+    "LinearSpec",
+    "NetworkNorms",
+    "NormArgMax",
+    "layer_argmax",
+    "layer_argmaxes",
+    "layer_norm",
+    "layer_norms",
+    "layer_specs",
+    "model_norms",
+    "module_spec",
+    "network_norms",
+    "nonfinite_layers",
+    "parse_ord",
+    "unwrap",
+]

@@ -1,0 +1,197 @@
+"""Plain, immutable descriptions of the linear pieces of a network.
+
+A spec holds everything the norm functions need to know about a layer except its weights: kind,
+geometry, input size and the keys of its tensors in a ``{name: tensor}`` mapping such as
+``model.state_dict()``. Specs are frozen dataclasses, so they hash, compare and pickle, and a
+geometry computed for one is cached for all equal ones.
+
+An unknown input size (``input_size=None``) means the *large-input limit*: the supremum of the
+norm over all large inputs, attained by interior positions (and, for circular, reflect and
+replicate padding with stride > 1, by the edge positions of inputs of every size modulo the
+stride). For zero padding it is an upper bound of the norm at every input size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from normopt.geometry import PADDING_MODES, AxisGeometry
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A fully connected layer ``y = W x``, ``W`` of shape ``(out_features, in_features)``."""
+
+    name: str
+    weight: str
+    in_features: int
+    out_features: int
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A convolution or transposed convolution with any number of spatial axes.
+
+    Attributes:
+        name: module name, used in error messages.
+        weight: key of the kernel in the tensor mapping.
+        in_channels, out_channels, groups: as in ``torch.nn.Conv2d``.
+        kernel_size, stride, dilation: one int per spatial axis.
+        padding: ``(left, right)`` per spatial axis, resolved from ints, tuples, ``'same'`` and
+            ``'valid'``.
+        padding_mode: ``'zeros'``, ``'circular'``, ``'reflect'`` or ``'replicate'``.
+        input_size: spatial size of the input, or None for the large-input limit.
+        transposed: True for ``ConvTranspose*``, whose kernel is ``(in, out/groups, *k)``.
+        output_padding: per axis, for transposed convolutions.
+    """
+
+    name: str
+    weight: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+    padding_mode: str = "zeros"
+    input_size: tuple[int, ...] | None = None
+    transposed: bool = False
+    output_padding: tuple[int, ...] = field(default=())
+
+    def __post_init__(self):
+        n = len(self.kernel_size)
+        for attr in ("stride", "padding", "dilation") + (("input_size",) if self.input_size else ()):
+            if len(getattr(self, attr)) != n:
+                raise ValueError(f"layer {self.name!r}: {attr} has {len(getattr(self, attr))} axes, kernel has {n}")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"layer {self.name!r}: unknown padding_mode {self.padding_mode!r}")
+        if self.transposed and self.padding_mode != "zeros":
+            raise ValueError(f"layer {self.name!r}: transposed convolutions only support zero padding")
+        if self.input_size is not None:
+            for j, axis in enumerate(axis_geometries(self, self.input_size)):
+                _check_axis(self, j, axis)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        lead = (
+            (self.in_channels, self.out_channels // self.groups)
+            if self.transposed
+            else (self.out_channels, self.in_channels // self.groups)
+        )
+        return lead + tuple(self.kernel_size)
+
+    @property
+    def output_size(self) -> tuple[int, ...] | None:
+        """Spatial size of the output, or None when the input size is unknown."""
+        if self.input_size is None:
+            return None
+        axes = axis_geometries(self, self.input_size)
+        return tuple(axis.size if self.transposed else axis.out_size for axis in axes)
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    """Batch norm in eval mode: the diagonal map ``x_c -> gamma_c x_c / sqrt(running_var_c + eps)``.
+
+    ``weight`` is None when the layer has no affine parameters (then ``gamma = 1``).
+    """
+
+    name: str
+    weight: str | None
+    running_var: str
+    num_features: int
+    eps: float
+
+
+Spec = LinearSpec | ConvSpec | BatchNormSpec
+
+
+def _axis(spec: ConvSpec, j: int, n: int) -> AxisGeometry:
+    s, (pl, pr), d, k = spec.stride[j], spec.padding[j], spec.dilation[j], spec.kernel_size[j]
+    if spec.transposed:
+        # The adjoint runs from the transposed layer's output back to its n inputs.
+        size, out_size = (n - 1) * s - pl - pr + d * (k - 1) + spec.output_padding[j] + 1, n
+    else:
+        size, out_size = n, (n + pl + pr - d * (k - 1) - 1) // s + 1
+    return AxisGeometry(size, out_size, k, s, pl, d, spec.padding_mode)
+
+
+def axis_geometries(spec: ConvSpec, input_size: tuple[int, ...]) -> tuple[AxisGeometry, ...]:
+    """Per-axis geometry of the convolution whose matrix norms are those of ``spec``.
+
+    For a transposed convolution this is its adjoint: the convolution with the same kernel from
+    the transposed layer's output (size ``(n-1)s - 2p + d(k-1) + output_padding + 1``) back to its
+    input, with output positions cut to the transposed layer's input size ``n``.
+    """
+    return tuple(_axis(spec, j, n) for j, n in enumerate(input_size))
+
+
+def _check_axis(spec: ConvSpec, j: int, axis: AxisGeometry) -> None:
+    if axis.size < 1 or axis.out_size < 1:
+        raise ValueError(
+            f"layer {spec.name!r}: input size {spec.input_size} is too small for kernel {spec.kernel_size} "
+            f"(stride {spec.stride}, dilation {spec.dilation}, padding {spec.padding}): the output would be empty"
+        )
+    pad = max(spec.padding[j])
+    if spec.padding_mode == "reflect" and pad >= axis.size:
+        raise ValueError(f"layer {spec.name!r}: reflect padding {pad} needs an input larger than {axis.size} on axis {j}")
+    if spec.padding_mode == "circular" and pad > axis.size:
+        raise ValueError(f"layer {spec.name!r}: circular padding {pad} needs an input of at least {pad} on axis {j}")
+
+
+def large_input_geometries(spec: ConvSpec) -> tuple[tuple[AxisGeometry, ...], ...]:
+    """Per axis, the geometries whose pooled patterns give the large-input limit.
+
+    Far from the edges every position looks the same; near them, the patterns repeat with period
+    ``stride`` in the input size. Sizes ``n0 .. n0 + stride - 1`` with ``n0`` several kernel reaches
+    and paddings long therefore show every pattern any large input has, and no others.
+    """
+    per_axis = []
+    for j, k in enumerate(spec.kernel_size):
+        s, (pl, pr), d = spec.stride[j], spec.padding[j], spec.dilation[j]
+        n0 = 3 * (pl + pr + d * (k - 1) + 2 * s) + 1
+        per_axis.append(tuple(_axis(spec, j, n0 + r) for r in range(s)))
+    return tuple(per_axis)
+
+
+def _padding_pairs(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...]:
+    if module.padding == "valid":
+        return tuple((0, 0) for _ in module.kernel_size)
+    if module.padding == "same":
+        # Same split as torch: the odd extra sample goes to the right.
+        totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        return tuple((t // 2, t - t // 2) for t in totals)
+    return tuple((p, p) for p in module.padding)
+
+
+def conv_spec(module: nn.modules.conv._ConvNd, name: str, weight: str, input_size=None) -> ConvSpec:
+    """Spec of a ``Conv*d`` or ``ConvTranspose*d`` module.
+
+    Example:
+        >>> from torch import nn
+        >>> spec = conv_spec(nn.Conv2d(3, 8, 3, stride=2, padding="valid"), "c", "c.weight", (9, 9))
+        >>> spec.padding, spec.output_size
+        (((0, 0), (0, 0)), (4, 4))
+    """
+    return ConvSpec(
+        name=name,
+        weight=weight,
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        kernel_size=tuple(module.kernel_size),
+        stride=tuple(module.stride),
+        padding=_padding_pairs(module),
+        dilation=tuple(module.dilation),
+        groups=module.groups,
+        padding_mode=module.padding_mode,
+        input_size=None if input_size is None else tuple(int(n) for n in input_size),
+        transposed=module.transposed,
+        output_padding=tuple(module.output_padding) if module.transposed else (),
+    )

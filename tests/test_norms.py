@@ -1,0 +1,289 @@
+"""The norm functions against the explicit matrix of the real PyTorch layer, over generated geometries."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import RTOL, assert_close, brute_norms, explicit_matrix
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normopt
+from normopt import layer_argmax, layer_norm, layer_specs
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+MAX_SIZE = {1: 12, 2: 7, 3: 4}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _channels(draw, transposed: bool):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    if draw(st.booleans()) and groups > 1:  # depthwise
+        return groups, groups, groups
+    return groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2)), groups
+
+
+@st.composite
+def conv_layers(draw, transposed: bool = False, modes=("zeros",), dims=(1, 2, 2, 3)):
+    """A random conv (or transposed conv) module with random weights, and a valid input size."""
+    dims = draw(st.sampled_from(dims))
+    axes = st.lists  # one value per spatial axis
+    kernel = draw(axes(st.integers(1, 5 if dims == 1 else 4), min_size=dims, max_size=dims))
+    stride = draw(axes(st.integers(1, 3), min_size=dims, max_size=dims))
+    dilation = draw(axes(st.integers(1, 3), min_size=dims, max_size=dims))
+    size = draw(axes(st.integers(1, MAX_SIZE[dims]), min_size=dims, max_size=dims))
+    mode = draw(st.sampled_from(modes))
+    if transposed:
+        padding = draw(axes(st.integers(0, 3), min_size=dims, max_size=dims))
+        out_pad = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
+        extra = {"output_padding": tuple(out_pad)}
+    else:
+        choice = draw(st.sampled_from(["ints", "ints", "same", "valid"]))
+        if choice == "same":
+            stride = [1] * dims
+            padding = "same"
+        elif choice == "valid":
+            padding = "valid"
+        else:
+            padding = draw(axes(st.integers(0, 3), min_size=dims, max_size=dims))
+        extra = {}
+    c_in, c_out, groups = _channels(draw, transposed)
+    layer = (CONV_T if transposed else CONV)[dims](
+        c_in, c_out, tuple(kernel), stride=tuple(stride), padding=padding if isinstance(padding, str) else tuple(padding),
+        dilation=tuple(dilation), groups=groups, padding_mode=mode, bias=draw(st.booleans()), **extra,
+    )
+    spec = normopt.module_spec(layer, "layer")
+    try:
+        spec = normopt.module_spec(layer, "layer", tuple(size))
+    except ValueError:
+        assume(False)  # the input is too small for this kernel / padding
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        weight = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64)
+        if draw(st.booleans()):  # sparse kernels make ties and empty rows likely
+            weight = weight * (torch.rand(weight.shape, generator=generator) < 0.3)
+        layer.weight.copy_(weight.to(dtype))
+    return layer.to(dtype), spec, (c_in, *size)
+
+
+def _check_against_oracle(layer, spec, input_shape):
+    dtype = layer.weight.dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note about 'same' with even kernels
+        oracle = brute_norms(explicit_matrix(layer, input_shape))
+    tensors = {"layer.weight": layer.weight}
+    for ord in (1, math.inf):
+        assert_close(layer_norm(tensors, spec, ord), oracle[ord], rtol=RTOL[dtype], msg=f"ord={ord} {spec}")
+        argmax = layer_argmax(tensors, spec, ord)
+        lines, sizes = (oracle["row_sums"], spec.output_size) if ord == math.inf else (oracle["column_sums"], spec.input_size)
+        if spec.transposed:
+            sizes = spec.input_size if ord == 1 else spec.output_size
+        flat = argmax.channel * math.prod(sizes) + _ravel(argmax.position, sizes)
+        assert_close(lines[flat], oracle[ord], rtol=RTOL[dtype], msg=f"arg-max of ord={ord} {spec}")
+
+
+def _ravel(position, sizes):
+    flat = 0
+    for p, n in zip(position.tolist(), sizes):
+        assert 0 <= p < n
+        flat = flat * n + p
+    return flat
+
+
+@settings(max_examples=1000)
+@given(conv_layers())
+def test_zero_padded_conv_matches_explicit_matrix(case):
+    _check_against_oracle(*case)
+
+
+@settings(max_examples=400)
+@given(conv_layers(transposed=True))
+def test_transposed_conv_matches_explicit_matrix(case):
+    _check_against_oracle(*case)
+
+
+@settings(max_examples=600)
+@given(conv_layers(modes=("circular", "reflect", "replicate")))
+def test_circular_reflect_replicate_match_explicit_matrix(case):
+    _check_against_oracle(*case)
+
+
+def _large_sizes(spec, extra):
+    """Input sizes n0 + r per axis, r over one period of the stride, n0 past every edge effect."""
+    n0 = [3 * (sum(p) + d * (k - 1) + 2 * s) + 1 + extra for p, d, k, s in zip(spec.padding, spec.dilation, spec.kernel_size, spec.stride)]
+    shifts = torch.cartesian_prod(*[torch.arange(s) for s in spec.stride]).reshape(-1, len(spec.stride))
+    return [tuple(n + r for n, r in zip(n0, shift.tolist())) for shift in shifts]
+
+
+@settings(max_examples=80)
+@given(conv_layers(modes=("zeros", "circular", "reflect", "replicate"), dims=(1,)), st.integers(0, 3))
+def test_unknown_input_size_is_the_supremum_over_large_explicit_matrices(case, extra):
+    """input_size=None equals the largest norm of the explicit matrices of large 1-D inputs."""
+    layer, spec, _ = case
+    limit = normopt.module_spec(layer, "layer")
+    oracles = [brute_norms(explicit_matrix(layer, (spec.in_channels, *size))) for size in _large_sizes(spec, extra)]
+    for ord in (1, math.inf):
+        largest = max(oracle[ord] for oracle in oracles)
+        assert_close(layer_norm({"layer.weight": layer.weight}, limit, ord), largest, rtol=RTOL[layer.weight.dtype], msg=f"ord={ord} {spec}")
+
+
+@settings(max_examples=60)
+@given(conv_layers(modes=("zeros", "circular", "reflect", "replicate"), dims=(2, 3)), st.integers(0, 3))
+def test_unknown_input_size_pools_the_axes_of_multi_dimensional_layers(case, extra):
+    """In 2-D and 3-D the limit is the largest norm over every combination of per-axis sizes."""
+    layer, spec, _ = case
+    tensors = {"layer.weight": layer.weight}
+    limit = normopt.module_spec(layer, "layer")
+    for ord in (1, math.inf):
+        largest = max(layer_norm(tensors, normopt.module_spec(layer, "layer", size), ord) for size in _large_sizes(spec, extra))
+        assert_close(layer_norm(tensors, limit, ord), largest, rtol=RTOL[layer.weight.dtype], msg=f"ord={ord} {spec}")
+
+
+@settings(max_examples=60)
+@given(conv_layers(), st.integers(0, 1))
+def test_large_input_limit_bounds_every_input_size_with_zero_padding(case, _):
+    layer, spec, input_shape = case
+    tensors = {"layer.weight": layer.weight}
+    limit = normopt.module_spec(layer, "layer")
+    for ord in (1, math.inf):
+        assert layer_norm(tensors, limit, ord) >= layer_norm(tensors, spec, ord) * (1 - RTOL[layer.weight.dtype])
+
+
+def test_large_input_limit_is_attained_by_a_large_explicit_matrix():
+    """One direct check of the limit against a brute-force matrix on a 1-D input of 40 samples."""
+    layer = nn.Conv1d(2, 3, 4, stride=3, padding=2, dilation=2, bias=False).double()
+    oracle = brute_norms(explicit_matrix(layer, (2, 40)))
+    for ord in (1, math.inf):
+        assert_close(layer_norm(layer.state_dict(), normopt.module_spec(layer, ""), ord), oracle[ord], rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 2)])
+def test_linear_matches_explicit_matrix(shape, dtype):
+    layer = nn.Linear(shape[1], shape[0]).to(dtype)
+    spec = normopt.module_spec(layer)
+    oracle = brute_norms(explicit_matrix(layer, (shape[1],)))
+    for ord in (1, math.inf, 2):
+        assert_close(layer_norm(layer.state_dict(), spec, ord), oracle[ord], rtol=RTOL[dtype])
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_matches_explicit_matrix(dims, affine):
+    layer = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims](4, eps=1e-3, affine=affine)
+    with torch.no_grad():
+        layer.running_var.uniform_(0.1, 3.0)
+        layer.running_mean.normal_()
+        if affine:
+            layer.weight.normal_()
+    spec = normopt.module_spec(layer)
+    oracle = brute_norms(explicit_matrix(layer, (4,) + (2,) * dims))
+    for ord in (1, math.inf, 2):
+        assert_close(layer_norm(layer.state_dict(), spec, ord), oracle[ord], rtol=1e-6)
+    assert layer_argmax(layer.state_dict(), spec, 1).channel == oracle["column_sums"].argmax() // 2**dims
+
+
+def test_norms_are_differentiable_and_return_0d_tensors():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(12, 2))
+    specs = layer_specs(model, torch.zeros(1, 2, 4, 4))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    norms = normopt.layer_norms(tensors, specs, "linf")
+    assert all(n.dim() == 0 for n in norms.values())
+    sum(norms.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+@pytest.mark.parametrize("ord", [1, math.inf])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(2, 3, 3, stride=2, padding=1),
+        lambda: nn.Conv2d(2, 4, 2, groups=2, dilation=2, padding=1, padding_mode="circular"),
+        lambda: nn.ConvTranspose1d(2, 3, 3, stride=2),
+    ],
+)
+def test_gradient_is_the_oracle_subgradient_of_the_argmax_line(make, ord):
+    """Autograd of the norm equals the gradient of the explicit matrix's arg-max row / column sum."""
+    torch.manual_seed(0)
+    layer = make().double()
+    spec = normopt.module_spec(layer, "", (5,) * len(layer.kernel_size))
+    weight = layer.weight.detach().clone().requires_grad_()
+    (ours,) = torch.autograd.grad(layer_norm({"weight": weight}, spec, ord), weight)
+    matrix = explicit_matrix(layer, ((layer.in_channels,) + spec.input_size), weight)
+    line_sums = matrix.abs().sum(1 if ord == math.inf else 0)
+    # Rows (columns) with the same tap pattern tie and share one gradient: any arg-max line will do.
+    (oracle,) = torch.autograd.grad(line_sums[line_sums.argmax()], weight)
+    assert_close(ours, oracle, rtol=1e-12)
+    assert not torch.equal(oracle, torch.zeros_like(oracle))
+
+
+def test_nonfinite_weights_give_nonfinite_norm_for_that_layer_only():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    norms = normopt.layer_norms(model.state_dict(), layer_specs(model), 1)
+    assert torch.isfinite(norms["0"]) and torch.isnan(norms["1"])
+    assert normopt.nonfinite_layers(norms) == ["1"]
+    with pytest.warns(UserWarning, match=r"\['1'\]"):
+        normopt.model_norms(model)
+
+
+def test_infinite_weight_gives_infinite_norm():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3))
+    with torch.no_grad():
+        model[0].weight[0, 0, 1] = float("-inf")
+    assert normopt.layer_norms(model.state_dict(), layer_specs(model), math.inf)["0"] == math.inf
+
+
+@pytest.mark.parametrize("bad", [0, 3, "l3", None, "fro"])
+def test_unknown_norm_order_is_refused(bad):
+    model = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown norm order"):
+        normopt.layer_norms(model.state_dict(), layer_specs(model), bad)
+
+
+def test_wrong_weight_shape_names_the_layer():
+    specs = layer_specs(nn.Sequential(nn.Conv2d(2, 3, 3)))
+    with pytest.raises(ValueError, match=r"layer '0'.*shape \(3, 2, 5, 5\), expected \(3, 2, 3, 3\)"):
+        normopt.layer_norms({"0.weight": torch.zeros(3, 2, 5, 5)}, specs, 1)
+
+
+def test_missing_tensor_names_the_layer_and_key():
+    specs = layer_specs(nn.Sequential(nn.BatchNorm1d(3)))
+    with pytest.raises(KeyError, match="0.running_var"):
+        normopt.layer_norms({"0.weight": torch.ones(3)}, specs, 1)
+
+
+def test_spectral_norm_of_a_conv_points_to_svc():
+    specs = layer_specs(nn.Sequential(nn.Conv2d(2, 3, 3)))
+    with pytest.raises(NotImplementedError, match="layer '0'.*normopt.svc"):
+        normopt.layer_norms(nn.Sequential(nn.Conv2d(2, 3, 3)).state_dict(), specs, 2)
+
+
+def test_network_norms_sum_and_product():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    summary = normopt.network_norms(model.state_dict(), layer_specs(model), 1)
+    values = list(summary.norms.values())
+    assert_close(summary.total, values[0] + values[1])
+    assert_close(summary.product, values[0].double() * values[1].double())
+    x = torch.randn(64, 3)
+    # The product bounds the chain's Lipschitz constant in l1: check on random pairs.
+    with torch.no_grad():
+        ratio = (model(x) - model(x.roll(1, 0))).abs().sum(1) / (x - x.roll(1, 0)).abs().sum(1)
+    assert ratio.max() <= summary.product
+
+
+def test_wrapper_prefixes_in_state_dict_keys():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2))
+    wrapped = nn.DataParallel(model)
+    specs = layer_specs(wrapped)
+    assert list(specs) == ["0", "1"]
+    assert normopt.layer_norms(wrapped.state_dict(), specs, 1).keys() == {"0", "1"}
+    assert_close(normopt.layer_norms(wrapped.state_dict(), specs, 1)["0"], normopt.layer_norms(model.state_dict(), specs, 1)["0"])
