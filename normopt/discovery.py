@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, Spec, conv_spec
+from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec
 
 # Modules that hold weights but are not linear maps of their input, with the reason.
 _NOT_LINEAR = {
@@ -208,6 +208,8 @@ def layer_specs(model: nn.Module, example_input=None) -> LayerSpecs:
     keys.update({id(t): n for n, t in model.named_buffers()})
     specs, skipped = {}, {}
     for name, module in model.named_modules():
+        if "parametrizations" in name.split("."):
+            continue  # internals of a parametrized layer, which is listed itself
         reason = _skip_reason(module)
         if reason is not None:
             skipped[name] = reason

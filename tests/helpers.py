@@ -34,7 +34,7 @@ def explicit_matrix(module: nn.Module, input_shape: tuple[int, ...], weight: tor
     basis = torch.eye(size, dtype=torch.float64).reshape(size, *input_shape)
     with torch.set_grad_enabled(weight is not None):
         params = {} if weight is None else {"weight": weight}
-        run = lambda x: torch.func.functional_call(module, params, (x,))  # noqa: E731
+        run = lambda x: torch.func.functional_call(module, params, (x,))
         images = run(basis) - run(torch.zeros_like(basis[:1]))
     return images.reshape(size, -1).T
 

@@ -54,8 +54,16 @@ def conv_layers(draw, transposed: bool = False, modes=("zeros",), dims=(1, 2, 2,
         extra = {}
     c_in, c_out, groups = _channels(draw, transposed)
     layer = (CONV_T if transposed else CONV)[dims](
-        c_in, c_out, tuple(kernel), stride=tuple(stride), padding=padding if isinstance(padding, str) else tuple(padding),
-        dilation=tuple(dilation), groups=groups, padding_mode=mode, bias=draw(st.booleans()), **extra,
+        c_in,
+        c_out,
+        tuple(kernel),
+        stride=tuple(stride),
+        padding=padding if isinstance(padding, str) else tuple(padding),
+        dilation=tuple(dilation),
+        groups=groups,
+        padding_mode=mode,
+        bias=draw(st.booleans()),
+        **extra,
     )
     spec = normopt.module_spec(layer, "layer")
     try:
@@ -117,7 +125,10 @@ def test_circular_reflect_replicate_match_explicit_matrix(case):
 
 def _large_sizes(spec, extra):
     """Input sizes n0 + r per axis, r over one period of the stride, n0 past every edge effect."""
-    n0 = [3 * (sum(p) + d * (k - 1) + 2 * s) + 1 + extra for p, d, k, s in zip(spec.padding, spec.dilation, spec.kernel_size, spec.stride)]
+    n0 = [
+        3 * (sum(p) + d * (k - 1) + 2 * s) + 1 + extra
+        for p, d, k, s in zip(spec.padding, spec.dilation, spec.kernel_size, spec.stride)
+    ]
     shifts = torch.cartesian_prod(*[torch.arange(s) for s in spec.stride]).reshape(-1, len(spec.stride))
     return [tuple(n + r for n, r in zip(n0, shift.tolist())) for shift in shifts]
 
@@ -131,7 +142,12 @@ def test_unknown_input_size_is_the_supremum_over_large_explicit_matrices(case, e
     oracles = [brute_norms(explicit_matrix(layer, (spec.in_channels, *size))) for size in _large_sizes(spec, extra)]
     for ord in (1, math.inf):
         largest = max(oracle[ord] for oracle in oracles)
-        assert_close(layer_norm({"layer.weight": layer.weight}, limit, ord), largest, rtol=RTOL[layer.weight.dtype], msg=f"ord={ord} {spec}")
+        assert_close(
+            layer_norm({"layer.weight": layer.weight}, limit, ord),
+            largest,
+            rtol=RTOL[layer.weight.dtype],
+            msg=f"ord={ord} {spec}",
+        )
 
 
 @settings(max_examples=60)
@@ -149,7 +165,7 @@ def test_unknown_input_size_pools_the_axes_of_multi_dimensional_layers(case, ext
 @settings(max_examples=60)
 @given(conv_layers(), st.integers(0, 1))
 def test_large_input_limit_bounds_every_input_size_with_zero_padding(case, _):
-    layer, spec, input_shape = case
+    layer, spec, _input_shape = case
     tensors = {"layer.weight": layer.weight}
     limit = normopt.module_spec(layer, "layer")
     for ord in (1, math.inf):
@@ -216,7 +232,7 @@ def test_gradient_is_the_oracle_subgradient_of_the_argmax_line(make, ord):
     spec = normopt.module_spec(layer, "", (5,) * len(layer.kernel_size))
     weight = layer.weight.detach().clone().requires_grad_()
     (ours,) = torch.autograd.grad(layer_norm({"weight": weight}, spec, ord), weight)
-    matrix = explicit_matrix(layer, ((layer.in_channels,) + spec.input_size), weight)
+    matrix = explicit_matrix(layer, ((layer.in_channels, *spec.input_size)), weight)
     line_sums = matrix.abs().sum(1 if ord == math.inf else 0)
     # Rows (columns) with the same tap pattern tie and share one gradient: any arg-max line will do.
     (oracle,) = torch.autograd.grad(line_sums[line_sums.argmax()], weight)
@@ -257,13 +273,13 @@ def test_wrong_weight_shape_names_the_layer():
 
 def test_missing_tensor_names_the_layer_and_key():
     specs = layer_specs(nn.Sequential(nn.BatchNorm1d(3)))
-    with pytest.raises(KeyError, match="0.running_var"):
+    with pytest.raises(KeyError, match=r"0\.running_var"):
         normopt.layer_norms({"0.weight": torch.ones(3)}, specs, 1)
 
 
 def test_spectral_norm_of_a_conv_points_to_svc():
     specs = layer_specs(nn.Sequential(nn.Conv2d(2, 3, 3)))
-    with pytest.raises(NotImplementedError, match="layer '0'.*normopt.svc"):
+    with pytest.raises(NotImplementedError, match=r"layer '0'.*normopt\.svc"):
         normopt.layer_norms(nn.Sequential(nn.Conv2d(2, 3, 3)).state_dict(), specs, 2)
 
 

@@ -1,0 +1,200 @@
+"""Walking models into specs: names, keys, input sizes, wrappers, skipped modules, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from helpers import assert_close
+from torch import nn
+
+import normopt
+from normopt import BatchNormSpec, ConvSpec, LinearSpec, layer_specs
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.inner = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+
+    def forward(self, x):
+        return self.inner(self.bn(self.conv(x)))
+
+
+def test_nested_names_kinds_and_input_sizes():
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(64, 10))
+    specs = layer_specs(model, torch.zeros(2, 3, 8, 8))
+    assert list(specs) == ["0.conv", "0.bn", "0.inner.0", "2"]
+    assert isinstance(specs["0.conv"], ConvSpec) and specs["0.conv"].input_size == (8, 8)
+    assert specs["0.inner.0"].input_size == (4, 4)
+    assert isinstance(specs["0.bn"], BatchNormSpec) and specs["0.bn"].running_var == "0.bn.running_var"
+    assert isinstance(specs["2"], LinearSpec) and specs["2"].weight == "2.weight"
+    assert specs.skipped == {}
+
+
+def test_without_example_input_convs_get_the_large_input_limit():
+    specs = layer_specs(Block())
+    assert all(s.input_size is None for s in specs.values() if isinstance(s, ConvSpec))
+
+
+@pytest.mark.parametrize(
+    ("padding", "dilation", "kernel", "expected"),
+    [
+        ("same", 1, 3, ((1, 1),)),
+        ("same", 1, 4, ((1, 2),)),
+        ("same", 2, 4, ((3, 3),)),
+        ("valid", 3, 5, ((0, 0),)),
+        (2, 1, 3, ((2, 2),)),
+        ((1,), 1, 3, ((1, 1),)),
+    ],
+)
+def test_padding_forms_resolve_to_left_right_pairs(padding, dilation, kernel, expected):
+    spec = normopt.module_spec(nn.Conv1d(1, 1, kernel, padding=padding, dilation=dilation))
+    assert spec.padding == expected
+
+
+def test_specs_are_immutable_and_hashable():
+    spec = normopt.module_spec(nn.Conv2d(2, 2, 3), "c", (5, 5))
+    with pytest.raises(AttributeError):
+        spec.groups = 2
+    assert hash(spec) == hash(normopt.module_spec(nn.Conv2d(2, 2, 3), "c", (5, 5)))
+
+
+def test_probe_forward_leaves_training_mode_and_batchnorm_statistics_untouched():
+    model = Block().train()
+    model.inner.eval()  # a mixed-mode model must come back exactly as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_specs(model, torch.randn(4, 3, 8, 8))
+    assert model.training and model.conv.training and not model.inner.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_shared_module_appears_once_and_tied_weights_get_their_first_key():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    other = nn.Conv2d(2, 2, 3, padding=1)
+    other.weight = conv.weight  # tied weight, separate module
+    model = nn.Sequential(conv, nn.ReLU(), conv, other)
+    specs = layer_specs(model, torch.zeros(1, 2, 5, 5))
+    assert list(specs) == ["0", "3"]
+    assert specs["3"].weight == "0.weight"
+    norms = normopt.layer_norms(dict(model.named_parameters()), specs, 1)
+    assert_close(norms["0"], norms["3"])
+    assert normopt.layer_norms(model.state_dict(), specs, 1).keys() == {"0", "3"}
+
+
+def test_skipped_modules_are_listed_with_a_reason():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = nn.Sequential(
+        nn.Linear(3, 3),
+        nn.LayerNorm(3),
+        nn.GroupNorm(1, 3),
+        nn.BatchNorm1d(3, track_running_stats=False),
+        nn.MultiheadAttention(3, 1),
+        Custom(),
+        nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)),
+        nn.ReLU(),
+    )
+    specs = layer_specs(model)
+    assert list(specs) == ["0", "4.out_proj"]  # attention's output projection is a plain Linear
+    assert set(specs.skipped) == {"1", "2", "3", "4", "5", "6"}
+    assert "not a linear map" in specs.skipped["1"]
+    assert "running statistics" in specs.skipped["3"]
+    assert "attention" in specs.skipped["4"]
+    assert "no operator-norm rule" in specs.skipped["5"]
+    assert "parametrized" in specs.skipped["6"]
+
+
+def test_module_spec_refuses_unsupported_modules_by_name():
+    with pytest.raises(TypeError, match="layer 'norm' is not supported: LayerNorm"):
+        normopt.module_spec(nn.LayerNorm(3), "norm")
+
+
+def test_uninitialised_lazy_module_is_refused():
+    with pytest.raises(ValueError, match="layer 'c': lazy module"):
+        normopt.module_spec(nn.LazyConv2d(3, 3), "c")
+
+
+@pytest.mark.parametrize(
+    ("layer", "size", "match"),
+    [
+        (nn.Conv2d(1, 1, 5), (3, 8), "too small"),
+        (nn.Conv1d(1, 1, 3, dilation=3), (6,), "too small"),
+        (nn.Conv1d(1, 1, 3, padding=4, padding_mode="reflect"), (4,), "reflect padding 4"),
+        (nn.Conv1d(1, 1, 3, padding=5, padding_mode="circular"), (4,), "circular padding 5"),
+    ],
+)
+def test_input_too_small_for_the_kernel_names_the_layer(layer, size, match):
+    with pytest.raises(ValueError, match=f"layer 'bad'.*{match}"):
+        normopt.module_spec(layer, "bad", size)
+
+
+def test_layer_called_with_two_sizes_warns_and_uses_the_limit():
+    conv = nn.Conv1d(1, 1, 3)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x), self.conv(x[..., :5])
+
+    with pytest.warns(UserWarning, match="input sizes"):
+        specs = layer_specs(Twice(), torch.zeros(1, 1, 9))
+    assert specs["conv"].input_size is None
+
+
+def test_layer_not_reached_by_the_example_forward_warns():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv1d(1, 1, 3), nn.Conv1d(1, 1, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.warns(UserWarning, match="'unused' was not called"):
+        specs = layer_specs(Unused(), torch.zeros(1, 1, 9))
+    assert specs["used"].input_size == (9,) and specs["unused"].input_size is None
+
+
+def test_distributed_data_parallel_prefix(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Block()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        specs = layer_specs(ddp, torch.zeros(1, 3, 8, 8))
+        assert list(specs) == list(layer_specs(model))
+        assert all(key.startswith("module.") for key in ddp.state_dict())
+        norms = normopt.layer_norms(ddp.state_dict(), specs, 1)
+        direct = normopt.layer_norms(model.state_dict(), specs, 1)
+        for name in specs:
+            assert_close(norms[name], direct[name])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_module_prefix_is_looked_through():
+    model = Block()
+    compiled = torch.compile(model)
+    assert list(layer_specs(compiled)) == list(layer_specs(model))
+    norms = normopt.layer_norms(compiled.state_dict(), layer_specs(compiled), 1)
+    assert norms.keys() == set(layer_specs(model))
+
+
+def test_transposed_conv_spec_output_size_matches_torch():
+    layer = nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 3), padding=(1, 0), output_padding=(1, 2), dilation=(1, 2))
+    spec = normopt.module_spec(layer, "t", (4, 5))
+    assert spec.output_size == tuple(layer(torch.zeros(1, 2, 4, 5)).shape[2:])
+    assert spec.weight_shape == tuple(layer.weight.shape)
