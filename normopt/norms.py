@@ -95,20 +95,43 @@ def _table(values: tuple[tuple[int, ...], ...], device: torch.device, dtype: tor
     return torch.tensor(values, dtype=dtype, device=device).reshape(len(values), -1)
 
 
-def _selection(patterns: Patterns, kernel: int) -> tuple[tuple[int, ...], ...]:
-    """Counts per tap for singleton patterns: how often each tap occurs in each pattern."""
-    rows = []
+class _AxisPlan(NamedTuple):
+    """How one spatial axis of the kernel turns into pattern sums.
+
+    ``membership`` (groups x taps) adds the taps that land on one sample before the absolute value
+    is taken; None when every group is one tap. ``reduce`` (patterns x taps-or-groups) counts how
+    often each enters each pattern; None when there is one pattern holding every tap once, which
+    is a plain sum.
+    """
+
+    membership: tuple[tuple[int, ...], ...] | None
+    reduce: tuple[tuple[int, ...], ...] | None
+
+
+def _axis_plan(patterns: Patterns, kernel: int) -> _AxisPlan:
+    if not patterns.singleton:
+        membership = tuple(tuple(int(i in group) for i in range(kernel)) for group in patterns.groups)
+        return _AxisPlan(membership, patterns.counts)
+    per_tap = []
     for counts in patterns.counts:
         row = [0] * kernel
         for (tap,), c in zip(patterns.groups, counts):
             row[tap] += c
-        rows.append(tuple(row))
-    return tuple(rows)
+        per_tap.append(tuple(row))
+    full = tuple(per_tap) == ((1,) * kernel,)
+    return _AxisPlan(None, None if full else tuple(per_tap))
 
 
-def _membership(patterns: Patterns, kernel: int) -> tuple[tuple[int, ...], ...]:
-    """0/1 matrix (groups x taps) whose product with the kernel sums each group's taps."""
-    return tuple(tuple(int(i in group) for i in range(kernel)) for group in patterns.groups)
+@functools.lru_cache(maxsize=4096)
+def _plan(spec: Spec, kind: str) -> tuple[tuple[_AxisPlan, ...], tuple[Patterns, ...]]:
+    """Per-axis plans and patterns of a layer's rows or columns; cached, so a step pays none of it."""
+    if isinstance(spec, LinearSpec):
+        return (), ()
+    if spec.input_size is None:
+        patterns = tuple(axis_patterns(kind, axes, known=False) for axes in large_input_geometries(spec))
+    else:
+        patterns = tuple(axis_patterns(kind, (axis,)) for axis in axis_geometries(spec, spec.input_size))
+    return tuple(_axis_plan(p, k) for p, k in zip(patterns, spec.kernel_size)), patterns
 
 
 def _contract(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -116,13 +139,7 @@ def _contract(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
     return torch.movedim(torch.movedim(x, dim, -1) @ matrix.T, -1, dim)
 
 
-def _conv_patterns(spec: ConvSpec, kind: str) -> tuple[Patterns, ...]:
-    if spec.input_size is None:
-        return tuple(axis_patterns(kind, axes, known=False) for axes in large_input_geometries(spec))
-    return tuple(axis_patterns(kind, (axis,)) for axis in axis_geometries(spec, spec.input_size))
-
-
-def _sums(weight: torch.Tensor, groups: int, patterns: tuple[Patterns, ...], kind: str) -> torch.Tensor:
+def _sums(weight: torch.Tensor, groups: int, plans: tuple[_AxisPlan, ...], kind: str) -> torch.Tensor:
     """Absolute row (``kind="rows"``) or column sums of every distinct row or column pattern.
 
     ``weight`` has the conv layout ``(out, in/groups, k_1 .. k_N)`` (a linear layer is the case
@@ -130,31 +147,24 @@ def _sums(weight: torch.Tensor, groups: int, patterns: tuple[Patterns, ...], kin
     over the output channels of c's group. Returns ``(channels, P_1 .. P_N)``.
     """
     acc = _accumulation_dtype(weight.dtype)
-    spatial = range(2, weight.dim())
-    grouped = [j for j, p in zip(spatial, patterns) if not p.singleton]
-    if grouped:
-        # Taps that land on the same sample add before the absolute value is taken.
-        x = weight.to(acc)
-        for j in grouped:
-            x = _contract(x, j, _table(_membership(patterns[j - 2], weight.shape[j]), x.device, acc))
-        x = x.abs()
-    else:
-        x = weight
+    x = weight
+    if any(plan.membership is not None for plan in plans):
+        x = x.to(acc)
+        for j, plan in enumerate(plans, start=2):
+            if plan.membership is not None:
+                x = _contract(x, j, _table(plan.membership, x.device, acc))
+    # Both reductions run over contiguous memory, as fast as one read of the weights.
     if kind == "rows":
-        x = torch.linalg.vector_norm(x, 1, dim=1, dtype=acc)
+        x = x.abs().sum(1, dtype=acc)
     else:
-        lead = (groups, x.shape[0] // groups)
-        x = torch.linalg.vector_norm(x.reshape(lead + x.shape[1:]), 1, dim=1, dtype=acc).flatten(0, 1)
-    # x is (channels, per-axis taps or groups); reduce each axis to its patterns.
-    for j, p in zip(range(1, x.dim()), patterns):
-        if p.singleton:
-            table = _selection(p, x.shape[j])
-            if table == ((1,) * x.shape[j],):
-                x = x.sum(dim=j, keepdim=True)  # the common interior case, without a matmul
-                continue
+        spatial = x.shape[2:]
+        x = x.reshape(groups, x.shape[0] // groups, -1).abs().sum(1, dtype=acc)
+        x = x.reshape(-1, *spatial)
+    for j, plan in enumerate(plans, start=1):
+        if plan.reduce is None:
+            x = x.sum(j, keepdim=True)
         else:
-            table = p.counts
-        x = _contract(x, j, _table(table, x.device, acc))
+            x = _contract(x, j, _table(plan.reduce, x.device, acc))
     return x
 
 
@@ -170,13 +180,11 @@ def _line_sums(tensors, spec: Spec, ord: float) -> tuple[torch.Tensor, tuple[Pat
     if not isinstance(spec, (LinearSpec, ConvSpec)):
         raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {getattr(spec, 'name', '?')!r}")
     weight = _weight(tensors, spec)
-    rows = ord == math.inf
-    if isinstance(spec, LinearSpec):
-        return _sums(weight, 1, (), "rows" if rows else "columns"), ()
     # A transposed convolution's matrix is the transpose of its adjoint convolution's.
-    kind = "rows" if rows != spec.transposed else "columns"
-    patterns = _conv_patterns(spec, kind)
-    return _sums(weight, spec.groups, patterns, kind), patterns
+    rows = ord == math.inf
+    kind = "rows" if rows != getattr(spec, "transposed", False) else "columns"
+    plans, patterns = _plan(spec, kind)
+    return _sums(weight, getattr(spec, "groups", 1), plans, kind), patterns
 
 
 def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Benchmark scripts: ratios measured side by side in one run; run as ``python -m benchmarks.<name>``."""

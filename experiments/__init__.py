@@ -1,0 +1,1 @@
+"""The paper's experiments; run from a checkout as ``python -m experiments.<study>``."""
