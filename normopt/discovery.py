@@ -52,7 +52,14 @@ class LayerSpecs(dict):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP, DataParallel or ``torch.compile`` wrappers."""
+    """The user's module inside DDP, DataParallel or ``torch.compile`` wrappers.
+
+    Example:
+        >>> from torch import nn
+        >>> inner = nn.Linear(2, 2)
+        >>> unwrap(nn.DataParallel(inner)) is inner
+        True
+    """
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module

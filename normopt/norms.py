@@ -279,7 +279,19 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
 
 
 def layer_argmaxes(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, NormArgMax]:
-    """:func:`layer_argmax` of every layer in ``specs``."""
+    """:func:`layer_argmax` of every layer in ``specs``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from normopt import layer_specs
+        >>> model = nn.Sequential(nn.Conv1d(1, 2, 3, stride=2, bias=False))
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, 5.0, 0.0]]]))
+        >>> found = layer_argmaxes(model.state_dict(), layer_specs(model, torch.zeros(1, 1, 7)), 1)
+        >>> found["0"].channel, found["0"].position  # input sample 1 meets tap 1 of both filters
+        (tensor(0), tensor([1]))
+    """
     return {name: layer_argmax(tensors, spec, ord) for name, spec in specs.items()}
 
 

@@ -26,7 +26,7 @@ def model_norms(model: nn.Module, example_input=None, ord=1) -> dict[str, torch.
         >>> model = nn.Sequential(nn.Conv2d(1, 1, 2, bias=False), nn.Flatten(), nn.Linear(4, 1))
         >>> with torch.no_grad():
         ...     _ = model[0].weight.fill_(1.0)
-        >>> model_norms(model, torch.zeros(1, 1, 3, 3))["0"]  # every input pixel of a corner ...
+        >>> model_norms(model, torch.zeros(1, 1, 3, 3))["0"]  # the centre pixel feeds all 4 outputs
         tensor(4., grad_fn=<AmaxBackward0>)
     """
     inner = unwrap(model)
