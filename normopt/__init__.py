@@ -9,7 +9,8 @@ Example:
     ['0', '1']
 """
 
-from normopt.discovery import LayerSpecs, layer_specs, module_spec, unwrap
+from normopt.decay import Subgradient, norm_subgradient, norm_subgradients, paper_update, reference_update
+from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_spec, unwrap
 from normopt.norms import (
     NormArgMax,
     layer_argmax,
@@ -19,6 +20,9 @@ from normopt.norms import (
     nonfinite_layers,
     parse_ord,
 )
+from normopt.optim import NormDecayOptimizer
+from normopt.projection import project_batchnorm, project_l1_ball, project_layer
+from normopt.regularizer import NormDecay, attach_norm_decay
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 from normopt.summary import NetworkNorms, model_norms, network_norms
 
@@ -27,10 +31,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormSpec",
     "ConvSpec",
+    "InputSizeRecorder",
     "LayerSpecs",
     "LinearSpec",
     "NetworkNorms",
     "NormArgMax",
+    "NormDecay",
+    "NormDecayOptimizer",
+    "Subgradient",
+    "attach_norm_decay",
     "layer_argmax",
     "layer_argmaxes",
     "layer_norm",
@@ -40,6 +49,13 @@ __all__ = [
     "module_spec",
     "network_norms",
     "nonfinite_layers",
+    "norm_subgradient",
+    "norm_subgradients",
+    "paper_update",
     "parse_ord",
+    "project_batchnorm",
+    "project_l1_ball",
+    "project_layer",
+    "reference_update",
     "unwrap",
 ]

@@ -141,25 +141,70 @@ def module_spec(module: nn.Module, name: str = "", input_size=None, keys: Mappin
     )
 
 
-def record_input_sizes(model: nn.Module, example_input) -> dict[str, tuple[int, ...] | None]:
-    """Spatial input size of every convolution, from one forward pass with hooks.
+class InputSizeRecorder:
+    """Records the spatial input size of every convolution of ``model`` from forward pre-hooks.
 
-    The pass runs in eval mode under ``torch.no_grad()`` so batch-norm running statistics and
-    autograd state are untouched; every module's training flag is restored afterwards. A layer
-    called with several input sizes gets ``None`` (the large-input limit) and a warning.
+    Hooks observe the user's own forward passes (no extra pass, no change to batch-norm
+    statistics) until :meth:`remove` is called. A layer called with several input sizes gets
+    ``None`` (the large-input limit) and a warning.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2), nn.Conv2d(1, 1, 3))
+        >>> recorder = InputSizeRecorder(model)
+        >>> _ = model(torch.zeros(1, 1, 9, 9))
+        >>> recorder.remove()
+        >>> recorder.sizes
+        {'0': (9, 9), '1': (4, 4)}
     """
-    seen: dict[str, set[tuple[int, ...]]] = {}
-    handles = []
 
-    def hook(name, dims):
+    def __init__(self, model: nn.Module):
+        self._seen: dict[str, set[tuple[int, ...]]] = {}
+        self._handles = [
+            module.register_forward_pre_hook(self._hook(name, len(module.kernel_size)))
+            for name, module in unwrap(model).named_modules()
+            if isinstance(module, _ConvNd)
+        ]
+
+    def _hook(self, name: str, dims: int):
         def record(_module, args):
-            seen.setdefault(name, set()).add(tuple(args[0].shape[-dims:]))
+            self._seen.setdefault(name, set()).add(tuple(args[0].shape[-dims:]))
 
         return record
 
-    for name, module in model.named_modules():
-        if isinstance(module, _ConvNd):
-            handles.append(module.register_forward_pre_hook(hook(name, len(module.kernel_size))))
+    @property
+    def called(self) -> bool:
+        """Whether any convolution has run since the recorder was made."""
+        return bool(self._seen)
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, ...] | None]:
+        sizes = {}
+        for name, found in self._seen.items():
+            if len(found) == 1:
+                sizes[name] = next(iter(found))
+            else:
+                warnings.warn(
+                    f"layer {name!r} was called with input sizes {sorted(found)}; using the large-input limit",
+                    stacklevel=3,
+                )
+                sizes[name] = None
+        return sizes
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def record_input_sizes(model: nn.Module, example_input) -> dict[str, tuple[int, ...] | None]:
+    """Spatial input size of every convolution, from one forward pass of ``example_input``.
+
+    The pass runs in eval mode under ``torch.no_grad()`` so batch-norm running statistics and
+    autograd state are untouched; every module's training flag is restored afterwards.
+    """
+    recorder = InputSizeRecorder(model)
     modes = {module: module.training for module in model.modules()}
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
@@ -167,24 +212,13 @@ def record_input_sizes(model: nn.Module, example_input) -> dict[str, tuple[int, 
         with torch.no_grad():
             model(*args)
     finally:
-        for handle in handles:
-            handle.remove()
+        recorder.remove()
         for module, mode in modes.items():
             module.training = mode
-    sizes = {}
-    for name, found in seen.items():
-        if len(found) == 1:
-            sizes[name] = next(iter(found))
-        else:
-            warnings.warn(
-                f"layer {name!r} was called with input sizes {sorted(found)}; using the large-input limit",
-                stacklevel=3,
-            )
-            sizes[name] = None
-    return sizes
+    return recorder.sizes
 
 
-def layer_specs(model: nn.Module, example_input=None) -> LayerSpecs:
+def layer_specs(model: nn.Module, example_input=None, *, input_sizes: Mapping[str, tuple | None] | None = None) -> LayerSpecs:
     """Describe every linear piece of ``model``: Linear, Conv/ConvTranspose 1-3d and BatchNorm.
 
     Args:
@@ -193,6 +227,8 @@ def layer_specs(model: nn.Module, example_input=None) -> LayerSpecs:
         example_input: a tensor (or tuple of positional arguments) for one forward pass that
             records each convolution's input size. Without it, convolutions get the large-input
             limit (``input_size=None``).
+        input_sizes: ``{conv name: spatial size}`` recorded earlier (e.g. by
+            :class:`InputSizeRecorder`), instead of ``example_input``.
 
     Returns:
         ``{module name: spec}``; modules that hold weights but are not linear maps are listed
@@ -210,7 +246,10 @@ def layer_specs(model: nn.Module, example_input=None) -> LayerSpecs:
         {'2': 'LayerNorm: normalises each sample by its own statistics: not a linear map'}
     """
     model = unwrap(model)
-    sizes = record_input_sizes(model, example_input) if example_input is not None else {}
+    probed = example_input is not None or input_sizes is not None
+    sizes = dict(input_sizes or {})
+    if example_input is not None:
+        sizes.update(record_input_sizes(model, example_input))
     keys = {id(t): n for n, t in model.named_parameters()}
     keys.update({id(t): n for n, t in model.named_buffers()})
     specs, skipped = {}, {}
@@ -221,7 +260,7 @@ def layer_specs(model: nn.Module, example_input=None) -> LayerSpecs:
         if reason is not None:
             skipped[name] = reason
         elif isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)):
-            if example_input is not None and isinstance(module, _ConvNd) and name not in sizes:
-                warnings.warn(f"layer {name!r} was not called by the example forward; using the large-input limit", stacklevel=2)
+            if probed and isinstance(module, _ConvNd) and name not in sizes:
+                warnings.warn(f"layer {name!r} was not called by the recorded forward; using the large-input limit", stacklevel=2)
             specs[name] = module_spec(module, name, sizes.get(name), keys)
     return LayerSpecs(specs, skipped)

@@ -139,33 +139,43 @@ def _contract(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
     return torch.movedim(torch.movedim(x, dim, -1) @ matrix.T, -1, dim)
 
 
-def _sums(weight: torch.Tensor, groups: int, plans: tuple[_AxisPlan, ...], kind: str) -> torch.Tensor:
-    """Absolute row (``kind="rows"``) or column sums of every distinct row or column pattern.
-
-    ``weight`` has the conv layout ``(out, in/groups, k_1 .. k_N)`` (a linear layer is the case
-    N = 0). Rows of output channel o sum over its input channels; columns of input channel c sum
-    over the output channels of c's group. Returns ``(channels, P_1 .. P_N)``.
-    """
+def _merge_taps(weight: torch.Tensor, plans: tuple[_AxisPlan, ...]) -> torch.Tensor:
+    """Add up the taps that land on one input sample (non-zero padding); a no-op otherwise."""
+    if all(plan.membership is None for plan in plans):
+        return weight
     acc = _accumulation_dtype(weight.dtype)
-    x = weight
-    if any(plan.membership is not None for plan in plans):
-        x = x.to(acc)
-        for j, plan in enumerate(plans, start=2):
-            if plan.membership is not None:
-                x = _contract(x, j, _table(plan.membership, x.device, acc))
+    x = weight.to(acc)
+    for j, plan in enumerate(plans, start=2):
+        if plan.membership is not None:
+            x = _contract(x, j, _table(plan.membership, x.device, acc))
+    return x
+
+
+def _reduce_lines(x: torch.Tensor, groups: int, plans: tuple[_AxisPlan, ...], kind: str) -> torch.Tensor:
+    """Sum non-negative ``x`` (conv layout) into the line sums of every row or column pattern.
+
+    Rows of output channel o sum over its input channels; columns of input channel c sum over the
+    output channels of c's group. Returns ``(channels, P_1 .. P_N)``. Linear in ``x``.
+    """
+    acc = _accumulation_dtype(x.dtype)
     # Both reductions run over contiguous memory, as fast as one read of the weights.
     if kind == "rows":
-        x = x.abs().sum(1, dtype=acc)
+        x = x.sum(1, dtype=acc)
     else:
         spatial = x.shape[2:]
-        x = x.reshape(groups, x.shape[0] // groups, -1).abs().sum(1, dtype=acc)
-        x = x.reshape(-1, *spatial)
+        x = x.reshape(groups, x.shape[0] // groups, -1).sum(1, dtype=acc).reshape(-1, *spatial)
     for j, plan in enumerate(plans, start=1):
         if plan.reduce is None:
             x = x.sum(j, keepdim=True)
         else:
             x = _contract(x, j, _table(plan.reduce, x.device, acc))
     return x
+
+
+def _line_plan(spec: LinearSpec | ConvSpec, ord: float) -> tuple[str, tuple[_AxisPlan, ...], tuple[Patterns, ...]]:
+    # A transposed convolution's matrix is the transpose of its adjoint convolution's.
+    kind = "rows" if (ord == math.inf) != getattr(spec, "transposed", False) else "columns"
+    return (kind, *_plan(spec, kind))
 
 
 def _line_sums(tensors, spec: Spec, ord: float) -> tuple[torch.Tensor, tuple[Patterns, ...]]:
@@ -180,11 +190,8 @@ def _line_sums(tensors, spec: Spec, ord: float) -> tuple[torch.Tensor, tuple[Pat
     if not isinstance(spec, (LinearSpec, ConvSpec)):
         raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {getattr(spec, 'name', '?')!r}")
     weight = _weight(tensors, spec)
-    # A transposed convolution's matrix is the transpose of its adjoint convolution's.
-    rows = ord == math.inf
-    kind = "rows" if rows != getattr(spec, "transposed", False) else "columns"
-    plans, patterns = _plan(spec, kind)
-    return _sums(weight, getattr(spec, "groups", 1), plans, kind), patterns
+    kind, plans, patterns = _line_plan(spec, ord)
+    return _reduce_lines(_merge_taps(weight, plans).abs(), getattr(spec, "groups", 1), plans, kind), patterns
 
 
 def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.Tensor:

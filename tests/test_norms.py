@@ -7,78 +7,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import RTOL, assert_close, brute_norms, explicit_matrix
-from hypothesis import assume, given, settings
+from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import normopt
 from normopt import layer_argmax, layer_norm, layer_specs
-
-CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-MAX_SIZE = {1: 12, 2: 7, 3: 4}
-DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-
-
-def _channels(draw, transposed: bool):
-    groups = draw(st.sampled_from([1, 1, 2, 3]))
-    if draw(st.booleans()) and groups > 1:  # depthwise
-        return groups, groups, groups
-    return groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2)), groups
-
-
-@st.composite
-def conv_layers(draw, transposed: bool = False, modes=("zeros",), dims=(1, 2, 2, 3)):
-    """A random conv (or transposed conv) module with random weights, and a valid input size."""
-    dims = draw(st.sampled_from(dims))
-    axes = st.lists  # one value per spatial axis
-    kernel = draw(axes(st.integers(1, 5 if dims == 1 else 4), min_size=dims, max_size=dims))
-    stride = draw(axes(st.integers(1, 3), min_size=dims, max_size=dims))
-    dilation = draw(axes(st.integers(1, 3), min_size=dims, max_size=dims))
-    size = draw(axes(st.integers(1, MAX_SIZE[dims]), min_size=dims, max_size=dims))
-    mode = draw(st.sampled_from(modes))
-    if transposed:
-        padding = draw(axes(st.integers(0, 3), min_size=dims, max_size=dims))
-        out_pad = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
-        extra = {"output_padding": tuple(out_pad)}
-    else:
-        choice = draw(st.sampled_from(["ints", "ints", "same", "valid"]))
-        if choice == "same":
-            stride = [1] * dims
-            padding = "same"
-        elif choice == "valid":
-            padding = "valid"
-        else:
-            padding = draw(axes(st.integers(0, 3), min_size=dims, max_size=dims))
-        extra = {}
-    c_in, c_out, groups = _channels(draw, transposed)
-    layer = (CONV_T if transposed else CONV)[dims](
-        c_in,
-        c_out,
-        tuple(kernel),
-        stride=tuple(stride),
-        padding=padding if isinstance(padding, str) else tuple(padding),
-        dilation=tuple(dilation),
-        groups=groups,
-        padding_mode=mode,
-        bias=draw(st.booleans()),
-        **extra,
-    )
-    spec = normopt.module_spec(layer, "layer")
-    try:
-        spec = normopt.module_spec(layer, "layer", tuple(size))
-    except ValueError:
-        assume(False)  # the input is too small for this kernel / padding
-    dtype = draw(st.sampled_from(DTYPES))
-    seed = draw(st.integers(0, 2**31 - 1))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        weight = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64)
-        if draw(st.booleans()):  # sparse kernels make ties and empty rows likely
-            weight = weight * (torch.rand(weight.shape, generator=generator) < 0.3)
-        layer.weight.copy_(weight.to(dtype))
-    return layer.to(dtype), spec, (c_in, *size)
 
 
 def _check_against_oracle(layer, spec, input_shape):

@@ -1,0 +1,117 @@
+"""NormDecayOptimizer: norm decay on top of any torch.optim optimizer, as a drop-in replacement."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from normopt.regularizer import NormDecay
+
+
+class NormDecayOptimizer(torch.optim.Optimizer):
+    r"""Wraps ``optimizer`` and adds norm-decay gradients before each of its steps.
+
+    Replace ``opt = SGD(model.parameters(), ...)`` with
+    ``opt = NormDecayOptimizer(SGD(model.parameters(), ...), model)`` and change nothing else:
+    ``param_groups`` and ``state`` *are* the inner optimizer's (so LR schedulers, GradScaler and
+    ``add_param_group`` act on it), and ``state_dict()`` is the inner one with the decay buffers
+    under the extra key ``"norm_decay"``; ``load_state_dict`` also accepts a plain inner dict.
+
+    With the default ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021) each step does, for
+    each of the N regularized layers with weight W and subgradient p of its norm,
+    :math:`h \leftarrow \gamma h + (1-\gamma) p` and :math:`\nabla W \mathrel{+}= (\beta/N) h`;
+    ``rule="reference"`` reproduces the released code: :math:`h \leftarrow \gamma h`, the arg-max
+    line of h set to p, :math:`\nabla W \mathrel{+}= \beta h`.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` holding the model's parameters.
+        model: the model (DDP, DataParallel and torch.compile wrappers are looked through).
+        ord: ``1``/``"l1"`` or ``float("inf")``/``"linf"``.
+        beta: strength (>= 0).
+        gamma: decay factor of the buffer h, in [0, 1].
+        rule: ``"paper"`` or ``"reference"``.
+        layers: kinds to regularize, from ``"conv"``, ``"linear"``, ``"batchnorm"``.
+        exclude: module names to leave alone.
+        max_norm: after each step, project every regularized conv/linear layer's rows (l_inf) or
+            columns (l1) onto the l1 ball of this radius.
+        bn_max_norm: after each step, clip every batch norm's norm to this radius (the reference
+            code uses 5).
+        example_input: input for one probe forward that records conv input sizes; without it
+            they are recorded from the first training forward (hooks, no extra pass).
+
+    Attributes:
+        last_norms: ``{layer name: norm}`` computed at the last step (0-d tensors, no host sync).
+        norm_decay: the :class:`normopt.NormDecay` state.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
+        >>> opt = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, ord="linf", beta=1e-2)
+        >>> loss = model(torch.randn(8, 1, 4, 4)).square().mean()
+        >>> loss.backward()
+        >>> opt.step()
+        >>> sorted(opt.last_norms)
+        ['0', '3']
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, ord=1, beta: float = 1e-3, **options):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, NormDecayOptimizer):
+            raise TypeError("optimizer is already a NormDecayOptimizer")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.norm_decay = NormDecay(model, params, ord=ord, beta=beta, **options)
+        # Optimizer.__init__ sets up the hook dictionaries torch >= 2.0 expects; the groups it
+        # builds are then replaced by the inner optimizer's own list and state.
+        super().__init__(params, optimizer.defaults)
+        self.optimizer = optimizer
+        self._link()
+
+    def _link(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
+
+    @property
+    def last_norms(self) -> dict[str, torch.Tensor]:
+        return self.norm_decay.last_norms
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "optimizer" not in self.__dict__:  # called by Optimizer.__init__
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+        self.norm_decay.add_params(self.optimizer.param_groups[-1]["params"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Evaluate ``closure`` once (if given), add norm decay, step the inner optimizer, project."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.norm_decay.add_to_gradients()
+        # Without the closure: optimizers that re-evaluate it (LBFGS) would overwrite the decay.
+        self.optimizer.step()
+        self.norm_decay.project()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state = self.optimizer.state_dict()
+        state["norm_decay"] = self.norm_decay.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)  # never change the caller's checkpoint
+        own = state_dict.pop("norm_decay", None)
+        if own is not None:
+            self.norm_decay.load_state_dict(own)  # checked before the inner optimizer changes
+        self.optimizer.load_state_dict(state_dict)
+        self._link()  # torch replaces the inner state and param_groups objects on load
+
+    def __repr__(self) -> str:
+        decay = self.norm_decay
+        return f"NormDecayOptimizer({self.optimizer!r}, ord={decay.ord}, beta={decay.beta}, rule={decay.rule!r})"
