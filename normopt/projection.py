@@ -30,6 +30,8 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     """
     if radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}")
+    if v.shape[-1] == 0:
+        return v
     a = v.abs()
     u = a.sort(dim=-1, descending=True).values
     css = u.cumsum(-1)

@@ -1,0 +1,100 @@
+"""Projections: the l1-ball projection is Euclidean, layer caps hold against the oracle norms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_close, brute_norms, conv_layers, explicit_matrix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normopt
+from normopt import project_batchnorm, project_l1_ball, project_layer
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 8), st.floats(0.05, 5.0), st.integers(0, 2**31 - 1))
+def test_l1_ball_projection_is_the_nearest_point_of_the_ball(length, radius, seed):
+    generator = torch.Generator().manual_seed(seed)
+    v = torch.randn(3, length, generator=generator, dtype=torch.float64) * 3
+    w = project_l1_ball(v, radius)
+    assert (w.abs().sum(-1) <= radius * (1 + 1e-12) + 1e-12).all()
+    inside = v.abs().sum(-1) <= radius
+    assert torch.equal(w[inside], v[inside])
+    # No point of the ball is nearer: compare with random feasible points and the radial shrink.
+    for _ in range(20):
+        z = torch.randn(3, length, generator=generator, dtype=torch.float64)
+        z = (
+            z
+            * torch.clamp(radius / z.abs().sum(-1, keepdim=True), max=1)
+            * torch.rand(3, 1, generator=generator, dtype=torch.float64)
+        )
+        assert ((w - v).norm(dim=-1) <= (z - v).norm(dim=-1) + 1e-12).all()
+    shrink = v * torch.clamp(radius / v.abs().sum(-1, keepdim=True), max=1)
+    assert ((w - v).norm(dim=-1) <= (shrink - v).norm(dim=-1) + 1e-12).all()
+
+
+@settings(max_examples=150)
+@given(conv_layers(transposed=False), st.sampled_from([1, math.inf]), st.floats(0.05, 1.0))
+def test_projected_conv_norm_is_at_most_the_radius(case, ord, fraction):
+    layer, spec, input_shape = case
+    layer = layer.double()
+    radius = float(normopt.layer_norm({"layer.weight": layer.weight.detach()}, spec, ord)) * fraction + 1e-3
+    with torch.no_grad():
+        layer.weight.copy_(project_layer(layer.weight, spec, ord, radius))
+    oracle = brute_norms(explicit_matrix(layer, input_shape))[ord]
+    assert oracle <= radius * (1 + 1e-9)
+
+
+@settings(max_examples=60)
+@given(conv_layers(transposed=True), st.sampled_from([1, math.inf]))
+def test_projected_transposed_conv_norm_is_at_most_the_radius(case, ord):
+    layer, spec, input_shape = case
+    layer = layer.double()
+    radius = 0.5
+    with torch.no_grad():
+        layer.weight.copy_(project_layer(layer.weight, spec, ord, radius))
+    assert brute_norms(explicit_matrix(layer, input_shape))[ord] <= radius * (1 + 1e-9)
+
+
+def test_projection_is_the_exact_projection_of_a_single_pattern_layer():
+    """With one interior pattern per channel each row slice is projected as a whole."""
+    torch.manual_seed(1)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    spec = normopt.module_spec(nn.Conv2d(3, 4, 3, padding=1), "", (8, 8))
+    projected = project_layer(weight, spec, math.inf, 1.0)
+    assert_close(projected.reshape(4, -1), project_l1_ball(weight.reshape(4, -1), 1.0))
+
+
+def test_layers_inside_the_ball_are_unchanged():
+    weight = torch.full((2, 2, 3), 0.01)
+    spec = normopt.module_spec(nn.Conv1d(2, 2, 3), "", (5,))
+    assert torch.equal(project_layer(weight, spec, 1, 10.0), weight)
+
+
+def test_folded_padding_is_refused_by_name():
+    spec = normopt.module_spec(nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect"), "odd", (4,))
+    with pytest.raises(ValueError, match=r"layer 'odd'.*reflect"):
+        project_layer(torch.ones(1, 1, 3), spec, 1, 1.0)
+
+
+def test_batchnorm_projection_caps_every_channel():
+    layer = nn.BatchNorm1d(4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([10.0, -10.0, 0.1, 3.0]))
+        layer.running_var.copy_(torch.tensor([1.0, 4.0, 1.0, 0.01]))
+    spec = normopt.module_spec(layer)
+    with torch.no_grad():
+        layer.weight.copy_(project_batchnorm(layer.weight, layer.running_var, spec, 5.0))
+    assert normopt.layer_norm(layer.state_dict(), spec, 1) <= 5.0 * (1 + 1e-6)
+    assert layer.weight[2].item() == pytest.approx(0.1)  # inside: untouched
+    assert layer.weight[1] < 0  # the sign is kept
+
+
+@pytest.mark.parametrize("radius", [0.0, -1.0])
+def test_non_positive_radius_is_refused(radius):
+    with pytest.raises(ValueError, match="radius must be positive"):
+        project_l1_ball(torch.ones(2), radius)
