@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
 from normopt.regularizer import NormDecay
+
+
+def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
 
 
 class NormDecayOptimizer(torch.optim.Optimizer):
@@ -85,14 +92,30 @@ class NormDecayOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Evaluate ``closure`` once (if given), add norm decay, step the inner optimizer, project."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.norm_decay.add_to_gradients()
-        # Without the closure: optimizers that re-evaluate it (LBFGS) would overwrite the decay.
-        self.optimizer.step()
+        """Evaluate ``closure`` once (if given), add norm decay, step the inner optimizer, project.
+
+        An inner optimizer that requires a closure and re-evaluates it (LBFGS) gets one that runs
+        ``closure`` and then adds the decay, so no evaluation's gradient lacks it.
+        """
+        if _requires_closure(self.optimizer):
+            if closure is None:
+                raise ValueError(f"{type(self.optimizer).__name__} needs a closure: call step(closure)")
+
+            def decayed_closure():
+                with torch.enable_grad():
+                    loss = closure()
+                self.norm_decay.add_to_gradients()
+                return loss
+
+            loss = self.optimizer.step(decayed_closure)
+        else:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.norm_decay.add_to_gradients()
+            # Without the closure, so the inner optimizer cannot overwrite the decayed gradients.
+            self.optimizer.step()
         self.norm_decay.project()
         return loss
 

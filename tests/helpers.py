@@ -119,3 +119,33 @@ def conv_layers(draw, transposed: bool = False, modes=("zeros",), dims=(1, 2, 2,
             weight = weight * (torch.rand(weight.shape, generator=generator) < 0.3)
         layer.weight.copy_(weight.to(dtype))
     return layer.to(dtype), spec, (c_in, *size)
+
+
+def small_cnn(seed: int = 0, batchnorm: bool = False) -> nn.Module:
+    """A small CNN for 8x8 single-channel inputs (the digits data)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4) if batchnorm else nn.Identity(),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits as (N, 1, 8, 8) floats in [0, 1] and int labels."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, torch.tensor(y)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, steps: int, size: int, seed: int = 0):
+    """Deterministic random mini-batches."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(0, len(x), (size,), generator=generator)
+        yield x[index], y[index]

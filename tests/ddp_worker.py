@@ -1,0 +1,47 @@
+"""Worker of the 2-process DDP test (a module of its own so that 'spawn' can import it)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import batches, digits, small_cnn
+from torch import nn
+
+import normopt
+
+STEPS, BATCH = 6, 32
+
+
+def train_ddp(rank: int, world_size: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    try:
+        model = nn.parallel.DistributedDataParallel(small_cnn())
+        optimizer = normopt.NormDecayOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, ord="linf", beta=0.05
+        )
+        x, y = digits()
+        share = BATCH // world_size
+        for inputs, labels in batches(x, y, STEPS, BATCH):
+            optimizer.zero_grad()
+            part = slice(rank * share, (rank + 1) * share)
+            F.cross_entropy(model(inputs[part]), labels[part]).backward()
+            optimizer.step()
+        torch.save(model.module.state_dict(), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def train_single() -> dict[str, torch.Tensor]:
+    """The same training on the global batch in one process."""
+    model = small_cnn()
+    optimizer = normopt.NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, ord="linf", beta=0.05
+    )
+    x, y = digits()
+    for inputs, labels in batches(x, y, STEPS, BATCH):
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        optimizer.step()
+    return model.state_dict()

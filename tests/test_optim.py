@@ -1,0 +1,414 @@
+"""NormDecayOptimizer as a drop-in torch.optim optimizer: formulas, training, ecosystem, state, errors."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, batches, digits, small_cnn
+from torch import nn
+
+import normopt
+from normopt import NormDecayOptimizer, norm_subgradient
+
+DATA = digits()
+
+
+def run(model, optimizer, steps, *, seed=0, size=32, closure=False):
+    losses = []
+    for inputs, labels in batches(*DATA, steps, size, seed):
+
+        def compute(inputs=inputs, labels=labels):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(inputs), labels)
+            loss.backward()
+            return loss
+
+        if closure:
+            losses.append(optimizer.step(compute).item())
+        else:
+            losses.append(compute().item())
+            optimizer.step()
+    return losses
+
+
+def summed_norms(model, ord):
+    specs = normopt.layer_specs(model, DATA[0][:1])
+    return {name: float(norm) for name, norm in normopt.layer_norms(model.state_dict(), specs, ord).items()}
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_first_sgd_step_follows_the_formula(rule, ord):
+    model = small_cnn()
+    reference = copy.deepcopy(model)
+    beta, gamma, lr = 0.3, 0.5, 0.1
+    optimizer = NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr), model, ord=ord, beta=beta, gamma=gamma, rule=rule, example_input=DATA[0][:1]
+    )
+    inputs, labels = next(batches(*DATA, 1, 16))
+    F.cross_entropy(model(inputs), labels).backward()
+    F.cross_entropy(reference(inputs), labels).backward()
+    specs = normopt.layer_specs(reference, DATA[0][:1])
+    optimizer.step()
+    n = len(specs)
+    for name, spec in specs.items():
+        weight = dict(reference.named_parameters())[spec.weight]
+        sub = norm_subgradient(reference.state_dict(), spec, ord, support=True)
+        h = (1 - gamma) * sub.grad if rule == "paper" else torch.where(sub.support, sub.grad, 0.0)
+        scale = beta / n if rule == "paper" else beta
+        expected = weight - lr * (weight.grad + scale * h)
+        assert_close(dict(model.named_parameters())[spec.weight], expected, rtol=1e-6, atol=1e-7, msg=name)
+        assert_close(optimizer.last_norms[name], sub.norm)
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    for name in biases:  # not regularized: plain SGD
+        ref = dict(reference.named_parameters())[name]
+        assert_close(dict(model.named_parameters())[name], ref - lr * ref.grad, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_norms_fall_with_norm_decay_and_not_without(ord):
+    before = summed_norms(small_cnn(), ord)
+    plain, regularized = small_cnn(), small_cnn()
+    run(plain, torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9), 150)
+    run(regularized, NormDecayOptimizer(torch.optim.SGD(regularized.parameters(), lr=0.05), regularized, ord=ord, beta=0.1), 150)
+    after_plain, after_regularized = summed_norms(plain, ord), summed_norms(regularized, ord)
+    assert sum(after_plain.values()) > sum(before.values())
+    for name in before:
+        assert after_regularized[name] < before[name], name
+    assert sum(after_regularized.values()) < 0.75 * sum(before.values())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.Adam(p, lr=1e-2),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=1e-2),
+    ],
+    ids=["sgd", "sgd-nesterov", "adam", "adamw"],
+)
+def test_inner_optimizers_train_wrapped(make):
+    model = small_cnn(batchnorm=True)
+    optimizer = NormDecayOptimizer(make(model.parameters()), model, beta=1e-2, layers=("conv", "linear", "batchnorm"))
+    losses = run(model, optimizer, 40)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert set(optimizer.last_norms) == {"0", "1", "3", "6"}
+    assert all(h.abs().sum() > 0 for h in optimizer.norm_decay.buffers.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+    ],
+    ids=["step", "onecycle", "cosine"],
+)
+def test_schedulers_drive_the_inner_learning_rate(make):
+    model = small_cnn()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    optimizer = NormDecayOptimizer(inner, model)
+    shadow = torch.optim.SGD(small_cnn().parameters(), lr=0.05, momentum=0.9)
+    scheduler, shadow_scheduler = make(optimizer), make(shadow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for inputs, labels in batches(*DATA, 8, 16):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), labels).backward()
+            optimizer.step()
+            scheduler.step()
+            shadow.step()
+            shadow_scheduler.step()
+            assert inner.param_groups[0]["lr"] == shadow.param_groups[0]["lr"]
+            assert optimizer.param_groups[0]["lr"] == shadow.param_groups[0]["lr"]
+    assert inner.param_groups[0]["lr"] != 0.05
+
+
+def test_grad_scaler_with_bfloat16_autocast_matches_an_unscaled_run():
+    def train(use_scaler):
+        model = small_cnn()
+        optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=use_scaler)
+        for inputs, labels in batches(*DATA, 5, 16):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(inputs), labels)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # optional; decay must land on unscaled gradients either way
+            scaler.step(optimizer)
+            scaler.update()
+        return model.state_dict(), scaler
+
+    scaled, scaler = train(True)
+    unscaled, _ = train(False)
+    assert scaler.get_scale() == 2.0**10  # no overflow, so every step ran
+    for key in scaled:
+        assert_close(scaled[key], unscaled[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), lambda p: torch.optim.Adam(p, lr=1e-2)])
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_resume_from_checkpoint_is_bit_for_bit(make, rule):
+    def fresh():
+        model = small_cnn(batchnorm=True)
+        return model, NormDecayOptimizer(make(model.parameters()), model, beta=0.05, rule=rule, bn_max_norm=5.0)
+
+    model, optimizer = fresh()
+    run(model, optimizer, 4, seed=1)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    run(model, optimizer, 4, seed=2)
+
+    resumed, resumed_optimizer = fresh()
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+    assert set(checkpoint["optimizer"]) == {"state", "param_groups", "norm_decay"}  # the checkpoint is not consumed
+    run(resumed, resumed_optimizer, 4, seed=2)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    for name, h in optimizer.norm_decay.buffers.items():
+        assert torch.equal(h, resumed_optimizer.norm_decay.buffers[name])
+
+
+def test_a_plain_inner_state_dict_loads():
+    model = small_cnn()
+    plain = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    run(model, plain, 2)
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
+    optimizer.load_state_dict(plain.state_dict())
+    assert optimizer.optimizer.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
+    assert optimizer.norm_decay.buffers == {}
+    assert optimizer.state is optimizer.optimizer.state and optimizer.param_groups is optimizer.optimizer.param_groups
+
+
+def test_a_bad_checkpoint_is_refused_before_anything_changes():
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
+    run(model, optimizer, 2)
+    state = optimizer.state_dict()
+    before = copy.deepcopy(state)
+    state["norm_decay"]["buffers"]["0"] = torch.zeros(3)
+    state["param_groups"][0]["lr"] = 123.0
+    with pytest.raises(ValueError, match=r"decay buffer of layer '0' has shape \(3,\)"):
+        optimizer.load_state_dict(state)
+    assert optimizer.param_groups[0]["lr"] == 0.05
+    assert torch.equal(optimizer.norm_decay.buffers["0"], before["norm_decay"]["buffers"]["0"])
+
+
+def test_closure_is_evaluated_once_and_matches_the_plain_loop():
+    calls = []
+    model, twin = small_cnn(), small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.1)
+    original = optimizer.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    optimizer.optimizer.step = counting_step
+    run(model, optimizer, 3, closure=True)
+    run(twin, NormDecayOptimizer(torch.optim.SGD(twin.parameters(), lr=0.05), twin, beta=0.1), 3)
+    assert calls == [(), (), ()]  # the inner optimizer never sees the closure
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key])
+
+
+def test_lbfgs_gets_the_decay_after_every_closure_evaluation():
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), model, beta=0.01)
+    seen = []
+    original = optimizer.norm_decay.add_to_gradients
+    optimizer.norm_decay.add_to_gradients = lambda: seen.append(1) or original()
+    losses = run(model, optimizer, 3, closure=True)
+    assert len(seen) >= 3 * 2  # LBFGS evaluated the closure several times per step, each decayed
+    assert losses[-1] < losses[0] and "6" in optimizer.last_norms
+    with pytest.raises(ValueError, match="LBFGS needs a closure"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad(set_to_none):
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model)
+    run(model, optimizer, 1)
+    optimizer.zero_grad(set_to_none=set_to_none)
+    for p in model.parameters():
+        assert (p.grad is None) if set_to_none else torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_is_an_optimizer_sharing_groups_state_and_defaults():
+    model = small_cnn()
+    inner = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = NormDecayOptimizer(inner, model)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups is inner.param_groups
+    assert optimizer.state is inner.state
+    assert optimizer.defaults is inner.defaults
+    assert not hasattr(optimizer, "_step_supports_amp_scaling")
+    assert "NormDecayOptimizer(Adam" in repr(optimizer)
+
+
+def test_add_param_group_reaches_the_inner_optimizer_and_is_regularized():
+    model = small_cnn()
+    head = [p for n, p in model.named_parameters() if n.startswith("6.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("6.")]
+    optimizer = NormDecayOptimizer(torch.optim.SGD(body, lr=0.05), model, beta=0.1)
+    assert "6" not in optimizer.norm_decay.decayed
+    optimizer.add_param_group({"params": head, "lr": 0.01})
+    assert len(optimizer.optimizer.param_groups) == 2 and optimizer.param_groups[1]["lr"] == 0.01
+    run(model, optimizer, 1)
+    assert "6" in optimizer.last_norms
+
+
+def test_frozen_layers_and_parameters_without_gradient_are_left_alone():
+    model = small_cnn()
+    model[0].weight.requires_grad_(False)
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.1)
+    frozen = model[0].weight.clone()
+    run(model, optimizer, 2)
+    assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
+    assert "0" not in optimizer.last_norms and "3" in optimizer.last_norms
+
+
+def test_lazy_discovery_records_sizes_from_the_training_forward_without_an_extra_pass():
+    model = small_cnn(batchnorm=True)
+    # beta=0: the weights follow plain SGD exactly, so equal statistics mean equal numbers of forwards.
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.0)
+    twin = small_cnn(batchnorm=True)
+    run(model, optimizer, 2)
+    run(twin, torch.optim.SGD(twin.parameters(), lr=0.05), 2)
+    assert torch.equal(model[1].running_mean, twin[1].running_mean)  # same number of forwards
+    probed = normopt.layer_specs(model, DATA[0][:1])
+    for name, spec in optimizer.norm_decay.decayed.items():
+        assert spec == probed[name]
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_compiled_model_trains_wrapped():
+    model = small_cnn()
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = NormDecayOptimizer(torch.optim.SGD(compiled.parameters(), lr=0.05), compiled, beta=0.1)
+    losses = run(compiled, optimizer, 4)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert optimizer.norm_decay.decayed["0"].input_size == (8, 8)
+
+
+def test_attach_norm_decay_matches_the_wrapper():
+    model, twin = small_cnn(), small_cnn()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    decay = normopt.attach_norm_decay(inner, model, beta=0.1, max_norm=3.0)
+    run(model, inner, 3)
+    run(twin, NormDecayOptimizer(torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9), twin, beta=0.1, max_norm=3.0), 3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+    with pytest.raises(RuntimeError, match="closure"):
+        inner.step(lambda: torch.tensor(0.0))
+    decay.detach()
+    inner.step(lambda: torch.tensor(0.0))
+
+
+def test_caps_hold_after_every_step():
+    model = small_cnn(batchnorm=True)
+    optimizer = NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.5), model, ord=1, beta=0.0, max_norm=1.5, bn_max_norm=2.0
+    )
+    run(model, optimizer, 3)
+    specs = normopt.layer_specs(model, DATA[0][:1])
+    norms = normopt.layer_norms(model.state_dict(), specs, 1)
+    for name, spec in specs.items():
+        bound = 2.0 if isinstance(spec, normopt.BatchNormSpec) else 1.5
+        assert norms[name] <= bound * (1 + 1e-5), name
+
+
+def test_non_finite_weights_skip_the_layer_with_one_warning():
+    """A layer whose weights hold a NaN gets no decay (so none is written), with one warning."""
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.1)
+    with pytest.warns(UserWarning, match=r"skipped layers \['3'\]") as record:
+        for inputs, labels in batches(*DATA, 3, 16):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs), labels).backward()
+            with torch.no_grad():
+                model[3].weight[0, 0, 0, 0] = float("nan")  # after backward: the gradients stay finite
+            optimizer.step()
+            assert torch.isnan(model[3].weight).sum() == 1  # the decay wrote no further NaN
+            with torch.no_grad():
+                model[3].weight[0, 0, 0, 0] = 0.0
+    assert sum("skipped layers" in str(w.message) for w in record) == 1
+    assert torch.equal(optimizer.norm_decay.buffers["3"], torch.zeros_like(model[3].weight))
+    assert optimizer.norm_decay.buffers["0"].abs().sum() > 0  # the other layers were decayed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"beta": -1.0}, ValueError, "beta must be"),
+        ({"beta": float("nan")}, ValueError, "beta must be"),
+        ({"gamma": 1.5}, ValueError, "gamma must be"),
+        ({"ord": "fro"}, ValueError, "unknown norm order"),
+        ({"ord": 2}, ValueError, "supports ord 1"),
+        ({"rule": "adam"}, ValueError, "unknown rule"),
+        ({"layers": ("conv", "attention")}, ValueError, "unknown layer kinds"),
+        ({"exclude": ("nope",)}, ValueError, r"exclude names \['nope'\]"),
+        ({"max_norm": 0.0}, ValueError, "max_norm must be positive"),
+    ],
+)
+def test_bad_options_are_refused(kwargs, error, match):
+    model = small_cnn()
+    with pytest.raises(error, match=match):
+        NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+
+
+def test_an_optimizer_without_the_models_parameters_is_refused():
+    model = small_cnn()
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        NormDecayOptimizer(torch.optim.SGD(small_cnn().parameters(), lr=0.1), model)
+
+
+def test_a_model_without_regularizable_layers_is_refused():
+    model = nn.Sequential(nn.LayerNorm(4), nn.Embedding(3, 4))
+    with pytest.raises(ValueError, match="no layer to regularize"):
+        NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+
+
+def test_not_an_optimizer_is_refused():
+    model = small_cnn()
+    with pytest.raises(TypeError, match=r"must be a torch\.optim\.Optimizer"):
+        NormDecayOptimizer(model.parameters(), model)
+
+
+def test_fsdp_sharded_parameters_are_refused(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = small_cnn()
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(NotImplementedError, match="FSDP"):
+            NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    import ddp_worker
+
+    torch.multiprocessing.spawn(ddp_worker.train_ddp, args=(2, str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    single = ddp_worker.train_single()
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
