@@ -9,7 +9,14 @@ Example:
     ['0', '1']
 """
 
-from normopt.decay import Subgradient, norm_subgradient, norm_subgradients, paper_update, reference_update
+from normopt.decay import (
+    Subgradient,
+    autodiff_subgradient,
+    norm_subgradient,
+    norm_subgradients,
+    paper_update,
+    reference_update,
+)
 from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_spec, unwrap
 from normopt.norms import (
     NormArgMax,
@@ -40,6 +47,7 @@ __all__ = [
     "NormDecayOptimizer",
     "Subgradient",
     "attach_norm_decay",
+    "autodiff_subgradient",
     "layer_argmax",
     "layer_argmaxes",
     "layer_norm",

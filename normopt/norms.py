@@ -106,12 +106,18 @@ class _AxisPlan(NamedTuple):
 
     membership: tuple[tuple[int, ...], ...] | None
     reduce: tuple[tuple[int, ...], ...] | None
+    kernel: int
+
+    @property
+    def tap_table(self) -> tuple[tuple[int, ...], ...]:
+        """Patterns x taps multiplicities of a plan without membership (all ones if ``reduce`` is None)."""
+        return self.reduce if self.reduce is not None else ((1,) * self.kernel,)
 
 
 def _axis_plan(patterns: Patterns, kernel: int) -> _AxisPlan:
     if not patterns.singleton:
         membership = tuple(tuple(int(i in group) for i in range(kernel)) for group in patterns.groups)
-        return _AxisPlan(membership, patterns.counts)
+        return _AxisPlan(membership, patterns.counts, kernel)
     per_tap = []
     for counts in patterns.counts:
         row = [0] * kernel
@@ -119,7 +125,7 @@ def _axis_plan(patterns: Patterns, kernel: int) -> _AxisPlan:
             row[tap] += c
         per_tap.append(tuple(row))
     full = tuple(per_tap) == ((1,) * kernel,)
-    return _AxisPlan(None, None if full else tuple(per_tap))
+    return _AxisPlan(None, None if full else tuple(per_tap), kernel)
 
 
 @functools.lru_cache(maxsize=4096)

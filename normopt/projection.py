@@ -46,8 +46,8 @@ def _tap_masks(spec: ConvSpec, ord: float) -> list[torch.Tensor]:
     """One 0/1 tap mask (kernel-shaped) per combination of per-axis patterns."""
     _, plans, _ = _line_plan(spec, ord)
     per_axis = []
-    for plan, k in zip(plans, spec.kernel_size):
-        rows = plan.reduce if plan.reduce is not None else ((1,) * k,)
+    for plan in plans:
+        rows = plan.tap_table
         if plan.membership is not None or any(c > 1 for row in rows for c in row):
             raise ValueError(
                 f"layer {spec.name!r}: l1-ball projection needs every tap to enter a line at most once; "

@@ -22,8 +22,8 @@ from normopt.projection import project_batchnorm, project_layer
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
-# (buffer update, whether beta is divided by the number of layers, whether the arg-max support is needed)
-RULES = {"paper": (paper_update, True, False), "reference": (reference_update, False, True)}
+# (buffer update, whether beta is divided by the number of regularized layers)
+RULES = {"paper": (paper_update, True), "reference": (reference_update, False)}
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -180,8 +180,8 @@ class NormDecay:
             if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
                 self.bn_projected[name] = spec
         self._modules = modules
-        update, per_layer, support = RULES[self.rule]
-        self._update, self._needs_support = update, support
+        update, per_layer = RULES[self.rule]
+        self._update = update
         self.scale = self.beta / max(len(self.decayed), 1) if per_layer else self.beta
 
     def _tensors(self, spec) -> dict[str, torch.Tensor]:
@@ -207,13 +207,16 @@ class NormDecay:
             weight = self._modules[name].weight
             if weight.grad is None:
                 continue  # parameters without a gradient are left alone
-            sub = norm_subgradient(self._tensors(spec), spec, self.ord, support=self._needs_support)
+            sub = norm_subgradient(self._tensors(spec), spec, self.ord)
+            # A layer with non-finite weights is skipped through 0-d factors: h stays, nothing is
+            # added, and no full-size select runs (one pass over h and one over the gradient).
             ok = torch.isfinite(sub.norm)
             old = self.buffers.get(name)
-            new = self._update(old, sub, self.gamma)
-            h = torch.where(ok, new, old if old is not None else torch.zeros_like(new))
+            h = self._update(
+                old if old is not None else torch.zeros_like(weight), sub.masked(ok), torch.where(ok, self.gamma, 1.0)
+            )
             self.buffers[name] = h
-            weight.grad.add_(torch.where(ok, h * self.scale, 0.0).to(weight.grad.dtype))
+            weight.grad.addcmul_(h, torch.where(ok, self.scale, 0.0))
             self.last_norms[name] = sub.norm
             names.append(name)
             finite.append(ok)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normopt
-from normopt import Subgradient, layer_argmax, layer_norm, norm_subgradient, paper_update, reference_update
+from normopt import Subgradient, autodiff_subgradient, layer_argmax, layer_norm, norm_subgradient, paper_update, reference_update
 
 
 def _line_index(layer, spec, ord):
@@ -35,11 +35,24 @@ def test_subgradient_is_the_oracle_gradient_of_the_argmax_line(case, ord):
     line_sums = matrix.abs().sum(1 if ord == math.inf else 0)
     index = _line_index(layer, spec, ord)
     (oracle,) = torch.autograd.grad(line_sums[index], weight)
-    sub = norm_subgradient({"layer.weight": layer.weight}, spec, ord, support=True)
+    sub = norm_subgradient({"layer.weight": layer.weight}, spec, ord)
     assert_close(line_sums[index], line_sums.max(), rtol=1e-10)
     assert_close(sub.norm, line_sums.max(), rtol=1e-10)
-    assert_close(sub.grad, oracle, rtol=1e-10)
-    assert not (sub.grad.ne(0) & ~sub.support).any(), "the subgradient leaves the arg-max line"
+    assert_close(sub.dense(layer.weight), oracle, rtol=1e-10)
+    assert not (oracle.ne(0) & ~sub.support(layer.weight)).any(), "the subgradient leaves the arg-max line"
+
+
+@settings(max_examples=200)
+@given(conv_layers(transposed=False, modes=("zeros", "circular", "reflect", "replicate")), st.sampled_from([1, math.inf]))
+def test_closed_form_agrees_with_autodiff(case, ord):
+    """The sparse closed form and the vjp of the line sums give the same subgradient and line."""
+    layer, spec, _ = case
+    tensors = {"layer.weight": layer.weight.detach()}
+    sub = norm_subgradient(tensors, spec, ord)
+    grad, counts = autodiff_subgradient(tensors, spec, ord)
+    assert_close(sub.dense(layer.weight), grad, rtol=1e-6)
+    assert torch.equal(sub.support(layer.weight), counts > 0)
+    assert sub.index.unique().numel() == sub.index.numel()
 
 
 @settings(max_examples=60)
@@ -50,7 +63,7 @@ def test_transposed_subgradient_is_the_oracle_gradient(case, ord):
     weight = layer.weight.detach().clone().requires_grad_()
     line_sums = explicit_matrix(layer, input_shape, weight).abs().sum(1 if ord == math.inf else 0)
     (oracle,) = torch.autograd.grad(line_sums[_line_index(layer, spec, ord)], weight)
-    assert_close(norm_subgradient({"layer.weight": layer.weight}, spec, ord).grad, oracle, rtol=1e-10)
+    assert_close(norm_subgradient({"layer.weight": layer.weight}, spec, ord).dense(layer.weight), oracle, rtol=1e-10)
 
 
 @settings(max_examples=60)
@@ -64,7 +77,7 @@ def test_subgradient_inequality_holds_for_random_directions(case, ord, seed):
     for _ in range(5):
         direction = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
         moved = layer_norm({"layer.weight": weight + direction}, spec, ord)
-        assert moved >= sub.norm + (sub.grad * direction).sum() - 1e-9
+        assert moved >= sub.norm + (sub.dense(weight) * direction).sum() - 1e-9
 
 
 @pytest.mark.parametrize("ord", [1, math.inf])
@@ -80,7 +93,7 @@ def test_subgradient_matches_central_finite_differences(ord):
         direction = torch.randn_like(weight)
         plus = layer_norm({"weight": weight + eps * direction}, spec, ord)
         minus = layer_norm({"weight": weight - eps * direction}, spec, ord)
-        assert_close((plus - minus) / (2 * eps), (sub.grad * direction).sum(), rtol=1e-6, atol=1e-9)
+        assert_close((plus - minus) / (2 * eps), (sub.dense(weight) * direction).sum(), rtol=1e-6, atol=1e-9)
 
 
 def test_subgradient_agrees_with_autograd_of_the_norm_without_ties():
@@ -90,15 +103,15 @@ def test_subgradient_agrees_with_autograd_of_the_norm_without_ties():
     weight = layer.weight.detach().clone().requires_grad_()
     for ord in (1, math.inf):
         (autograd,) = torch.autograd.grad(layer_norm({"weight": weight}, spec, ord), weight)
-        assert_close(norm_subgradient({"weight": weight}, spec, ord).grad, autograd, rtol=1e-12)
+        assert_close(norm_subgradient({"weight": weight}, spec, ord).dense(weight), autograd, rtol=1e-12)
 
 
 def test_ties_go_to_the_first_line():
     spec = normopt.LinearSpec("fc", "w", in_features=2, out_features=2)
     weight = torch.tensor([[1.0, -1.0], [-2.0, 0.0]])  # both rows sum to 2
-    sub = norm_subgradient({"w": weight}, spec, math.inf, support=True)
-    assert torch.equal(sub.grad, torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
-    assert torch.equal(sub.support, torch.tensor([[True, True], [False, False]]))
+    sub = norm_subgradient({"w": weight}, spec, math.inf)
+    assert torch.equal(sub.dense(weight), torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+    assert torch.equal(sub.support(weight), torch.tensor([[True, True], [False, False]]))
 
 
 def test_batchnorm_subgradient_changes_gamma():
@@ -107,11 +120,13 @@ def test_batchnorm_subgradient_changes_gamma():
         layer.weight.copy_(torch.tensor([0.5, -3.0, 1.0]))
         layer.running_var.copy_(torch.tensor([1.0, 4.0, 0.25]))
     spec = normopt.module_spec(layer)
-    sub = norm_subgradient(layer.state_dict(), spec, 1, support=True)
+    sub = norm_subgradient(layer.state_dict(), spec, 1)
     # |gamma| / sqrt(var): 0.5, 1.5, 2.0 (up to eps) -> channel 2, d/dgamma = sign / sqrt(var + eps)
     expected = torch.tensor([0.0, 0.0, 1 / math.sqrt(0.25 + layer.eps)])
-    assert_close(sub.grad, expected, rtol=1e-6)
-    assert torch.equal(sub.support, torch.tensor([False, False, True]))
+    assert_close(sub.dense(layer.weight), expected, rtol=1e-6)
+    assert torch.equal(sub.support(layer.weight), torch.tensor([False, False, True]))
+    grad, _ = autodiff_subgradient(layer.state_dict(), spec, 1)
+    assert_close(sub.dense(layer.weight), grad, rtol=1e-6)
 
 
 def test_batchnorm_without_affine_and_spectral_order_are_refused():
@@ -124,19 +139,26 @@ def test_batchnorm_without_affine_and_spectral_order_are_refused():
 
 
 def test_buffer_rules_over_three_steps():
-    p = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, -1.0]), torch.tensor([1.0, 0.0])]
-    support = [torch.tensor([True, False]), torch.tensor([False, True]), torch.tensor([True, False])]
-    h_paper, h_ref = None, None
-    for grad, mask in zip(p, support):
-        sub = Subgradient(torch.tensor(1.0), grad, mask)
-        h_paper = paper_update(h_paper, sub, 0.5)
-        h_ref = reference_update(h_ref, sub, 0.5)
+    def sub(index, value, on_line):
+        return Subgradient(torch.tensor(1.0), torch.tensor(index), torch.tensor(value), torch.tensor(on_line))
+
+    steps = [sub([0, 1], [1.0, 0.0], [1, 0]), sub([0, 1], [0.0, -1.0], [0, 1]), sub([0, 1], [1.0, 0.0], [1, 0])]
+    h_paper, h_ref = torch.zeros(2), torch.zeros(2)
+    for step in steps:
+        h_paper = paper_update(h_paper, step, 0.5)
+        h_ref = reference_update(h_ref, step, 0.5)
     # paper: 0.5*p1 -> 0.25*p1 + 0.5*p2 -> 0.125*p1 + 0.25*p2 + 0.5*p3
     assert_close(h_paper, torch.tensor([0.125 + 0.5, -0.25]))
-    # reference: p1 -> (0.5, -1) -> (1, -0.5)
+    # reference: (1, 0) -> (0.5, -1) -> (1, -0.5)
     assert_close(h_ref, torch.tensor([1.0, -0.5]))
-    with pytest.raises(ValueError, match="support=True"):
-        reference_update(None, Subgradient(torch.tensor(1.0), p[0], None), 0.5)
+
+
+def test_masked_subgradient_changes_nothing():
+    h = torch.tensor([1.0, 2.0, 3.0])
+    bad = Subgradient(torch.tensor(float("nan")), torch.tensor([0, 1]), torch.tensor([float("nan"), 1.0]), torch.tensor([1, 1]))
+    skip = bad.masked(torch.tensor(False))
+    for update in (paper_update, reference_update):
+        assert torch.equal(update(h, skip, torch.tensor(1.0)), h)
 
 
 def test_subgradients_of_a_model_cover_every_layer():

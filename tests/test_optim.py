@@ -59,8 +59,9 @@ def test_first_sgd_step_follows_the_formula(rule, ord):
     n = len(specs)
     for name, spec in specs.items():
         weight = dict(reference.named_parameters())[spec.weight]
-        sub = norm_subgradient(reference.state_dict(), spec, ord, support=True)
-        h = (1 - gamma) * sub.grad if rule == "paper" else torch.where(sub.support, sub.grad, 0.0)
+        sub = norm_subgradient(reference.state_dict(), spec, ord)
+        p = sub.dense(weight)
+        h = (1 - gamma) * p if rule == "paper" else torch.where(sub.support(weight), p, 0.0)
         scale = beta / n if rule == "paper" else beta
         expected = weight - lr * (weight.grad + scale * h)
         assert_close(dict(model.named_parameters())[spec.weight], expected, rtol=1e-6, atol=1e-7, msg=name)
