@@ -45,11 +45,22 @@ def summed_norms(model, ord):
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 @pytest.mark.parametrize("ord", [1, math.inf])
 def test_first_sgd_step_follows_the_formula(rule, ord):
-    model = small_cnn()
+    """Every regularized weight, batch-norm gamma included, gets exactly the decay term in its step."""
+    model = small_cnn(batchnorm=True)
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0)  # distinct gammas: a unique arg-max channel
     reference = copy.deepcopy(model)
     beta, gamma, lr = 0.3, 0.5, 0.1
+    layers = ("conv", "linear", "batchnorm")
     optimizer = NormDecayOptimizer(
-        torch.optim.SGD(model.parameters(), lr=lr), model, ord=ord, beta=beta, gamma=gamma, rule=rule, example_input=DATA[0][:1]
+        torch.optim.SGD(model.parameters(), lr=lr),
+        model,
+        ord=ord,
+        beta=beta,
+        gamma=gamma,
+        rule=rule,
+        layers=layers,
+        example_input=DATA[0][:1],
     )
     inputs, labels = next(batches(*DATA, 1, 16))
     F.cross_entropy(model(inputs), labels).backward()
@@ -57,6 +68,7 @@ def test_first_sgd_step_follows_the_formula(rule, ord):
     specs = normopt.layer_specs(reference, DATA[0][:1])
     optimizer.step()
     n = len(specs)
+    assert set(specs) == {"0", "1", "3", "6"}
     for name, spec in specs.items():
         weight = dict(reference.named_parameters())[spec.weight]
         sub = norm_subgradient(reference.state_dict(), spec, ord)
@@ -66,6 +78,7 @@ def test_first_sgd_step_follows_the_formula(rule, ord):
         expected = weight - lr * (weight.grad + scale * h)
         assert_close(dict(model.named_parameters())[spec.weight], expected, rtol=1e-6, atol=1e-7, msg=name)
         assert_close(optimizer.last_norms[name], sub.norm)
+        assert not torch.equal(dict(model.named_parameters())[spec.weight], weight - lr * weight.grad)  # decay applied
     biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     for name in biases:  # not regularized: plain SGD
         ref = dict(reference.named_parameters())[name]
