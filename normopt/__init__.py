@@ -9,6 +9,7 @@ Example:
     ['0', '1']
 """
 
+from normopt import svc
 from normopt.decay import (
     Subgradient,
     autodiff_subgradient,
@@ -28,6 +29,7 @@ from normopt.norms import (
     parse_ord,
 )
 from normopt.optim import NormDecayOptimizer
+from normopt.periodic_svc import PeriodicSVC
 from normopt.projection import project_batchnorm, project_l1_ball, project_layer
 from normopt.regularizer import NormDecay, attach_norm_decay
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
@@ -45,6 +47,7 @@ __all__ = [
     "NormArgMax",
     "NormDecay",
     "NormDecayOptimizer",
+    "PeriodicSVC",
     "Subgradient",
     "attach_norm_decay",
     "autodiff_subgradient",
@@ -65,5 +68,6 @@ __all__ = [
     "project_l1_ball",
     "project_layer",
     "reference_update",
+    "svc",
     "unwrap",
 ]
