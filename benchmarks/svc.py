@@ -30,7 +30,10 @@ def main(argv=None) -> list[tuple[str, float, float]]:
     for k, c_in, c_out in PAPER_SHAPES:
         weight = torch.randn(c_out, c_in, k, k)
         medians = interleaved_medians(
-            {"sv": lambda: conv_singular_values(weight, 32), "clip": lambda: normopt.svc.clip_singular_values(weight, 32, 1.0)},
+            {
+                "sv": lambda w=weight: conv_singular_values(w, 32),
+                "clip": lambda w=weight: normopt.svc.clip_singular_values(w, 32, 1.0),
+            },
             repeats=args.repeats,
             warmup=1,
         )
