@@ -1,7 +1,8 @@
 """Time of singular values and singular value clipping (SciPy complex SVD) of conv layers.
 
 The paper's six layer shapes on a 32x32 input, and every conv layer of a CIFAR ResNet-18 at its
-real input size (the circular convolution on the padded input, as SVC uses it). Medians.
+real input size (the circular convolution on the padded input, as SVC uses it). Medians. The
+largest shapes take tens of seconds per call on a 2-core CPU: the full run takes several minutes.
 
     python -m benchmarks.svc [--repeats 3]
 """
@@ -35,7 +36,7 @@ def main(argv=None) -> list[tuple[str, float, float]]:
                 "clip": lambda w=weight: normopt.svc.clip_singular_values(w, 32, 1.0),
             },
             repeats=args.repeats,
-            warmup=1,
+            warmup=0,  # each call is seconds long; nothing to warm
         )
         rows.append((f"conv {k}x{k} ({c_in},{c_out}) on 32x32", medians["sv"], medians["clip"]))
     model = resnet18()

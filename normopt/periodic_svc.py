@@ -10,7 +10,7 @@ from torch import nn
 
 from normopt.discovery import InputSizeRecorder, layer_specs, unwrap
 from normopt.specs import ConvSpec
-from normopt.svc import clip_layer
+from normopt.svc import clip_layer, layer_spectral_bound
 
 
 class PeriodicSVC:
@@ -21,7 +21,9 @@ class PeriodicSVC:
     bounds the zero-padded, strided layer (see :mod:`normopt.svc`). Input sizes come from
     ``example_input`` or, without it, from the training forward (hooks). Under
     ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
-    same bits whatever its LAPACK does.
+    same bits whatever its LAPACK does. With ``report=True`` each clip records, in ``last_norms``,
+    every layer's circular spectral norm after the crop (one more SVD per layer), which shows how
+    far above ``bound`` the crop to the kernel's support left it.
 
     Example:
         >>> import torch
@@ -46,6 +48,7 @@ class PeriodicSVC:
         iterations: int = 1,
         exclude: Iterable[str] = (),
         example_input=None,
+        report: bool = False,
     ):
         if not bound > 0:
             raise ValueError(f"bound must be positive, got {bound!r}")
@@ -54,6 +57,8 @@ class PeriodicSVC:
         self.model = unwrap(model)
         self.bound, self.every, self.iterations = float(bound), every, iterations
         self.exclude = frozenset(exclude)
+        self.report = report
+        self.last_norms: dict[str, float] = {}
         self.steps = self.clips = 0
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self.specs = layer_specs(self.model, example_input) if example_input is not None else None
@@ -82,6 +87,8 @@ class PeriodicSVC:
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(clipped, src=0)
             weight.copy_(clipped)
+            if self.report:
+                self.last_norms[name] = layer_spectral_bound(weight, spec)
         self.clips += 1
 
     def remove(self) -> None:

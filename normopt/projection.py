@@ -42,6 +42,12 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     return torch.where(a.sum(-1, keepdim=True) > radius, projected, v)
 
 
+def check_projectable(spec: LinearSpec | ConvSpec, ord) -> None:
+    """Raise ValueError, naming the layer, if :func:`project_layer` cannot cap it exactly."""
+    if isinstance(spec, ConvSpec):
+        _tap_masks(spec, parse_ord(ord))
+
+
 def _tap_masks(spec: ConvSpec, ord: float) -> list[torch.Tensor]:
     """One 0/1 tap mask (kernel-shaped) per combination of per-axis patterns."""
     _, plans, _ = _line_plan(spec, ord)

@@ -18,7 +18,7 @@ from torch import nn
 from normopt.decay import norm_subgradient, paper_update, reference_update
 from normopt.discovery import InputSizeRecorder, layer_specs, unwrap
 from normopt.norms import parse_ord
-from normopt.projection import project_batchnorm, project_layer
+from normopt.projection import check_projectable, project_batchnorm, project_layer
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
@@ -137,13 +137,14 @@ class NormDecay:
             raise ValueError(f"exclude names {missing} are not modules of the model")
         self._params: set[int] = set()
         self.add_params(params)
-        self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self._select(layer_specs(self.model, example_input))
         if not self.decayed and not self.bn_projected:
             raise ValueError(
                 f"no layer to regularize: none of the model's {'/'.join(layers)} layers has its weight in the "
                 f"optimizer (skipped modules: {self.skipped})"
             )
+        # Hooks go on the user's model only once nothing can fail any more.
+        self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self.buffers: dict[str, torch.Tensor] = {}
         self.last_norms: dict[str, torch.Tensor] = {}
         self._reporter = _NonFiniteReporter()
@@ -176,6 +177,8 @@ class NormDecay:
                 self.skipped[name] = "weight is not a parameter of the optimizer"
                 continue
             if isinstance(spec, self.kinds):
+                if self.max_norm is not None and not isinstance(spec, BatchNormSpec):
+                    check_projectable(spec, self.ord)  # refuse now, not half-way through a step
                 self.decayed[name] = spec
             if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
                 self.bn_projected[name] = spec

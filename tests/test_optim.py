@@ -384,6 +384,19 @@ def test_bad_options_are_refused(kwargs, error, match):
         NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
 
 
+def test_a_refused_construction_leaves_no_hook_on_the_model():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3), nn.LayerNorm(2))
+    with pytest.raises(ValueError, match="no layer to regularize"):
+        NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, layers=("linear",))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_max_norm_on_folded_padding_is_refused_before_any_step():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"layer '0'.*reflect"):
+        NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, max_norm=1.0, example_input=torch.zeros(1, 1, 4))
+
+
 def test_an_optimizer_without_the_models_parameters_is_refused():
     model = small_cnn()
     with pytest.raises(ValueError, match="holds none of the model's parameters"):

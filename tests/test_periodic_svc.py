@@ -45,6 +45,20 @@ def test_clips_exactly_every_n_steps(wrap):
         assert layer_spectral_bound(model.get_submodule(name).weight, specs[name]) < 2.0
 
 
+def test_report_records_the_norm_left_after_the_crop():
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    svc = PeriodicSVC(optimizer, model, bound=0.3, every=1, iterations=5, example_input=DATA[0][:1], report=True)
+    inputs, labels = next(batches(*DATA, 1, 16))
+    F.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+    specs = normopt.layer_specs(model, DATA[0][:1])
+    assert set(svc.last_norms) == {"0", "3"}
+    for name, norm in svc.last_norms.items():
+        assert norm == layer_spectral_bound(model.get_submodule(name).weight, specs[name])
+        assert norm < 0.3 * 1.5
+
+
 def test_needs_input_sizes_before_the_first_clip():
     model = small_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
