@@ -1,0 +1,128 @@
+"""Attacks: robust accuracy through ART's APGD-CE / APGD-T, and the inner attacks of adversarial training.
+
+Evaluation uses the Adversarial Robustness Toolbox (a maintained library): APGD with the
+cross-entropy loss, and targeted APGD with the DLR loss against the most likely wrong classes, as
+in AutoAttack's APGD-T. The training-time attacks (PGD, TRADES' KL attack) are written here because
+they run inside every training step, on the device, through autograd; ART's NumPy round trips
+would dominate training time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:
+    """l_inf PGD with a random start, maximising the cross-entropy (Madry et al., 2018)."""
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:
+    """TRADES' inner maximisation: l_inf PGD on KL(f(x') || f(x)) (Zhang et al., 2019)."""
+    with torch.no_grad():
+        clean = F.softmax(model(x), dim=1)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def _classifier(model: nn.Module, shape: tuple[int, ...], classes: int, loss: nn.Module | None = None):
+    from art.estimators.classification import PyTorchClassifier
+
+    device = next(model.parameters()).device
+    return PyTorchClassifier(
+        model=model,
+        loss=loss or nn.CrossEntropyLoss(),
+        input_shape=shape,
+        nb_classes=classes,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if device.type == "cuda" else "cpu",
+    )
+
+
+def apgd(model, x: np.ndarray, y: np.ndarray, eps: float, iterations: int, targeted: bool, batch_size: int, classes: int):
+    """One APGD run through ART; ``y`` holds true labels (untargeted) or targets (targeted)."""
+    from art.attacks.evasion import AutoProjectedGradientDescent
+
+    attack = AutoProjectedGradientDescent(
+        _classifier(model, x.shape[1:], classes),
+        norm=np.inf,
+        eps=eps,
+        eps_step=2 * eps,
+        max_iter=iterations,
+        targeted=targeted,
+        nb_random_init=1,
+        batch_size=batch_size,
+        loss_type="difference_logits_ratio" if targeted else "cross_entropy",
+        verbose=False,
+    )
+    return attack.generate(x=x, y=y)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
+    device = next(model.parameters()).device
+    out = [model(torch.from_numpy(x[i : i + batch_size]).to(device)).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def robust_accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps_255: float,
+    *,
+    attacks: tuple[str, ...] = ("apgd-ce", "apgd-t"),
+    iterations: int = 100,
+    targets: int = 9,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Clean accuracy and accuracy under the worst of ``attacks`` (eps in 1/255 units, l_inf).
+
+    ``apgd-t`` attacks each image towards its ``targets`` most likely wrong classes in turn, as
+    AutoAttack does; ``pgd`` is 20-step PGD. An image counts as robust only if every attack fails.
+
+    Returns:
+        ``{"clean": ..., "robust": ..., "<attack>": ...}`` accuracies in [0, 1].
+    """
+    model.eval()
+    eps = eps_255 / 255
+    x, y = images.cpu().numpy().astype(np.float32), labels.cpu().numpy()
+    logits = _predict(model, x, batch_size)
+    classes = logits.shape[1]
+    correct = logits.argmax(1) == y
+    robust = correct.copy()
+    result = {"clean": float(correct.mean())}
+    for name in attacks:
+        survived = correct.copy()
+        if name == "apgd-ce":
+            survived &= _predict(model, apgd(model, x, y, eps, iterations, False, batch_size, classes), batch_size).argmax(1) == y
+        elif name == "apgd-t":
+            ranked = np.argsort(-logits, axis=1)
+            for k in range(1, min(targets, classes - 1) + 1):
+                target = np.where(ranked[:, 0] == y, ranked[:, k], ranked[:, k - 1])
+                adv = apgd(model, x, target, eps, iterations, True, batch_size, classes)
+                survived &= _predict(model, adv, batch_size).argmax(1) == y
+        elif name == "pgd":
+            device = next(model.parameters()).device
+            with torch.enable_grad():
+                adv = pgd(model, images.to(device), labels.to(device), eps, eps / 4, 20)
+            survived &= _predict(model, adv.cpu().numpy(), batch_size).argmax(1) == y
+        else:
+            raise ValueError(f"unknown attack {name!r}; choose from apgd-ce, apgd-t, pgd")
+        result[name] = float(survived.mean())
+        robust &= survived
+    result["robust"] = float(robust.mean())
+    return result

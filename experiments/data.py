@@ -1,0 +1,87 @@
+"""Data sets of the experiments: CIFAR-10 (torchvision, local folder) and scikit-learn's bundled digits.
+
+Images are floats in [0, 1] without normalisation, so attack radii (eps in 1/255 units) are in
+pixel space, as in the paper.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torchvision import transforms
+
+DATASETS = ("digits", "cifar10")
+
+
+class DataError(Exception):
+    """A data set that cannot be loaded, with the folder and what to do."""
+
+
+class CIFAR10Folder(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader, trusting a local folder's files.
+
+    torchvision checks the md5 of every batch file; the download itself is still md5-checked, but
+    a local folder only has to hold readable files in CIFAR-10's format — so a subset written in
+    that format (as the tests do) goes through the same reader as the real data.
+    """
+
+    def _check_integrity(self) -> bool:
+        folder = os.path.join(self.root, self.base_folder)
+        return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
+
+
+def cifar10(root: str, train: bool, augment: bool = True, download: bool = False) -> Dataset:
+    """CIFAR-10 from ``root`` (holding ``cifar-10-batches-py``); the paper's augmentation for training.
+
+    Raises:
+        DataError: the folder does not hold CIFAR-10 and ``download`` is off (or failed).
+    """
+    steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train and augment else []
+    transform = transforms.Compose([*steps, transforms.ToTensor()])
+    try:
+        if download:
+            torchvision.datasets.CIFAR10(root, train=train, download=True)  # md5-checked download
+        return CIFAR10Folder(root, train=train, transform=transform)
+    except (RuntimeError, OSError) as error:
+        raise DataError(
+            f"CIFAR-10 not found in {os.path.abspath(root)!r} (expected {os.path.join(root, 'cifar-10-batches-py')}); "
+            f"put the python version of CIFAR-10 there or pass --download ({error})"
+        ) from None
+
+
+def digits(train: bool, test_fraction: float = 0.25) -> TensorDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images) as (1, 8, 8) floats in [0, 1].
+
+    The train/test split is fixed: stratified, seed 0.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=0, stratify=y)
+    x, y = (x_train, y_train) if train else (x_test, y_test)
+    return TensorDataset(torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, torch.tensor(y))
+
+
+def dataset(name: str, train: bool, root: str = "data", augment: bool = True, download: bool = False) -> Dataset:
+    """A data set by name (``digits`` or ``cifar10``)."""
+    if name == "digits":
+        return digits(train)
+    if name == "cifar10":
+        return cifar10(root, train, augment, download)
+    raise DataError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
+
+
+def shape_of(name: str) -> tuple[int, int, int]:
+    """(channels, height, width) of a data set's images."""
+    return {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}[name]
+
+
+def loader(data: Dataset, batch_size: int, train: bool, seed: int = 0, distributed: bool = False) -> DataLoader:
+    """A seeded loader; with ``distributed`` each process reads its own shard."""
+    sampler = DistributedSampler(data, shuffle=train, seed=seed) if distributed else None
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, generator=generator)
