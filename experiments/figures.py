@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 
 ORD_NAMES = {"l1": "l1 norm", "linf": "l_inf norm"}
+PALETTE = "tab20"  # up to 20 runs stay distinguishable
 
 
 def _save(grid, path: str) -> str:
@@ -28,7 +29,15 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
         return None
     data["norm kind"] = data.ord.map(ORD_NAMES)
     grid = sns.relplot(
-        data=data, x="epoch", y="norm", hue="run", col="norm kind", row="model", kind="line", facet_kws={"sharey": False}
+        data=data,
+        x="epoch",
+        y="norm",
+        hue="run",
+        col="norm kind",
+        row="model",
+        kind="line",
+        palette=PALETTE,
+        facet_kws={"sharey": False},
     )
     grid.set_axis_labels("epoch", f"sum of {'/'.join(kinds)} norms")
     grid.set(yscale="log")
@@ -36,34 +45,46 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
     return _save(grid, os.path.join(out, name))
 
 
-def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> str:
-    """Final norm of every layer (x: layer position in the network), one marker line per run."""
-    last = norms[norms.epoch == norms.groupby("run").epoch.transform("max")].copy()
-    last["norm kind"] = last.ord.map(ORD_NAMES)
-    grid = sns.relplot(
-        data=last,
-        x="index",
-        y="norm",
-        hue="run",
-        style="kind",
-        col="norm kind",
-        row="model",
-        kind="line",
-        marker="o",
-        dashes=False,
-        facet_kws={"sharey": False},
-    )
-    grid.set_axis_labels("layer (position in the network)", "operator norm after training")
-    grid.set(yscale="log")
-    grid.figure.suptitle(title, y=1.03)
-    return _save(grid, os.path.join(out, name))
+def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> list[str]:
+    """Final norm of every layer, named on the x axis in network order; one figure per model,
+    conv/linear layers and batch norms in separate rows, one coloured line per run."""
+    paths = []
+    for model, data in norms.groupby("model"):
+        last = data[data.epoch == data.groupby("run").epoch.transform("max")].copy()
+        last["norm kind"] = last.ord.map(ORD_NAMES)
+        last["layers"] = last.kind.map(lambda k: "batch norm" if k == "batchnorm" else "conv / linear")
+        grid = sns.catplot(
+            data=last.sort_values("index"),
+            x="layer",
+            y="norm",
+            hue="run",
+            col="norm kind",
+            row="layers",
+            kind="point",
+            palette=PALETTE,
+            sharex=False,
+            sharey=False,
+            height=3.2,
+            aspect=1.8,
+            markersize=4,
+            linewidth=1,
+        )
+        grid.set_axis_labels("layer", "operator norm after training")
+        grid.set(yscale="log")
+        for ax in grid.axes.flat:
+            ax.tick_params(axis="x", labelrotation=90)
+        grid.figure.suptitle(f"{title} ({model})", y=1.02)
+        paths.append(_save(grid, os.path.join(out, name.replace(".png", f"_{model}.png"))))
+    return paths
 
 
 def norm_densities(norms: pd.DataFrame, out: str, name: str, title: str) -> str:
     """Density of the final conv/linear layer norms (log scale), one curve per run."""
     last = norms[(norms.epoch == norms.groupby("run").epoch.transform("max")) & norms.kind.isin(["conv", "linear"])].copy()
     last["norm kind"] = last.ord.map(ORD_NAMES)
-    grid = sns.displot(data=last, x="norm", hue="run", col="norm kind", kind="kde", log_scale=True, common_norm=False, fill=True)
+    grid = sns.displot(
+        data=last, x="norm", hue="run", col="norm kind", kind="kde", log_scale=True, common_norm=False, fill=True, palette=PALETTE
+    )
     grid.set_axis_labels("operator norm of a conv / linear layer", "density")
     grid.figure.suptitle(title, y=1.03)
     return _save(grid, os.path.join(out, name))

@@ -62,7 +62,7 @@ def main(argv=None) -> str:
         figures.summed_norms_over_epochs(
             norms, ["batchnorm"], out, "batchnorm_norms.png", "Batch-norm layer norms during training"
         ),
-        figures.per_layer_norms(norms, out, "layer_norms.png", "Norm of every layer after training"),
+        *figures.per_layer_norms(norms, out, "layer_norms.png", "Norm of every layer after training"),
     ]
     print("figures:", *[p for p in paths if p], sep="\n  ")
     return out

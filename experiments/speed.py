@@ -1,0 +1,80 @@
+"""Timing study (the paper's table): power iteration, SVD of the FFT (SciPy), and the exact l1 and
+l_inf norms, for the paper's six conv shapes on a 32x32 input, on every device present.
+
+    python -m experiments.speed            # the full table (power iteration: 500 iterations)
+    python -m experiments.speed --quick    # power iteration timed over 20 iterations, scaled to 500
+
+Writes speed.{csv,md,tex} into one folder (printed). Times are medians over --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import pandas as pd
+import torch
+
+import normopt
+from experiments.study import write_tables
+from normopt.svc import conv_singular_values, power_iteration_norm
+
+SHAPES = [(3, 32, 32), (3, 32, 128), (3, 128, 256), (3, 256, 512), (5, 256, 128), (5, 512, 256)]
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_shape(device: torch.device, shape: tuple[int, int, int], iterations: int, measured: int, repeats: int, svd: bool):
+    """One row of the table: a conv of ``shape`` = (kernel, in, out) on a 32x32 input."""
+    k, c_in, c_out = shape
+    layer = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False).to(device)
+    spec = normopt.module_spec(layer, "conv", (32, 32))
+    weight = layer.weight.detach()
+    tensors = {"conv.weight": weight}
+    row = {"device": str(device), "kernel": f"{k}x{k}", "in": c_in, "out": c_out}
+    # tol=0 so that exactly `measured` iterations run; scaled to the table's iteration count.
+    power = _time(lambda: power_iteration_norm(weight, spec, iterations=measured, tol=0.0), repeats, device)
+    row[f"power iteration ({iterations} it.) s"] = power * iterations / measured
+    if svd:
+        row["SVD of FFT (SciPy) s"] = _time(lambda: conv_singular_values(weight, (32, 32)), 1, device)
+    row["exact l1 ms"] = 1e3 * _time(lambda: normopt.layer_norm(tensors, spec, 1), repeats * 10, device)
+    row["exact l_inf ms"] = 1e3 * _time(lambda: normopt.layer_norm(tensors, spec, "linf"), repeats * 10, device)
+    return row
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="time 20 power iterations and scale them to --iterations")
+    parser.add_argument("--iterations", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-svd", action="store_true", help="skip the (slow, CPU-only) SciPy SVD column")
+    parser.add_argument("--out", default=os.path.join("runs", "speed"))
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.repeats < 1:
+        parser.error("--iterations and --repeats must be positive")
+    os.makedirs(args.out, exist_ok=True)
+    print(f"writing to {os.path.abspath(args.out)}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    measured = min(20, args.iterations) if args.quick else args.iterations
+    rows = [
+        measure_shape(d, shape, args.iterations, measured, args.repeats, not args.no_svd) for d in devices for shape in SHAPES
+    ]
+    print(write_tables(pd.DataFrame(rows), args.out, "speed"))
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
