@@ -7,6 +7,7 @@ pixel space, as in the paper.
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import torch
 import torchvision
@@ -28,9 +29,9 @@ class CIFAR10Folder(torchvision.datasets.CIFAR10):
     None) — so a subset written in that format, as the tests do, goes through the same reader.
     """
 
-    train_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
-    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+    train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+    test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+    meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
 
 
 def cifar10(root: str, train: bool, augment: bool = True, download: bool = False) -> Dataset:
