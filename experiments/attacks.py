@@ -97,6 +97,8 @@ def robust_accuracy(
     Returns:
         ``{"clean": ..., "robust": ..., "<attack>": ...}`` accuracies in [0, 1].
     """
+    if eps_255 < 0:
+        raise ValueError(f"eps must be >= 0 (in 1/255 units), got {eps_255}")
     model.eval()
     eps = eps_255 / 255
     x, y = images.cpu().numpy().astype(np.float32), labels.cpu().numpy()
@@ -107,7 +109,9 @@ def robust_accuracy(
     result = {"clean": float(correct.mean())}
     for name in attacks:
         survived = correct.copy()
-        if name == "apgd-ce":
+        if eps == 0 and name in ("apgd-ce", "apgd-t", "pgd"):
+            pass  # a zero radius leaves every input where it is
+        elif name == "apgd-ce":
             survived &= _predict(model, apgd(model, x, y, eps, iterations, False, batch_size, classes), batch_size).argmax(1) == y
         elif name == "apgd-t":
             ranked = np.argsort(-logits, axis=1)

@@ -61,6 +61,7 @@ def main(argv=None) -> str:
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-svd", action="store_true", help="skip the (slow, CPU-only) SciPy SVD column")
+    parser.add_argument("--max-channels", type=int, help="only the shapes with at most this many in/out channels")
     parser.add_argument("--out", default=os.path.join("runs", "speed"))
     args = parser.parse_args(argv)
     if args.iterations < 1 or args.repeats < 1:
@@ -69,9 +70,9 @@ def main(argv=None) -> str:
     print(f"writing to {os.path.abspath(args.out)}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     measured = min(20, args.iterations) if args.quick else args.iterations
-    rows = [
-        measure_shape(d, shape, args.iterations, measured, args.repeats, not args.no_svd) for d in devices for shape in SHAPES
-    ]
+    shapes = [s for s in SHAPES if args.max_channels is None or max(s[1:]) <= args.max_channels]
+    svd = not args.no_svd
+    rows = [measure_shape(d, shape, args.iterations, measured, args.repeats, svd) for d in devices for shape in shapes]
     print(write_tables(pd.DataFrame(rows), args.out, "speed"))
     return args.out
 

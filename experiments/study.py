@@ -80,6 +80,8 @@ def common_arguments(parser: argparse.ArgumentParser, default_models: str) -> No
     parser.add_argument("--models", default=default_models, help=f"comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--epochs", type=int, help="default: 15 (digits) or 120 (cifar10, the paper)")
     parser.add_argument("--eval-images", type=int, help="test images attacked (default 256 digits, 1024 cifar10)")
+    parser.add_argument("--eval-iterations", type=int, help="APGD iterations (default 50 digits, 100 cifar10)")
+    parser.add_argument("--eval-targets", type=int, help="APGD-T target classes (default 3 digits, 9 cifar10)")
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
     parser.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
     parser.add_argument("--seed", type=int, default=0)
@@ -102,8 +104,9 @@ def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[Run
         common["milestones"] = (
             tuple(m for m in base().milestones if m < args.epochs) if args.dataset == "digits" else base().milestones
         )
-    if args.eval_images:
-        common["eval_images"] = args.eval_images
+    for option in ("eval_images", "eval_iterations", "eval_targets"):
+        if getattr(args, option):
+            common[option] = getattr(args, option)
     return [base(model=m, method=method, strength=s, **common) for m in models for method, values in grid.items() for s in values]
 
 

@@ -204,7 +204,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
         if dist.is_initialized():
             batches.sampler.set_epoch(epoch)
         net.train()
-        total = correct = seen = 0
+        total = correct = seen = steps = 0
         for x, y in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not (progress and _is_main())):
             x, y = x.to(where), y.to(where)
             optimizer.zero_grad(set_to_none=True)
@@ -216,9 +216,14 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             total += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+            steps += 1
         scheduler.step()
         test_accuracy = evaluate(model, test_set, where)
-        history.append({"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen, "test_accuracy": test_accuracy})
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        history.append(
+            {"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen, "test_accuracy": test_accuracy}
+            | {"steps": steps, "world_size": world}
+        )
         norms += layer_norm_rows(model, specs, epoch)
         if _is_main():
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -226,7 +231,8 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             _save(checkpoint_path, {**state, "history": history, "norms": norms})
             if progress:
                 print(f"  epoch {epoch}: loss {total / seen:.4f}, test accuracy {test_accuracy:.4f}", file=sys.stderr)
-    result = {"config": dataclasses.asdict(config), "history": history, "norms": norms}
+    # The JSON form, so a fresh run returns exactly what a finished run reads back.
+    result = json.loads(json.dumps({"config": dataclasses.asdict(config), "history": history, "norms": norms}))
     if _is_main():
         images, labels = _first(test_set, config.eval_images)
         result["accuracy"] = robust_accuracy(

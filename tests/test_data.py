@@ -1,0 +1,78 @@
+"""Data paths: CIFAR-10 in its real on-disk format through torchvision, and the bundled digits."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.data import DataError, cifar10, dataset, digits, loader
+
+LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root, per_batch: int = 4, test: int = 6, seed: int = 0) -> str:
+    """A tiny CIFAR-10 in the python version's format: protocol-2 pickles of dicts with string keys
+    (the real files come from Python 2), uint8 rows of 3072 values (R, G, B planes) and labels."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        count = test if name == "test_batch" else per_batch
+        batch = {
+            "batch_label": name,
+            "labels": rng.integers(0, 10, count).tolist(),
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "filenames": ["x.png"] * count,
+        }
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": LABELS, "num_cases_per_batch": per_batch, "num_vis": 3072}, f, protocol=2)
+    return str(root)
+
+
+def test_cifar10_format_loads_through_torchvision(tmp_path):
+    root = write_cifar10(tmp_path)
+    train, test = cifar10(root, train=True), cifar10(root, train=False)
+    assert len(train) == 20 and len(test) == 6
+    image, label = test[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert train.classes[0] == "airplane" and isinstance(label, int)
+    with open(os.path.join(root, "cifar-10-batches-py", "test_batch"), "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    expected = torch.tensor(raw["data"][0]).reshape(3, 32, 32).float() / 255
+    assert torch.allclose(image, expected)  # no augmentation on the test split
+
+
+def test_cifar10_training_augmentation_crops_with_padding_and_flips(tmp_path):
+    root = write_cifar10(tmp_path)
+    plain, augmented = cifar10(root, train=True, augment=False), cifar10(root, train=True)
+    torch.manual_seed(0)
+    views = {tuple(augmented[0][0].flatten()[:50].tolist()) for _ in range(10)}
+    assert len(views) > 1 and augmented[0][0].shape == plain[0][0].shape == (3, 32, 32)
+
+
+def test_missing_cifar10_names_the_folder(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nowhere")):
+        cifar10(str(tmp_path / "nowhere"), train=True)
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test = digits(True), digits(False)
+    assert len(train) + len(test) == 1797 and len(test) == 450
+    assert torch.equal(digits(False).tensors[0], test.tensors[0])
+    assert train.tensors[0].shape[1:] == (1, 8, 8) and train.tensors[0].max() <= 1
+    assert set(test.tensors[1].tolist()) == set(range(10))
+
+
+def test_unknown_dataset_and_seeded_loader():
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        dataset("mnist", True)
+    first = [y.tolist() for _, y in loader(digits(True), 64, True, seed=3)]
+    again = [y.tolist() for _, y in loader(digits(True), 64, True, seed=3)]
+    assert first == again

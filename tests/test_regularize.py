@@ -1,0 +1,59 @@
+"""The regularization study on a tiny configuration: outputs, resume, bad arguments."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+import experiments.train as training
+from experiments import regularize
+
+TINY = ["--epochs", "1", "--eval-images", "16", "--eval-iterations", "2", "--eval-targets", "1"]
+
+
+def test_tiny_study_writes_tables_norms_and_figures(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "study")
+    regularize.main([*TINY, "--methods", "plain,nd-l1,svc", "--out", out])
+    printed = capsys.readouterr()
+    assert os.path.abspath(out) in printed.err and "| model | method |" in printed.out
+    table = pd.read_csv(os.path.join(out, "results.csv"))
+    assert len(table) == 1 + 3 + 2 and {"clean acc", "robust acc", "sum l1", "sum linf"} <= set(table.columns)
+    assert table["robust acc"].le(table["clean acc"]).all()
+    for name in (
+        "results.md",
+        "results.tex",
+        "norms.csv",
+        "conv_linear_norms.png",
+        "batchnorm_norms.png",
+        "layer_norms_small.png",
+    ):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    norms = pd.read_csv(os.path.join(out, "norms.csv"))
+    assert set(norms.kind) == {"conv", "batchnorm", "linear"} and set(norms.epoch) == {0, 1}
+
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("a finished run was trained again"))
+    regularize.main([*TINY, "--methods", "plain,nd-l1,svc", "--out", out])  # resumes: nothing retrained
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--models", "lenet"], "unknown model"),
+        (["--methods", "dropout"], "unknown method"),
+        (["--dataset", "mnist"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_with_code_two(arguments, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        regularize.main([*arguments, "--out", str(tmp_path)])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_cifar10_exits_with_code_two(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        regularize.main(
+            ["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--methods", "plain", "--out", str(tmp_path)]
+        )
+    assert exit.value.code == 2 and "CIFAR-10 not found" in capsys.readouterr().err

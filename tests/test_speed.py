@@ -1,0 +1,25 @@
+"""The timing study on its smallest shape."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+from experiments import speed
+
+
+def test_speed_table_has_every_method_column(tmp_path):
+    out = speed.main(["--quick", "--repeats", "1", "--iterations", "40", "--max-channels", "32", "--out", str(tmp_path)])
+    table = pd.read_csv(os.path.join(out, "speed.csv"))
+    assert len(table) == 1 and table.device[0] == "cpu"
+    columns = ["power iteration (40 it.) s", "SVD of FFT (SciPy) s", "exact l1 ms", "exact l_inf ms"]
+    assert table[columns].gt(0).all(axis=None)
+    assert os.path.exists(os.path.join(out, "speed.md")) and os.path.exists(os.path.join(out, "speed.tex"))
+
+
+def test_bad_iterations_exit_with_code_two(tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        speed.main(["--iterations", "0", "--out", str(tmp_path)])
+    assert exit.value.code == 2

@@ -1,0 +1,97 @@
+"""The training loop: every method, resume after an interruption, torchrun data parallel, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import experiments.train as training
+from experiments.train import METHODS, RunConfig, train
+
+TINY = {"epochs": 2, "milestones": (1,), "eval_images": 16, "eval_iterations": 2, "eval_targets": 1}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_reports(method, tmp_path):
+    strength = {"wd": 1e-3, "svc": 1.0}.get(method, 0.05)
+    config = RunConfig(method=method, strength=strength, svc_every=10, adv_steps=2, **{**TINY, "epochs": 1})
+    result = train(config, str(tmp_path), progress=False)
+    assert set(result["accuracy"]) == {"clean", "apgd-ce", "apgd-t", "robust"}
+    assert result["history"][0]["steps"] == 22 and {row["epoch"] for row in result["norms"]} == {0, 1}
+    assert json.load(open(tmp_path / "result.json"))["accuracy"] == result["accuracy"]
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = RunConfig(method="nd-linf", strength=0.1, **{**TINY, "epochs": 3})
+    uninterrupted = train(config, str(tmp_path / "a"), progress=False)
+
+    real = training.evaluate
+    calls = []
+
+    def interrupt_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(training, "evaluate", interrupt_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, str(tmp_path / "b"), progress=False)
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(training, "evaluate", real)
+    resumed = train(config, str(tmp_path / "b"), progress=False)
+    assert resumed["history"] == uninterrupted["history"]
+    assert resumed["norms"] == uninterrupted["norms"]
+    a, b = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=False)["model"] for x in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_run_is_read_back_not_retrained(tmp_path, monkeypatch):
+    config = RunConfig(**TINY)
+    first = train(config, str(tmp_path), progress=False)
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("retrained a finished run"))
+    assert train(config, str(tmp_path), progress=False) == first
+
+
+def test_largest_norm_decay_halves_the_summed_norm_on_digits(tmp_path):
+    """The digits study's claim, on the study's own schedule: beta=1 against plain training."""
+    evaluation = {"eval_images": 16, "eval_iterations": 2, "eval_targets": 1}
+    finals = {}
+    for method, strength in (("plain", 0.0), ("nd-l1", 1.0), ("nd-linf", 1.0)):
+        result = train(RunConfig(method=method, strength=strength, **evaluation), str(tmp_path / method), progress=False)
+        last = [r for r in result["norms"] if r["epoch"] == 15 and r["kind"] in ("conv", "linear")]
+        finals[method] = {o: sum(r["norm"] for r in last if r["ord"] == o) for o in ("l1", "linf")}
+    assert finals["plain"]["l1"] >= 2 * finals["nd-l1"]["l1"]
+    assert finals["plain"]["linf"] >= 2 * finals["nd-linf"]["linf"]
+
+
+def test_torchrun_with_two_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "experiments.train"]
+    command += ["--method", "nd-l1", "--strength", "0.05", "--epochs", "1", "--eval-images", "16", "--out", str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.load(open(tmp_path / "result.json"))
+    assert result["history"][0]["world_size"] == 2
+    assert result["history"][0]["steps"] == 11  # each process reads half of the 1,347 images
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [(["--model", "lenet"], "unknown model 'lenet'"), (["--method", "dropout"], "unknown method 'dropout'")],
+)
+def test_bad_arguments_exit_with_code_two(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        training.main(arguments)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_cifar10_folder_exits_with_code_two(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        training.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
+    assert exit.value.code == 2 and str(tmp_path / "none") in capsys.readouterr().err
