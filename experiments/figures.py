@@ -13,7 +13,11 @@ import pandas as pd
 import seaborn as sns
 
 ORD_NAMES = {"l1": "l1 norm", "linf": "l_inf norm"}
-PALETTE = "tab20"  # up to 20 runs stay distinguishable
+
+
+def palette(frame: pd.DataFrame) -> str:
+    """Distinct hues per run: tab10 while it suffices, tab20 (paired shades) for up to 20 runs."""
+    return "tab10" if frame.run.nunique() <= 10 else "tab20"
 
 
 def _save(grid, path: str) -> str:
@@ -36,7 +40,7 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
         col="norm kind",
         row="model",
         kind="line",
-        palette=PALETTE,
+        palette=palette(data),
         facet_kws={"sharey": False},
     )
     grid.set_axis_labels("epoch", f"sum of {'/'.join(kinds)} norms")
@@ -61,7 +65,7 @@ def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> lis
             col="norm kind",
             row="layers",
             kind="point",
-            palette=PALETTE,
+            palette=palette(last),
             sharex=False,
             sharey=False,
             height=3.2,
@@ -83,7 +87,16 @@ def norm_densities(norms: pd.DataFrame, out: str, name: str, title: str) -> str:
     last = norms[(norms.epoch == norms.groupby("run").epoch.transform("max")) & norms.kind.isin(["conv", "linear"])].copy()
     last["norm kind"] = last.ord.map(ORD_NAMES)
     grid = sns.displot(
-        data=last, x="norm", hue="run", col="norm kind", kind="kde", log_scale=True, common_norm=False, fill=True, palette=PALETTE
+        data=last,
+        x="norm",
+        hue="run",
+        col="norm kind",
+        kind="kde",
+        log_scale=True,
+        common_norm=False,
+        rug=True,
+        palette=palette(last),
+        linewidth=2,
     )
     grid.set_axis_labels("operator norm of a conv / linear layer", "density")
     grid.figure.suptitle(title, y=1.03)
