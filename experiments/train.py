@@ -205,7 +205,9 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             batches.sampler.set_epoch(epoch)
         net.train()
         total = correct = seen = steps = 0
-        for x, y in tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not (progress and _is_main())):
+        for x, y in tqdm(
+            batches, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None if progress and _is_main() else True
+        ):
             x, y = x.to(where), y.to(where)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(where.type, enabled=config.amp and where.type == "cuda"):
