@@ -26,6 +26,13 @@ def _save(grid, path: str) -> str:
     return path
 
 
+def _final(norms: pd.DataFrame) -> pd.DataFrame:
+    """Each run's rows of its last epoch, with a readable norm-kind column."""
+    last = norms[norms.epoch == norms.groupby(["model", "run"]).epoch.transform("max")].copy()
+    last["norm kind"] = last.ord.map(ORD_NAMES)
+    return last
+
+
 def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, name: str, title: str) -> str | None:
     """Sum of the chosen layers' norms against the epoch, one line per run, one panel per norm."""
     data = norms[norms.kind.isin(kinds)].groupby(["model", "run", "ord", "epoch"], as_index=False).norm.sum()
@@ -54,8 +61,7 @@ def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> lis
     conv/linear layers and batch norms in separate rows, one coloured line per run."""
     paths = []
     for model, data in norms.groupby("model"):
-        last = data[data.epoch == data.groupby("run").epoch.transform("max")].copy()
-        last["norm kind"] = last.ord.map(ORD_NAMES)
+        last = _final(data)
         last["layers"] = last.kind.map(lambda k: "batch norm" if k == "batchnorm" else "conv / linear")
         grid = sns.catplot(
             data=last.sort_values("index"),
@@ -84,8 +90,8 @@ def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> lis
 
 def norm_densities(norms: pd.DataFrame, out: str, name: str, title: str) -> str:
     """Density of the final conv/linear layer norms (log scale), one curve per run."""
-    last = norms[(norms.epoch == norms.groupby("run").epoch.transform("max")) & norms.kind.isin(["conv", "linear"])].copy()
-    last["norm kind"] = last.ord.map(ORD_NAMES)
+    last = _final(norms)
+    last = last[last.kind.isin(["conv", "linear"])]
     grid = sns.displot(
         data=last,
         x="norm",

@@ -102,23 +102,14 @@ def test_clipped_kernel_keeps_shape_dtype_and_device():
     assert clipped.shape == weight.shape and clipped.dtype == torch.float32 and clipped.device == weight.device
 
 
-@settings(max_examples=80)
-@given(conv_layers(modes=("zeros", "circular", "reflect", "replicate")))
+@settings(max_examples=140)
+@given(st.one_of(conv_layers(modes=("zeros", "circular", "reflect", "replicate")), conv_layers(transposed=True)))
 def test_power_iteration_matches_the_explicit_matrix(case):
     layer, spec, input_shape = case
     layer = layer.double()
     oracle = brute_norms(explicit_matrix(layer, input_shape))[2]
     ours = power_iteration_norm(layer.weight.detach(), spec, iterations=2000, tol=1e-12)
     assert_close(ours, oracle, rtol=1e-3, atol=1e-9)
-
-
-@settings(max_examples=60)
-@given(conv_layers(transposed=True))
-def test_power_iteration_matches_the_explicit_matrix_of_transposed_layers(case):
-    layer, spec, input_shape = case
-    layer = layer.double()
-    oracle = brute_norms(explicit_matrix(layer, input_shape))[2]
-    assert_close(power_iteration_norm(layer.weight.detach(), spec, iterations=2000, tol=1e-12), oracle, rtol=1e-3, atol=1e-9)
 
 
 @settings(max_examples=100)

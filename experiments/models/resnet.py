@@ -25,24 +25,25 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def stage(block: type[nn.Module], in_planes: int, planes: int, count: int, stride: int) -> nn.Sequential:
+    """``count`` blocks, the first with ``stride``, growing ``in_planes`` to ``planes``."""
+    blocks = []
+    for s in [stride] + [1] * (count - 1):
+        blocks.append(block(in_planes, planes, s))
+        in_planes = planes
+    return nn.Sequential(*blocks)
+
+
 class ResNet(nn.Module):
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
-        self.in_planes = width
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._stage(width, blocks[0], 1)
-        self.layer2 = self._stage(2 * width, blocks[1], 2)
-        self.layer3 = self._stage(4 * width, blocks[2], 2)
-        self.layer4 = self._stage(8 * width, blocks[3], 2)
+        self.layer1 = stage(BasicBlock, width, width, blocks[0], 1)
+        self.layer2 = stage(BasicBlock, width, 2 * width, blocks[1], 2)
+        self.layer3 = stage(BasicBlock, 2 * width, 4 * width, blocks[2], 2)
+        self.layer4 = stage(BasicBlock, 4 * width, 8 * width, blocks[3], 2)
         self.linear = nn.Linear(8 * width, num_classes)
-
-    def _stage(self, planes: int, count: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (count - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.models.resnet import stage
+
 
 class SEPreActBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
@@ -33,21 +35,13 @@ class SEPreActBlock(nn.Module):
 class SENet(nn.Module):
     def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._stage(64, blocks[0], 1)
-        self.layer2 = self._stage(128, blocks[1], 2)
-        self.layer3 = self._stage(256, blocks[2], 2)
-        self.layer4 = self._stage(512, blocks[3], 2)
+        self.layer1 = stage(SEPreActBlock, 64, 64, blocks[0], 1)
+        self.layer2 = stage(SEPreActBlock, 64, 128, blocks[1], 2)
+        self.layer3 = stage(SEPreActBlock, 128, 256, blocks[2], 2)
+        self.layer4 = stage(SEPreActBlock, 256, 512, blocks[3], 2)
         self.linear = nn.Linear(512, num_classes)
-
-    def _stage(self, planes: int, count: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (count - 1):
-            layers.append(SEPreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
