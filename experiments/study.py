@@ -10,8 +10,9 @@ import sys
 import pandas as pd
 
 from experiments.data import DataError
+from experiments.methods import METHODS
 from experiments.models import MODELS
-from experiments.train import METHODS, RunConfig, train
+from experiments.train import RunConfig, train
 
 
 def run_label(config: RunConfig) -> str:

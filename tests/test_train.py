@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import experiments.train as training
-from experiments.train import METHODS, RunConfig, train
+from experiments.methods import METHODS
+from experiments.train import RunConfig, train
 
 TINY = {"epochs": 2, "milestones": (1,), "eval_images": 16, "eval_iterations": 2, "eval_targets": 1}
 
