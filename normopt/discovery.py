@@ -160,10 +160,11 @@ class InputSizeRecorder:
     """
 
     def __init__(self, model: nn.Module):
+        self.model = unwrap(model)
         self._seen: dict[str, set[tuple[int, ...]]] = {}
         self._handles = [
             module.register_forward_pre_hook(self._hook(name, len(module.kernel_size)))
-            for name, module in unwrap(model).named_modules()
+            for name, module in self.model.named_modules()
             if isinstance(module, _ConvNd)
         ]
 
@@ -196,6 +197,11 @@ class InputSizeRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def specs(self) -> LayerSpecs:
+        """Stop recording and describe the model with the recorded input sizes."""
+        self.remove()
+        return layer_specs(self.model, input_sizes=self.sizes)
 
 
 def record_input_sizes(model: nn.Module, example_input) -> dict[str, tuple[int, ...] | None]:

@@ -70,11 +70,10 @@ class PeriodicSVC:
             self.clip()
 
     def _conv_specs(self) -> dict[str, ConvSpec]:
-        if self.specs is None:
-            if self._recorder is None or not self._recorder.called:
+        if self.specs is None:  # then no example input was given, and the recorder runs
+            if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
-            self._recorder.remove()
-            self.specs = layer_specs(self.model, input_sizes=self._recorder.sizes)
+            self.specs = self._recorder.specs()
         return {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and n not in self.exclude}
 
     @torch.no_grad()

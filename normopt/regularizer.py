@@ -197,9 +197,8 @@ class NormDecay:
     def _refresh_specs(self) -> None:
         # Lazy discovery: once the user's own forward has run, rebuild the specs with its input sizes.
         if self._recorder is not None and self._recorder.called:
-            self._recorder.remove()
-            sizes, self._recorder = self._recorder.sizes, None
-            self._select(layer_specs(self.model, input_sizes=sizes))
+            specs, self._recorder = self._recorder.specs(), None
+            self._select(specs)
 
     @torch.no_grad()
     def add_to_gradients(self) -> None:
