@@ -8,7 +8,7 @@ import os
 import normopt
 from normopt import svc
 
-API = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "api.rst")
+API = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "api.rst")
 
 
 def test_every_public_name_is_documented():
