@@ -7,8 +7,9 @@ kernel, so :func:`norm_subgradient` returns it sparsely, as flat indices of that
 values there: a training step then costs one pass over each weight, not several.
 
 The closed form is checked against autodiff (:func:`autodiff_subgradient`: the vector-Jacobian
-product of the layer's line sums with the one-hot vector of the arg-max line), which also serves
-the rare layers whose padding folds several taps onto one sample. Ties go to the first line in
+product of the layer's line sums with the one-hot vector of the arg-max line). These per-layer
+functions are the reference that :func:`normopt.norm_decay`, which computes every layer at once,
+is tested against. Ties go to the first line in
 ``torch.argmax`` order, as in :func:`normopt.layer_argmax`: deterministic, so data-parallel
 replicas agree. (Differentiating :func:`normopt.layer_norm` itself spreads the gradient evenly
 over tied lines instead, also a valid subgradient.)
@@ -29,17 +30,8 @@ from typing import NamedTuple
 
 import torch
 
-from normopt.norms import (
-    _accumulation_dtype,
-    _checked,
-    _line_plan,
-    _line_sums,
-    _merge_taps,
-    _reduce_lines,
-    _table,
-    _weight,
-    parse_ord,
-)
+from normopt.lines import checked, line_plan, line_tables, parse_ord, slice_subgradient
+from normopt.norms import _sums
 from normopt.specs import BatchNormSpec, Spec
 
 
@@ -48,8 +40,8 @@ class Subgradient(NamedTuple):
 
     Attributes:
         norm: the operator norm, 0-d.
-        index: distinct flat indices into the weight (``gamma`` for batch norm) covering the
-            arg-max line's channel slice.
+        index: distinct flat indices (row-major, whatever the memory layout) into the weight
+            (``gamma`` for batch norm) covering the arg-max line's channel slice.
         values: the subgradient at ``index``; it is zero everywhere else.
         counts: how often each entry at ``index`` enters the arg-max line (0: not on it).
     """
@@ -84,12 +76,9 @@ def _decay_ord(ord, spec: Spec) -> float:
     return ord
 
 
-def _inputs(tensors, spec: Spec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The regularized tensor and the other tensors its norm reads."""
-    if isinstance(spec, BatchNormSpec):
-        shape = (spec.num_features,)
-        return _checked(tensors, spec.weight, spec, shape), {spec.running_var: _checked(tensors, spec.running_var, spec, shape)}
-    return _weight(tensors, spec), {}
+def _regularized(tensors, spec: Spec) -> torch.Tensor:
+    shape = (spec.num_features,) if isinstance(spec, BatchNormSpec) else spec.weight_shape
+    return checked(tensors, spec.weight, spec, shape)
 
 
 def _one_hot_argmax(sums: torch.Tensor) -> torch.Tensor:
@@ -100,8 +89,8 @@ def _one_hot_argmax(sums: torch.Tensor) -> torch.Tensor:
 def autodiff_subgradient(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense subgradient and per-entry line counts by autodiff: the vjp of the line sums with the arg-max one-hot.
 
-    The counts come from the transposes of the two linear maps behind the line sums (tap merging,
-    then line reduction) applied to the same one-hot vector.
+    The counts are the same vjp taken where every weight is +1 (there each absolute value has
+    slope 1, so it counts how often each entry enters the line).
 
     Example:
         >>> import torch
@@ -114,42 +103,17 @@ def autodiff_subgradient(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1)
                 [0, 0]]))
     """
     ord = _decay_ord(ord, spec)
-    weight, others = _inputs(tensors, spec)
-    sums, vjp = torch.func.vjp(lambda w: _line_sums({**others, spec.weight: w}, spec, ord)[0], weight.detach())
+    weight = _regularized(tensors, spec).detach()
+    line_sums_of = lambda w: _sums({**tensors, spec.weight: w}, spec, ord)
+    sums, vjp = torch.func.vjp(line_sums_of, weight)
     one_hot = _one_hot_argmax(sums)
     (grad,) = vjp(one_hot)
     if isinstance(spec, BatchNormSpec):
-        return grad.to(weight.dtype), one_hot.to(torch.int64)
-    kind, plans, _ = _line_plan(spec, ord)
-    acc = _accumulation_dtype(weight.dtype)
-    merged, merge_vjp = torch.func.vjp(lambda w: _merge_taps(w, plans), weight.detach().to(acc))
-    _, reduce_vjp = torch.func.vjp(lambda a: _reduce_lines(a, getattr(spec, "groups", 1), plans, kind), merged)
-    (counts,) = merge_vjp(*reduce_vjp(one_hot))
+        return grad.to(weight.dtype), one_hot.reshape(-1).to(torch.int64)
+    # With every weight positive each |.| has slope 1, so the vjp counts how often each entry enters the line.
+    _, vjp_at_ones = torch.func.vjp(line_sums_of, torch.ones_like(weight))
+    (counts,) = vjp_at_ones(one_hot)
     return grad.to(weight.dtype), counts.round().to(torch.int64)
-
-
-def _tap_counts(plans, patterns: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
-    """Flattened kernel taps: how often each enters the chosen pattern of every axis."""
-    counts = torch.ones(1, dtype=torch.int64, device=device)
-    for plan, p in zip(plans, patterns):
-        row = _table(plan.tap_table, device, torch.int64).index_select(0, p.reshape(1))[0]
-        counts = (counts.unsqueeze(-1) * row).reshape(-1)
-    return counts
-
-
-def _slice_index(
-    shape: torch.Size, groups: int, kind: str, channel: torch.Tensor, taps: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Flat indices of a row's (output channel's) or column's (input channel's) kernel slice, with tap counts."""
-    d, cg, k = shape[0], shape[1], taps.numel()
-    if kind == "rows":
-        index = channel * (cg * k) + torch.arange(cg * k, device=taps.device)
-        return index, taps.expand(cg, k).reshape(-1)
-    dg = d // groups
-    group, local = channel // cg, channel % cg
-    outputs = group * dg + torch.arange(dg, device=taps.device)
-    index = ((outputs.unsqueeze(1) * cg + local) * k + torch.arange(k, device=taps.device)).reshape(-1)
-    return index, taps.expand(dg, k).reshape(-1)
 
 
 def norm_subgradient(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> Subgradient:
@@ -170,23 +134,22 @@ def norm_subgradient(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> 
                 [1., 0.]]))
     """
     ord = _decay_ord(ord, spec)
-    weight, others = _inputs(tensors, spec)
-    sums, _ = _line_sums({**others, spec.weight: weight}, spec, ord)
+    weight = _regularized(tensors, spec)
+    sums = _sums(tensors, spec, ord)
     if isinstance(spec, BatchNormSpec):
-        channel = sums.argmax().reshape(1)
-        var = others[spec.running_var]
+        channel = sums.reshape(-1).argmax().reshape(1)
+        var = checked(tensors, spec.running_var, spec, (spec.num_features,))
         values = torch.sign(weight.take(channel)) * torch.rsqrt(var.take(channel).to(sums.dtype) + spec.eps)
         return Subgradient(sums.amax(), channel, values.to(weight.dtype), torch.ones_like(channel))
-    kind, plans, _ = _line_plan(spec, ord)
-    if any(plan.membership is not None for plan in plans):
-        grad, counts = autodiff_subgradient(tensors, spec, ord)
-        index = torch.arange(weight.numel(), device=weight.device)
-        return Subgradient(sums.amax(), index, grad.reshape(-1), counts.reshape(-1))
-    channel, *patterns = torch.unravel_index(sums.reshape(-1).argmax(), sums.shape)
-    taps = _tap_counts(plans, patterns, weight.device)
-    index, counts = _slice_index(weight.shape, getattr(spec, "groups", 1), kind, channel, taps)
-    values = counts.to(weight.dtype) * torch.sign(weight.reshape(-1).take(index))
-    return Subgradient(sums.amax(), index, values, counts)
+    plan = line_plan(spec, ord)
+    tables = line_tables(plan, weight.device, weight.dtype)
+    channel, pattern = torch.unravel_index(sums.reshape(-1).argmax(), sums.shape)
+    index = plan.slice_index(channel)
+    taps = tables.tap_counts.index_select(0, pattern.reshape(1))[0]  # (K,)
+    per_entry = taps.repeat(plan.slice_size // plan.taps)
+    group_counts = taps if plan.membership is None else tables.reduce.T.index_select(0, pattern.reshape(1))[0]
+    values = slice_subgradient(torch.take(weight, index), group_counts, plan, tables)
+    return Subgradient(sums.amax(), index, values.to(weight.dtype), per_entry.round().to(torch.int64))
 
 
 def norm_subgradients(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, Subgradient]:
@@ -207,7 +170,7 @@ def norm_subgradients(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, S
 def paper_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
     r"""Algorithm 1 of the paper: :math:`h \leftarrow \gamma h + (1 - \gamma) p`, as a new tensor.
 
-    ``gamma`` may be a float or a 0-d tensor. One pass over ``h``.
+    ``gamma`` may be a float or a 0-d tensor. One pass over ``h``; any memory layout.
 
     Example:
         >>> import torch
@@ -215,9 +178,7 @@ def paper_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
         >>> paper_update(torch.tensor([1.0, 1.0]), sub, gamma=0.5)
         tensor([0.5000, 0.0000])
     """
-    new = h * gamma
-    new.view(-1).index_add_(0, sub.index, (1 - gamma) * sub.values)
-    return new
+    return (h * gamma).put_(sub.index, (1 - gamma) * sub.values, accumulate=True)
 
 
 def reference_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
@@ -230,6 +191,4 @@ def reference_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
         tensor([ 2., -1.])
     """
     new = h * gamma
-    flat = new.view(-1)
-    flat.index_copy_(0, sub.index, torch.where(sub.counts > 0, sub.values, flat.take(sub.index)))
-    return new
+    return new.put_(sub.index, torch.where(sub.counts > 0, sub.values, new.take(sub.index)))

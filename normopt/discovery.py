@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec
+from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pairs
 
 # Modules that hold weights but are not linear maps of their input, with the reason.
 _NOT_LINEAR = {
@@ -41,11 +41,18 @@ class LayerSpecs(dict):
         skipped: ``{module name: reason}`` for every module that holds weights or is a
             normalisation but has no operator norm here (LayerNorm, attention, batch norm without
             running statistics, parametrized weights, ...).
+        device_tables: index tables that :func:`normopt.layer_norms` built for these specs, per
+            norm order, device and dtype, kept so that no later call copies them to the device
+            again. Not pickled or copied.
     """
 
     def __init__(self, specs=(), skipped=None):
         super().__init__(specs)
         self.skipped: dict[str, str] = dict(skipped or {})
+        self.device_tables: dict = {}
+
+    def __reduce__(self):
+        return type(self), (dict(self), self.skipped)
 
     def __repr__(self) -> str:
         return f"LayerSpecs({dict.__repr__(self)}, skipped={self.skipped!r})"
@@ -69,6 +76,20 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+_BATCHNORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _is_frozen_batchnorm(module: nn.Module) -> bool:
+    """A batch norm that is always in eval mode: weight, bias, running_mean and running_var as buffers
+    of one length and an ``eps``, no learned parameters (``torchvision.ops.FrozenBatchNorm2d`` and kin)."""
+    if isinstance(module, _BatchNorm) or list(module.parameters(recurse=False)):
+        return False
+    own = dict(module.named_buffers(recurse=False))
+    if not all(isinstance(own.get(name), torch.Tensor) and own[name].dim() == 1 for name in _BATCHNORM_BUFFERS):
+        return False
+    return len({own[name].numel() for name in _BATCHNORM_BUFFERS}) == 1 and isinstance(getattr(module, "eps", None), float)
+
+
 def _skip_reason(module: nn.Module) -> str | None:
     for kind, reason in _NOT_LINEAR.items():
         if isinstance(module, kind):
@@ -85,7 +106,7 @@ def _skip_reason(module: nn.Module) -> str | None:
             f"{type(module).__name__}: no running statistics (track_running_stats=False), so the layer "
             "normalises by batch statistics and is not one fixed linear map"
         )
-    if isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)):
+    if isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module):
         return None
     own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     if own:
@@ -98,8 +119,14 @@ def _check_initialised(name: str, module: nn.Module) -> None:
         raise ValueError(f"layer {name!r}: lazy module is not initialised yet; run one forward pass first")
 
 
-def module_spec(module: nn.Module, name: str = "", input_size=None, keys: Mapping[int, str] | None = None) -> Spec:
-    """Spec of one linear module (Linear, Conv*d, ConvTranspose*d or BatchNorm*d).
+def module_spec(
+    module: nn.Module,
+    name: str = "",
+    input_size=None,
+    keys: Mapping[int, str] | None = None,
+    output_padding: tuple[int, ...] | None = None,
+) -> Spec:
+    """Spec of one linear module (Linear, Conv*d, ConvTranspose*d, BatchNorm*d, or a frozen batch norm).
 
     Args:
         module: the layer.
@@ -108,6 +135,8 @@ def module_spec(module: nn.Module, name: str = "", input_size=None, keys: Mappin
         keys: ``{id(tensor): key}`` of the model's parameters and buffers, so shared tensors get
             the key under which the mapping passed to the norm functions holds them. Defaults to
             ``name + ".weight"`` and friends.
+        output_padding: of a transposed convolution called with ``output_size=``: the padding that
+            call really used (:class:`InputSizeRecorder` records it); default the module's own.
 
     Raises:
         TypeError: the module has no operator-norm rule; the message gives the reason.
@@ -131,22 +160,25 @@ def module_spec(module: nn.Module, name: str = "", input_size=None, keys: Mappin
     if isinstance(module, nn.Linear):
         return LinearSpec(name, key("weight"), module.in_features, module.out_features)
     if isinstance(module, _ConvNd):
-        return conv_spec(module, name, key("weight"), input_size)
+        return conv_spec(module, name, key("weight"), input_size, output_padding)
+    affine = not isinstance(module, _BatchNorm) or module.affine
     return BatchNormSpec(
         name=name,
-        weight=key("weight") if module.affine else None,
+        weight=key("weight") if affine else None,
         running_var=key("running_var"),
-        num_features=module.num_features,
+        num_features=module.running_var.numel(),
         eps=float(module.eps),
     )
 
 
 class InputSizeRecorder:
-    """Records the spatial input size of every convolution of ``model`` from forward pre-hooks.
+    """Records the spatial input size of every convolution of ``model`` from forward hooks.
 
     Hooks observe the user's own forward passes (no extra pass, no change to batch-norm
     statistics) until :meth:`remove` is called. A layer called with several input sizes gets
-    ``None`` (the large-input limit) and a warning.
+    ``None`` (the large-input limit) and a warning. For transposed convolutions the output size
+    is recorded too, because ``forward(x, output_size=...)`` changes the layer's matrix: the padding
+    that call really used is in :attr:`output_paddings`.
 
     Example:
         >>> import torch
@@ -162,15 +194,21 @@ class InputSizeRecorder:
     def __init__(self, model: nn.Module):
         self.model = unwrap(model)
         self._seen: dict[str, set[tuple[int, ...]]] = {}
+        self._paddings: dict[str, set[tuple[int, ...]]] = {}
         self._handles = [
-            module.register_forward_pre_hook(self._hook(name, len(module.kernel_size)))
+            module.register_forward_hook(self._hook(name, module))
             for name, module in self.model.named_modules()
             if isinstance(module, _ConvNd)
         ]
 
-    def _hook(self, name: str, dims: int):
-        def record(_module, args):
-            self._seen.setdefault(name, set()).add(tuple(args[0].shape[-dims:]))
+    def _hook(self, name: str, module: _ConvNd):
+        dims = len(module.kernel_size)
+
+        def record(_module, args, output):
+            size = tuple(int(n) for n in args[0].shape[-dims:])
+            self._seen.setdefault(name, set()).add(size)
+            if module.transposed:
+                self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))
 
         return record
 
@@ -193,6 +231,20 @@ class InputSizeRecorder:
                 sizes[name] = None
         return sizes
 
+    @property
+    def output_paddings(self) -> dict[str, tuple[int, ...]]:
+        """``{transposed conv: output padding its calls used}``; when calls differ, the largest per
+        axis (more output rows can only raise a row or column sum, so it bounds every call) and a warning."""
+        paddings = {}
+        for name, found in self._paddings.items():
+            if len(found) > 1:
+                warnings.warn(
+                    f"transposed layer {name!r} was called with output paddings {sorted(found)}; using the largest per axis",
+                    stacklevel=3,
+                )
+            paddings[name] = tuple(max(axis) for axis in zip(*found))
+        return paddings
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -201,11 +253,20 @@ class InputSizeRecorder:
     def specs(self) -> LayerSpecs:
         """Stop recording and describe the model with the recorded input sizes."""
         self.remove()
-        return layer_specs(self.model, input_sizes=self.sizes)
+        return layer_specs(self.model, input_sizes=self.sizes, output_paddings=self.output_paddings)
 
 
-def record_input_sizes(model: nn.Module, example_input) -> dict[str, tuple[int, ...] | None]:
-    """Spatial input size of every convolution, from one forward pass of ``example_input``.
+def _output_padding(module: _ConvNd, input_size: tuple[int, ...], output_size: tuple[int, ...]) -> tuple[int, ...]:
+    """The output padding a transposed convolution's call used, from its input and output sizes."""
+    padding = padding_pairs(module)
+    return tuple(
+        o - ((n - 1) * s - pl - pr + d * (k - 1) + 1)
+        for o, n, s, (pl, pr), d, k in zip(output_size, input_size, module.stride, padding, module.dilation, module.kernel_size)
+    )
+
+
+def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
+    """The recorder of one forward pass of ``example_input`` (input sizes, transposed output paddings).
 
     The pass runs in eval mode under ``torch.no_grad()`` so batch-norm running statistics and
     autograd state are untouched; every module's training flag is restored afterwards.
@@ -221,10 +282,16 @@ def record_input_sizes(model: nn.Module, example_input) -> dict[str, tuple[int, 
         recorder.remove()
         for module, mode in modes.items():
             module.training = mode
-    return recorder.sizes
+    return recorder
 
 
-def layer_specs(model: nn.Module, example_input=None, *, input_sizes: Mapping[str, tuple | None] | None = None) -> LayerSpecs:
+def layer_specs(
+    model: nn.Module,
+    example_input=None,
+    *,
+    input_sizes: Mapping[str, tuple | None] | None = None,
+    output_paddings: Mapping[str, tuple[int, ...]] | None = None,
+) -> LayerSpecs:
     """Describe every linear piece of ``model``: Linear, Conv/ConvTranspose 1-3d and BatchNorm.
 
     Args:
@@ -235,6 +302,8 @@ def layer_specs(model: nn.Module, example_input=None, *, input_sizes: Mapping[st
             limit (``input_size=None``).
         input_sizes: ``{conv name: spatial size}`` recorded earlier (e.g. by
             :class:`InputSizeRecorder`), instead of ``example_input``.
+        output_paddings: ``{transposed conv name: output padding}`` its calls used (with
+            ``forward(x, output_size=...)``), recorded likewise; default the modules' own.
 
     Returns:
         ``{module name: spec}``; modules that hold weights but are not linear maps are listed
@@ -253,9 +322,11 @@ def layer_specs(model: nn.Module, example_input=None, *, input_sizes: Mapping[st
     """
     model = unwrap(model)
     probed = example_input is not None or input_sizes is not None
-    sizes = dict(input_sizes or {})
+    sizes, paddings = dict(input_sizes or {}), dict(output_paddings or {})
     if example_input is not None:
-        sizes.update(record_input_sizes(model, example_input))
+        recorder = record_input_sizes(model, example_input)
+        sizes.update(recorder.sizes)
+        paddings.update(recorder.output_paddings)
     keys = {id(t): n for n, t in model.named_parameters()}
     keys.update({id(t): n for n, t in model.named_buffers()})
     specs, skipped = {}, {}
@@ -265,8 +336,8 @@ def layer_specs(model: nn.Module, example_input=None, *, input_sizes: Mapping[st
         reason = _skip_reason(module)
         if reason is not None:
             skipped[name] = reason
-        elif isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)):
+        elif isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module):
             if probed and isinstance(module, _ConvNd) and name not in sizes:
                 warnings.warn(f"layer {name!r} was not called by the recorded forward; using the large-input limit", stacklevel=2)
-            specs[name] = module_spec(module, name, sizes.get(name), keys)
+            specs[name] = module_spec(module, name, sizes.get(name), keys, paddings.get(name))
     return LayerSpecs(specs, skipped)

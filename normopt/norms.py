@@ -1,6 +1,6 @@
 r"""Exact l1 and l_inf operator norms of linear, convolution and batch-norm layers.
 
-Every function here is pure: it reads a ``{name: tensor}`` mapping and a spec and returns 0-d
+Every function here is pure: it reads a ``{name: tensor}`` mapping and specs and returns 0-d
 tensors on the weights' device, with no host synchronisation, so the norms can be logged every
 step and differentiated (the gradient is the subgradient that norm decay uses).
 
@@ -10,9 +10,9 @@ For a layer with matrix :math:`A`:
 * :math:`\|A\|_\infty = \max_i \sum_j |A_{ij}|` (largest absolute row sum),
 * :math:`\|A\|_2 = \sigma_{\max}(A)` (linear and batch-norm layers only here).
 
-A convolution's matrix is never built. Per spatial axis, :mod:`normopt.geometry` lists the tap
-patterns of its rows and columns; the row (column) sums of all distinct rows (columns) then come
-from one abs-and-reduce pass over the kernel and a small contraction per axis.
+A convolution's matrix is never built: :mod:`normopt.lines` gives the sums of all its candidate
+rows or columns from one abs-and-reduce pass over the kernel, and :func:`layer_norms` computes every
+layer of a model together (:mod:`normopt.batched`).
 
 Non-finite weights give a non-finite norm for that layer only (NaN propagates through the max,
 an infinite weight gives ``inf``); :func:`nonfinite_layers` names such layers, and nothing raises
@@ -21,31 +21,25 @@ inside the pure functions, because checking would need a host synchronisation.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 
-from normopt.discovery import WRAPPER_PREFIXES
-from normopt.geometry import Patterns, axis_patterns
-from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, Spec, axis_geometries, large_input_geometries
+from normopt.batched import all_line_sums, batch_norms, batch_plan, batch_tables, batchnorm_factors
+from normopt.lines import accumulation_dtype, checked, line_plan, line_sums, line_tables, lookup, parse_ord
+from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, Spec
 
-_ORDS = {1: 1, "l1": 1, math.inf: math.inf, "inf": math.inf, "linf": math.inf, 2: 2, "l2": 2}
-
-
-def parse_ord(ord) -> float:
-    """Normalise a norm order: ``1``/``"l1"``, ``float("inf")``/``"linf"``, or ``2``/``"l2"``.
-
-    Example:
-        >>> parse_ord("linf")
-        inf
-    """
-    try:
-        return _ORDS[ord.lower() if isinstance(ord, str) else ord]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown norm order {ord!r}; use 1 or 'l1', float('inf') or 'linf', 2 or 'l2'") from None
+__all__ = [
+    "NormArgMax",
+    "layer_argmax",
+    "layer_argmaxes",
+    "layer_norm",
+    "layer_norms",
+    "nonfinite_layers",
+    "parse_ord",
+]
 
 
 class NormArgMax(NamedTuple):
@@ -61,143 +55,22 @@ class NormArgMax(NamedTuple):
     position: torch.Tensor
 
 
-def _lookup(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> torch.Tensor:
-    if key in tensors:
-        return tensors[key]
-    for prefix in WRAPPER_PREFIXES:
-        if prefix + key in tensors:
-            return tensors[prefix + key]
-    raise KeyError(
-        f"layer {spec.name!r}: no tensor {key!r} in the mapping; pass model.state_dict() or "
-        "{**dict(model.named_parameters()), **dict(model.named_buffers())}"
-    )
+def _batchnorm_sums(tensors, spec: BatchNormSpec) -> torch.Tensor:
+    """``|gamma_c| / sqrt(running_var_c + eps)`` per channel (gamma = 1 without affine weights)."""
+    var = checked(tensors, spec.running_var, spec, (spec.num_features,))
+    scale = torch.rsqrt(var.to(accumulation_dtype(var.dtype)) + spec.eps)
+    if spec.weight is None:
+        return scale
+    return checked(tensors, spec.weight, spec, (spec.num_features,)).to(scale.dtype).abs() * scale
 
 
-def _checked(tensors, key: str, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
-    tensor = _lookup(tensors, key, spec)
-    if tuple(tensor.shape) != shape:
-        raise ValueError(f"layer {spec.name!r}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
-    return tensor
-
-
-def _weight(tensors, spec: LinearSpec | ConvSpec) -> torch.Tensor:
-    return _checked(tensors, spec.weight, spec, spec.weight_shape)
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision sums over thousands of weights lose digits; accumulate in float32 at least.
-    return torch.promote_types(dtype, torch.float32)
-
-
-@functools.lru_cache(maxsize=4096)
-def _table(values: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # Cached per device so that no host-to-device copy (a synchronisation on CUDA) runs per step.
-    return torch.tensor(values, dtype=dtype, device=device).reshape(len(values), -1)
-
-
-class _AxisPlan(NamedTuple):
-    """How one spatial axis of the kernel turns into pattern sums.
-
-    ``membership`` (groups x taps) adds the taps that land on one sample before the absolute value
-    is taken; None when every group is one tap. ``reduce`` (patterns x taps-or-groups) counts how
-    often each enters each pattern; None when there is one pattern holding every tap once, which
-    is a plain sum.
-    """
-
-    membership: tuple[tuple[int, ...], ...] | None
-    reduce: tuple[tuple[int, ...], ...] | None
-    kernel: int
-
-    @property
-    def tap_table(self) -> tuple[tuple[int, ...], ...]:
-        """Patterns x taps multiplicities of a plan without membership (all ones if ``reduce`` is None)."""
-        return self.reduce if self.reduce is not None else ((1,) * self.kernel,)
-
-
-def _axis_plan(patterns: Patterns, kernel: int) -> _AxisPlan:
-    if not patterns.singleton:
-        membership = tuple(tuple(int(i in group) for i in range(kernel)) for group in patterns.groups)
-        return _AxisPlan(membership, patterns.counts, kernel)
-    per_tap = []
-    for counts in patterns.counts:
-        row = [0] * kernel
-        for (tap,), c in zip(patterns.groups, counts):
-            row[tap] += c
-        per_tap.append(tuple(row))
-    full = tuple(per_tap) == ((1,) * kernel,)
-    return _AxisPlan(None, None if full else tuple(per_tap), kernel)
-
-
-@functools.lru_cache(maxsize=4096)
-def _plan(spec: Spec, kind: str) -> tuple[tuple[_AxisPlan, ...], tuple[Patterns, ...]]:
-    """Per-axis plans and patterns of a layer's rows or columns; cached, so a step pays none of it."""
-    if isinstance(spec, LinearSpec):
-        return (), ()
-    if spec.input_size is None:
-        patterns = tuple(axis_patterns(kind, axes, known=False) for axes in large_input_geometries(spec))
-    else:
-        patterns = tuple(axis_patterns(kind, (axis,)) for axis in axis_geometries(spec, spec.input_size))
-    return tuple(_axis_plan(p, k) for p, k in zip(patterns, spec.kernel_size)), patterns
-
-
-def _contract(x: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
-    """``x`` with axis ``dim`` (length k) replaced by ``matrix @`` that axis (``matrix``: r x k)."""
-    return torch.movedim(torch.movedim(x, dim, -1) @ matrix.T, -1, dim)
-
-
-def _merge_taps(weight: torch.Tensor, plans: tuple[_AxisPlan, ...]) -> torch.Tensor:
-    """Add up the taps that land on one input sample (non-zero padding); a no-op otherwise."""
-    if all(plan.membership is None for plan in plans):
-        return weight
-    acc = _accumulation_dtype(weight.dtype)
-    x = weight.to(acc)
-    for j, plan in enumerate(plans, start=2):
-        if plan.membership is not None:
-            x = _contract(x, j, _table(plan.membership, x.device, acc))
-    return x
-
-
-def _reduce_lines(x: torch.Tensor, groups: int, plans: tuple[_AxisPlan, ...], kind: str) -> torch.Tensor:
-    """Sum non-negative ``x`` (conv layout) into the line sums of every row or column pattern.
-
-    Rows of output channel o sum over its input channels; columns of input channel c sum over the
-    output channels of c's group. Returns ``(channels, P_1 .. P_N)``. Linear in ``x``.
-    """
-    acc = _accumulation_dtype(x.dtype)
-    # Both reductions run over contiguous memory, as fast as one read of the weights.
-    if kind == "rows":
-        x = x.sum(1, dtype=acc)
-    else:
-        spatial = x.shape[2:]
-        x = x.reshape(groups, x.shape[0] // groups, -1).sum(1, dtype=acc).reshape(-1, *spatial)
-    for j, plan in enumerate(plans, start=1):
-        if plan.reduce is None:
-            x = x.sum(j, keepdim=True)
-        else:
-            x = _contract(x, j, _table(plan.reduce, x.device, acc))
-    return x
-
-
-def _line_plan(spec: LinearSpec | ConvSpec, ord: float) -> tuple[str, tuple[_AxisPlan, ...], tuple[Patterns, ...]]:
-    # A transposed convolution's matrix is the transpose of its adjoint convolution's.
-    kind = "rows" if (ord == math.inf) != getattr(spec, "transposed", False) else "columns"
-    return (kind, *_plan(spec, kind))
-
-
-def _line_sums(tensors, spec: Spec, ord: float) -> tuple[torch.Tensor, tuple[Patterns, ...]]:
-    """Absolute sums of the rows (l_inf) or columns (l1) that can attain the norm."""
+def _sums(tensors, spec: Spec, ord: float) -> torch.Tensor:
+    """Absolute sums of every candidate row (l_inf) or column (l1), ``(channels, patterns)``."""
     if isinstance(spec, BatchNormSpec):
-        var = _checked(tensors, spec.running_var, spec, (spec.num_features,))
-        acc = _accumulation_dtype(var.dtype)
-        scale = torch.rsqrt(var.to(acc) + spec.eps)
-        if spec.weight is not None:
-            scale = _checked(tensors, spec.weight, spec, (spec.num_features,)).to(acc).abs() * scale
-        return scale, ()
-    if not isinstance(spec, (LinearSpec, ConvSpec)):
-        raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {getattr(spec, 'name', '?')!r}")
-    weight = _weight(tensors, spec)
-    kind, plans, patterns = _line_plan(spec, ord)
-    return _reduce_lines(_merge_taps(weight, plans).abs(), getattr(spec, "groups", 1), plans, kind), patterns
+        return _batchnorm_sums(tensors, spec).unsqueeze(1)
+    plan = line_plan(spec, ord)
+    weight = checked(tensors, spec.weight, spec, spec.weight_shape)
+    return line_sums(weight, plan, line_tables(plan, weight.device, weight.dtype))
 
 
 def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.Tensor:
@@ -213,7 +86,9 @@ def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.
       first). Transposed convolutions swap the two.
     * Batch norm (eval mode): every p-norm is :math:`\max_c |\gamma_c| / \sqrt{\sigma^2_c + \epsilon}`.
 
-    The result's dtype is the weight's, promoted to at least float32.
+    The result's dtype is the weight's, promoted to at least float32. This builds the layer's small
+    index tables on each call; :func:`layer_norms` with the specs of :func:`normopt.layer_specs`
+    keeps them on the device, which suits per-step logging on a GPU.
 
     Example:
         >>> import torch
@@ -226,20 +101,21 @@ def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.
     ord = parse_ord(ord)
     if ord == 2:
         return _spectral_norm(tensors, spec)
-    sums, _ = _line_sums(tensors, spec, ord)
-    return sums.amax()
+    return _sums(tensors, spec, ord).amax()
 
 
 def _spectral_norm(tensors, spec: Spec) -> torch.Tensor:
     if isinstance(spec, BatchNormSpec):
-        return _line_sums(tensors, spec, 1)[0].amax()
+        return _batchnorm_sums(tensors, spec).amax()
     if isinstance(spec, LinearSpec):
-        weight = _weight(tensors, spec)
-        return torch.linalg.matrix_norm(weight.to(_accumulation_dtype(weight.dtype)), ord=2)
-    raise NotImplementedError(
-        f"layer {spec.name!r}: the spectral norm of a convolution is not exact here; "
-        "normopt.svc gives the circular-convolution singular values"
-    )
+        weight = checked(tensors, spec.weight, spec, spec.weight_shape)
+        return torch.linalg.matrix_norm(weight.to(accumulation_dtype(weight.dtype)), ord=2)
+    if isinstance(spec, ConvSpec):
+        raise NotImplementedError(
+            f"layer {spec.name!r}: the spectral norm of a convolution is not exact here; "
+            "normopt.svc gives the circular-convolution singular values"
+        )
+    raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {getattr(spec, 'name', '?')!r}")
 
 
 def layer_argmax(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> NormArgMax:
@@ -259,17 +135,32 @@ def layer_argmax(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> Norm
     ord = parse_ord(ord)
     if ord == 2:
         raise ValueError(f"layer {spec.name!r}: arg-max locations are defined for l1 and l_inf only")
-    sums, patterns = _line_sums(tensors, spec, ord)
-    index = torch.unravel_index(sums.reshape(-1).argmax(), sums.shape)
+    sums = _sums(tensors, spec, ord)
+    channel, pattern = torch.unravel_index(sums.reshape(-1).argmax(), sums.shape)
     device = sums.device
+    if isinstance(spec, BatchNormSpec):
+        return NormArgMax(channel, torch.zeros(0, dtype=torch.int64, device=device))
+    plan = line_plan(spec, ord)
+    per_axis = torch.unravel_index(pattern, tuple(len(p) for p in plan.positions)) if plan.positions else ()
+    tables = line_tables(plan, device, sums.dtype)
     # torch.take, unlike indexing with a 0-d tensor, does not read the index back to the host.
-    position = [torch.take(_table((p.positions,), device, torch.int64), i) for p, i in zip(patterns, index[1:])]
+    position = [torch.take(p, i) for p, i in zip(tables.positions, per_axis)]
     position = torch.stack(position) if position else torch.zeros(0, dtype=torch.int64, device=device)
-    return NormArgMax(index[0], position)
+    return NormArgMax(channel, position)
+
+
+def _main_tensor(tensors, spec: Spec) -> torch.Tensor:
+    key = spec.running_var if isinstance(spec, BatchNormSpec) and spec.weight is None else spec.weight
+    return lookup(tensors, key, spec)
 
 
 def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, torch.Tensor]:
     """Operator norm of every layer in ``specs``, as ``{name: 0-d tensor}``.
+
+    All layers of one device and dtype are computed together: one abs-and-reduce pass per kernel,
+    then a fixed number of operations for the whole model (:mod:`normopt.batched`). With the
+    :class:`~normopt.LayerSpecs` of :func:`normopt.layer_specs`, the small index tables this needs
+    are built once per device and kept with the specs.
 
     Args:
         tensors: ``model.state_dict()``, or ``{**dict(model.named_parameters()),
@@ -288,7 +179,39 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
         >>> layer_norms(model.state_dict(), layer_specs(model), "linf")
         {'0': tensor(7.)}
     """
-    return {name: layer_norm(tensors, spec, ord) for name, spec in specs.items()}
+    ord = parse_ord(ord)
+    if ord == 2:
+        return {name: layer_norm(tensors, spec, ord) for name, spec in specs.items()}
+    cache = getattr(specs, "device_tables", {})
+    by_batch: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for name, spec in specs.items():
+        if not isinstance(spec, (LinearSpec, ConvSpec, BatchNormSpec)):
+            raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {name!r}")
+        main = _main_tensor(tensors, spec)
+        by_batch.setdefault((main.device, main.dtype), []).append(name)
+    norms: dict[str, torch.Tensor] = {}
+    for (device, dtype), members in by_batch.items():
+        members_specs = tuple(specs[n] for n in members)
+        key = (tuple(members), ord, device, dtype)  # names: cheaper to hash than the specs
+        if key not in cache or any(a is not b for a, b in zip(cache[key][0], members_specs)):
+            order, plan = batch_plan(members_specs, ord)
+            work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
+            scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
+            cache[key] = (members_specs, order, plan, batch_tables(plan, device, dtype), scratch)
+        _, order, plan, tables, scratch = cache[key]
+        ordered = [members_specs[i] for i in order]
+        weights, running_vars = [], []
+        for spec in ordered:
+            if isinstance(spec, BatchNormSpec):
+                running_vars.append(checked(tensors, spec.running_var, spec, (spec.num_features,)))
+                if spec.weight is None:  # gamma = 1
+                    weights.append(torch.ones_like(running_vars[-1]))
+                    continue
+            weights.append(checked(tensors, spec.weight, spec, plan.plans[len(weights)].shape))
+        factors = batchnorm_factors(running_vars, tables) if running_vars else None
+        values = batch_norms(all_line_sums(weights, factors, plan, tables, scratch), tables)
+        norms.update(zip((members[i] for i in order), values.unbind(0)))
+    return {name: norms[name] for name in specs}
 
 
 def layer_argmaxes(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, NormArgMax]:

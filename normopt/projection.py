@@ -5,17 +5,21 @@ r"""Projections that cap a layer's norm, as pure functions returning new tensors
   with the threshold :math:`\theta` that makes :math:`\|w\|_1 = r`; rows already inside are kept.
 * :func:`project_layer` — caps a linear or conv layer's l1 or l_inf norm at ``radius`` by projecting
   every row (l_inf) or column (l1) slice of the kernel whose sum exceeds it.
-* :func:`project_batchnorm` — clips each :math:`|\gamma_c|` to :math:`r\sqrt{\sigma^2_c + \epsilon}`.
+* :func:`project_batchnorm` — clips each :math:`|\gamma_c|` to :math:`r\sqrt{\sigma^2_c + \epsilon}`;
+  :func:`project_batchnorm_argmax` sets only the arg-max channel to the radius, as the authors'
+  released code does.
+
+A layer with non-finite weights is returned unchanged: its norm, and so what to project, is undefined.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import math
 
 import torch
 
-from normopt.norms import _line_plan, parse_ord
+from normopt.lines import line_plan, parse_ord
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 
 
@@ -42,40 +46,45 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     return torch.where(a.sum(-1, keepdim=True) > radius, projected, v)
 
 
+@functools.lru_cache(maxsize=4096)
+def projection_taps(spec: LinearSpec | ConvSpec, ord) -> tuple[tuple[int, ...], ...]:
+    """Per candidate pattern, the flat kernel taps its lines read (each at most once).
+
+    Raises:
+        ValueError: naming the layer, when a line reads some tap twice or adds several taps
+            before the absolute value (folding padding): then no l1-ball projection of slices
+            caps the norm exactly.
+    """
+    plan = line_plan(spec, parse_ord(ord))
+    if plan.membership is not None or any(c > 1 for row in plan.tap_counts for c in row):
+        padding = getattr(spec, "padding_mode", "zeros")
+        raise ValueError(
+            f"layer {spec.name!r}: l1-ball projection needs every tap to enter a line at most once; "
+            f"{padding} padding on input size {getattr(spec, 'input_size', None)} folds taps together"
+        )
+    return tuple(tuple(i for i, c in enumerate(row) if c) for row in plan.tap_counts)
+
+
 def check_projectable(spec: LinearSpec | ConvSpec, ord) -> None:
     """Raise ValueError, naming the layer, if :func:`project_layer` cannot cap it exactly."""
-    if isinstance(spec, ConvSpec):
-        _tap_masks(spec, parse_ord(ord))
+    projection_taps(spec, ord)
 
 
-def _tap_masks(spec: ConvSpec, ord: float) -> list[torch.Tensor]:
-    """One 0/1 tap mask (kernel-shaped) per combination of per-axis patterns."""
-    _, plans, _ = _line_plan(spec, ord)
-    per_axis = []
-    for plan in plans:
-        rows = plan.tap_table
-        if plan.membership is not None or any(c > 1 for row in rows for c in row):
-            raise ValueError(
-                f"layer {spec.name!r}: l1-ball projection needs every tap to enter a line at most once; "
-                f"{spec.padding_mode} padding on input size {spec.input_size} folds taps together"
-            )
-        per_axis.append([torch.tensor(row, dtype=torch.bool) for row in rows])
-    masks = []
-    for combo in itertools.product(*per_axis):
-        mask = torch.ones((), dtype=torch.bool)
-        for axis_mask in combo:
-            mask = mask.unsqueeze(-1) & axis_mask
-        masks.append(mask)
-    return masks
+def tap_tables(spec: LinearSpec | ConvSpec, ord, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`projection_taps` as index tensors on ``device``; build once and pass to :func:`project_layer`."""
+    return tuple(torch.tensor(taps, dtype=torch.int64, device=device) for taps in projection_taps(spec, ord))
 
 
-def project_layer(weight: torch.Tensor, spec: LinearSpec | ConvSpec, ord, radius: float) -> torch.Tensor:
+def project_layer(
+    weight: torch.Tensor, spec: LinearSpec | ConvSpec, ord, radius: float, taps: tuple[torch.Tensor, ...] | None = None
+) -> torch.Tensor:
     """Kernel whose every row (l_inf) or column (l1) sums to at most ``radius``, as a new tensor.
 
     Each row (column) slice above the radius is projected onto the l1 ball, one tap pattern after
     another. A projection only shrinks magnitudes, so slices handled earlier stay inside the ball;
     with disjoint or nested patterns (every zero-padded layer) the result is the exact Euclidean
-    projection of each slice.
+    projection of each slice. ``taps`` are the layer's :func:`tap_tables` (built here if omitted).
+    Non-finite weights leave the kernel unchanged.
 
     Example:
         >>> import torch
@@ -88,14 +97,15 @@ def project_layer(weight: torch.Tensor, spec: LinearSpec | ConvSpec, ord, radius
     ord = parse_ord(ord)
     if ord not in (1, math.inf):
         raise ValueError(f"layer {spec.name!r}: projection caps the l1 or l_inf norm, not ord={ord}")
+    if taps is None:
+        taps = tap_tables(spec, ord, weight.device)
     groups = getattr(spec, "groups", 1)
     rows = (ord == math.inf) != getattr(spec, "transposed", False)
     d, cg = weight.shape[:2]
-    masks = _tap_masks(spec, ord) if isinstance(spec, ConvSpec) else [torch.ones((), dtype=torch.bool)]
-    w = weight.reshape(d, cg, -1)
-    for mask in masks:
-        taps = mask.reshape(-1).nonzero().flatten().to(weight.device)
-        part = w.index_select(2, taps)  # (d, cg, t)
+    finite = torch.isfinite(weight).all()
+    w = torch.nan_to_num(weight, nan=0.0, posinf=0.0, neginf=0.0).reshape(d, cg, -1)
+    for index in taps:
+        part = w.index_select(2, index)  # (d, cg, t)
         if rows:
             new = project_l1_ball(part.reshape(d, -1), radius).reshape(part.shape)
         else:
@@ -103,8 +113,8 @@ def project_layer(weight: torch.Tensor, spec: LinearSpec | ConvSpec, ord, radius
             by_input = part.reshape(groups, d // groups, cg, -1).permute(0, 2, 1, 3)
             flat = by_input.reshape(groups * cg, -1)
             new = project_l1_ball(flat, radius).reshape(by_input.shape).permute(0, 2, 1, 3).reshape(part.shape)
-        w = w.index_copy(2, taps, new)
-    return w.reshape(weight.shape)
+        w = w.index_copy(2, index, new)
+    return torch.where(finite, w.reshape(weight.shape), weight)
 
 
 def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius: float) -> torch.Tensor:
@@ -121,3 +131,26 @@ def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: Batc
         raise ValueError(f"layer {spec.name!r}: radius must be positive, got {radius}")
     bound = radius * torch.sqrt(running_var.to(gamma.dtype) + spec.eps)
     return torch.maximum(torch.minimum(gamma, bound), -bound)
+
+
+def project_batchnorm_argmax(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius: float) -> torch.Tensor:
+    r"""``gamma`` with only its arg-max channel set to :math:`r\sqrt{\sigma^2_c + \epsilon}\,\mathrm{sign}(\gamma_c)`
+    when that channel's norm exceeds ``r``: the released code's batch-norm projection.
+
+    Other channels may stay above the radius (only the largest is touched per call).
+
+    Example:
+        >>> import torch
+        >>> from normopt.specs import BatchNormSpec
+        >>> spec = BatchNormSpec("bn", "bn.weight", "bn.running_var", num_features=3, eps=0.0)
+        >>> project_batchnorm_argmax(torch.tensor([-8.0, 6.0, 1.0]), torch.ones(3), spec, 5.0)
+        tensor([-5.,  6.,  1.])
+    """
+    if radius <= 0:
+        raise ValueError(f"layer {spec.name!r}: radius must be positive, got {radius}")
+    scale = torch.sqrt(running_var.to(gamma.dtype) + spec.eps)
+    norms = gamma.abs() / scale
+    channel = norms.argmax().reshape(1)
+    capped = radius * scale.take(channel) * torch.sign(gamma.take(channel))
+    new = torch.where(norms.take(channel) > radius, capped, gamma.take(channel))
+    return gamma.clone().put_(channel, new)

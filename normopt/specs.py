@@ -161,7 +161,7 @@ def large_input_geometries(spec: ConvSpec) -> tuple[tuple[AxisGeometry, ...], ..
     return tuple(per_axis)
 
 
-def _padding_pairs(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...]:
+def padding_pairs(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...]:
     if module.padding == "valid":
         return tuple((0, 0) for _ in module.kernel_size)
     if module.padding == "same":
@@ -171,8 +171,9 @@ def _padding_pairs(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ..
     return tuple((p, p) for p in module.padding)
 
 
-def conv_spec(module: nn.modules.conv._ConvNd, name: str, weight: str, input_size=None) -> ConvSpec:
-    """Spec of a ``Conv*d`` or ``ConvTranspose*d`` module.
+def conv_spec(module: nn.modules.conv._ConvNd, name: str, weight: str, input_size=None, output_padding=None) -> ConvSpec:
+    """Spec of a ``Conv*d`` or ``ConvTranspose*d`` module (``output_padding``: the one its calls used,
+    for a transposed convolution called with ``output_size=``; default the module's own).
 
     Example:
         >>> from torch import nn
@@ -187,11 +188,11 @@ def conv_spec(module: nn.modules.conv._ConvNd, name: str, weight: str, input_siz
         out_channels=module.out_channels,
         kernel_size=tuple(module.kernel_size),
         stride=tuple(module.stride),
-        padding=_padding_pairs(module),
+        padding=padding_pairs(module),
         dilation=tuple(module.dilation),
         groups=module.groups,
         padding_mode=module.padding_mode,
         input_size=None if input_size is None else tuple(int(n) for n in input_size),
         transposed=module.transposed,
-        output_padding=tuple(module.output_padding) if module.transposed else (),
+        output_padding=tuple(output_padding or module.output_padding) if module.transposed else (),
     )

@@ -27,7 +27,7 @@ def model_norms(model: nn.Module, example_input=None, ord=1) -> dict[str, torch.
         >>> with torch.no_grad():
         ...     _ = model[0].weight.fill_(1.0)
         >>> model_norms(model, torch.zeros(1, 1, 3, 3))["0"]  # the centre pixel feeds all 4 outputs
-        tensor(4., grad_fn=<AmaxBackward0>)
+        tensor(4., grad_fn=<UnbindBackward0>)
     """
     inner = unwrap(model)
     tensors = {**dict(inner.named_parameters()), **dict(inner.named_buffers())}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_close
+from helpers import assert_close, explicit_matrix
 from torch import nn
 
 import normopt
@@ -198,3 +200,53 @@ def test_transposed_conv_spec_output_size_matches_torch():
     spec = normopt.module_spec(layer, "t", (4, 5))
     assert spec.output_size == tuple(layer(torch.zeros(1, 2, 4, 5)).shape[2:])
     assert spec.weight_shape == tuple(layer.weight.shape)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_transposed_conv_called_with_an_output_size_gets_the_matrix_of_that_call(ord):
+    """ConvTranspose1d(1, 1, 3, stride=2, padding=1) on one sample with output_size=[2]: [[2], [4]]."""
+    layer = nn.ConvTranspose1d(1, 1, 3, stride=2, padding=1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[[1.0, 2.0, 4.0]]]))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = layer
+
+        def forward(self, x):
+            return self.up(x, output_size=[2])
+
+    model = Model()
+    specs = layer_specs(model, torch.zeros(1, 1, 1))
+    assert specs["up"].output_padding == (1,) and specs["up"].output_size == (2,)
+    expected = {1: 6.0, math.inf: 4.0}[ord]
+    assert normopt.layer_norms(model.state_dict(), specs, ord)["up"] == expected
+    recorder = normopt.InputSizeRecorder(model)
+    model(torch.zeros(1, 1, 1))
+    assert recorder.specs()["up"] == specs["up"]  # the lazy path records the same
+
+
+def test_transposed_conv_called_with_two_output_sizes_warns_and_bounds_both():
+    layer = nn.ConvTranspose1d(1, 1, 3, stride=2, padding=1)
+    recorder = normopt.InputSizeRecorder(nn.Sequential(layer))
+    layer(torch.zeros(1, 1, 4), output_size=[7])
+    layer(torch.zeros(1, 1, 4), output_size=[8])
+    with pytest.warns(UserWarning, match="output paddings"):
+        assert recorder.output_paddings == {"0": (1,)}
+
+
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_frozen_batchnorm_is_a_diagonal_map(ord):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    layer = FrozenBatchNorm2d(3, eps=1e-3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
+        layer.running_var.copy_(torch.tensor([1.0, 0.5, 4.0]))
+        layer.running_mean.copy_(torch.tensor([0.1, 0.2, 0.3]))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), layer)
+    specs = layer_specs(model)
+    assert isinstance(specs["1"], BatchNormSpec) and "1" not in specs.skipped
+    oracle = explicit_matrix(layer, (3, 2, 2)).abs().sum(0 if ord == 1 else 1).max()
+    assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle, rtol=1e-6)

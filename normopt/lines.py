@@ -1,0 +1,376 @@
+r"""The lines of a layer's matrix: which kernel weights meet in each row or column, as small tables.
+
+A *line* is a row (for the l_inf norm) or a column (for the l1 norm) of a layer's matrix. Seen as a
+convolution with kernel ``W`` of shape ``(D, C/g, k_1 .. k_N)`` (a linear layer is one without
+spatial axes; a transposed convolution is the adjoint of one, so its rows are that convolution's
+columns), every line lives on one *channel slice* of the kernel:
+
+* a row of output channel ``o`` reads the slice ``W[o]``: its group's input channels, every tap;
+* a column of input channel ``c`` reads ``W[o, c mod C/g]`` for the output channels ``o`` of ``c``'s
+  group, every tap.
+
+Which taps of its slice a line reads, and how often, depends on where the line sits; per spatial
+axis, :mod:`normopt.geometry` lists the distinct maximal *patterns*. This module turns those into
+one table over the flattened taps (the Kronecker product of the axes' tables), so that the absolute
+sums of every candidate line of a layer are one abs-and-reduce pass over the kernel followed by one
+small matrix product, and the subgradient of a line is the sign of its slice times one row of a
+table.
+
+:class:`LinePlan` is host-side and hashable, built once per spec and norm order;
+:class:`LineTables` holds a plan's tables as tensors on one device, built once by whoever keeps them
+(a transformation's state, a :class:`~normopt.LayerSpecs`), so no step copies tables to the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from normopt.discovery import WRAPPER_PREFIXES
+from normopt.geometry import Patterns, axis_patterns
+from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, Spec, axis_geometries, large_input_geometries
+
+_ORDS = {1: 1, "l1": 1, math.inf: math.inf, "inf": math.inf, "linf": math.inf, 2: 2, "l2": 2}
+
+Table = tuple[tuple[int, ...], ...]
+
+
+def parse_ord(ord) -> float:
+    """Normalise a norm order: ``1``/``"l1"``, ``float("inf")``/``"linf"``, or ``2``/``"l2"``.
+
+    Example:
+        >>> parse_ord("linf")
+        inf
+    """
+    try:
+        return _ORDS[ord.lower() if isinstance(ord, str) else ord]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown norm order {ord!r}; use 1 or 'l1', float('inf') or 'linf', 2 or 'l2'") from None
+
+
+_ACCUMULATION = {
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float32: torch.float32,
+    torch.float64: torch.float64,
+}
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype that line sums are accumulated in: at least float32, because half-precision sums over
+    thousands of weights lose digits."""
+    # A table, not torch.promote_types, which would dispatch an operator on every call of a step.
+    return _ACCUMULATION.get(dtype) or torch.promote_types(dtype, torch.float32)
+
+
+def lookup(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> torch.Tensor:
+    """``tensors[key]``, also under a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix."""
+    if key in tensors:
+        return tensors[key]
+    for prefix in WRAPPER_PREFIXES:
+        if prefix + key in tensors:
+            return tensors[prefix + key]
+    raise KeyError(
+        f"layer {spec.name!r}: no tensor {key!r} in the mapping; pass model.state_dict() or "
+        "{**dict(model.named_parameters()), **dict(model.named_buffers())}"
+    )
+
+
+def checked(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
+    """:func:`lookup`, refusing a tensor of the wrong shape with the layer's name."""
+    tensor = lookup(tensors, key, spec)
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"layer {spec.name!r}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor
+
+
+def weight_shape(spec: Spec) -> tuple[int, ...]:
+    """Shape of the tensor that norm decay regularizes: the kernel, or batch norm's gamma."""
+    return (spec.num_features,) if isinstance(spec, BatchNormSpec) else spec.weight_shape
+
+
+def line_kind(spec: Spec, ord: float) -> str:
+    """``"rows"`` or ``"columns"`` of the kernel seen as a convolution (transposed layers swap them)."""
+    return "rows" if (ord == math.inf) != getattr(spec, "transposed", False) else "columns"
+
+
+def _kron(tables: list[Table]) -> Table:
+    """Kronecker product of integer matrices, the first one varying slowest (row-major flattening)."""
+    result: Table = ((1,),)
+    for table in tables:
+        result = tuple(tuple(a * b for a in row_a for b in row_b) for row_a in result for row_b in table)
+    return result
+
+
+def _axis_tables(patterns: Patterns, kernel: int) -> tuple[Table | None, Table]:
+    """(membership groups x taps, or None when every group is one tap; counts patterns x groups-or-taps)."""
+    if not patterns.singleton:
+        membership = tuple(tuple(int(i in group) for i in range(kernel)) for group in patterns.groups)
+        return membership, patterns.counts
+    per_tap = []
+    for counts in patterns.counts:
+        row = [0] * kernel
+        for (tap,), c in zip(patterns.groups, counts):
+            row[tap] += c
+        per_tap.append(tuple(row))
+    return None, tuple(per_tap)
+
+
+@dataclass(frozen=True)
+class LinePlan:
+    """Where the candidate lines of one layer sit on its kernel (host-side, hashable).
+
+    Attributes:
+        name: the layer's name, for messages.
+        kind: ``"rows"`` or ``"columns"`` of the kernel seen as a convolution.
+        shape: the regularized tensor's shape (kernel, linear weight, or batch-norm gamma).
+        groups: the convolution's groups (1 otherwise).
+        membership: ``G x K`` 0/1 table of the taps that land on one input sample (non-zero
+            padding folds several); None when every sample is reached by at most one tap.
+        counts: ``P x G`` (with membership) or ``P x K`` table: how often each tap group enters each
+            of the ``P`` candidate patterns; None when there is one pattern holding every tap once.
+        positions: per spatial axis, one position that has each of that axis' patterns (``-1``
+            when the input size is unknown), for reporting where a norm is attained.
+        batchnorm: whether the layer is an eval-mode batch norm (a diagonal map).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    groups: int = 1
+    membership: Table | None = None
+    counts: Table | None = None
+    positions: tuple[tuple[int, ...], ...] = ()
+    batchnorm: bool = False
+
+    @property
+    def taps(self) -> int:
+        """Number of kernel taps ``K`` (1 for linear and batch-norm layers)."""
+        return math.prod(self.shape[2:])
+
+    @property
+    def channels(self) -> int:
+        """Number of channel slices: output channels for rows, input channels for columns."""
+        if self.batchnorm or self.kind == "rows":
+            return self.shape[0]
+        return self.groups * self.shape[1]
+
+    @property
+    def patterns(self) -> int:
+        """Number ``P`` of candidate patterns per channel."""
+        return 1 if self.counts is None else len(self.counts)
+
+    @property
+    def lines(self) -> int:
+        """Number of candidate lines, ``channels * patterns``; line ``j`` is channel ``j // P``, pattern ``j % P``."""
+        return self.channels * self.patterns
+
+    @property
+    def slice_size(self) -> int:
+        """Entries of one channel slice: ``C/g * K`` for rows, ``D/g * K`` for columns, 1 for batch norm."""
+        if self.batchnorm:
+            return 1
+        if self.kind == "rows":
+            return self.shape[1] * self.taps
+        return self.shape[0] // self.groups * self.taps
+
+    @property
+    def slice_base(self) -> tuple[int, int, int]:
+        """``(a, b, c)``: the slice of channel ``ch`` starts at flat index ``(ch // a) * b + (ch % a) * c``."""
+        if self.batchnorm:
+            return self.channels, 0, 1
+        if self.kind == "rows":
+            return self.channels, 0, self.shape[1] * self.taps
+        cg = self.shape[1]
+        return cg, self.shape[0] // self.groups * cg * self.taps, self.taps
+
+    @property
+    def slice_offsets(self) -> tuple[int, ...]:
+        """Flat offsets, from the slice's start, of its entries; entry ``e`` is tap ``offsets[e] % K``."""
+        if self.batchnorm or self.kind == "rows":
+            return tuple(range(self.slice_size))
+        stride = self.shape[1] * self.taps  # between consecutive output channels
+        return tuple(o * stride + i for o in range(self.shape[0] // self.groups) for i in range(self.taps))
+
+    @property
+    def tap_counts(self) -> Table:
+        """``P x K``: how often each tap of a slice enters each pattern's line (after folding)."""
+        if self.counts is None:
+            return ((1,) * self.taps,)
+        if self.membership is None:
+            return self.counts
+        return tuple(
+            tuple(sum(c * member[i] for c, member in zip(row, self.membership)) for i in range(self.taps)) for row in self.counts
+        )
+
+    def slice_index(self, channel: torch.Tensor) -> torch.Tensor:
+        """Flat indices (in the tensor's logical row-major order) of the slice of ``channel`` (0-d)."""
+        a, b, c = self.slice_base
+        offsets = torch.tensor(self.slice_offsets, device=channel.device)
+        return torch.div(channel, a, rounding_mode="floor") * b + torch.remainder(channel, a) * c + offsets
+
+
+def _conv_plan(spec: LinearSpec | ConvSpec, kind: str) -> LinePlan:
+    if isinstance(spec, LinearSpec):
+        return LinePlan(spec.name, kind, spec.weight_shape)
+    if spec.input_size is None:
+        per_axis = tuple(axis_patterns(kind, axes, known=False) for axes in large_input_geometries(spec))
+    else:
+        per_axis = tuple(axis_patterns(kind, (axis,)) for axis in axis_geometries(spec, spec.input_size))
+    tables = [_axis_tables(p, k) for p, k in zip(per_axis, spec.kernel_size)]
+    folded = any(membership is not None for membership, _ in tables)
+    identity = lambda k: tuple(tuple(int(i == j) for j in range(k)) for i in range(k))
+    membership = _kron([m if m is not None else identity(k) for (m, _), k in zip(tables, spec.kernel_size)]) if folded else None
+    counts = _kron([c for _, c in tables])
+    if not folded and counts == ((1,) * len(counts[0]),):
+        counts = None  # one pattern, every tap once: a plain sum
+    positions = tuple(p.positions for p in per_axis)
+    return LinePlan(spec.name, kind, spec.weight_shape, spec.groups, membership, counts, positions)
+
+
+@functools.lru_cache(maxsize=4096)
+def line_plan(spec: Spec, ord) -> LinePlan:
+    """The plan of a layer's rows (``ord=inf``) or columns (``ord=1``); cached, a step pays none of it.
+
+    Example:
+        >>> from normopt.specs import ConvSpec
+        >>> spec = ConvSpec("c", "c.weight", 1, 1, (3,), (2,), ((1, 1),), (1,), input_size=(8,))
+        >>> plan = line_plan(spec, 1)  # columns of a stride-2 conv: taps {0, 2} or {1}
+        >>> plan.counts, plan.lines
+        (((1, 0, 1), (0, 1, 0)), 2)
+    """
+    ord = parse_ord(ord)
+    if isinstance(spec, BatchNormSpec):
+        return LinePlan(spec.name, "rows", (spec.num_features,), batchnorm=True)
+    if not isinstance(spec, (LinearSpec, ConvSpec)):
+        raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {getattr(spec, 'name', '?')!r}")
+    return _conv_plan(spec, line_kind(spec, ord))
+
+
+class LineTables(NamedTuple):
+    """A plan's tables as tensors on one device.
+
+    Attributes:
+        membership: ``K x G`` (transposed) in the accumulation dtype, or None.
+        reduce: ``(G or K) x P`` (transposed counts) in the accumulation dtype, or None.
+        tap_counts: ``P x K`` in the accumulation dtype: the subgradient's multiplicities.
+        positions: per spatial axis, the positions of its patterns (int64).
+    """
+
+    membership: torch.Tensor | None
+    reduce: torch.Tensor | None
+    tap_counts: torch.Tensor
+    positions: tuple[torch.Tensor, ...]
+
+
+def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> LineTables:
+    """Build ``plan``'s tables on ``device`` (one small host-to-device copy each; keep the result).
+
+    Example:
+        >>> from normopt.specs import LinearSpec
+        >>> line_tables(line_plan(LinearSpec("fc", "w", 3, 2), 1), torch.device("cpu"), torch.float32).tap_counts
+        tensor([[1.]])
+    """
+    acc = accumulation_dtype(dtype)
+
+    def tensor(table):
+        return None if table is None else torch.tensor(table, dtype=acc, device=device).reshape(len(table), -1).T
+
+    return LineTables(
+        membership=tensor(plan.membership),
+        reduce=tensor(plan.counts),
+        tap_counts=torch.tensor(plan.tap_counts, dtype=acc, device=device).reshape(plan.patterns, -1),
+        positions=tuple(torch.tensor(p, dtype=torch.int64, device=device) for p in plan.positions),
+    )
+
+
+def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dtype) -> torch.Tensor:
+    """Sum non-negative ``x`` (kernel layout) over the channels a line adds up: ``(channels, K)`` or ``(channels,)``.
+
+    Rows of output channel o add its input channels; columns of input channel c add the output
+    channels of c's group. Works on any memory layout (channels-last included): only the results,
+    never ``x``, are reshaped. Columns first add the output channels, an outer-axis sum that
+    vectorises, and only then the taps of the small result.
+    """
+    taps = tuple(range(2, x.dim()))
+    if plan.kind == "rows":
+        summed = x.sum((1,) if keep_taps else (1, *taps), dtype=acc)
+    elif plan.groups == 1:
+        summed = x.sum(0, dtype=acc)
+        if not keep_taps and taps:
+            summed = summed.sum(tuple(t - 1 for t in taps))
+    else:  # grouped layers are small: one reduction, which depthwise ones need anyway
+        grouped = x.unflatten(0, (plan.groups, x.shape[0] // plan.groups))  # (g, D/g, C/g, *k)
+        summed = grouped.sum((1,) if keep_taps else (1, *(t + 1 for t in taps)), dtype=acc)
+    if keep_taps:
+        return summed.reshape(plan.channels, -1)
+    return summed if summed.dim() == 1 else summed.reshape(plan.channels)
+
+
+def _abs(weight: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
+    """``|weight|``, written into ``scratch`` (weight-shaped) when one is given and no gradient is wanted.
+
+    A fresh weight-sized tensor every step costs more than the abs itself on a CPU: the allocator
+    hands large blocks back to the system, and every page of the next one faults in again.
+    """
+    if scratch is None or torch.compiler.is_compiling() or (weight.requires_grad and torch.is_grad_enabled()):
+        return weight.abs()
+    return torch.abs(weight, out=scratch)
+
+
+def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`line_sums` flattened: line ``j`` is channel ``j // P``, pattern ``j % P``.
+
+    ``scratch``: an optional weight-shaped buffer of the weight's dtype for ``|weight|``.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    if plan.membership is not None:
+        merged = weight.reshape(-1, plan.taps).to(acc) @ tables.membership  # signed sums of the taps on one sample
+        x = merged.abs().reshape(*weight.shape[:2], -1)
+        return (_channel_sum(x, plan, True, acc) @ tables.reduce).reshape(-1)
+    if plan.counts is None:
+        return _channel_sum(_abs(weight, scratch), plan, False, acc)
+    return (_channel_sum(_abs(weight, scratch), plan, True, acc) @ tables.reduce).reshape(-1)
+
+
+def line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables) -> torch.Tensor:
+    """Absolute sums of every candidate line, ``(channels, P)``, in the accumulation dtype.
+
+    For a conv or linear kernel ``W`` and pattern table ``T`` (``P x K``): rows
+    ``S[o, p] = sum_{c, i} |W[o, c, i]| T[p, i]``; columns
+    ``S[c, p] = sum_{o in group(c), i} |W[o, c mod C/g, i]| T[p, i]``. With folding padding, the taps of
+    a group are added before the absolute value. Differentiable in ``weight``.
+
+    Example:
+        >>> from normopt.specs import LinearSpec
+        >>> plan = line_plan(LinearSpec("fc", "w", 2, 2), "linf")
+        >>> w = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+        >>> line_sums(w, plan, line_tables(plan, w.device, w.dtype))
+        tensor([[3.],
+                [7.]])
+    """
+    return flat_line_sums(weight, plan, tables).reshape(plan.channels, plan.patterns)
+
+
+def slice_subgradient(slice_weights: torch.Tensor, counts: torch.Tensor, plan: LinePlan, tables: LineTables) -> torch.Tensor:
+    """Subgradient of a line on its channel slice: each entry's multiplicity times the sign it enters with.
+
+    ``slice_weights`` is ``(..., M)`` (the slice's entries in :attr:`LinePlan.slice_offsets` order) and
+    ``counts`` ``(..., P)``-indexed rows of the pattern table already picked: ``(..., K)`` tap
+    multiplicities (no folding) or ``(..., G)`` group multiplicities (folding). Without folding the
+    value is ``count(tap) * sign(w)``; with folding, ``sum over groups g of count(g) * sign(sum of g's
+    weights)`` for each tap in g.
+    """
+    taps = plan.taps
+    w = slice_weights.unflatten(-1, (-1, taps))  # (..., slice channels, K)
+    if plan.membership is None:
+        return (torch.sign(w) * counts.unsqueeze(-2).to(w.dtype)).flatten(-2)
+    acc = tables.membership.dtype
+    merged = w.to(acc) @ tables.membership  # (..., channels, G)
+    per_group = torch.sign(merged) * counts.unsqueeze(-2)
+    return (per_group @ tables.membership.T).to(slice_weights.dtype).flatten(-2)
