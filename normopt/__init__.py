@@ -30,10 +30,11 @@ from normopt.norms import (
 )
 from normopt.optim import NormDecayOptimizer
 from normopt.periodic_svc import PeriodicSVC
-from normopt.projection import project_batchnorm, project_l1_ball, project_layer
+from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_l1_ball, project_layer
 from normopt.regularizer import NormDecay, attach_norm_decay
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 from normopt.summary import NetworkNorms, model_norms, network_norms
+from normopt.transform import NormDecayState, NormDecayTransform, norm_decay
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,8 @@ __all__ = [
     "NormArgMax",
     "NormDecay",
     "NormDecayOptimizer",
+    "NormDecayState",
+    "NormDecayTransform",
     "PeriodicSVC",
     "Subgradient",
     "attach_norm_decay",
@@ -60,11 +63,13 @@ __all__ = [
     "module_spec",
     "network_norms",
     "nonfinite_layers",
+    "norm_decay",
     "norm_subgradient",
     "norm_subgradients",
     "paper_update",
     "parse_ord",
     "project_batchnorm",
+    "project_batchnorm_argmax",
     "project_l1_ball",
     "project_layer",
     "reference_update",

@@ -21,8 +21,11 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     Replace ``opt = SGD(model.parameters(), ...)`` with
     ``opt = NormDecayOptimizer(SGD(model.parameters(), ...), model)`` and change nothing else:
     ``param_groups`` and ``state`` *are* the inner optimizer's (so LR schedulers, GradScaler and
-    ``add_param_group`` act on it), and ``state_dict()`` is the inner one with the decay buffers
-    under the extra key ``"norm_decay"``; ``load_state_dict`` also accepts a plain inner dict.
+    ``add_param_group`` act on it), the decay buffers live in ``state[weight]`` under
+    ``"norm_decay_buffer"`` and ``"norm_decay_scale"``, and ``state_dict()`` is the inner one.
+    ``beta`` and ``gamma`` are written into every param group as ``"norm_decay_beta"`` and
+    ``"norm_decay_gamma"``, like ``weight_decay``: change them between steps, by hand or by a
+    scheduler, per group.
 
     With the default ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021) each step does, for
     each of the N regularized layers with weight W and subgradient p of its norm,
@@ -34,21 +37,23 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         optimizer: any ``torch.optim.Optimizer`` holding the model's parameters.
         model: the model (DDP, DataParallel and torch.compile wrappers are looked through).
         ord: ``1``/``"l1"`` or ``float("inf")``/``"linf"``.
-        beta: strength (>= 0).
-        gamma: decay factor of the buffer h, in [0, 1].
+        beta: strength (>= 0), the param groups' default ``"norm_decay_beta"``.
+        gamma: decay factor of the buffer h, in [0, 1], the default ``"norm_decay_gamma"``.
         rule: ``"paper"`` or ``"reference"``.
         layers: kinds to regularize, from ``"conv"``, ``"linear"``, ``"batchnorm"``.
         exclude: module names to leave alone.
         max_norm: after each step, project every regularized conv/linear layer's rows (l_inf) or
             columns (l1) onto the l1 ball of this radius.
-        bn_max_norm: after each step, clip every batch norm's norm to this radius (the reference
-            code uses 5).
+        bn_max_norm: cap every batch norm's norm at this radius (the reference code uses 5).
+        bn_projection: ``"exact"`` (after each step, clip every channel: the exact projection) or
+            ``"released"`` (before each step, after the decay, set only the arg-max channel to the
+            radius, as the released code does).
         example_input: input for one probe forward that records conv input sizes; without it
             they are recorded from the first training forward (hooks, no extra pass).
 
     Attributes:
         last_norms: ``{layer name: norm}`` computed at the last step (0-d tensors, no host sync).
-        norm_decay: the :class:`normopt.NormDecay` state.
+        norm_decay: the :class:`normopt.NormDecay` that does the work.
 
     Example:
         >>> import torch
@@ -58,8 +63,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         >>> loss = model(torch.randn(8, 1, 4, 4)).square().mean()
         >>> loss.backward()
         >>> opt.step()
-        >>> sorted(opt.last_norms)
-        ['0', '3']
+        >>> sorted(opt.last_norms), opt.param_groups[0]["norm_decay_beta"]
+        (['0', '3'], 0.01)
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, ord=1, beta: float = 1e-3, **options):
@@ -68,11 +73,12 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         if isinstance(optimizer, NormDecayOptimizer):
             raise TypeError("optimizer is already a NormDecayOptimizer")
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.norm_decay = NormDecay(model, params, ord=ord, beta=beta, **options)
+        self.norm_decay = NormDecay(optimizer, model, ord=ord, beta=beta, **options)
         # Optimizer.__init__ sets up the hook dictionaries torch >= 2.0 expects; the groups it
         # builds are then replaced by the inner optimizer's own list and state.
         super().__init__(params, optimizer.defaults)
         self.optimizer = optimizer
+        self._closure_required = _requires_closure(optimizer)
         self._link()
 
     def _link(self) -> None:
@@ -87,8 +93,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if "optimizer" not in self.__dict__:  # called by Optimizer.__init__
             return super().add_param_group(param_group)
-        self.optimizer.add_param_group(param_group)
-        self.norm_decay.add_params(self.optimizer.param_groups[-1]["params"])
+        self.optimizer.add_param_group(param_group)  # fills norm_decay_beta/gamma from the defaults
+        self.norm_decay.add_params()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -97,14 +103,14 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         An inner optimizer that requires a closure and re-evaluates it (LBFGS) gets one that runs
         ``closure`` and then adds the decay, so no evaluation's gradient lacks it.
         """
-        if _requires_closure(self.optimizer):
+        if self._closure_required:
             if closure is None:
                 raise ValueError(f"{type(self.optimizer).__name__} needs a closure: call step(closure)")
 
             def decayed_closure():
                 with torch.enable_grad():
                     loss = closure()
-                self.norm_decay.add_to_gradients()
+                self.norm_decay.before_step()
                 return loss
 
             loss = self.optimizer.step(decayed_closure)
@@ -113,28 +119,34 @@ class NormDecayOptimizer(torch.optim.Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            self.norm_decay.add_to_gradients()
+            self.norm_decay.before_step()
             # Without the closure, so the inner optimizer cannot overwrite the decayed gradients.
             self.optimizer.step()
-        self.norm_decay.project()
+        self.norm_decay.after_step()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        state = self.optimizer.state_dict()
-        state["norm_decay"] = self.norm_decay.state_dict()
-        return state
+        """The inner optimizer's state dict, which holds the decay buffers and ``beta``/``gamma``."""
+        return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load the inner optimizer's state dict; all or nothing.
+
+        Also accepts a plain inner dict (the decay buffers start from zero) and the checkpoints of
+        normopt 0.1, which kept the buffers under an extra ``"norm_decay"`` key.
+        """
         state_dict = dict(state_dict)  # never change the caller's checkpoint
-        own = state_dict.pop("norm_decay", None)
-        if own is not None:
-            self.norm_decay.load_state_dict(own)  # checked before the inner optimizer changes
+        legacy = state_dict.pop("norm_decay", None)
+        buffers = dict((legacy or {}).get("buffers", {}))
+        self.norm_decay.check_buffers(buffers)  # before anything changes
         self.optimizer.load_state_dict(state_dict)
         self._link()  # torch replaces the inner state and param_groups objects on load
+        if buffers:
+            self.norm_decay.load_buffers(buffers)
 
     def __repr__(self) -> str:
         decay = self.norm_decay
-        return f"NormDecayOptimizer({self.optimizer!r}, ord={decay.ord}, beta={decay.beta}, rule={decay.rule!r})"
+        return f"NormDecayOptimizer({self.optimizer!r}, ord={decay.ord}, rule={decay.rule!r})"

@@ -1,29 +1,37 @@
-"""NormDecay: the state norm decay keeps for one model (specs, decay buffers, last norms).
+"""NormDecay: norm decay of one model around one optimizer's steps, the shell of :func:`normopt.norm_decay`.
 
 :class:`normopt.NormDecayOptimizer` wraps an optimizer around it; :func:`attach_norm_decay` hooks
-it onto an optimizer that cannot be replaced (ZeRO, Accelerate, fused optimizers). Every tensor
-computation is a pure function from :mod:`normopt.decay` and :mod:`normopt.projection`; this class
-only remembers things between steps, and never reads a tensor value back to the host during a step.
+it onto an optimizer that cannot be replaced (ZeRO, Accelerate, fused optimizers). Everything it
+computes is a pure function (:mod:`normopt.transform`, :mod:`normopt.projection`); this class
+finds the layers, keeps the decay state where torch keeps optimizer state, and reads ``beta`` and
+``gamma`` from the param groups:
+
+* ``optimizer.state[weight]["norm_decay_buffer"]`` and ``["norm_decay_scale"]``: the layer's decay
+  buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), so the optimizer's own
+  ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing;
+* ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
+  changeable between steps by hand or by a scheduler, per group.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from normopt.decay import norm_subgradient, paper_update, reference_update
-from normopt.discovery import InputSizeRecorder, layer_specs, unwrap
-from normopt.norms import parse_ord
-from normopt.projection import check_projectable, project_batchnorm, project_layer
+from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, unwrap
+from normopt.lines import parse_ord
+from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
+from normopt.transform import RULES, NormDecayState, NormDecayTransform, norm_decay
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
-# (buffer update, whether beta is divided by the number of regularized layers)
-RULES = {"paper": (paper_update, True), "reference": (reference_update, False)}
+BN_PROJECTIONS = ("exact", "released")
+BUFFER, SCALE = "norm_decay_buffer", "norm_decay_scale"
+BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -40,11 +48,39 @@ def _refuse_sharded(model: nn.Module) -> None:
             raise NotImplementedError(f"parameter {name!r} is a DTensor shard (FSDP2); norm decay needs whole weights")
 
 
+def check_beta(beta, where: str = "beta") -> float:
+    """``beta`` as a float: finite, >= 0 and small enough that ``beta * h`` stays finite in float32."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"{where} must be a finite number >= 0, got {beta!r}")
+    if beta > torch.finfo(torch.float32).max / 1e4:  # |h| counts taps: beta * h would overflow
+        raise ValueError(f"{where}={beta!r} is too large: beta * h overflows float32 gradients")
+    return float(beta)
+
+
+def check_gamma(gamma, where: str = "gamma") -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"{where} must be a number in [0, 1], got {gamma!r}")
+    return float(gamma)
+
+
+def _names(value, what: str) -> frozenset[str]:
+    if isinstance(value, str):
+        raise TypeError(
+            f"{what} must be an iterable of module names, not the string {value!r}; did you mean {what}=({value!r},)?"
+        )
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{what} must hold module names (strings), got {bad}")
+    return frozenset(names)
+
+
 class _NonFiniteReporter:
     """Warns once per layer whose weights were non-finite, without synchronising the device.
 
-    On CUDA the flags are copied to pinned host memory without blocking and read one step later,
-    when the copy has finished; CPU flags are read at once.
+    CPU flags are read at once; on an accelerator they are copied to the host without blocking and
+    read at a later step, once the copy's event has completed; flags that cannot be read (the meta
+    device) are dropped. Under ``torch.compile`` nothing is pushed (see :meth:`NormDecay.nonfinite_layers`).
     """
 
     def __init__(self):
@@ -52,14 +88,16 @@ class _NonFiniteReporter:
         self.warned: set[str] = set()
 
     def push(self, names: list[str], finite: torch.Tensor) -> None:
-        if finite.device.type == "cpu":
+        device = finite.device
+        if device.type == "cpu":
             self._report(names, finite)
-            return
-        host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
-        host.copy_(finite, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((names, host, event))
+        elif device.type != "meta":
+            pinned = device.type == "cuda"
+            host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=pinned)
+            host.copy_(finite, non_blocking=pinned)
+            event = torch.Event(device=device)
+            event.record()
+            self._pending.append((names, host, event))
         self._pending = [item for item in self._pending if not self._ready(item)]
 
     def _ready(self, item) -> bool:
@@ -73,31 +111,40 @@ class _NonFiniteReporter:
         bad = [name for name, ok in zip(names, finite.tolist()) if not ok and name not in self.warned]
         if bad:
             self.warned.update(bad)
-            warnings.warn(f"norm decay skipped layers {bad}: their weights are not finite (NaN or inf)", stacklevel=4)
+            warnings.warn(f"norm decay skipped layers {bad}: their weights are not finite (NaN or inf)", stacklevel=5)
 
 
 class NormDecay:
-    r"""Norm-decay state for one model, applied around an optimizer's step.
+    r"""Norm decay of ``model``'s layers around ``optimizer``'s steps.
 
-    Before the step, :meth:`add_to_gradients` adds to each regularized weight's gradient the
-    decayed subgradient of the layer's l1 or l_inf norm; after it, :meth:`project` applies the
-    optional caps. See :class:`normopt.NormDecayOptimizer` for the options.
+    :meth:`before_step` adds to each regularized weight's gradient the decayed subgradient of the
+    layer's l1 or l_inf norm; :meth:`after_step` keeps the decay state in ``optimizer.state`` and
+    applies the optional caps. :class:`normopt.NormDecayOptimizer` and :func:`attach_norm_decay`
+    call them; see the former for the options.
+
+    Attributes:
+        specs: every linear piece of the model (input sizes recorded from the first forward when no
+            ``example_input`` was given).
+        decayed: ``{layer: spec}`` of the regularized layers.
+        skipped: ``{module: reason}`` for the layers left alone.
+        last_norms: ``{layer: norm}`` from the last step, 0-d tensors (no host sync).
 
     Example:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
-        >>> decay = NormDecay(model, model.parameters(), beta=0.1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> decay = NormDecay(optimizer, model, beta=0.1)
         >>> model(torch.randn(4, 1, 3, 3)).sum().backward()
-        >>> decay.add_to_gradients()
-        >>> sorted(decay.last_norms)
-        ['0', '2']
+        >>> decay.before_step()
+        >>> sorted(decay.last_norms), optimizer.param_groups[0]["norm_decay_beta"]
+        (['0', '2'], 0.1)
     """
 
     def __init__(
         self,
+        optimizer: torch.optim.Optimizer,
         model: nn.Module,
-        params: Iterable[torch.Tensor],
         *,
         ord=1,
         beta: float = 1e-3,
@@ -107,172 +154,281 @@ class NormDecay:
         exclude: Iterable[str] = (),
         max_norm: float | None = None,
         bn_max_norm: float | None = None,
+        bn_projection: str = "exact",
         example_input=None,
     ):
         self.ord = parse_ord(ord)
         if self.ord not in (1, math.inf):
             raise ValueError(f"norm decay supports ord 1 ('l1') and inf ('linf'), not {ord!r}")
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-        if not (isinstance(gamma, (int, float)) and 0 <= gamma <= 1):
-            raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+        beta, gamma = check_beta(beta), check_gamma(gamma)
         if rule not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; expected one of {sorted(RULES)}")
+            raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
+        if isinstance(layers, str):
+            layers = (layers,)
         layers = tuple(layers)
         unknown = [kind for kind in layers if kind not in KINDS]
         if unknown:
             raise ValueError(f"unknown layer kinds {unknown}; expected some of {sorted(KINDS)}")
         for option, value in (("max_norm", max_norm), ("bn_max_norm", bn_max_norm)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{option} must be positive, got {value!r}")
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{option} must be a positive finite number, got {value!r}")
+        if bn_projection not in BN_PROJECTIONS:
+            raise ValueError(f"unknown bn_projection {bn_projection!r}; expected one of {list(BN_PROJECTIONS)}")
         self.model = unwrap(model)
         _refuse_sharded(self.model)
-        self.beta, self.gamma, self.rule = float(beta), float(gamma), rule
-        self.kinds = tuple(KINDS[kind] for kind in layers)
-        self.exclude = frozenset(exclude)
-        self.max_norm, self.bn_max_norm = max_norm, bn_max_norm
-        names = {name for name, _ in self.model.named_modules()}
-        missing = sorted(self.exclude - names)
+        self.exclude = _names(exclude, "exclude")
+        missing = sorted(self.exclude - {name for name, _ in self.model.named_modules()})
         if missing:
             raise ValueError(f"exclude names {missing} are not modules of the model")
-        self._params: set[int] = set()
-        self.add_params(params)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not held & {id(p) for p in self.model.parameters()}:
+            raise ValueError("the optimizer holds none of the model's parameters: pass model.parameters() to it")
+        self.optimizer = optimizer
+        self.rule, self.kinds, self.layers = rule, tuple(KINDS[k] for k in layers), layers
+        self.max_norm, self.bn_max_norm, self.bn_projection = max_norm, bn_max_norm, bn_projection
         self._select(layer_specs(self.model, example_input))
         if not self.decayed and not self.bn_projected:
             raise ValueError(
-                f"no layer to regularize: none of the model's {'/'.join(layers)} layers has its weight in the "
-                f"optimizer (skipped modules: {self.skipped})"
+                f"no layer to regularize: none of the model's {'/'.join(layers)} layers has a trainable weight in "
+                f"the optimizer (skipped modules: {self.skipped})"
             )
+        for group in optimizer.param_groups:
+            group.setdefault(BETA, beta)
+            group.setdefault(GAMMA, gamma)
+        optimizer.defaults.setdefault(BETA, beta)
+        optimizer.defaults.setdefault(GAMMA, gamma)
+        self.last_norms: dict[str, torch.Tensor] = {}
+        self._transform: NormDecayTransform | None = None
+        self._state: NormDecayState | None = None
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # loaded before the state exists
+        self._reporter = _NonFiniteReporter()
+        self._handles = [
+            optimizer.register_load_state_dict_pre_hook(self._check_loaded),
+            optimizer.register_load_state_dict_post_hook(self._adopt_loaded),
+        ]
         # Hooks go on the user's model only once nothing can fail any more.
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.last_norms: dict[str, torch.Tensor] = {}
-        self._reporter = _NonFiniteReporter()
-        self._handles: list = []
 
-    def add_params(self, params: Iterable[torch.Tensor]) -> None:
-        """Allow norm decay to change these parameters (those the optimizer updates)."""
-        params = list(params)
-        model_params = {id(p) for p in self.model.parameters()}
-        if not model_params & {id(p) for p in params} and not model_params & self._params:
-            raise ValueError("the optimizer holds none of the model's parameters: pass model.parameters() to it")
-        self._params.update(id(p) for p in params)
-        if hasattr(self, "specs"):
-            self._select(self.specs)
+    # -- which layers -----------------------------------------------------------------------------
 
-    def _select(self, specs) -> None:
-        """Split the model's layers into those decayed, those projected and those left alone."""
+    def _held(self) -> dict[int, int]:
+        """``{id(parameter): group index}`` of the optimizer's trainable parameters."""
+        return {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"] if p.requires_grad}
+
+    def _select(self, specs: LayerSpecs) -> None:
+        """Split the model's layers into those decayed, those whose batch norm is projected, and the rest."""
         self.specs = specs
-        modules = dict(self.model.named_modules())
+        self._modules = dict(self.model.named_modules())
+        self._groups_seen = len(self.optimizer.param_groups)
+        held = self._held()
         self.skipped = dict(getattr(specs, "skipped", {}))
         self.decayed, self.bn_projected = {}, {}
         for name, spec in specs.items():
-            weight = getattr(modules[name], "weight", None)
+            weight = getattr(self._modules[name], "weight", None)
             if name in self.exclude:
                 continue
-            if weight is None:
-                self.skipped[name] = "no affine weight to regularize"
-                continue
-            if id(weight) not in self._params:
-                self.skipped[name] = "weight is not a parameter of the optimizer"
-                continue
-            if isinstance(spec, self.kinds):
-                if self.max_norm is not None and not isinstance(spec, BatchNormSpec):
-                    check_projectable(spec, self.ord)  # refuse now, not half-way through a step
-                self.decayed[name] = spec
-            if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
-                self.bn_projected[name] = spec
-        self._modules = modules
-        update, per_layer = RULES[self.rule]
-        self._update = update
-        self.scale = self.beta / max(len(self.decayed), 1) if per_layer else self.beta
+            if weight is None or not isinstance(weight, nn.Parameter) or spec.weight is None:
+                self.skipped[name] = "no trainable affine weight to regularize"
+            elif id(weight) not in held:
+                self.skipped[name] = "weight is not a trainable parameter of the optimizer"
+            elif weight.numel() == 0:
+                raise ValueError(f"layer {name!r} has an empty weight {tuple(weight.shape)}: it has no norm to regularize")
+            elif weight.is_complex():
+                raise TypeError(f"layer {name!r} has complex weights ({weight.dtype}); norm decay needs real weights")
+            else:
+                if isinstance(spec, self.kinds):
+                    if self.max_norm is not None and not isinstance(spec, BatchNormSpec):
+                        check_projectable(spec, self.ord)  # refuse now, not half-way through a step
+                    self.decayed[name] = spec
+                if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
+                    self.bn_projected[name] = spec
+        self._tensors = {}
+        for name, spec in {**self.decayed, **self.bn_projected}.items():
+            module = self._modules[name]
+            self._tensors[spec.weight] = module.weight
+            if isinstance(spec, BatchNormSpec):
+                self._tensors[spec.running_var] = module.running_var
+        self._taps = {}
 
-    def _tensors(self, spec) -> dict[str, torch.Tensor]:
-        module = self._modules[spec.name]
-        tensors = {spec.weight: module.weight}
-        if isinstance(spec, BatchNormSpec):
-            tensors[spec.running_var] = module.running_var
-        return tensors
+    def add_params(self, params: Iterable[torch.Tensor] = ()) -> None:
+        """Re-select the layers after the optimizer got new parameters (``add_param_group``)."""
+        del params  # the optimizer's param groups are the source of truth
+        buffers = self.decay_buffers()
+        self._select(self.specs)
+        self._transform = self._state = None
+        self._pending.update({name: (h, None) for name, h in buffers.items() if name in self.decayed})
 
-    def _refresh_specs(self) -> None:
-        # Lazy discovery: once the user's own forward has run, rebuild the specs with its input sizes.
+    def _refresh(self) -> None:
+        """Lazy discovery and re-selection, outside the per-step computation."""
         if self._recorder is not None and self._recorder.called:
             specs, self._recorder = self._recorder.specs(), None
+            buffers = self.decay_buffers()
             self._select(specs)
+            self._transform = self._state = None
+            self._pending.update({name: (h, None) for name, h in buffers.items() if name in self.decayed})
+        if len(self.optimizer.param_groups) != self._groups_seen:
+            self.add_params()
+        if self._transform is None and self.decayed:
+            self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule)
+            self._state = self._transform.init(self._tensors)
+            for name, (buffer, scale) in self._pending.items():
+                self._write(name, buffer, scale)
+            self._pending = {}
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def _hyper(self) -> tuple[dict[str, float], dict[str, float]]:
+        held = self._held()
+        groups = self.optimizer.param_groups
+        betas, gammas = {}, {}
+        for name in self.decayed:
+            group = groups[held[id(self._modules[name].weight)]]
+            betas[name] = check_beta(group.get(BETA, self.optimizer.defaults.get(BETA)), f"param group {BETA}")
+            gammas[name] = check_gamma(group.get(GAMMA, self.optimizer.defaults.get(GAMMA)), f"param group {GAMMA}")
+        return betas, gammas
 
     @torch.no_grad()
-    def add_to_gradients(self) -> None:
+    def before_step(self) -> None:
         """Update the decay buffers from the current weights and add them to the gradients."""
-        self._refresh_specs()
-        names, finite = [], []
-        for name, spec in self.decayed.items():
-            weight = self._modules[name].weight
-            if weight.grad is None:
-                continue  # parameters without a gradient are left alone
-            sub = norm_subgradient(self._tensors(spec), spec, self.ord)
-            # A layer with non-finite weights is skipped through 0-d factors: h stays, nothing is
-            # added, and no full-size select runs (one pass over h and one over the gradient).
-            ok = torch.isfinite(sub.norm)
-            old = self.buffers.get(name)
-            h = self._update(
-                old if old is not None else torch.zeros_like(weight), sub.masked(ok), torch.where(ok, self.gamma, 1.0)
-            )
-            self.buffers[name] = h
-            weight.grad.addcmul_(h, torch.where(ok, self.scale, 0.0))
-            self.last_norms[name] = sub.norm
-            names.append(name)
-            finite.append(ok)
-        if finite:
-            self._reporter.push(names, torch.stack(finite))
+        if not torch.compiler.is_compiling():
+            self._refresh()
+        if self._transform is not None:
+            betas, gammas = self._hyper()
+            grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
+            _, self._state, norms = self._transform.update(grads, self._state, self._tensors, beta=betas, gamma=gammas)
+            self.last_norms = norms
+            if not torch.compiler.is_compiling():
+                self._reporter.push(list(norms), torch.isfinite(torch.stack(list(norms.values()))))
+        if self.bn_projection == "released":
+            self._project_batchnorms(project_batchnorm_argmax)
 
     @torch.no_grad()
-    def project(self) -> None:
-        """Apply the optional caps (``max_norm``, ``bn_max_norm``) to the weights, in place."""
+    def after_step(self) -> None:
+        """Keep the decay state in ``optimizer.state`` and apply the caps (``max_norm``, exact ``bn_max_norm``)."""
+        if self._state is not None:
+            for name, (buffer, scale) in self._state.views.items():
+                weight = self._modules[name].weight
+                # Only once the optimizer has stepped the weight: a key written earlier would keep
+                # Adam-like optimizers from initialising their own state.
+                if weight.grad is not None:
+                    state = self.optimizer.state[weight]
+                    if state.get(BUFFER) is not buffer:
+                        state[BUFFER], state[SCALE] = buffer, scale
         if self.max_norm is not None:
-            for spec in self.decayed.values():
+            for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
                     continue
-                weight = self._modules[spec.name].weight
-                capped = project_layer(weight, spec, self.ord, self.max_norm)
-                weight.copy_(torch.where(torch.isfinite(capped), capped, weight))
-        for spec in self.bn_projected.values():
-            module = self._modules[spec.name]
-            capped = project_batchnorm(module.weight, module.running_var, spec, self.bn_max_norm)
+                weight = self._modules[name].weight
+                if weight.device not in self._taps.setdefault(name, {}):
+                    self._taps[name][weight.device] = tap_tables(spec, self.ord, weight.device)
+                weight.copy_(project_layer(weight, spec, self.ord, self.max_norm, self._taps[name][weight.device]))
+        if self.bn_projection == "exact":
+            self._project_batchnorms(project_batchnorm)
+
+    def _project_batchnorms(self, projection) -> None:
+        for name, spec in self.bn_projected.items():
+            module = self._modules[name]
+            capped = projection(module.weight, module.running_var, spec, self.bn_max_norm)
             module.weight.copy_(torch.where(torch.isfinite(capped), capped, module.weight))
 
-    def detach(self) -> None:
-        """Remove the step hooks installed by :func:`attach_norm_decay`, if any."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    # -- state --------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """The decay buffers, keyed by layer name (tensors are not copied, as in torch.optim)."""
-        return {"buffers": dict(self.buffers), "rule": self.rule}
+    def decay_buffers(self) -> dict[str, torch.Tensor]:
+        """``{layer: h}``: each regularized layer's dense decay buffer (new tensors)."""
+        if self._state is None:
+            return {name: h if scale is None else h * scale for name, (h, scale) in self._pending.items()}
+        return {name: self._state.decay_buffer(name) for name in self._state.views}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore decay buffers; checks every buffer before changing anything."""
-        buffers = dict(state.get("buffers", {}))
+    def nonfinite_layers(self) -> list[str]:
+        """Names of the layers whose last norm was NaN or infinite (reads the norms once)."""
+        from normopt.norms import nonfinite_layers
+
+        return nonfinite_layers(self.last_norms)
+
+    def _write(self, name: str, buffer: torch.Tensor, scale: torch.Tensor | None) -> None:
+        own_buffer, own_scale = self._state.views[name]
+        own_buffer.copy_(buffer)
+        own_scale.copy_(scale if scale is not None else torch.ones_like(own_scale))
+
+    def _loaded_entries(self, state_dict: Mapping) -> dict[str, dict]:
+        """``{layer: the saved state of its weight}`` for the regularized layers, by the optimizer's numbering."""
+        ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        by_param = {id(p): state_dict.get("state", {}).get(i, {}) for i, p in zip(ids, params)}
+        return {name: by_param.get(id(self._modules[name].weight), {}) for name in self.decayed}
+
+    def _check_loaded(self, optimizer, state_dict):
+        """Before the optimizer loads anything: refuse decay buffers that do not fit, naming the layer."""
+        for name, saved in self._loaded_entries(state_dict).items():
+            weight = self._modules[name].weight
+            buffer, scale = saved.get(BUFFER), saved.get(SCALE)
+            if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"decay buffer of layer {name!r} has shape {tuple(buffer.shape)}, the weight {tuple(weight.shape)}"
+                )
+            if scale is not None:
+                try:
+                    torch.broadcast_shapes(scale.shape, weight.shape)
+                except RuntimeError:
+                    raise ValueError(
+                        f"decay scale of layer {name!r} has shape {tuple(scale.shape)}, not one for {tuple(weight.shape)}"
+                    ) from None
+        return None
+
+    def _adopt_loaded(self, optimizer) -> None:
+        """After the optimizer loaded a state dict: take its decay buffers (zero when it had none)."""
+        for name in self.decayed:
+            weight = self._modules[name].weight
+            saved = optimizer.state.get(weight, {})
+            buffer = saved.get(BUFFER)
+            buffer = buffer if buffer is not None else torch.zeros_like(weight)
+            scale = saved.get(SCALE)
+            if self._state is None:
+                self._pending[name] = (buffer.detach().clone(), None if scale is None else scale.detach().clone())
+                saved.pop(BUFFER, None), saved.pop(SCALE, None)
+                continue
+            if scale is not None and tuple(scale.shape) != tuple(self._state.views[name][1].shape):
+                buffer, scale = buffer * scale, None  # another layout: keep h itself
+            self._write(name, buffer, scale)
+            if BUFFER in saved:
+                saved[BUFFER], saved[SCALE] = self._state.views[name]
+
+    def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
+        """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""
         for name, h in buffers.items():
             if name not in self.decayed:
                 raise ValueError(f"checkpoint has a decay buffer for layer {name!r}, which is not regularized here")
             weight = self._modules[name].weight
             if tuple(h.shape) != tuple(weight.shape):
                 raise ValueError(f"decay buffer of layer {name!r} has shape {tuple(h.shape)}, the weight {tuple(weight.shape)}")
-        if state.get("rule", self.rule) != self.rule:
-            warnings.warn(f"checkpoint was written with rule {state['rule']!r}, resuming with {self.rule!r}", stacklevel=2)
-        self.buffers = {
-            name: h.detach().to(device=self._modules[name].weight.device, dtype=self._modules[name].weight.dtype, copy=True)
-            for name, h in buffers.items()
-        }
+
+    def load_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
+        """Set decay buffers ``{layer: h}`` (e.g. from a checkpoint written before the state moved into
+        the optimizer); every buffer is checked before any is set."""
+        self.check_buffers(buffers)
+        for name, h in buffers.items():
+            h = h.detach().to(device=self._modules[name].weight.device, dtype=self._modules[name].weight.dtype)
+            if self._state is None:
+                self._pending[name] = (h.clone(), None)
+            else:
+                self._write(name, h, None)
+
+    def detach(self) -> None:
+        """Remove every hook this object installed (optimizer step and load hooks, model forward hooks)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self._recorder is not None:
+            self._recorder.remove()
 
 
 def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **options) -> NormDecay:
     """Add norm decay to an existing optimizer through its step hooks, without replacing it.
 
     For optimizers that cannot be swapped for :class:`normopt.NormDecayOptimizer` (ZeRO, Accelerate,
-    fused). The pre-hook runs before the optimizer evaluates a closure, so closures are refused;
-    save ``decay.state_dict()`` next to the optimizer's own. Call ``decay.detach()`` to remove it.
+    fused). The decay state lives in ``optimizer.state`` and ``beta``/``gamma`` in its param groups,
+    so the optimizer's own ``state_dict()`` carries everything. The pre-hook runs before the
+    optimizer evaluates a closure, so closures are refused. Call ``decay.detach()`` to remove it.
 
     Example:
         >>> import torch
@@ -282,18 +438,20 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
         >>> decay = attach_norm_decay(optimizer, model, beta=0.01)
         >>> model(torch.randn(5, 3)).sum().backward()
         >>> optimizer.step()
-        >>> list(decay.last_norms)
-        ['']
+        >>> list(decay.last_norms), sorted(optimizer.state[model.weight])
+        ([''], ['norm_decay_buffer', 'norm_decay_scale'])
         >>> decay.detach()
     """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    decay = NormDecay(model, params, **options)
+    decay = NormDecay(optimizer, model, **options)
 
     def before(_optimizer, args, kwargs):
         # torch passes (optimizer, *step_args): anything after the optimizer is a closure.
         if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
             raise RuntimeError("attach_norm_decay cannot run with a closure: use NormDecayOptimizer instead")
-        decay.add_to_gradients()
+        decay.before_step()
 
-    decay._handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(lambda *_: decay.project())]
+    decay._handles += [
+        optimizer.register_step_pre_hook(before),
+        optimizer.register_step_post_hook(lambda *_: decay.after_step()),
+    ]
     return decay

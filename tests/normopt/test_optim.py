@@ -114,7 +114,7 @@ def test_inner_optimizers_train_wrapped(make):
     losses = run(model, optimizer, 40)
     assert sum(losses[-5:]) < sum(losses[:5])
     assert set(optimizer.last_norms) == {"0", "1", "3", "6"}
-    assert all(h.abs().sum() > 0 for h in optimizer.norm_decay.buffers.values())
+    assert all(h.abs().sum() > 0 for h in optimizer.norm_decay.decay_buffers().values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -187,12 +187,12 @@ def test_resume_from_checkpoint_is_bit_for_bit(make, rule):
     checkpoint = torch.load(buffer)
     resumed.load_state_dict(checkpoint["model"])
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
-    assert set(checkpoint["optimizer"]) == {"state", "param_groups", "norm_decay"}  # the checkpoint is not consumed
+    assert set(checkpoint["optimizer"]) == {"state", "param_groups"}  # the checkpoint is not consumed
     run(resumed, resumed_optimizer, 4, seed=2)
     for key, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
-    for name, h in optimizer.norm_decay.buffers.items():
-        assert torch.equal(h, resumed_optimizer.norm_decay.buffers[name])
+    for name, h in optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(h, resumed_optimizer.norm_decay.decay_buffers()[name])
 
 
 def test_a_plain_inner_state_dict_loads():
@@ -202,7 +202,7 @@ def test_a_plain_inner_state_dict_loads():
     optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
     optimizer.load_state_dict(plain.state_dict())
     assert optimizer.optimizer.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
-    assert optimizer.norm_decay.buffers == {}
+    assert all(not h.any() for h in optimizer.norm_decay.decay_buffers().values())
     assert optimizer.state is optimizer.optimizer.state and optimizer.param_groups is optimizer.optimizer.param_groups
 
 
@@ -210,14 +210,14 @@ def test_a_bad_checkpoint_is_refused_before_anything_changes():
     model = small_cnn()
     optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
     run(model, optimizer, 2)
-    state = optimizer.state_dict()
-    before = copy.deepcopy(state)
-    state["norm_decay"]["buffers"]["0"] = torch.zeros(3)
+    state = copy.deepcopy(optimizer.state_dict())
+    before = optimizer.norm_decay.decay_buffers()
+    state["state"][0]["norm_decay_buffer"] = torch.zeros(3)  # parameter 0 is layer '0's weight
     state["param_groups"][0]["lr"] = 123.0
     with pytest.raises(ValueError, match=r"decay buffer of layer '0' has shape \(3,\)"):
         optimizer.load_state_dict(state)
     assert optimizer.param_groups[0]["lr"] == 0.05
-    assert torch.equal(optimizer.norm_decay.buffers["0"], before["norm_decay"]["buffers"]["0"])
+    assert torch.equal(optimizer.norm_decay.decay_buffers()["0"], before["0"])
 
 
 def test_closure_is_evaluated_once_and_matches_the_plain_loop():
@@ -242,8 +242,8 @@ def test_lbfgs_gets_the_decay_after_every_closure_evaluation():
     model = small_cnn()
     optimizer = NormDecayOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), model, beta=0.01)
     seen = []
-    original = optimizer.norm_decay.add_to_gradients
-    optimizer.norm_decay.add_to_gradients = lambda: seen.append(1) or original()
+    original = optimizer.norm_decay.before_step
+    optimizer.norm_decay.before_step = lambda: seen.append(1) or original()
     losses = run(model, optimizer, 3, closure=True)
     assert len(seen) >= 3 * 2  # LBFGS evaluated the closure several times per step, each decayed
     assert losses[-1] < losses[0] and "6" in optimizer.last_norms
@@ -318,6 +318,37 @@ def test_compiled_model_trains_wrapped():
     assert optimizer.norm_decay.decayed["0"].input_size == (8, 8)
 
 
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_compiled_step_equals_eager_and_breaks_only_where_torch_optim_does(ord):
+    import torch._dynamo
+
+    def train(compile_step):
+        model = small_cnn(batchnorm=True)
+        optimizer = NormDecayOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            model,
+            ord=ord,
+            beta=0.1,
+            layers=("conv", "linear", "batchnorm"),
+        )
+        run(model, optimizer, 1)  # the first, eager step records the input sizes
+        if compile_step:
+            optimizer.step = torch.compile(optimizer.step, backend="aot_eager")
+        run(model, optimizer, 3, seed=1)
+        return model, optimizer
+
+    torch._dynamo.reset()
+    eager, _ = train(False)
+    compiled, optimizer = train(True)
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(NormDecayOptimizer.step)(optimizer)
+    assert explained.graph_break_count <= 1, [b.reason for b in explained.break_reasons]
+    for reason in explained.break_reasons:  # the one torch.optim inserts around every optimizer's step
+        assert reason.user_stack[-1].filename.endswith("torch/optim/optimizer.py"), reason
+
+
 def test_attach_norm_decay_matches_the_wrapper():
     model, twin = small_cnn(), small_cnn()
     inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -360,8 +391,9 @@ def test_non_finite_weights_skip_the_layer_with_one_warning():
             with torch.no_grad():
                 model[3].weight[0, 0, 0, 0] = 0.0
     assert sum("skipped layers" in str(w.message) for w in record) == 1
-    assert torch.equal(optimizer.norm_decay.buffers["3"], torch.zeros_like(model[3].weight))
-    assert optimizer.norm_decay.buffers["0"].abs().sum() > 0  # the other layers were decayed
+    buffers = optimizer.norm_decay.decay_buffers()
+    assert torch.equal(buffers["3"], torch.zeros_like(model[3].weight))
+    assert buffers["0"].abs().sum() > 0  # the other layers were decayed
 
 
 @pytest.mark.parametrize(
@@ -375,7 +407,7 @@ def test_non_finite_weights_skip_the_layer_with_one_warning():
         ({"rule": "adam"}, ValueError, "unknown rule"),
         ({"layers": ("conv", "attention")}, ValueError, "unknown layer kinds"),
         ({"exclude": ("nope",)}, ValueError, r"exclude names \['nope'\]"),
-        ({"max_norm": 0.0}, ValueError, "max_norm must be positive"),
+        ({"max_norm": 0.0}, ValueError, "max_norm must be a positive finite number"),
     ],
 )
 def test_bad_options_are_refused(kwargs, error, match):

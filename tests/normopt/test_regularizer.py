@@ -1,0 +1,241 @@
+"""NormDecay, the shell: state inside the optimizer, beta and gamma in the param groups, bad input refused early."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, batches, digits, small_cnn
+from torch import nn
+
+import normopt
+from normopt import NormDecayOptimizer, attach_norm_decay
+from normopt.regularizer import _NonFiniteReporter
+
+DATA = digits()
+
+
+def one_step(model, optimizer, seed=0):
+    inputs, labels = next(batches(*DATA, 1, 16, seed))
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+
+
+def wrapped(model, **options):
+    return NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, **options)
+
+
+def attached(model, **options):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    attach_norm_decay(optimizer, model, **options)
+    return optimizer
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+def test_state_round_trips_through_the_inner_optimizers_state_dict(make):
+    model = small_cnn(batchnorm=True)
+    optimizer = make(model, beta=0.1, gamma=0.7, layers=("conv", "linear", "batchnorm"))
+    for seed in range(3):
+        one_step(model, optimizer, seed)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    saved = inner.state_dict()
+    keys = {key for entry in saved["state"].values() for key in entry}
+    assert {"norm_decay_buffer", "norm_decay_scale", "momentum_buffer"} <= keys
+    assert all(group["norm_decay_beta"] == 0.1 and group["norm_decay_gamma"] == 0.7 for group in saved["param_groups"])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": saved}, buffer)
+    one_step(model, optimizer, 7)
+
+    twin = small_cnn(batchnorm=True)
+    twin_optimizer = make(twin, beta=0.1, gamma=0.7, layers=("conv", "linear", "batchnorm"))
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)  # weights_only: plain tensors and numbers
+    twin.load_state_dict(checkpoint["model"])
+    getattr(twin_optimizer, "optimizer", twin_optimizer).load_state_dict(checkpoint["optimizer"])
+    one_step(twin, twin_optimizer, 7)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+
+def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_decay():
+    model, twin = small_cnn(), small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.2)
+    one_step(model, optimizer)
+    for group in optimizer.param_groups:
+        group["norm_decay_beta"] = 0.0
+    before = copy.deepcopy(model.state_dict())
+    twin.load_state_dict(before)
+    one_step(model, optimizer, 1)
+    one_step(twin, torch.optim.SGD(twin.parameters(), lr=0.05), 1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+    added = {}
+    for beta in (0.1, 0.2):
+        model.load_state_dict(before)
+        fresh = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, beta=beta)
+        inputs, labels = next(batches(*DATA, 1, 16, 2))
+        fresh.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+        fresh.norm_decay.before_step()
+        added[beta] = {name: p.grad - plain[name] for name, p in model.named_parameters()}
+    for name, value in added[0.2].items():
+        assert_close(value, 2 * added[0.1][name], rtol=1e-6, atol=1e-9, msg=name)
+    assert any(value.abs().sum() > 0 for value in added[0.1].values())
+
+
+def test_each_param_group_uses_its_own_beta():
+    model = small_cnn()
+    head = [p for n, p in model.named_parameters() if n.startswith("6.")]
+    body = [p for n, p in model.named_parameters() if not n.startswith("6.")]
+    inner = torch.optim.SGD([{"params": body}, {"params": head, "norm_decay_beta": 0.0}], lr=0.05)
+    optimizer = NormDecayOptimizer(inner, model, beta=0.3, rule="reference")
+    assert [g["norm_decay_beta"] for g in optimizer.param_groups] == [0.3, 0.0]
+    inputs, labels = next(batches(*DATA, 1, 16))
+    F.cross_entropy(model(inputs), labels).backward()
+    plain = {name: p.grad.clone() for name, p in model.named_parameters()}
+    optimizer.norm_decay.before_step()
+    assert torch.equal(model[6].weight.grad, plain["6.weight"])  # beta 0 in its group
+    assert not torch.equal(model[0].weight.grad, plain["0.weight"])
+
+
+def test_a_refused_load_changes_neither_the_optimizer_nor_the_decay_state():
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.1)
+    one_step(model, optimizer)
+    before = optimizer.norm_decay.decay_buffers()
+    bad = copy.deepcopy(optimizer.state_dict())
+    bad["state"][0]["norm_decay_buffer"] = torch.full_like(bad["state"][0]["norm_decay_buffer"], 5.0)
+    bad["param_groups"].append(dict(bad["param_groups"][0]))  # one group too many: torch refuses
+    with pytest.raises(ValueError, match="parameter groups"):
+        optimizer.load_state_dict(bad)
+    for name, h in optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(h, before[name]), name
+
+
+def test_checkpoints_of_the_previous_version_still_load():
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.1)
+    one_step(model, optimizer)
+    legacy = copy.deepcopy(optimizer.state_dict())  # state_dict() returns the live tensors
+    legacy["state"] = {
+        i: {k: v for k, v in entry.items() if not k.startswith("norm_decay")} for i, entry in legacy["state"].items()
+    }
+    for group in legacy["param_groups"]:
+        group.pop("norm_decay_beta"), group.pop("norm_decay_gamma")
+    old_buffers = optimizer.norm_decay.decay_buffers()
+    legacy["norm_decay"] = {"buffers": old_buffers, "rule": "paper"}
+    twin = small_cnn()
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = wrapped(twin, beta=0.1)
+    twin_optimizer.load_state_dict(legacy)
+    for name, h in twin_optimizer.norm_decay.decay_buffers().items():
+        assert_close(h, old_buffers[name], msg=name)
+    one_step(model, optimizer, 3)
+    one_step(twin, twin_optimizer, 3)
+    for key, value in model.state_dict().items():
+        assert_close(twin.state_dict()[key], value, rtol=1e-6, msg=key)
+
+
+def test_adam_state_is_initialised_before_the_decay_keys_join_it():
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, beta=0.1)
+    for seed in range(2):
+        one_step(model, optimizer, seed)
+    state = optimizer.state[model[0].weight]
+    assert {"step", "exp_avg", "exp_avg_sq", "norm_decay_buffer", "norm_decay_scale"} <= set(state)
+
+
+def test_projections_leave_frozen_and_foreign_weights_alone():
+    model = small_cnn(batchnorm=True)
+    model[0].weight.requires_grad_(False)  # frozen
+    held = [p for n, p in model.named_parameters() if not n.startswith("6.")]  # the head is not in the optimizer
+    with torch.no_grad():
+        model[0].weight.mul_(50)
+        model[6].weight.mul_(50)
+        model[1].weight.fill_(100.0)
+    frozen, foreign = model[0].weight.clone(), model[6].weight.clone()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(held, lr=0.0), model, beta=0.0, max_norm=0.5, bn_max_norm=1.0)
+    one_step(model, optimizer)
+    assert torch.equal(model[0].weight, frozen) and torch.equal(model[6].weight, foreign)
+    assert normopt.layer_norm(model.state_dict(), normopt.module_spec(model[3], "3", (8, 8)), 1) <= 0.5 * (1 + 1e-5)
+    assert "0" in optimizer.norm_decay.skipped and "6" in optimizer.norm_decay.skipped
+
+
+def test_max_norm_skips_a_layer_with_non_finite_weights():
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, beta=0.0, max_norm=0.5)
+    inputs, labels = next(batches(*DATA, 1, 16))
+    F.cross_entropy(model(inputs), labels).backward()
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")  # after backward: the gradients stay finite
+    before = model[3].weight.clone()
+    with pytest.warns(UserWarning, match=r"skipped layers \['3'\]"):
+        optimizer.step()
+    assert torch.equal(torch.nan_to_num(model[3].weight), torch.nan_to_num(before))
+    specs = normopt.layer_specs(model, DATA[0][:1])
+    assert normopt.layer_norm(model.state_dict(), specs["0"], 1) <= 0.5 * (1 + 1e-5)
+
+
+def test_the_released_batchnorm_projection_caps_the_argmax_channel_before_the_step():
+    model = small_cnn(batchnorm=True)
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([9.0, -8.0, 1.0, 0.5]))
+        model[1].running_var.fill_(1.0)
+    optimizer = NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, beta=0.0, bn_max_norm=5.0, bn_projection="released"
+    )
+    one_step(model, optimizer)
+    gamma, var = model[1].weight.detach(), model[1].running_var  # the training forward moved var
+    assert_close(gamma[0], 5 * (var[0] + model[1].eps) ** 0.5)
+    assert gamma[1] == -8.0  # only the largest channel is capped
+
+
+def test_the_reporter_reads_cpu_flags_at_once_and_never_reads_meta():
+    reporter = _NonFiniteReporter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reporter.push(["a", "b"], torch.ones(2, dtype=torch.bool, device="meta"))
+    with pytest.warns(UserWarning, match=r"\['b'\]"):
+        reporter.push(["a", "b"], torch.tensor([True, False]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reporter.push(["a", "b"], torch.tensor([True, False]))  # once per layer
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning", "ignore:Complex modules:UserWarning")
+@pytest.mark.parametrize(
+    ("make_model", "kwargs", "error", "match"),
+    [
+        (lambda: nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)), {}, ValueError, r"layer '0' has an empty weight"),
+        (lambda: nn.Sequential(nn.Linear(3, 2).to(torch.complex64)), {}, TypeError, r"layer '0' has complex weights"),
+        (small_cnn, {"exclude": "0"}, TypeError, r"exclude must be an iterable of module names, not the string '0'"),
+        (small_cnn, {"beta": 1e39}, ValueError, r"beta=1e\+39 is too large"),
+        (small_cnn, {"beta": True}, ValueError, "beta must be"),
+        (small_cnn, {"bn_projection": "argmax"}, ValueError, "unknown bn_projection"),
+        (small_cnn, {"max_norm": float("inf")}, ValueError, "max_norm must be a positive finite number"),
+    ],
+)
+def test_bad_input_is_refused_at_construction(make_model, kwargs, error, match):
+    model = make_model()
+    with pytest.raises(error, match=match):
+        NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes():
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.1)
+    one_step(model, optimizer)
+    optimizer.param_groups[0]["norm_decay_beta"] = float("inf")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="param group norm_decay_beta must be"):
+        one_step(model, optimizer, 1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -1,0 +1,195 @@
+"""norm_decay, the batched transformation: equal to the per-layer closed form and to the oracle, compilable."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from helpers import assert_close, conv_layers, explicit_matrix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normopt
+from normopt import norm_decay, norm_subgradient, paper_update, reference_update
+
+# h is kept in the weight's dtype; the per-layer rule and the scaled buffer round differently.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+MODES = ("zeros", "zeros", "circular", "reflect", "replicate")
+
+
+@st.composite
+def layer_sets(draw):
+    """One to three convolutions (transposed ones too), maybe a linear layer and a batch norm,
+    as ``({name: layer}, {name: spec}, {key: tensor})``, with keys ``"<name>.weight"``."""
+    layers, specs = {}, {}
+    for i in range(draw(st.integers(1, 3))):
+        transposed = i > 0 and draw(st.booleans())
+        layer, spec, _ = draw(conv_layers(transposed=True) if transposed else conv_layers(modes=MODES))
+        name = f"c{i}"
+        layers[name], specs[name] = layer, dataclasses.replace(spec, name=name, weight=f"{name}.weight")
+    if draw(st.booleans()):
+        layers["fc"] = nn.Linear(draw(st.integers(1, 6)), draw(st.integers(1, 6))).to(
+            draw(st.sampled_from([torch.float32, torch.float64]))
+        )
+        specs["fc"] = normopt.module_spec(layers["fc"], "fc")
+    if draw(st.booleans()):
+        bn = nn.BatchNorm1d(draw(st.integers(1, 5)))
+        with torch.no_grad():
+            bn.weight.uniform_(-2, 2)
+            bn.running_var.uniform_(0.1, 3)
+        layers["bn"], specs["bn"] = bn, normopt.module_spec(bn, "bn")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{name}.weight"] = layer.weight.detach().clone()
+        if isinstance(layer, nn.BatchNorm1d):
+            tensors[f"{name}.running_var"] = layer.running_var.clone()
+    return layers, specs, tensors
+
+
+def _step_per_layer(tensors, specs, h, ord, rule, beta, gamma):
+    """The per-layer closed form: subgradient, buffer rule, and the gradient it adds."""
+    added, norms = {}, {}
+    for name, spec in specs.items():
+        sub = norm_subgradient(tensors, spec, ord)
+        update = paper_update if rule == "paper" else reference_update
+        h[name] = update(h[name], sub, gamma)
+        added[name] = (beta / len(specs) if rule == "paper" else beta) * h[name]
+        norms[name] = sub.norm
+    return added, norms
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    layer_sets(),
+    st.sampled_from([1, math.inf]),
+    st.sampled_from(["paper", "reference"]),
+    st.floats(0.0, 1.0),
+    st.integers(0, 2**31 - 1),
+)
+def test_batched_update_equals_the_per_layer_closed_form(case, ord, rule, gamma, seed):
+    _, specs, tensors = case
+    transform = norm_decay(specs, ord=ord, rule=rule)
+    state = transform.init(tensors)
+    h = {name: torch.zeros_like(tensors[spec.weight]) for name, spec in specs.items()}
+    generator = torch.Generator().manual_seed(seed)
+    beta = 0.3
+    for _ in range(3):
+        grads = {spec.weight: torch.zeros_like(tensors[spec.weight]) for spec in specs.values()}
+        expected, norms = _step_per_layer(tensors, specs, h, ord, rule, beta, gamma)
+        grads, state, found = transform.update(grads, state, tensors, beta=beta, gamma=gamma)
+        for name, spec in specs.items():
+            rtol = TOLERANCE[tensors[spec.weight].dtype]
+            assert_close(found[name], norms[name], rtol=1e-6, msg=f"norm of {name}")
+            assert_close(state.decay_buffer(name), h[name], rtol=rtol, atol=rtol, msg=f"h of {name}")
+            assert_close(grads[spec.weight], expected[name], rtol=rtol, atol=rtol * beta, msg=f"gradient of {name}")
+        for key, tensor in tensors.items():  # move the weights so that the arg-max lines change
+            if key.endswith(".weight"):
+                noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(tensor.dtype)
+                tensor.add_(noise)
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_layers(transposed=False, modes=MODES), st.sampled_from([1, math.inf]))
+def test_first_reference_step_is_the_oracle_gradient_of_the_argmax_line(case, ord):
+    """With gamma = 0 the reference rule's buffer is the subgradient itself: the gradient of the
+    explicit matrix's arg-max line, and the norm is the matrix's largest line sum."""
+    layer, spec, input_shape = case
+    layer = layer.double()
+    tensors = {"layer.weight": layer.weight.detach()}
+    transform = norm_decay({"layer": spec}, ord=ord, rule="reference")
+    state = transform.init(tensors)
+    _, state, norms = transform.update({}, state, tensors, beta=1.0, gamma=0.0)
+    weight = layer.weight.detach().clone().requires_grad_()
+    line_sums = explicit_matrix(layer, input_shape, weight).abs().sum(1 if ord == math.inf else 0)
+    assert_close(norms["layer"], line_sums.max(), rtol=1e-10)
+    found = normopt.layer_argmax(tensors, spec, ord)
+    sizes = spec.output_size if ord == math.inf else spec.input_size
+    index = int(found.channel)
+    for p, n in zip(found.position.tolist(), sizes):
+        index = index * n + p
+    (oracle,) = torch.autograd.grad(line_sums[index], weight)
+    assert_close(line_sums[index], line_sums.max(), rtol=1e-10)
+    assert_close(state.decay_buffer("layer"), oracle, rtol=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_compiled_update_equals_eager(ord, rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(36, 5)
+    )
+    specs = normopt.layer_specs(model, torch.zeros(1, 3, 8, 8))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    transform = norm_decay(specs, ord=ord, rule=rule)
+
+    def run(update):
+        state = transform.init(tensors)
+        torch.manual_seed(1)
+        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
+        for _ in range(2):
+            grads, state, norms = update(grads, state, tensors, beta=0.1, gamma=0.5)
+        return grads, norms, {name: state.decay_buffer(name) for name in specs}
+
+    with torch.no_grad():
+        eager = run(transform.update)
+        compiled = run(torch.compile(transform.update, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        for key in a:
+            assert_close(b[key], a[key], rtol=1e-6, msg=key)
+
+
+def test_channels_last_weights_give_the_same_update():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    spec = normopt.module_spec(conv, "c", (9, 9))
+    plain = {"c.weight": conv.weight.detach().clone()}
+    last = {"c.weight": plain["c.weight"].to(memory_format=torch.channels_last)}
+    assert not last["c.weight"].is_contiguous()
+    for ord in (1, math.inf):
+        results = []
+        for tensors in (plain, last):
+            transform = norm_decay({"c": spec}, ord=ord)
+            grads = {"c.weight": torch.ones_like(tensors["c.weight"])}
+            grads, _, norms = transform.update(grads, transform.init(tensors), tensors, beta=1.0, gamma=0.5)
+            results.append((grads["c.weight"], norms["c"]))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_non_finite_weights_add_no_new_subgradient():
+    layer = nn.Linear(3, 2)
+    spec = normopt.module_spec(layer, "fc")
+    tensors = {"fc.weight": layer.weight.detach().clone()}
+    transform = norm_decay({"fc": spec}, ord=1, rule="paper")
+    state = transform.init(tensors)
+    _, state, _ = transform.update({}, state, tensors, beta=1.0, gamma=0.5)
+    before = state.decay_buffer("fc")
+    tensors["fc.weight"][0, 0] = float("nan")
+    grads = {"fc.weight": torch.zeros(2, 3)}
+    grads, state, norms = transform.update(grads, state, tensors, beta=1.0, gamma=0.5)
+    assert torch.isnan(norms["fc"])
+    assert_close(state.decay_buffer("fc"), 0.5 * before)  # decayed, nothing added
+    assert torch.isfinite(grads["fc.weight"]).all()
+
+
+@pytest.mark.parametrize(
+    ("specs", "kwargs", "match"),
+    [
+        ({}, {}, "specs is empty"),
+        ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"ord": 2}, "supports ord 1"),
+        ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"rule": "adam"}, "unknown rule"),
+        ({"bn": normopt.BatchNormSpec("bn", None, "v", 2, 1e-5)}, {}, "nothing to regularize"),
+    ],
+)
+def test_bad_arguments_are_refused(specs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        norm_decay(specs, **kwargs)
+
+
+def test_complex_weights_are_refused_by_name():
+    transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 2, 2)})
+    with pytest.raises(TypeError, match=r"layer 'fc'.*real floating-point"):
+        transform.init({"w": torch.zeros(2, 2, dtype=torch.complex64)})
