@@ -1,69 +1,188 @@
-"""Overhead of NormDecayOptimizer: a wrapped training step over a plain one, measured side by side.
+"""Cost of NormDecayOptimizer over a plain optimizer step, measured side by side in one run.
 
-CIFAR ResNet-18, batch 128 of 3x32x32 inputs, SGD with momentum; both models start from the same
-weights and run interleaved, so the ratio of their median step times is stable on a noisy machine.
+For the CIFAR ResNet-18 and RegNetX-200MF of the paper, both norms:
 
-    python -m benchmarks.optimizer [--repeats 7] [--batch 128] [--ord linf]
+* operators: aten operators dispatched by one wrapped step minus one plain SGD step (a
+  TorchDispatchMode counting every call: on a GPU each is a kernel launch or more);
+* step time: the optimizer step (norm decay + SGD with momentum) over the plain SGD step;
+* training step: a whole step of torchvision's ResNet-18 (batch of 32x32 images) wrapped over plain.
+
+With ``--released PATH`` (a checkout of the authors' code, github.com/youweiliang/norm_robustness,
+read and run, never copied) it also times their step (``add_lip_grad`` then SGD) against ours with
+``rule="reference"``, counts its operators, and checks that both give bit-identical weights. With
+``--compile`` it times ``torch.compile``d steps as well (inductor where a C compiler exists, else
+aot_eager). Medians of interleaved repeats; thread counts are set once (torch and BLAS).
+
+    python -m benchmarks.optimizer [--threads 2] [--repeats 15] [--batch 128] [--released PATH] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
+import math
 import platform
+import shutil
+import sys
 
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import normopt
-from benchmarks.timing import interleaved_medians
-from experiments.models import resnet18
+from benchmarks.timing import count_operators, interleaved_medians, set_threads
+from experiments.models import regnetx_200mf, resnet18
+
+MODELS = {"ResNet-18": resnet18, "RegNetX-200MF": regnetx_200mf}
+ORDS = {"l1": (1, "1-norm"), "linf": (math.inf, "inf-norm")}
 
 
-def main(argv=None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--ord", default="l1")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+def _with_grads(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 10, (8,), generator=generator)
+    F.cross_entropy(model(x), y).backward()
+    return model
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _wrapped(model, ord, rule="paper"):
+    example = torch.zeros(1, 3, 32, 32)
+    return normopt.NormDecayOptimizer(_sgd(model), model, ord=ord, beta=1e-3, rule=rule, example_input=example)
+
+
+def _released_step(model, norm: str):
+    from lip.add_lip import bind_lip  # the authors' code, from --released
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per skipped layer
+        bind_lip(model, norm=norm, beta=1e-3)
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 32, 32))  # their forward hook builds the partitions
+        model.train()
+    optimizer = _sgd(model)
+
+    def step():
+        model.add_lip_grad(linear=True, conv=True, bn=False)
+        optimizer.step()
+
+    return step
+
+
+def optimizer_steps(repeats: int, released: bool, compile_backend: str | None) -> list[dict]:
+    rows = []
+    for label, make in MODELS.items():
+        torch.manual_seed(0)
+        base = make()
+        for ord_name, (ord, released_norm) in ORDS.items():
+            plain_model, ours_model = _with_grads(copy.deepcopy(base)), _with_grads(copy.deepcopy(base))
+            plain, ours = _sgd(plain_model), _wrapped(ours_model, ord, "reference" if released else "paper")
+            plain.step(), ours.step()  # first steps create the momentum buffers and the decay state
+            row = {"model": label, "ord": ord_name, "layers": len(ours.norm_decay.decayed)}
+            row["added operators"] = count_operators(ours.step) - count_operators(plain.step)
+            steps = {"plain": plain.step, "ours": ours.step}
+            if released:
+                released_model = _with_grads(copy.deepcopy(base))
+                steps["released"] = _released_step(released_model, released_norm)
+                row["released added operators"] = count_operators(steps["released"]) - count_operators(plain.step)
+            if compile_backend:
+                compiled_model = _with_grads(copy.deepcopy(base))
+                compiled = _wrapped(compiled_model, ord)
+                compiled.step()
+                compiled.step = torch.compile(compiled.step, backend=compile_backend)
+                steps["ours compiled"] = compiled.step
+            medians = interleaved_medians(steps, repeats=repeats, warmup=2)
+            row["ours / plain"] = medians["ours"] / medians["plain"]
+            if released:
+                row["ours / released"] = medians["ours"] / medians["released"]
+            if compile_backend:
+                row[f"compiled ({compile_backend}) / plain"] = medians["ours compiled"] / medians["plain"]
+            row["plain ms"] = medians["plain"] * 1e3
+            rows.append(row)
+    return rows
+
+
+def bit_identity(steps: int = 20) -> dict[str, bool]:
+    """Weights after ``steps`` SGD steps with rule="reference" and with the released code, from the same start."""
+    result = {}
+    for ord_name, (ord, released_norm) in ORDS.items():
+        torch.manual_seed(0)
+        ours_model, their_model = resnet18(), resnet18()
+        their_model.load_state_dict(ours_model.state_dict())
+        ours = _wrapped(ours_model, ord, "reference")
+        theirs = _released_step(their_model, released_norm)
+        for step in range(steps):
+            for model, run in ((ours_model, ours.step), (their_model, theirs)):
+                model.zero_grad()
+                _with_grads(model, seed=step)
+                run()
+        result[ord_name] = all(
+            torch.equal(a, b) for a, b in zip(ours_model.state_dict().values(), their_model.state_dict().values())
+        )
+    return result
+
+
+def training_steps(repeats: int, batch: int) -> dict[str, float]:
+    """A whole step (forward, backward, optimizer) of torchvision's ResNet-18, wrapped over plain."""
     torch.manual_seed(0)
-    plain_model = resnet18().to(device)
-    wrapped_model = copy.deepcopy(plain_model)
-    plain = torch.optim.SGD(plain_model.parameters(), lr=0.01, momentum=0.9)
-    wrapped = normopt.NormDecayOptimizer(
-        torch.optim.SGD(wrapped_model.parameters(), lr=0.01, momentum=0.9), wrapped_model, ord=args.ord, beta=1e-3
-    )
-    inputs = torch.randn(args.batch, 3, 32, 32, device=device)
-    labels = torch.randint(0, 10, (args.batch,), device=device)
+    base = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    steps = {}
+    for name, ord in (("plain", None), ("l1", 1), ("linf", math.inf)):
+        model = copy.deepcopy(base)
+        optimizer = _sgd(model) if ord is None else normopt.NormDecayOptimizer(_sgd(model), model, ord=ord, beta=1e-3)
 
-    def step(model, optimizer):
-        def run():
+        def step(model=model, optimizer=optimizer):
             optimizer.zero_grad()
-            F.cross_entropy(model(inputs), labels).backward()
+            F.cross_entropy(model(x), y).backward()
             optimizer.step()
 
-        return run
+        steps[name] = step
+    medians = interleaved_medians(steps, repeats=repeats, warmup=1)
+    return {
+        "plain s": medians["plain"],
+        "l1 / plain": medians["l1"] / medians["plain"],
+        "linf / plain": medians["linf"] / medians["plain"],
+    }
 
-    def decay_only():
-        wrapped.norm_decay.add_to_gradients()
 
-    medians = interleaved_medians(
-        {"plain": step(plain_model, plain), "wrapped": step(wrapped_model, wrapped), "decay": decay_only},
-        repeats=args.repeats,
-        warmup=1,
-    )
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (set once)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=128, help="batch of the whole training step")
+    parser.add_argument("--train-repeats", type=int, default=5, help="repeats of the whole training step (0: skip)")
+    parser.add_argument("--released", help="checkout of youweiliang/norm_robustness, to run their step beside ours")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    if args.released:
+        sys.path.insert(0, args.released)
+    backend = ("inductor" if shutil.which("cc") or shutil.which("gcc") else "aot_eager") if args.compile else None
     cpu = platform.processor() or platform.machine()
-    print(f"device: {device} ({cpu}, {torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(
-        f"ResNet-18, batch {args.batch}, SGD momentum 0.9, norm decay ord={args.ord}; medians of {args.repeats} interleaved runs"
-    )
-    print(f"plain step          {medians['plain'] * 1e3:10.1f} ms")
-    print(f"wrapped step        {medians['wrapped'] * 1e3:10.1f} ms")
-    print(f"norm decay alone    {medians['decay'] * 1e3:10.1f} ms")
-    print(f"ratio wrapped/plain {medians['wrapped'] / medians['plain']:10.3f}")
-    return medians
+    print(f"CPU ({cpu}), {args.threads} threads for torch and BLAS, torch {torch.__version__}")
+    print(f"medians of {args.repeats} interleaved repeats")
+    rows = optimizer_steps(args.repeats, bool(args.released), backend)
+    columns = list(rows[0])
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    results = {"steps": rows}
+    if args.released:
+        results["bit identical"] = bit_identity()
+        print("rule='reference' vs released code, ResNet-18, 20 steps: weights bit-identical:", results["bit identical"])
+    if args.train_repeats:
+        results["training"] = training_steps(args.train_repeats, args.batch)
+        print(
+            f"torchvision ResNet-18, batch {args.batch} of 32x32, whole training step:",
+            {k: round(v, 4) for k, v in results["training"].items()},
+        )
+    return results
 
 
 if __name__ == "__main__":

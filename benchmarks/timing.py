@@ -1,4 +1,4 @@
-"""Side-by-side timing: interleaved repeats, medians, ratios."""
+"""Side-by-side timing: interleaved repeats, medians, ratios; operator counts; thread settings."""
 
 from __future__ import annotations
 
@@ -7,6 +7,37 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def set_threads(threads: int) -> None:
+    """Set torch's and the BLAS libraries' thread counts once, for the whole benchmark.
+
+    Oversubscribed threads (a pool per library, each as large as the machine) made SciPy's SVD
+    up to 20x slower on a shared machine.
+    """
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(fn: Callable[[], object]) -> int:
+    """Number of aten operators ``fn`` dispatches (every call; views included): on a GPU, each is
+    at least one kernel launch or host-side dispatch."""
+    with _Counter() as counter:
+        fn()
+    return counter.calls
 
 
 def _synchronize() -> None:
