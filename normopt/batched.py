@@ -99,10 +99,10 @@ class BatchPlan:
 
 
 @functools.lru_cache(maxsize=256)
-def batch_plan(specs: tuple[Spec, ...], ord: float) -> tuple[tuple[int, ...], BatchPlan]:
+def batch_plan(specs: tuple[Spec, ...], ord: float, released_order: bool = False) -> tuple[tuple[int, ...], BatchPlan]:
     """The batch of ``specs`` (one device and dtype): the order it keeps them in (batch norms last) and its plan."""
     order = tuple(sorted(range(len(specs)), key=lambda i: isinstance(specs[i], BatchNormSpec)))
-    plans = tuple(line_plan(specs[i], ord) for i in order)
+    plans = tuple(line_plan(specs[i], ord, released_order) for i in order)
     eps = tuple(specs[i].eps if isinstance(specs[i], BatchNormSpec) else None for i in order)
     return order, BatchPlan(plans, eps)
 

@@ -23,6 +23,7 @@ table.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -137,6 +138,10 @@ class LinePlan:
         positions: per spatial axis, one position that has each of that axis' patterns (``-1``
             when the input size is unknown), for reporting where a norm is attained.
         batchnorm: whether the layer is an eval-mode batch norm (a diagonal map).
+        released_order: add the weights of each column in the order the authors' released code
+            does (one reduction over output channels and taps; a strided pattern's taps gathered
+            column by column), so that near-ties between columns resolve as there and
+            ``rule="reference"`` reproduces its weights bit for bit. Slower for stride-1 columns.
     """
 
     name: str
@@ -147,6 +152,7 @@ class LinePlan:
     counts: Table | None = None
     positions: tuple[tuple[int, ...], ...] = ()
     batchnorm: bool = False
+    released_order: bool = False
 
     @property
     def taps(self) -> int:
@@ -198,6 +204,18 @@ class LinePlan:
         return tuple(o * stride + i for o in range(self.shape[0] // self.groups) for i in range(self.taps))
 
     @property
+    def released_taps(self) -> tuple[tuple[int, ...], ...] | None:
+        """Per pattern, its taps in the released code's gathering order (column by column), when
+        :attr:`released_order` applies: a 2-D convolution's columns, each tap at most once per line."""
+        if not self.released_order or self.kind != "columns" or self.groups != 1 or len(self.shape) != 4:
+            return None
+        if self.counts is None or self.membership is not None or any(c > 1 for row in self.counts for c in row):
+            return None
+        width = self.shape[3]
+        column_by_column = lambda i: (i % width, i // width)
+        return tuple(tuple(sorted((i for i, c in enumerate(row) if c), key=column_by_column)) for row in self.counts)
+
+    @property
     def tap_counts(self) -> Table:
         """``P x K``: how often each tap of a slice enters each pattern's line (after folding)."""
         if self.counts is None:
@@ -234,8 +252,10 @@ def _conv_plan(spec: LinearSpec | ConvSpec, kind: str) -> LinePlan:
 
 
 @functools.lru_cache(maxsize=4096)
-def line_plan(spec: Spec, ord) -> LinePlan:
+def line_plan(spec: Spec, ord, released_order: bool = False) -> LinePlan:
     """The plan of a layer's rows (``ord=inf``) or columns (``ord=1``); cached, a step pays none of it.
+
+    ``released_order``: sum columns in the released code's order (see :class:`LinePlan`).
 
     Example:
         >>> from normopt.specs import ConvSpec
@@ -249,7 +269,8 @@ def line_plan(spec: Spec, ord) -> LinePlan:
         return LinePlan(spec.name, "rows", (spec.num_features,), batchnorm=True)
     if not isinstance(spec, (LinearSpec, ConvSpec)):
         raise TypeError(f"no operator-norm rule for spec {type(spec).__name__} of layer {getattr(spec, 'name', '?')!r}")
-    return _conv_plan(spec, line_kind(spec, ord))
+    plan = _conv_plan(spec, line_kind(spec, ord))
+    return dataclasses.replace(plan, released_order=True) if released_order else plan
 
 
 class LineTables(NamedTuple):
@@ -260,12 +281,14 @@ class LineTables(NamedTuple):
         reduce: ``(G or K) x P`` (transposed counts) in the accumulation dtype, or None.
         tap_counts: ``P x K`` in the accumulation dtype: the subgradient's multiplicities.
         positions: per spatial axis, the positions of its patterns (int64).
+        released_taps: per pattern, :attr:`LinePlan.released_taps` (int64), or None.
     """
 
     membership: torch.Tensor | None
     reduce: torch.Tensor | None
     tap_counts: torch.Tensor
     positions: tuple[torch.Tensor, ...]
+    released_taps: tuple[torch.Tensor, ...] | None = None
 
 
 def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> LineTables:
@@ -286,7 +309,14 @@ def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> Lin
         reduce=tensor(plan.counts),
         tap_counts=torch.tensor(plan.tap_counts, dtype=acc, device=device).reshape(plan.patterns, -1),
         positions=tuple(torch.tensor(p, dtype=torch.int64, device=device) for p in plan.positions),
+        released_taps=None
+        if plan.released_taps is None
+        else tuple(torch.tensor(t, dtype=torch.int64, device=device) for t in plan.released_taps),
     )
+
+
+# Below this many weights a layer's cost is its operators, not its memory traffic.
+ONE_REDUCTION = 1 << 16
 
 
 def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dtype) -> torch.Tensor:
@@ -300,6 +330,9 @@ def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dt
     taps = tuple(range(2, x.dim()))
     if plan.kind == "rows":
         summed = x.sum((1,) if keep_taps else (1, *taps), dtype=acc)
+    elif plan.groups == 1 and not keep_taps and (plan.released_order or x.numel() <= ONE_REDUCTION):
+        # One reduction, as the released code: slower per weight, but one operator less.
+        summed = x.sum((0, *taps), dtype=acc)
     elif plan.groups == 1:
         summed = x.sum(0, dtype=acc)
         if not keep_taps and taps:
@@ -335,6 +368,9 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
         return (_channel_sum(x, plan, True, acc) @ tables.reduce).reshape(-1)
     if plan.counts is None:
         return _channel_sum(_abs(weight, scratch), plan, False, acc)
+    if tables.released_taps is not None:  # each pattern's taps gathered and added as the released code does
+        flat = _abs(weight, scratch).reshape(plan.shape[0], plan.shape[1], plan.taps)
+        return torch.stack([flat.index_select(2, t).sum((0, 2), dtype=acc) for t in tables.released_taps], 1).reshape(-1)
     return (_channel_sum(_abs(weight, scratch), plan, True, acc) @ tables.reduce).reshape(-1)
 
 

@@ -242,6 +242,8 @@ class NormDecay:
                     self.decayed[name] = spec
                 if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
                     self.bn_projected[name] = spec
+        # Groups keep their order (load_state_dict replaces the dicts, not their order).
+        self._group_of = {name: held[id(self._modules[name].weight)] for name in self.decayed}
         self._tensors = {}
         for name, spec in {**self.decayed, **self.bn_projected}.items():
             module = self._modules[name]
@@ -278,14 +280,19 @@ class NormDecay:
     # -- the step ---------------------------------------------------------------------------------
 
     def _hyper(self) -> tuple[dict[str, float], dict[str, float]]:
-        held = self._held()
-        groups = self.optimizer.param_groups
-        betas, gammas = {}, {}
-        for name in self.decayed:
-            group = groups[held[id(self._modules[name].weight)]]
-            betas[name] = check_beta(group.get(BETA, self.optimizer.defaults.get(BETA)), f"param group {BETA}")
-            gammas[name] = check_gamma(group.get(GAMMA, self.optimizer.defaults.get(GAMMA)), f"param group {GAMMA}")
-        return betas, gammas
+        """Each regularized layer's beta and gamma, read from its param group now (checked once per group)."""
+        defaults = self.optimizer.defaults
+        per_group = [
+            (
+                check_beta(group.get(BETA, defaults.get(BETA)), f"param group {BETA}"),
+                check_gamma(group.get(GAMMA, defaults.get(GAMMA)), f"param group {GAMMA}"),
+            )
+            for group in self.optimizer.param_groups
+        ]
+        return (
+            {name: per_group[i][0] for name, i in self._group_of.items()},
+            {name: per_group[i][1] for name, i in self._group_of.items()},
+        )
 
     @torch.no_grad()
     def before_step(self) -> None:

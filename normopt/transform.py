@@ -6,7 +6,8 @@ l_inf norm (see :mod:`normopt.decay`), one ``update`` does
 * ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021): :math:`h \leftarrow \gamma h + (1-\gamma) p`,
   :math:`\nabla W \mathrel{+}= (\beta / N) h`, with ``N`` the number of regularized layers;
 * ``rule="reference"`` (the authors' released code): :math:`h \leftarrow \gamma h`, the arg-max
-  line of ``h`` set to ``p``, :math:`\nabla W \mathrel{+}= \beta h`.
+  line of ``h`` set to ``p``, :math:`\nabla W \mathrel{+}= \beta h`. Columns are summed in the
+  released code's order (see :class:`normopt.lines.LinePlan`), so that near-ties resolve as there.
 
 Every layer of one device and dtype is computed together (:mod:`normopt.batched`): the number of
 operations grows by about three per layer, nothing is read back to the host, and the update
@@ -154,7 +155,7 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
         layout.clear()
         buffers, scales, tables, scratch, views = [], [], [], [], {}
         for (device, dtype), members in by_batch.items():
-            order, plan = batch_plan(tuple(specs[n] for n in members), ord)
+            order, plan = batch_plan(tuple(specs[n] for n in members), ord, rule == "reference")
             members = tuple(members[i] for i in order)
             layout.append((members, plan))
             tables.append(batch_tables(plan, device, dtype))
@@ -190,8 +191,11 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
             found = argmax_slices(padded_line_sums(lines, plan, tables), tables)
             values, counts = slice_subgradients(weights, found, factors, plan, tables)
             finite = torch.isfinite(found.norms).unsqueeze(1)
-            layer_scales = [all_views[n][1] for n in members]
-            torch._foreach_mul_(layer_scales, [gammas[n] for n in members])  # h <- gamma h, on the scales only
+            decays = [gammas[n] for n in members]
+            if len(set(decays)) == 1:  # h <- gamma h, on the scales only
+                scale.mul_(decays[0])
+            else:
+                torch._foreach_mul_([all_views[n][1] for n in members], decays)
             at = torch.where(tables.valid, tables.buffer_offset + found.entries, buffer.numel() - 1)
             scale_at = torch.where(tables.valid, tables.scale_offset + found.scales, scale.numel() - 1)
             current = buffer.take(at) * scale.take(scale_at)  # h on the arg-max slices
@@ -210,8 +214,14 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
             have = [(n, s) for n, s in zip(members, member_specs) if grads.get(s.weight) is not None]
             if have:
                 count = len(names) if per_layer_beta else 1
-                scaled = torch._foreach_mul([all_views[n][1] for n, _ in have], [betas[n] / count for n, _ in have])
-                torch._foreach_addcmul_([grads[s.weight] for _, s in have], [all_views[n][0] for n, _ in have], scaled)
+                strengths = [betas[n] / count for n, _ in have]
+                layer_scales = [all_views[n][1] for n, _ in have]
+                if len(set(strengths)) == 1:
+                    value = strengths[0]
+                else:
+                    layer_scales, value = torch._foreach_mul(layer_scales, strengths), 1.0
+                buffers = [all_views[n][0] for n, _ in have]
+                torch._foreach_addcmul_([grads[s.weight] for _, s in have], buffers, layer_scales, value=value)
             norms.update(zip(members, found.norms.unbind(0)))
         return grads, state, {n: norms[n] for n in names}
 

@@ -1,0 +1,57 @@
+"""Line plans: the Kronecker pattern tables, the slice layout, the released summation order."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import conv_layers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normopt
+from normopt.lines import line_plan, line_sums, line_tables
+
+
+@settings(max_examples=80, deadline=None)
+@given(conv_layers(modes=("zeros", "circular", "reflect", "replicate")), st.sampled_from([1, math.inf]))
+def test_each_channel_slice_holds_exactly_the_entries_of_its_lines(case, ord):
+    """The slice of channel c, built from slice_base and slice_offsets, is the set of kernel entries
+    whose line-sum gradient is non-zero for some line of that channel (with all weights 1)."""
+    _, spec, _ = case
+    plan = line_plan(spec, ord)
+    weight = torch.ones(plan.shape, dtype=torch.float64, requires_grad=True)
+    sums = line_sums(weight, plan, line_tables(plan, weight.device, weight.dtype))
+    for channel in range(plan.channels):
+        (grad,) = torch.autograd.grad(sums[channel].sum(), weight, retain_graph=True)
+        touched = set(grad.reshape(-1).nonzero().flatten().tolist())
+        index = set(plan.slice_index(torch.tensor(channel)).tolist())
+        assert touched <= index and len(index) == plan.slice_size
+
+
+def test_released_order_gathers_a_patterns_taps_column_by_column():
+    spec = normopt.module_spec(nn.Conv2d(2, 3, 3, stride=2, padding=1), "c", (8, 8))
+    plan = line_plan(spec, 1, released_order=True)
+    assert {frozenset(t) for t in plan.released_taps} == {frozenset(i for i, c in enumerate(r) if c) for r in plan.counts}
+    assert (0, 6, 2, 8) in plan.released_taps  # corners: column 0 (taps 0, 6), then column 2 (2, 8)
+    assert line_plan(spec, math.inf, released_order=True).released_taps is None  # rows need no reordering
+    weight = torch.randn(plan.shape, dtype=torch.float64)
+    fast, released = line_plan(spec, 1), plan
+    for p in (fast, released):
+        assert p.lines == 2 * 4  # two input channels, four residue patterns
+    torch.testing.assert_close(
+        line_sums(weight, released, line_tables(released, weight.device, weight.dtype)),
+        line_sums(weight, fast, line_tables(fast, weight.device, weight.dtype)),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_summed_in_float32(dtype):
+    spec = normopt.LinearSpec("fc", "w", 4096, 1)
+    weight = torch.full((1, 4096), 0.1, dtype=dtype)
+    plan = line_plan(spec, math.inf)
+    sums = line_sums(weight, plan, line_tables(plan, weight.device, weight.dtype))
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums, torch.tensor([[4096 * float(weight[0, 0])]]))
