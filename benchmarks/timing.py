@@ -49,18 +49,21 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
     """Median wall time (seconds) of each function, the functions run in turn within each repeat.
 
     Interleaving exposes every function to the same machine noise, so their ratio is stable even
-    when absolute times drift.
+    when absolute times drift; the order rotates from repeat to repeat, so that no function always
+    runs first (after the others have warmed or cooled the caches).
     """
     for _ in range(warmup):
         for fn in functions.values():
             fn()
     _synchronize()
+    names = list(functions)
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, fn in functions.items():
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             _synchronize()
             start = time.perf_counter()
-            fn()
+            functions[name]()
             _synchronize()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
