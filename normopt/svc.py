@@ -133,28 +133,42 @@ def _gram_values(t: np.ndarray) -> np.ndarray:
     return values.clamp_(min=0).sqrt_().numpy()
 
 
-def _gram_clip(t: np.ndarray, bound: float) -> np.ndarray:
-    """Each matrix with its singular values clipped at ``bound``, from the eigenvectors of its Gram matrix.
+def _gram_clip(t: np.ndarray, bound: float, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each matrix with its singular values clipped at ``bound``, from the eigenvectors of its Gram matrix;
+    and which matrices had a singular value above ``limit`` (the others come back unchanged).
 
     With ``K^H K = V diag(s^2) V^H``: ``K V diag(min(1, c/s)) V^H = K - K V diag(1 - min(1, c/s)) V^H``;
     the second form leaves the unclipped directions exactly as they were (no ``V V^H = I`` round-off).
+    A Gram matrix whose largest absolute row sum is at most ``limit^2`` bounds its largest
+    eigenvalue by that, so those frequencies skip the eigendecomposition.
     """
     k = torch.from_numpy(t)
-    values, vectors = torch.linalg.eigh(_gram(k))
+    gram = _gram(k)
+    candidates = gram.abs().sum(-1).amax(-1) > limit * limit
+    need = torch.zeros(len(k), dtype=torch.bool)
+    if not candidates.any():
+        return t, need.numpy()
+    k_c = k[candidates]
+    values, vectors = torch.linalg.eigh(gram[candidates])
     s = values.clamp(min=0).sqrt()
+    need[candidates] = s[:, -1] > limit
     shrink = (1.0 - torch.clamp(bound / s.clamp(min=torch.finfo(s.dtype).tiny), max=1.0)).to(k.dtype)
     if k.shape[-2] >= k.shape[-1]:
-        return (k - ((k @ vectors) * shrink[..., None, :]) @ vectors.mH).numpy()
-    return (k - (vectors * shrink[..., None, :]) @ (vectors.mH @ k)).numpy()
+        clipped = k_c - ((k_c @ vectors) * shrink[..., None, :]) @ vectors.mH
+    else:
+        clipped = k_c - (vectors * shrink[..., None, :]) @ (vectors.mH @ k_c)
+    out = k.clone()
+    out[candidates] = clipped
+    return out.numpy(), need.numpy()
 
 
 def _svd_values(t: np.ndarray) -> np.ndarray:
     return _svd(t, compute_uv=False)
 
 
-def _svd_clip(t: np.ndarray, bound: float) -> np.ndarray:
+def _svd_clip(t: np.ndarray, bound: float, limit: float) -> tuple[np.ndarray, np.ndarray]:
     u, s, vh = _svd(t, compute_uv=True)
-    return (u * np.minimum(s, bound)[..., None, :]) @ vh
+    return (u * np.minimum(s, bound)[..., None, :]) @ vh, np.ones(len(t), dtype=bool)  # no skipping
 
 
 def _resolve_threads(threads) -> int:
@@ -179,6 +193,8 @@ def _map_blocks(fn, matrices: np.ndarray, threads: int, *args) -> np.ndarray:
                 parts = list(pool.map(lambda a, b: fn(matrices[a:b], *args), bounds[:-1], bounds[1:]))
     finally:
         torch.set_num_threads(torch_threads)
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*parts))
     return np.concatenate(parts)
 
 
@@ -269,14 +285,7 @@ def _clip(kernel, input_size, bound, groups, dilation, iterations, method, preci
     for round_ in range(iterations):
         t = _transfer(dilated, input_size, dtype, threads)
         matrices = np.ascontiguousarray(t.reshape(-1, *t.shape[-2:]))
-        if method == "svd":  # the first version: a full SVD of every frequency, no skipping
-            need = np.ones(len(matrices), dtype=bool)
-            matrices = _map_blocks(_svd_clip, matrices, threads, bound)
-        else:
-            need = _map_blocks(_gram_values, matrices, threads)[:, -1] > limit
-            if need.any():
-                matrices = matrices.copy()
-                matrices[need] = _map_blocks(_gram_clip, np.ascontiguousarray(matrices[need]), threads, bound)
+        matrices, need = _map_blocks(_gram_clip if method == "gram" else _svd_clip, matrices, threads, bound, limit)
         if round_ == 0:
             frequencies, clipped_first = len(need), int(need.sum())
         if not need.any():
