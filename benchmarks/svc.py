@@ -1,64 +1,133 @@
-"""Time of singular values and singular value clipping (SciPy complex SVD) of conv layers.
+"""Time of singular values and singular value clipping of conv layers: the Gram path against the
+first version's full complex SVD, side by side in one run.
 
 The paper's six layer shapes on a 32x32 input, and every conv layer of a CIFAR ResNet-18 at its
-real input size (the circular convolution on the padded input, as SVC uses it). Medians. The
-largest shapes take tens of seconds per call on a 2-core CPU: the full run takes several minutes.
+real input size (the circular convolution on the padded input, as SVC uses it); one clip at bound
+1.0 of freshly initialised weights (nearly every frequency exceeds it: the worst case of a clip).
+Thread counts are set once (``--threads``, torch and BLAS; the Gram path's pool takes the same
+number). Medians of interleaved repeats; ratios are SVD time / Gram time. ``--busy N`` also times
+the ResNet-18 clip with N busy single-threaded processes beside it (``python -c 'while True:
+pass'``), alternating with idle runs, and prints busy / idle. The SVD side of the large shapes takes
+tens of seconds per call on a 2-core CPU: the full run takes several minutes.
 
-    python -m benchmarks.svc [--repeats 3]
+    python -m benchmarks.svc [--repeats 3] [--threads 2] [--busy 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
+import subprocess
+import sys
+import time
 
 import scipy
 import torch
 
 import normopt
 from benchmarks.norms import PAPER_SHAPES
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import interleaved_medians, set_threads
 from experiments.models import resnet18
-from normopt.svc import clip_layer, conv_singular_values, padded_input_size
+from normopt.svc import clip_layer, clip_layer_counted, clip_singular_values, conv_singular_values, padded_input_size
 
 
-def main(argv=None) -> list[tuple[str, float, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
+def _paper_rows(repeats: int, threads: int) -> list[tuple]:
     rows = []
     for k, c_in, c_out in PAPER_SHAPES:
         weight = torch.randn(c_out, c_in, k, k)
         medians = interleaved_medians(
             {
-                "sv": lambda w=weight: conv_singular_values(w, 32),
-                "clip": lambda w=weight: normopt.svc.clip_singular_values(w, 32, 1.0),
+                f"sv {method}": lambda w=weight, m=method: conv_singular_values(w, 32, method=m, threads=threads)
+                for method in ("gram", "svd")
+            }
+            | {
+                f"clip {method}": lambda w=weight, m=method: clip_singular_values(w, 32, 1.0, method=m, threads=threads)
+                for method in ("gram", "svd")
             },
-            repeats=args.repeats,
+            repeats=repeats,
             warmup=0,  # each call is seconds long; nothing to warm
         )
-        rows.append((f"conv {k}x{k} ({c_in},{c_out}) on 32x32", medians["sv"], medians["clip"]))
+        rows.append((f"conv {k}x{k} ({c_in},{c_out}) on 32x32", medians))
+    return rows
+
+
+def _resnet18():
     model = resnet18()
     specs = normopt.layer_specs(model, torch.zeros(1, 3, 32, 32))
     convs = {n: s for n, s in specs.items() if isinstance(s, normopt.ConvSpec)}
-    weights = {n: model.get_submodule(n).weight for n in convs}
+    return convs, {n: model.get_submodule(n).weight for n in convs}
 
-    def all_sv():
+
+def _busy_ratio(clip_all, processes: int, repeats: int) -> tuple[float, float]:
+    """Median time of ``clip_all`` idle and with ``processes`` busy single-threaded processes beside it."""
+    idle, busy = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        clip_all()
+        idle.append(time.perf_counter() - start)
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+        try:
+            time.sleep(0.5)  # let them start spinning
+            start = time.perf_counter()
+            clip_all()
+            busy.append(time.perf_counter() - start)
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
+    return statistics.median(idle), statistics.median(busy)
+
+
+def main(argv=None) -> list[tuple]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch, BLAS and pool threads, set once (default 2)")
+    parser.add_argument("--busy", type=int, default=0, help="also time the ResNet-18 clip beside N busy processes")
+    parser.add_argument("--skip-shapes", action="store_true", help="only ResNet-18")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    rows = [] if args.skip_shapes else _paper_rows(args.repeats, args.threads)
+    convs, weights = _resnet18()
+
+    def all_sv(method):
         for n, s in convs.items():
-            conv_singular_values(weights[n], padded_input_size(s), groups=s.groups, dilation=s.dilation)
+            conv_singular_values(weights[n], padded_input_size(s), groups=s.groups, dilation=s.dilation, method=method)
 
-    def all_clip():
+    def all_clip(method):
         for n, s in convs.items():
-            clip_layer(weights[n], s, 1.0)
+            clip_layer(weights[n], s, 1.0, method=method, threads=args.threads)
 
-    medians = interleaved_medians({"sv": all_sv, "clip": all_clip}, repeats=args.repeats, warmup=0)
-    rows.append((f"ResNet-18, all {len(convs)} convs", medians["sv"], medians["clip"]))
+    medians = interleaved_medians(
+        {
+            f"{kind} {m}": (lambda k=kind, m=m: (all_sv if k == "sv" else all_clip)(m))
+            for kind in ("sv", "clip")
+            for m in ("gram", "svd")
+        },
+        repeats=args.repeats,
+        warmup=0,
+    )
+    rows.append((f"ResNet-18, all {len(convs)} convs", medians))
+    counts = [clip_layer_counted(weights[n], s, 1.0)[1:] for n, s in convs.items()]
     cpu = platform.processor() or platform.machine()
-    print(f"CPU ({cpu}, {torch.get_num_threads()} threads), SciPy {scipy.__version__}; medians of {args.repeats} repeats")
-    print(f"{'layer':36} {'singular values s':>18} {'clip s':>10}")
-    for label, sv, clip in rows:
-        print(f"{label:36} {sv:18.3f} {clip:10.3f}")
+    print(
+        f"CPU ({cpu}), threads set once: torch {torch.get_num_threads()}, BLAS and pool {args.threads}; SciPy {scipy.__version__}"
+    )
+    print(f"medians of {args.repeats} interleaved repeats, seconds; ratio = full SVD / Gram")
+    print(f"{'layer':36} {'sv gram':>9} {'sv svd':>9} {'ratio':>6} {'clip gram':>10} {'clip svd':>9} {'ratio':>6}")
+    for label, m in rows:
+        sv_ratio, clip_ratio = m["sv svd"] / m["sv gram"], m["clip svd"] / m["clip gram"]
+        print(
+            f"{label:36} {m['sv gram']:9.3f} {m['sv svd']:9.3f} {sv_ratio:6.2f}"
+            f" {m['clip gram']:10.3f} {m['clip svd']:9.3f} {clip_ratio:6.2f}"
+        )
+    print(f"ResNet-18 clip at 1.0: {sum(c for _, c in counts)} of {sum(f for f, _ in counts)} frequencies exceeded it")
+    if args.busy:
+        idle, busy = _busy_ratio(lambda: all_clip("gram"), args.busy, args.repeats)
+        print(
+            f"ResNet-18 Gram clip: idle {idle:.3f} s, beside {args.busy} busy processes {busy:.3f} s: busy/idle {busy / idle:.2f}"
+        )
     return rows
 
 

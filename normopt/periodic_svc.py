@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -10,7 +11,25 @@ from torch import nn
 
 from normopt.discovery import InputSizeRecorder, layer_specs, unwrap
 from normopt.specs import ConvSpec
-from normopt.svc import clip_layer, layer_spectral_bound
+from normopt.svc import INPUT_SIZES, clip_layer_counted, layer_spectral_bound
+
+
+@dataclass(frozen=True)
+class ClipReport:
+    """How much work one clip of a model took.
+
+    Attributes:
+        layers: conv layers looked at.
+        layers_clipped: layers with at least one frequency above the bound (the others are left
+            untouched: their circular spectral norm is already at most the bound).
+        frequencies: per-group transfer matrices (real-FFT half) of all layers.
+        frequencies_clipped: those whose largest singular value exceeded the bound.
+    """
+
+    layers: int
+    layers_clipped: int
+    frequencies: int
+    frequencies_clipped: int
 
 
 class PeriodicSVC:
@@ -23,7 +42,13 @@ class PeriodicSVC:
     ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
     same bits whatever its LAPACK does. With ``report=True`` each clip records, in ``last_norms``,
     every layer's circular spectral norm after the crop (one more SVD per layer), which shows how
-    far above ``bound`` the crop to the kernel's support left it.
+    far above ``bound`` the crop to the kernel's support left it. Every clip records a
+    :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work.
+
+    ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
+    ``"raw"`` at the input size without padding, as the released code does. ``threads`` sizes the
+    thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
+    ``precision`` as in :func:`normopt.svc.clip_singular_values`.
 
     Example:
         >>> import torch
@@ -49,11 +74,28 @@ class PeriodicSVC:
         exclude: Iterable[str] = (),
         example_input=None,
         report: bool = False,
+        input_size: str = "padded",
+        threads: int | None = None,
+        method: str = "gram",
+        precision: str | None = None,
     ):
         if not bound > 0:
             raise ValueError(f"bound must be positive, got {bound!r}")
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be a positive int, got {every!r}")
+        if not (isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1):
+            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        if input_size not in INPUT_SIZES:
+            raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
+        if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+            raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+        if method not in ("gram", "svd"):
+            raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
+        if precision not in (None, "single", "double"):
+            raise ValueError(f"precision must be None, 'single' or 'double', got {precision!r}")
+        self.input_size = input_size
+        self._options = {"threads": threads, "method": method, "precision": precision}
+        self.last_report: ClipReport | None = None
         self.model = unwrap(model)
         self.bound, self.every, self.iterations = float(bound), every, iterations
         self.exclude = frozenset(exclude)
@@ -80,14 +122,24 @@ class PeriodicSVC:
     def clip(self) -> None:
         """Clip every conv layer now (also called by the hook every ``every`` steps)."""
         modules = dict(self.model.named_modules())
+        distributed = dist.is_available() and dist.is_initialized()
+        layers = layers_clipped = frequencies = frequencies_clipped = 0
         for name, spec in self._conv_specs().items():
             weight = modules[name].weight
-            clipped = clip_layer(weight, spec, self.bound, self.iterations)
-            if dist.is_available() and dist.is_initialized():
+            clipped, count, exceeded = clip_layer_counted(
+                weight, spec, self.bound, self.iterations, input_size=self.input_size, **self._options
+            )
+            layers, frequencies, frequencies_clipped = layers + 1, frequencies + count, frequencies_clipped + exceeded
+            if clipped is not None:
+                layers_clipped += 1
+            if distributed:  # every rank takes part, whether or not its own clip found work
+                clipped = weight.detach().clone() if clipped is None else clipped
                 dist.broadcast(clipped, src=0)
-            weight.copy_(clipped)
+            if clipped is not None:
+                weight.copy_(clipped)
             if self.report:
-                self.last_norms[name] = layer_spectral_bound(weight, spec)
+                self.last_norms[name] = layer_spectral_bound(weight, spec, **self._options)
+        self.last_report = ClipReport(layers, layers_clipped, frequencies, frequencies_clipped)
         self.clips += 1
 
     def remove(self) -> None:

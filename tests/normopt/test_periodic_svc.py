@@ -9,7 +9,8 @@ from helpers import batches, digits, small_cnn
 
 import normopt
 from normopt import NormDecayOptimizer, PeriodicSVC
-from normopt.svc import clip_layer, layer_spectral_bound
+from normopt.periodic_svc import ClipReport
+from normopt.svc import clip_layer, clip_layer_counted, layer_spectral_bound
 
 DATA = digits()
 
@@ -73,3 +74,48 @@ def test_bad_options_are_refused(kwargs, match):
     model = small_cnn()
     with pytest.raises(ValueError, match=match):
         PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+
+
+@pytest.mark.parametrize("iterations", [0, -2, 1.5, True])
+def test_bad_iterations_are_refused_at_construction(iterations):
+    model = small_cnn()
+    with pytest.raises(ValueError, match="iterations"):
+        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=1.0, iterations=iterations)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"input_size": "reference"}, "input_size"), ({"threads": 0}, "threads"), ({"method": "qr"}, "method")]
+)
+def test_bad_clip_options_are_refused_at_construction(kwargs, match):
+    model = small_cnn()
+    with pytest.raises(ValueError, match=match):
+        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=1.0, **kwargs)
+
+
+def test_each_clip_reports_the_layers_and_frequencies_that_needed_work():
+    model = small_cnn()
+    specs = normopt.layer_specs(model, DATA[0][:1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    top = max(layer_spectral_bound(model.get_submodule(n).weight, specs[n]) for n in ("0", "3"))
+    low = min(layer_spectral_bound(model.get_submodule(n).weight, specs[n]) for n in ("0", "3"))
+    svc = PeriodicSVC(optimizer, model, bound=top * 1.01, every=1, example_input=DATA[0][:1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    svc.clip()  # every layer is already under the bound: nothing to do, nothing written
+    counts = [clip_layer_counted(model.get_submodule(n).weight, specs[n], 1.0)[1] for n in ("0", "3")]
+    assert svc.last_report == ClipReport(layers=2, layers_clipped=0, frequencies=sum(counts), frequencies_clipped=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    svc.bound = (low + top) / 2  # only the layer with the larger norm exceeds it
+    svc.clip()
+    report = svc.last_report
+    assert report.layers == 2 and report.layers_clipped == 1 and 0 < report.frequencies_clipped < report.frequencies
+
+
+def test_raw_input_size_clips_as_the_released_code_does():
+    model, twin = small_cnn(), small_cnn()
+    twin.load_state_dict(model.state_dict())
+    specs = normopt.layer_specs(model, DATA[0][:1])
+    svc = PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=0.3, example_input=DATA[0][:1], input_size="raw")
+    svc.clip()
+    for name in ("0", "3"):
+        expected = clip_layer(twin.get_submodule(name).weight, specs[name], 0.3, input_size="raw")
+        assert torch.equal(model.get_submodule(name).weight, expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -13,11 +15,14 @@ from torch import nn
 import normopt
 from normopt.svc import (
     clip_layer,
+    clip_layer_counted,
     clip_singular_values,
     conv_singular_values,
     conv_spectral_norm,
     layer_spectral_bound,
+    padded_input_size,
     power_iteration_norm,
+    raw_input_size,
 )
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -157,3 +162,105 @@ def test_power_iteration_needs_an_input_size():
     spec = normopt.module_spec(nn.Conv1d(1, 1, 3), "c")
     with pytest.raises(ValueError, match=r"layer 'c'.*input size"):
         power_iteration_norm(torch.ones(1, 1, 3), spec)
+
+
+@settings(max_examples=80)
+@given(circular_cases(), st.floats(0.2, 0.9))
+def test_gram_path_agrees_with_the_svd_path(case, fraction):
+    weight, size, groups, dilation = case
+    options = {"groups": groups, "dilation": dilation}
+    gram = conv_singular_values(weight, size, **options)
+    svd = conv_singular_values(weight, size, method="svd", **options)
+    top = svd.max()
+    assume(top > 1e-6)
+    # the Gram matrix squares the values: absolute error about sqrt(eps) * max(s)
+    np.testing.assert_allclose(np.sort(gram), np.sort(svd), rtol=1e-7, atol=1e-7 * top)
+    bound = fraction * top
+    clipped = clip_singular_values(weight, size, bound, **options)
+    clipped_svd = clip_singular_values(weight, size, bound, method="svd", **options)
+    np.testing.assert_allclose(clipped.numpy(), clipped_svd.numpy(), rtol=1e-7, atol=1e-9 * top)
+
+
+@settings(max_examples=60)
+@given(circular_cases(full_support=True), st.floats(0.1, 0.9))
+def test_single_precision_agrees_with_the_oracle_to_float32_accuracy(case, fraction):
+    """complex64 (the default for float32 kernels): the largest values and the clip are accurate to
+    about 1e-5 relative to the largest value; small values only to sqrt(eps32) * max (about 3e-4)."""
+    weight, size, groups, dilation = case
+    oracle = sorted_svd(circular_matrix(weight, size, groups, dilation))
+    top = oracle.max()
+    assume(top > 1e-6)
+    ours = np.sort(conv_singular_values(weight.float(), size, groups=groups))
+    np.testing.assert_allclose(ours, oracle[-len(ours) :], rtol=1e-5, atol=1e-3 * top)
+    assert abs(ours.max() - top) <= 1e-5 * top
+    bound = fraction * top
+    clipped = clip_singular_values(weight.float(), size, bound, groups=groups).double()
+    values = sorted_svd(circular_matrix(clipped, size, groups, dilation))
+    expected = np.sort(np.minimum(oracle, bound))
+    np.testing.assert_allclose(values[-len(expected) :], expected[-len(values) :], rtol=1e-5, atol=1e-5 * top)
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_thread_pool_gives_the_serial_result(method, dtype):
+    weight = torch.randn(24, 8, 3, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    serial = conv_singular_values(weight, (7, 6), method=method, threads=1)
+    pooled = conv_singular_values(weight, (7, 6), method=method, threads=3)
+    np.testing.assert_allclose(pooled, serial, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    bound = 0.5 * serial.max()
+    clip_serial = clip_singular_values(weight, (7, 6), bound, method=method, threads=1)
+    clip_pooled = clip_singular_values(weight, (7, 6), bound, method=method, threads=3)
+    torch.testing.assert_close(clip_pooled, clip_serial, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+def test_layers_and_frequencies_under_the_bound_are_skipped_and_counted():
+    layer = nn.Conv2d(3, 5, 3, padding=1, bias=False).double()
+    spec = normopt.module_spec(layer, "c", (5, 5))
+    weight = layer.weight.detach()
+    size = padded_input_size(spec)  # (7, 7): 7 x 4 real-FFT bins
+    transfer = np.moveaxis(np.fft.rfftn(weight.numpy(), s=size, axes=(2, 3)), (0, 1), (-2, -1))  # (7, 4, 5, 3)
+    per_frequency = np.linalg.svd(transfer, compute_uv=False)[..., 0]
+    top = per_frequency.max()
+    kernel, frequencies, clipped = clip_layer_counted(weight, spec, top * 1.01)
+    assert kernel is None and (frequencies, clipped) == (28, 0)
+    assert torch.equal(clip_layer(weight, spec, top * 1.01), weight)
+    bound = float(np.sort(per_frequency.ravel())[13:15].mean())  # between the 14th and 15th largest
+    kernel, frequencies, clipped = clip_layer_counted(weight, spec, bound)
+    assert frequencies == 28 and clipped == int((per_frequency > bound).sum()) and 0 < clipped < 28
+    torch.testing.assert_close(kernel, clip_singular_values(weight, size, bound, method="svd"), rtol=1e-9, atol=1e-12)
+
+
+def test_raw_input_size_clips_at_the_unpadded_size():
+    layer = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
+    spec = normopt.module_spec(layer, "c", (6, 5))
+    assert raw_input_size(spec) == (6, 5) and padded_input_size(spec) == (8, 7)
+    weight = layer.weight.detach()
+    raw = clip_layer(weight, spec, 0.1, input_size="raw")
+    torch.testing.assert_close(raw, clip_singular_values(weight, (6, 5), 0.1))
+    with pytest.raises(ValueError, match="input_size"):
+        clip_layer(weight, spec, 0.1, input_size="reference")
+
+
+@pytest.mark.parametrize("name", ["groups", "dilation"])
+@pytest.mark.parametrize("value", [0, -1, (1, 0), 1.5])
+def test_bad_groups_and_dilation_are_refused_by_name(name, value):
+    if name == "groups" and isinstance(value, tuple):
+        value = 0
+    for fn in (conv_singular_values, lambda *a, **k: clip_singular_values(*a, 1.0, **k)):
+        with pytest.raises(ValueError, match=name):
+            fn(torch.ones(2, 1, 3, 3), (6, 6), **{name: value})
+    per_axis = value if name == "groups" or isinstance(value, tuple) else (value, value)
+    spec = dataclasses.replace(normopt.module_spec(nn.Conv2d(2, 2, 3), "c", (6, 6)), **{name: per_axis})
+    for fn in (layer_spectral_bound, lambda w, s: clip_layer(w, s, 1.0)):
+        with pytest.raises(ValueError, match=name):
+            fn(torch.ones(2, 2, 3, 3), spec)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"), [({"method": "qr"}, "method"), ({"precision": "half"}, "precision"), ({"threads": 0}, "threads")]
+)
+def test_bad_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        conv_singular_values(torch.ones(1, 1, 3), 4, **options)
+    with pytest.raises(ValueError, match=match):
+        clip_singular_values(torch.ones(1, 1, 3), 4, 1.0, **options)
