@@ -141,7 +141,9 @@ def locked(folder: str, what: str = "run"):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise UserError(f"another process is writing {what} folder {folder!r}; wait for it or choose another --out") from None
+                raise UserError(
+                    f"another process is writing {what} folder {folder!r}; wait for it or choose another --out"
+                ) from None
             raise
         yield
     finally:

@@ -30,7 +30,11 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         "a planted file would run code. Only for files you wrote yourself",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch and BLAS (default: the cores this process may use)")
-    parser.add_argument("--dry-run", action="store_true", help="resolve and print the configuration and runs, check data and output folder, train nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and print the configuration and runs, check data and output folder, train nothing",
+    )
 
 
 def available_cores() -> int:
@@ -93,7 +97,6 @@ def friendly(resume_command: str):
 
 def dry_run(runs) -> None:
     """Check the data and the output folders of ``runs`` (config, folder) pairs; train nothing."""
-    from experiments import checkpoints
     from experiments.data import dataset
 
     checked = set()

@@ -28,7 +28,7 @@ import normopt
 from experiments import checkpoints, cli
 from experiments.attacks import robust_accuracy
 from experiments.config import RunConfig, UserError, describe, differences
-from experiments.data import DataError, dataset, loader, shape_of
+from experiments.data import dataset, loader, shape_of
 from experiments.methods import METHODS, loss_of, make_optimizer
 from experiments.models import MODELS, build_model
 
@@ -192,7 +192,9 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
                 save(run, out, epoch)
                 if progress:
                     row = run.history[-1]
-                    checkpoints.eprint(f"  epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.4f}")
+                    checkpoints.eprint(
+                        f"  epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.4f}"
+                    )
         # The JSON form, so a fresh run returns exactly what a finished run reads back.
         result = {"config": config.as_dict(), "fingerprint": config.fingerprint(), "history": run.history, "norms": run.norms}
         if _is_main():
