@@ -74,7 +74,8 @@ def main(argv=None) -> str:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     threads = cli.set_threads(args.threads)
     print(
-        f"speed study: iterations={args.iterations} quick={args.quick} repeats={args.repeats} svd={not args.no_svd} threads={threads}",
+        f"speed study: iterations={args.iterations} quick={args.quick} repeats={args.repeats} "
+        f"svd={not args.no_svd} threads={threads}",
         file=sys.stderr,
         flush=True,
     )
@@ -84,9 +85,7 @@ def main(argv=None) -> str:
     svd = not args.no_svd
     print(f"writing to {os.path.abspath(args.out)}; shapes (kernel, in, out): {shapes}", file=sys.stderr, flush=True)
     if args.dry_run:
-        cli.or_exit(
-            lambda: checkpoints.check_writable(args.out) if not os.path.exists(args.out) or os.path.isfile(args.out) else None
-        )
+        cli.or_exit(lambda: cli.check_folder(args.out))
         print("dry run: nothing timed", file=sys.stderr, flush=True)
         return args.out
     cli.or_exit(lambda: checkpoints.check_writable(args.out))
