@@ -95,6 +95,21 @@ def friendly(resume_command: str):
         raise SystemExit(130) from None
 
 
+def check_folder(folder: str) -> None:
+    """Without creating anything: could ``folder`` be created (or written)?
+
+    Raises:
+        UserError: a file stands on its path, or its nearest existing folder is not writable.
+    """
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"output folder {folder!r}: {parent!r} is a file; choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {folder!r} is not writable ({parent!r})")
+
+
 def dry_run(runs) -> None:
     """Check the data and the output folders of ``runs`` (config, folder) pairs; train nothing."""
     from experiments.data import dataset
@@ -106,12 +121,6 @@ def dry_run(runs) -> None:
             dataset(config.dataset, True, config.data_dir, verify=config.verify_data)
             dataset(config.dataset, False, config.data_dir, verify=config.verify_data)
             checked.add(key)
-        parent = folder
-        while not os.path.exists(parent) and os.path.dirname(parent) not in ("", parent):
-            parent = os.path.dirname(parent)
-        if os.path.exists(parent) and not os.path.isdir(parent):
-            raise UserError(f"output folder {folder!r}: {parent!r} is a file")
-        if os.path.isdir(parent) and not os.access(parent, os.W_OK):
-            raise UserError(f"output folder {folder!r} is not writable")
+        check_folder(folder)
         print(f"  would write {os.path.abspath(folder)}", file=sys.stderr, flush=True)
     print(f"dry run: {len(runs)} run(s), data and output folders checked; nothing trained", file=sys.stderr, flush=True)
