@@ -41,7 +41,7 @@ def test_damage_is_named_set_aside_and_the_previous_checkpoint_used(damage, tmp_
     else:
         raw[-3] = ord("0") if raw[-3] != ord("0") else ord("1")
     open(path, "wb").write(bytes(raw))
-    with pytest.raises(DamagedCheckpoint, match="checkpoint-2.pt"):
+    with pytest.raises(DamagedCheckpoint, match=r"checkpoint-2\.pt"):
         checkpoints.load(path)
     reports = []
     assert checkpoints.load_latest(str(tmp_path), report=reports.append)["epoch"] == 1
