@@ -149,3 +149,12 @@ def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path):
     done = run("experiments.regularize", "--methods", "plain,nd-l1", "--dry-run", "--out", str(tmp_path / "s"))
     assert done.returncode == 0 and "dry run: 4 run(s)" in done.stderr and "seed=0" in done.stderr
     assert not os.path.exists(tmp_path / "s")
+
+
+def test_threads_are_set_once_for_torch_and_blas():
+    code = (
+        "import torch, threadpoolctl; from experiments import cli; cli.set_threads(1);"
+        "print(torch.get_num_threads(), {p['num_threads'] for p in threadpoolctl.threadpool_info()})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split(None, 1) == ["1", "{1}\n"], done.stderr
