@@ -86,7 +86,7 @@ def test_torchrun_with_two_processes(tmp_path):
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [(["--model", "lenet"], "unknown model 'lenet'"), (["--method", "dropout"], "unknown method 'dropout'")],
+    [(["--model", "lenet"], "invalid choice: 'lenet'"), (["--method", "dropout"], "invalid choice: 'dropout'")],
 )
 def test_bad_arguments_exit_with_code_two(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit:
