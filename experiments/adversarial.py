@@ -12,33 +12,39 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from experiments import figures
+from experiments import cli, figures
 from experiments.study import common_arguments, configs_for, norms_table, run_study, summary_table, write_tables
 
 GRID = {"plain": [0.0], "pgd-at": [0.0], "trades": [0.0], "alp": [0.0]}
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, default_models="small")
-    parser.add_argument("--eval-eps", type=float, default=8.0, help="attack radius in 1/255 (paper: 8)")
-    parser.add_argument("--lr", type=float, help="learning rate (paper: 0.1 for adversarial training)")
-    args = parser.parse_args(argv)
-    fixed = {"eval_eps": args.eval_eps}
-    if args.lr or args.dataset == "cifar10":
-        fixed["lr"] = args.lr or 0.1
-    out = args.out or os.path.join("runs", f"adversarial-{args.dataset}")
-    results = run_study(configs_for(args, parser, GRID, **fixed), out)
-    print(write_tables(summary_table(results), out, "results"))
+def report(results: list[dict], out: str) -> None:
+    """results.{csv,md,tex}, norms.csv and the figures of the adversarial-training study."""
+    print(write_tables(summary_table(results), out, "results"), flush=True)
     norms = norms_table(results)
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
         figures.norm_densities(norms, out, "norm_density.png", "Layer norms of robust and non-robust models"),
         *figures.per_layer_norms(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
     ]
-    print("figures:", *paths, sep="\n  ")
-    return out
+    print("figures:", *paths, sep="\n  ", flush=True)
+
+
+def main(argv=None) -> str | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser, default_models="small")
+    parser.add_argument("--eval-eps", type=float, default=8.0, help="attack radius in 1/255 (paper: 8)")
+    parser.add_argument("--lr", type=float, help="learning rate (paper: 0.1 for adversarial training)")
+    args = parser.parse_args(argv)
+    fixed = {"eval_eps": args.eval_eps}
+    if args.lr is not None or args.dataset == "cifar10":
+        fixed["lr"] = 0.1 if args.lr is None else args.lr
+    out = args.out or os.path.join("runs", f"adversarial-{args.dataset}")
+    configs = configs_for(args, parser, GRID, **fixed)
+    return run_study("adversarial", "experiments.adversarial", argv, args, configs, out, report)
 
 
 if __name__ == "__main__":

@@ -21,34 +21,55 @@ class DataError(Exception):
     """A data set that cannot be loaded, with the folder and what to do."""
 
 
-class CIFAR10Folder(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader, trusting a local folder's files.
-
-    torchvision checks the md5 of every file; the download itself is still md5-checked, but a local
-    folder only has to hold files in CIFAR-10's format (torchvision checks existence when an md5 is
-    None) — so a subset written in that format, as the tests do, goes through the same reader.
-    """
+class UncheckedCIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader without the md5 checks (torchvision only checks existence when
+    an md5 is None). Unpickling an unchecked file can run code: only for files you wrote yourself,
+    such as the tests' tiny CIFAR-format sets, behind ``--skip-data-checksums``."""
 
     train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
     test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
     meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
 
 
-def cifar10(root: str, train: bool, augment: bool = True, download: bool = False) -> Dataset:
+def _mismatched(folder: str) -> list[str]:
+    """CIFAR-10 files present in ``folder`` whose md5 differs from torchvision's published one."""
+    from torchvision.datasets.utils import check_integrity
+
+    reference = torchvision.datasets.CIFAR10
+    files = [*reference.train_list, *reference.test_list, [reference.meta["filename"], reference.meta["md5"]]]
+    present = [(n, md5) for n, md5 in files if os.path.exists(os.path.join(folder, n))]
+    return [n for n, md5 in present if not check_integrity(os.path.join(folder, n), md5)]
+
+
+def cifar10(root: str, train: bool, augment: bool = True, download: bool = False, verify: bool = True) -> Dataset:
     """CIFAR-10 from ``root`` (holding ``cifar-10-batches-py``); the paper's augmentation for training.
 
+    With ``verify`` (the default) every file, ``batches.meta`` included, is checked against
+    torchvision's published md5 before it is unpickled.
+
     Raises:
-        DataError: the folder does not hold CIFAR-10 and ``download`` is off (or failed).
+        DataError: the folder does not hold CIFAR-10 (or a file fails its checksum) and ``download``
+            is off (or failed).
     """
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train and augment else []
     transform = transforms.Compose([*steps, transforms.ToTensor()])
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if verify and os.path.isdir(folder):
+        bad = _mismatched(folder)
+        if bad and not download:
+            raise DataError(
+                f"CIFAR-10 files in {os.path.abspath(folder)!r} fail their published md5 checksums: {bad}; "
+                "they were not opened. Replace them (or pass --download); --skip-data-checksums reads them "
+                "anyway, which runs any code planted in them"
+            )
+    reader = torchvision.datasets.CIFAR10 if verify else UncheckedCIFAR10
     try:
         if download:
             torchvision.datasets.CIFAR10(root, train=train, download=True)  # md5-checked download
-        return CIFAR10Folder(root, train=train, transform=transform)
+        return reader(root, train=train, transform=transform)
     except (RuntimeError, OSError) as error:
         raise DataError(
-            f"CIFAR-10 not found in {os.path.abspath(root)!r} (expected {os.path.join(root, 'cifar-10-batches-py')}); "
+            f"CIFAR-10 not found in {os.path.abspath(root)!r} (expected {folder}); "
             f"put the python version of CIFAR-10 there or pass --download ({error})"
         ) from None
 
@@ -67,12 +88,14 @@ def digits(train: bool, test_fraction: float = 0.25) -> TensorDataset:
     return TensorDataset(torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16, torch.tensor(y))
 
 
-def dataset(name: str, train: bool, root: str = "data", augment: bool = True, download: bool = False) -> Dataset:
-    """A data set by name (``digits`` or ``cifar10``)."""
+def dataset(
+    name: str, train: bool, root: str = "data", augment: bool = True, download: bool = False, verify: bool = True
+) -> Dataset:
+    """A data set by name (``digits`` or ``cifar10``); ``verify=False`` skips CIFAR-10's checksums."""
     if name == "digits":
         return digits(train)
     if name == "cifar10":
-        return cifar10(root, train, augment, download)
+        return cifar10(root, train, augment, download, verify)
     raise DataError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from experiments import figures
+from experiments import cli, figures
 from experiments.study import common_arguments, configs_for, norms_table, run_study, summary_table, write_tables
 
 PAPER_GRID = {
@@ -35,24 +36,9 @@ QUICK_GRID = {
 }
 
 
-def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, default_models="small")
-    parser.add_argument("--grid", choices=["quick", "paper"], help="method sweep (default: quick on digits, paper on cifar10)")
-    parser.add_argument("--methods", help="comma-separated subset of the grid's methods")
-    parser.add_argument("--eval-eps", type=float, default=1.0, help="attack radius in 1/255 (paper: 1)")
-    args = parser.parse_args(argv)
-    grid = dict(PAPER_GRID if (args.grid or ("paper" if args.dataset == "cifar10" else "quick")) == "paper" else QUICK_GRID)
-    if args.methods:
-        chosen = args.methods.split(",")
-        unknown = [m for m in chosen if m not in grid]
-        if unknown:
-            parser.error(f"unknown method(s) {unknown}; this grid has {list(grid)}")
-        grid = {m: grid[m] for m in chosen}
-    out = args.out or os.path.join("runs", f"regularize-{args.dataset}")
-    results = run_study(configs_for(args, parser, grid, eval_eps=args.eval_eps), out)
-    table = summary_table(results)
-    print(write_tables(table, out, "results"))
+def report(results: list[dict], out: str) -> None:
+    """results.{csv,md,tex}, norms.csv and the figures of the regularization study."""
+    print(write_tables(summary_table(results), out, "results"), flush=True)
     norms = norms_table(results)
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
@@ -64,8 +50,27 @@ def main(argv=None) -> str:
         ),
         *figures.per_layer_norms(norms, out, "layer_norms.png", "Norm of every layer after training"),
     ]
-    print("figures:", *[p for p in paths if p], sep="\n  ")
-    return out
+    print("figures:", *[p for p in paths if p], sep="\n  ", flush=True)
+
+
+def main(argv=None) -> str | None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common_arguments(parser, default_models="small")
+    parser.add_argument("--grid", choices=["quick", "paper"], help="method sweep (default: quick on digits, paper on cifar10)")
+    parser.add_argument("--methods", help=f"comma-separated subset of the grid's methods, from {', '.join(PAPER_GRID)}")
+    parser.add_argument("--eval-eps", type=float, default=1.0, help="attack radius in 1/255 (paper: 1)")
+    args = parser.parse_args(argv)
+    grid = dict(PAPER_GRID if (args.grid or ("paper" if args.dataset == "cifar10" else "quick")) == "paper" else QUICK_GRID)
+    if args.methods:
+        chosen = args.methods.split(",")
+        unknown = [m for m in chosen if m not in grid]
+        if unknown:
+            parser.error(f"unknown method(s) {unknown}; this grid has {list(grid)}")
+        grid = {m: grid[m] for m in chosen}
+    out = args.out or os.path.join("runs", f"regularize-{args.dataset}")
+    configs = configs_for(args, parser, grid, eval_eps=args.eval_eps)
+    return run_study("regularize", "experiments.regularize", argv, args, configs, out, report)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import pandas as pd
 import torch
 
 import normopt
+from experiments import checkpoints, cli
 from experiments.study import write_tables
 from normopt.svc import conv_singular_values, power_iteration_norm
 
@@ -56,23 +58,43 @@ def measure_shape(device: torch.device, shape: tuple[int, int, int], iterations:
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="time 20 power iterations and scale them to --iterations")
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-svd", action="store_true", help="skip the (slow, CPU-only) SciPy SVD column")
     parser.add_argument("--max-channels", type=int, help="only the shapes with at most this many in/out channels")
     parser.add_argument("--out", default=os.path.join("runs", "speed"))
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and BLAS (default: the cores this process may use)")
+    parser.add_argument("--dry-run", action="store_true", help="print the shapes and output folder, time nothing")
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.repeats < 1:
-        parser.error("--iterations and --repeats must be positive")
-    os.makedirs(args.out, exist_ok=True)
-    print(f"writing to {os.path.abspath(args.out)}")
+    for name in ("iterations", "repeats", "max_channels"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    threads = cli.set_threads(args.threads)
+    print(
+        f"speed study: iterations={args.iterations} quick={args.quick} repeats={args.repeats} "
+        f"svd={not args.no_svd} threads={threads}",
+        file=sys.stderr,
+        flush=True,
+    )
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     measured = min(20, args.iterations) if args.quick else args.iterations
     shapes = [s for s in SHAPES if args.max_channels is None or max(s[1:]) <= args.max_channels]
     svd = not args.no_svd
-    rows = [measure_shape(d, shape, args.iterations, measured, args.repeats, svd) for d in devices for shape in shapes]
+    print(f"writing to {os.path.abspath(args.out)}; shapes (kernel, in, out): {shapes}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        cli.or_exit(lambda: cli.check_folder(args.out))
+        print("dry run: nothing timed", file=sys.stderr, flush=True)
+        return args.out
+    cli.or_exit(lambda: checkpoints.check_writable(args.out))
+    rows = []
+    with cli.friendly(cli.command_line("experiments.speed", list(argv or sys.argv[1:]))):
+        for d in devices:
+            for i, shape in enumerate(shapes, 1):
+                rows.append(measure_shape(d, shape, args.iterations, measured, args.repeats, svd))
+                print(f"  [{i}/{len(shapes)}] {d} {shape}: timed", file=sys.stderr, flush=True)
     print(write_tables(pd.DataFrame(rows), args.out, "speed"))
     return args.out
 

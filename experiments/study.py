@@ -9,7 +9,8 @@ import sys
 
 import pandas as pd
 
-from experiments.data import DataError
+from experiments import checkpoints, cli
+from experiments.config import UserError, describe, differences
 from experiments.methods import METHODS
 from experiments.models import MODELS
 from experiments.train import RunConfig, train
@@ -19,17 +20,64 @@ def run_label(config: RunConfig) -> str:
     return config.method if config.method in ("plain", "pgd-at", "trades", "alp") else f"{config.method} {config.strength:g}"
 
 
+def run_folder(config: RunConfig, out: str) -> str:
+    """``out/<model>/<method>-<strength>-<fingerprint>``: another seed, schedule or evaluation is another folder."""
+    return os.path.join(out, config.model, f"{config.method}-{config.strength:g}-{config.fingerprint()}")
+
+
 def run_grid(configs: list[RunConfig], out: str) -> list[dict]:
-    """Train every config into ``out/<model>/<method>-<strength>``; finished runs are read back, not rerun."""
+    """Train every config into its run folder; finished runs are read back, not rerun."""
     results = []
     for i, config in enumerate(configs, 1):
-        folder = os.path.join(out, config.model, f"{config.method}-{config.strength:g}")
+        folder = run_folder(config, out)
         state = "done" if os.path.exists(os.path.join(folder, "result.json")) else "training"
-        print(f"[{i}/{len(configs)}] {config.model} {run_label(config)}: {state}", file=sys.stderr)
+        print(f"[{i}/{len(configs)}] {config.model} {run_label(config)}: {state} ({folder})", file=sys.stderr, flush=True)
         result = train(config, folder, resume=True)
         result["label"] = run_label(config)
         results.append(result)
     return results
+
+
+def finished(configs: list[RunConfig], out: str) -> tuple[list[dict], list[RunConfig]]:
+    """Results of the runs that have finished (in the grid's order), and the runs still missing."""
+    results, missing = [], []
+    for config in configs:
+        path = os.path.join(run_folder(config, out), "result.json")
+        if os.path.exists(path):
+            result = checkpoints.read_json(path)
+            result["label"] = run_label(config)
+            results.append(result)
+        else:
+            missing.append(config)
+    return results, missing
+
+
+def identity(name: str, configs: list[RunConfig]) -> dict:
+    """What makes a study: its name, the options its runs share, and its runs."""
+    shared = {k: v for k, v in configs[0].as_dict().items() if k not in ("model", "method", "strength")}
+    runs = sorted(f"{c.model} {c.method} {c.strength:g}" for c in configs)
+    return {"study": name, "options": shared, "runs": runs, "fingerprints": sorted(c.fingerprint() for c in configs)}
+
+
+def claim_study(out: str, study: dict) -> None:
+    """Write ``out/study.json``, or check that ``out`` holds this very study (shards wait for each other here).
+
+    Raises:
+        UserError: ``out`` holds another study; the differing options are named.
+    """
+    checkpoints.check_writable(out)
+    path = os.path.join(out, "study.json")
+    with checkpoints.waiting_lock(os.path.join(out, ".study.lock")):
+        if os.path.exists(path):
+            saved = checkpoints.read_json(path)
+            changed = [f"study: {saved.get('study')!r} -> {study['study']!r}"] if saved.get("study") != study["study"] else []
+            changed += differences(saved.get("options", {}), study["options"])
+            if saved.get("runs") != study["runs"]:
+                changed.append(f"runs: {len(saved.get('runs', []))} -> {len(study['runs'])} (models/methods/strengths)")
+            if changed:
+                raise UserError(f"{out!r} holds another study ({'; '.join(changed)}); its outputs are kept: choose another --out")
+        else:
+            checkpoints.write_json(path, study)
 
 
 def summary_table(results: list[dict]) -> pd.DataFrame:
@@ -78,19 +126,33 @@ def write_tables(frame: pd.DataFrame, out: str, name: str) -> str:
 
 def common_arguments(parser: argparse.ArgumentParser, default_models: str) -> None:
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
-    parser.add_argument("--models", default=default_models, help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--models", default=default_models, help=f"comma-separated, from {', '.join(sorted(MODELS))}")
     parser.add_argument("--epochs", type=int, help="default: 15 (digits) or 120 (cifar10, the paper)")
     parser.add_argument("--eval-images", type=int, help="test images attacked (default 256 digits, 1024 cifar10)")
     parser.add_argument("--eval-iterations", type=int, help="APGD iterations (default 50 digits, 100 cifar10)")
-    parser.add_argument("--eval-targets", type=int, help="APGD-T target classes (default 3 digits, 9 cifar10)")
-    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
-    parser.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-targets", type=int, help="APGD-T target classes, 1-9 (default 3 digits, 9 cifar10)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds training, the evaluation subset and the attacks")
     parser.add_argument("--out", help="output folder (default runs/<study>-<dataset>)")
+    parser.add_argument("--shard", help="K/N: train only the K-th of N disjoint shares of the runs (no tables)")
+    parser.add_argument("--collect", action="store_true", help="train nothing: tables and figures from the finished runs")
+    cli.common_options(parser)
+
+
+def shard_of(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` as (K, N) with 1 <= K <= N."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like K/N (e.g. 1/4), got {text!r}") from None
+    if not 1 <= k <= n:
+        raise UserError(f"--shard K/N needs 1 <= K <= N, got {text!r}")
+    return k, n
 
 
 def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[RunConfig]:
-    """The study's grid as configs, with the command line's choices; bad names end in exit code 2."""
+    """The study's grid as configs, with the command line's choices; bad names and numbers end in exit code 2."""
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -100,23 +162,57 @@ def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[Run
         parser.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")
     base = RunConfig.paper_cifar10 if args.dataset == "cifar10" else RunConfig
     common = {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download, "seed": args.seed, **fixed}
-    if args.epochs:
+    common["verify_data"] = not args.skip_data_checksums
+    if args.epochs is not None:
         common["epochs"] = args.epochs
         common["milestones"] = (
             tuple(m for m in base().milestones if m < args.epochs) if args.dataset == "digits" else base().milestones
         )
     for option in ("eval_images", "eval_iterations", "eval_targets"):
-        if getattr(args, option):
+        if getattr(args, option) is not None:
             common[option] = getattr(args, option)
-    return [base(model=m, method=method, strength=s, **common) for m in models for method, values in grid.items() for s in values]
+    return cli.or_exit(
+        lambda: [
+            base(model=m, method=method, strength=s, **common) for m in models for method, values in grid.items() for s in values
+        ]
+    )
 
 
-def run_study(configs: list[RunConfig], out: str) -> list[dict]:
-    """Run the grid, turning a missing data set into a clear message and exit code 2."""
-    os.makedirs(out, exist_ok=True)
-    print(f"writing to {os.path.abspath(out)}", file=sys.stderr)
-    try:
-        return run_grid(configs, out)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+def run_study(name: str, module: str, argv: list[str], args, configs: list[RunConfig], out: str, report) -> str | None:
+    """Run (a shard of) a study into ``out`` and, unless sharded, ``report(results, out)`` its tables.
+
+    Echoes the resolved configuration; user errors end in one line and exit code 2, Ctrl-C in
+    exit code 130 with the command that resumes.
+    """
+    cli.set_threads(args.threads)
+    shard = cli.or_exit(lambda: shard_of(args.shard))
+    if shard and args.collect:
+        cli.fail("--collect gathers every shard's runs; use it without --shard")
+    mine = configs[shard[0] - 1 :: shard[1]] if shard else configs
+    eprint = checkpoints.eprint
+    eprint(f"{name} study, shared configuration: {describe(configs[0])}")
+    eprint(f"runs ({len(mine)} of {len(configs)}{f', shard {shard[0]}/{shard[1]}' if shard else ''}):")
+    for config in mine:
+        eprint(f"  {config.model} {run_label(config)} [{config.fingerprint()}]")
+    eprint(f"writing to {os.path.abspath(out)}")
+    if args.dry_run:
+        cli.or_exit(lambda: cli.dry_run([(c, run_folder(c, out)) for c in mine]))
+        return None
+    with cli.friendly(cli.command_line(module, argv)):
+        claim_study(out, identity(name, configs))
+        if not args.collect:
+            run_grid(mine, out)
+        if shard:
+            eprint(
+                f"shard {shard[0]}/{shard[1]} done; once every shard is, run the same command with --collect instead of --shard"
+            )
+            return out
+        results, missing = finished(configs, out)
+        if missing:
+            eprint(f"{len(missing)} run(s) not finished yet, left out of the tables:")
+            for config in missing:
+                eprint(f"  {config.model} {run_label(config)}")
+        if not results:
+            raise UserError(f"no finished runs in {out!r} yet")
+        report(results, out)
+    return out

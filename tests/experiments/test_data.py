@@ -38,7 +38,7 @@ def write_cifar10(root, per_batch: int = 4, test: int = 6, seed: int = 0) -> str
 
 def test_cifar10_format_loads_through_torchvision(tmp_path):
     root = write_cifar10(tmp_path)
-    train, test = cifar10(root, train=True), cifar10(root, train=False)
+    train, test = cifar10(root, train=True, verify=False), cifar10(root, train=False, verify=False)
     assert len(train) == 20 and len(test) == 6
     image, label = test[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
@@ -51,7 +51,7 @@ def test_cifar10_format_loads_through_torchvision(tmp_path):
 
 def test_cifar10_training_augmentation_crops_with_padding_and_flips(tmp_path):
     root = write_cifar10(tmp_path)
-    plain, augmented = cifar10(root, train=True, augment=False), cifar10(root, train=True)
+    plain, augmented = cifar10(root, train=True, augment=False, verify=False), cifar10(root, train=True, verify=False)
     torch.manual_seed(0)
     views = {tuple(augmented[0][0].flatten()[:50].tolist()) for _ in range(10)}
     assert len(views) > 1 and augmented[0][0].shape == plain[0][0].shape == (3, 32, 32)
@@ -76,3 +76,26 @@ def test_unknown_dataset_and_seeded_loader():
     first = [y.tolist() for _, y in loader(digits(True), 64, True, seed=3)]
     again = [y.tolist() for _, y in loader(digits(True), 64, True, seed=3)]
     assert first == again
+
+
+class Planted:
+    """A pickle that would create a marker file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["batches.meta", "data_batch_1", "test_batch"])
+def test_a_planted_cifar10_file_is_refused_before_unpickling(name, tmp_path):
+    root = write_cifar10(tmp_path / "data")
+    marker = tmp_path / "ran"
+    with open(os.path.join(root, "cifar-10-batches-py", name), "wb") as f:
+        pickle.dump(Planted(str(marker)), f)
+    for train in (True, False):
+        with pytest.raises(DataError, match="md5") as error:
+            cifar10(root, train=train)
+        assert name in str(error.value) and "--skip-data-checksums" in str(error.value)
+    assert not marker.exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -57,3 +59,32 @@ def test_missing_cifar10_exits_with_code_two(tmp_path, capsys):
             ["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--methods", "plain", "--out", str(tmp_path)]
         )
     assert exit.value.code == 2 and "CIFAR-10 not found" in capsys.readouterr().err
+
+
+def test_another_seed_is_another_study_and_never_overwrites(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    regularize.main([*TINY, "--methods", "plain", "--out", out])
+    before = open(os.path.join(out, "results.csv")).read()
+    with pytest.raises(SystemExit) as exit:
+        regularize.main([*TINY, "--methods", "plain", "--seed", "1", "--out", out])
+    assert exit.value.code == 2 and "seed: 0 -> 1" in capsys.readouterr().err
+    assert open(os.path.join(out, "results.csv")).read() == before
+
+
+def test_two_shards_at_once_then_collect_equal_one_unsharded_run(tmp_path):
+    arguments = [sys.executable, "-m", "experiments.regularize", *TINY, "--methods", "plain,nd-l1", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    sharded, whole = str(tmp_path / "sharded"), str(tmp_path / "whole")
+    shards = [
+        subprocess.Popen([*arguments, "--out", sharded, "--shard", f"{k}/2"], env=env, stderr=subprocess.PIPE, text=True)
+        for k in (1, 2)
+    ]
+    errors = [shard.communicate(timeout=600)[1] for shard in shards]
+    assert [shard.returncode for shard in shards] == [0, 0], errors
+    assert not os.path.exists(os.path.join(sharded, "results.csv"))  # a shard writes no tables
+    collected = subprocess.run([*arguments, "--out", sharded, "--collect"], env=env, capture_output=True, text=True, timeout=300)
+    assert collected.returncode == 0, collected.stderr
+    done = subprocess.run([*arguments, "--out", whole], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("results.csv", "norms.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(os.path.join(sharded, name)), pd.read_csv(os.path.join(whole, name)))

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import experiments.train as training
+from experiments import checkpoints
 from experiments.methods import METHODS
 from experiments.train import RunConfig, train
 
@@ -43,12 +44,13 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, mon
     monkeypatch.setattr(training, "evaluate", interrupt_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         train(config, str(tmp_path / "b"), progress=False)
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert checkpoints.load(str(tmp_path / "b" / "checkpoint-1.pt"))["epoch"] == 1
     monkeypatch.setattr(training, "evaluate", real)
     resumed = train(config, str(tmp_path / "b"), progress=False)
     assert resumed["history"] == uninterrupted["history"]
     assert resumed["norms"] == uninterrupted["norms"]
-    a, b = (torch.load(tmp_path / x / "checkpoint.pt", weights_only=False)["model"] for x in "ab")
+    assert resumed["accuracy"] == uninterrupted["accuracy"]  # evaluation subset and attacks seeded
+    a, b = (checkpoints.load(str(tmp_path / x / "checkpoint-3.pt"))["model"] for x in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -84,7 +86,7 @@ def test_torchrun_with_two_processes(tmp_path):
 
 @pytest.mark.parametrize(
     ("arguments", "message"),
-    [(["--model", "lenet"], "unknown model 'lenet'"), (["--method", "dropout"], "unknown method 'dropout'")],
+    [(["--model", "lenet"], "invalid choice: 'lenet'"), (["--method", "dropout"], "invalid choice: 'dropout'")],
 )
 def test_bad_arguments_exit_with_code_two(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit:

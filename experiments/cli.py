@@ -1,0 +1,126 @@
+"""What every command line shares: one-line errors (exit 2), Ctrl-C (exit 130 with the command that
+resumes), thread counts set once, --dry-run, and the data-checksum switch."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import sys
+
+from experiments.config import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit code 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
+    parser.add_argument("--download", action="store_true", help="download CIFAR-10 if missing (md5-checked)")
+    parser.add_argument(
+        "--skip-data-checksums",
+        action="store_true",
+        help="RISK: unpickle CIFAR-10 files without checking their published md5s; "
+        "a planted file would run code. Only for files you wrote yourself",
+    )
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and BLAS (default: the cores this process may use)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve and print the configuration and runs, check data and output folder, train nothing",
+    )
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's and every BLAS / OpenMP pool's thread count once, at start (no oversubscription)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    if threads is not None and threads < 1:
+        fail(f"--threads must be at least 1, got {threads}")
+    count = threads or available_cores()
+    torch.set_num_threads(count)
+    with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
+        torch.set_num_interop_threads(1)
+    threadpool_limits(limits=count)  # kept for the process: not used as a context manager
+    return count
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def or_exit(make):
+    """``make()``, with a user error turned into one line and exit code 2."""
+    from experiments.data import DataError
+
+    try:
+        return make()
+    except (UserError, DataError) as error:
+        fail(str(error))
+
+
+def command_line(module: str, argv: list[str], *extra: str) -> str:
+    """The exact command that reruns ``module`` with ``argv`` (plus ``extra`` if missing)."""
+    words = [sys.executable, "-m", module, *argv, *[e for e in extra if e not in argv]]
+    return shlex.join(words)
+
+
+@contextlib.contextmanager
+def friendly(resume_command: str):
+    """User errors: one line, exit 2. Ctrl-C: exit 130 naming the command that resumes."""
+    from experiments.data import DataError
+
+    try:
+        yield
+    except (UserError, DataError) as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: finished epochs are saved; resume with:\n  {resume_command}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(130) from None
+
+
+def check_folder(folder: str) -> None:
+    """Without creating anything: could ``folder`` be created (or written)?
+
+    Raises:
+        UserError: a file stands on its path, or its nearest existing folder is not writable.
+    """
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"output folder {folder!r}: {parent!r} is a file; choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output folder {folder!r} is not writable ({parent!r})")
+
+
+def dry_run(runs) -> None:
+    """Check the data and the output folders of ``runs`` (config, folder) pairs; train nothing."""
+    from experiments.data import dataset
+
+    checked = set()
+    for config, folder in runs:
+        key = (config.dataset, config.data_dir, config.verify_data)
+        if key not in checked:
+            dataset(config.dataset, True, config.data_dir, verify=config.verify_data)
+            dataset(config.dataset, False, config.data_dir, verify=config.verify_data)
+            checked.add(key)
+        check_folder(folder)
+        print(f"  would write {os.path.abspath(folder)}", file=sys.stderr, flush=True)
+    print(f"dry run: {len(runs)} run(s), data and output folders checked; nothing trained", file=sys.stderr, flush=True)

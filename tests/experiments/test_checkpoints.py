@@ -1,0 +1,93 @@
+"""Checkpoints: checksum after the data, weights-only loading, last two kept, damage set aside, locks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import pytest
+import torch
+
+from experiments import checkpoints
+from experiments.checkpoints import DamagedCheckpoint
+from experiments.config import UserError
+
+
+def state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((3, 4), float(epoch))}, "epoch": epoch, "history": [{"epoch": epoch, "loss": 0.5}]}
+
+
+def test_save_load_round_trip_keeps_the_last_two(tmp_path):
+    for epoch in range(1, 5):
+        checkpoints.save(str(tmp_path), epoch, state(epoch))
+    assert checkpoints.epochs(str(tmp_path)) == [3, 4]
+    loaded = checkpoints.load_latest(str(tmp_path))
+    assert loaded["epoch"] == 4 and torch.equal(loaded["model"]["w"], state(4)["model"]["w"])
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "trailer"])
+def test_damage_is_named_set_aside_and_the_previous_checkpoint_used(damage, tmp_path):
+    for epoch in (1, 2):
+        checkpoints.save(str(tmp_path), epoch, state(epoch))
+    path = checkpoints.checkpoint_path(str(tmp_path), 2)
+    raw = bytearray(open(path, "rb").read())
+    if damage == "flip":
+        middle = len(raw) // 2
+        raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[-3] = ord("0") if raw[-3] != ord("0") else ord("1")
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(DamagedCheckpoint, match=r"checkpoint-2\.pt"):
+        checkpoints.load(path)
+    reports = []
+    assert checkpoints.load_latest(str(tmp_path), report=reports.append)["epoch"] == 1
+    assert len(reports) == 1 and "checkpoint-2.pt" in reports[0]
+    assert os.path.exists(path + ".damaged") and not os.path.exists(path)
+
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_with_a_valid_checksum_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    data = pickle.dumps({"epoch": 1, "x": Planted(str(marker))})
+    buffer = tmp_path / "payload.pt"
+    torch.save({"epoch": 1}, buffer)  # a real torch zip, then a planted object inside one
+    import io
+    import zipfile
+
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(buffer) as source, zipfile.ZipFile(zipped, "w") as target:
+        for item in source.infolist():
+            content = source.read(item.filename)
+            target.writestr(item, data if item.filename.endswith("data.pkl") else content)
+    raw = zipped.getvalue()
+    path = checkpoints.checkpoint_path(str(tmp_path), 1)
+    open(path, "wb").write(raw + b"\nsha256:" + hashlib.sha256(raw).hexdigest().encode() + b"\n")
+    with pytest.raises(DamagedCheckpoint, match="unreadable"):
+        checkpoints.load(path)
+    assert not marker.exists()
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    with checkpoints.locked(str(tmp_path)):
+        with pytest.raises(UserError, match="another process"):
+            with checkpoints.locked(str(tmp_path)):
+                pass
+    with checkpoints.locked(str(tmp_path)):  # released
+        pass
+
+
+def test_output_folder_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        checkpoints.check_writable(str(tmp_path / "f"))

@@ -1,0 +1,160 @@
+"""The command lines as a user meets them, through real subprocesses: planted pickles, changed
+options on resume, damaged checkpoints, Ctrl-C, bad numbers, --help, locks and --dry-run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from experiments import checkpoints
+from experiments.methods import METHODS
+from experiments.models import MODELS
+
+TINY = ["--eval-images", "16", "--eval-iterations", "2", "--eval-targets", "1", "--threads", "1"]
+ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"}
+
+
+def run(module: str, *arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", module, *arguments]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_checkpoint_never_runs_and_a_changed_option_is_refused(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    done = run("experiments.train", "--epochs", "1", *TINY, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "configuration: dataset=digits" in done.stderr and "fingerprint" in done.stderr
+    os.remove(out / "result.json")
+    for epoch in (1, 2):  # replace the checkpoint and plant a newer one: neither may run
+        with open(checkpoints.checkpoint_path(str(out), epoch), "wb") as f:
+            pickle.dump(Planted(str(marker)), f)
+    done = run("experiments.train", "--epochs", "1", *TINY, "--out", str(out), "--resume")
+    assert not marker.exists()
+    assert "damaged checkpoint" in done.stderr and "checkpoint-2.pt" in done.stderr and done.returncode == 0
+
+    done = run("experiments.train", "--epochs", "1", "--lr", "0.1", *TINY, "--out", str(out), "--resume")
+    assert done.returncode == 2 and "lr: 0.05 -> 0.1" in done.stderr and "Traceback" not in done.stderr
+    done = run("experiments.train", "--epochs", "1", *TINY, "--out", str(out))
+    assert done.returncode == 2 and "--resume" in done.stderr
+
+
+def test_a_damaged_checkpoint_is_reported_and_survived(tmp_path):
+    out = tmp_path / "run"
+    assert run("experiments.train", "--epochs", "2", *TINY, "--out", str(out)).returncode == 0
+    first = json.load(open(out / "result.json"))
+    os.remove(out / "result.json")
+    path = checkpoints.checkpoint_path(str(out), 2)
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    open(path, "wb").write(bytes(raw))
+    done = run("experiments.train", "--epochs", "2", *TINY, "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"damaged checkpoint {path}" in done.stderr and os.path.exists(path + ".damaged")
+    again = json.load(open(out / "result.json"))
+    assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
+
+
+def test_ctrl_c_exits_130_naming_the_resume_command(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.train", "--epochs", "200", *TINY, "--out", str(out)]
+    process = subprocess.Popen(command, env=ENV, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        lines.append(line)
+        if "epoch 1/200" in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGINT)
+    rest = process.communicate(timeout=120)[1]
+    assert process.returncode == 130, "".join(lines) + rest
+    assert "Traceback" not in rest and "resume with" in rest
+    resume = rest.strip().splitlines()[-1].strip()
+    assert resume.endswith("--resume") and f"--out {out}" in resume and "--epochs 200" in resume
+    assert checkpoints.epochs(str(out))  # finished epochs were saved
+
+
+BAD = [
+    ("experiments.train", ["--epochs", "0"], "--epochs"),
+    ("experiments.train", ["--epochs", "-1"], "--epochs"),
+    ("experiments.train", ["--method", "nd-linf", "--strength", "-0.1"], "--strength"),
+    ("experiments.train", ["--eval-eps", "-1"], "--eval-eps"),
+    ("experiments.train", ["--eval-images", "0"], "--eval-images"),
+    ("experiments.train", ["--bn-radius", "-2"], "--bn-radius"),
+    ("experiments.train", ["--threads", "0"], "--threads"),
+    ("experiments.train", ["--model", "lenet"], "lenet"),
+    ("experiments.regularize", ["--epochs", "0"], "--epochs"),
+    ("experiments.regularize", ["--eval-eps", "-1"], "--eval-eps"),
+    ("experiments.regularize", ["--eval-targets", "0"], "--eval-targets"),
+    ("experiments.regularize", ["--shard", "3/2"], "--shard"),
+    ("experiments.adversarial", ["--eval-images", "-5"], "--eval-images"),
+    ("experiments.speed", ["--iterations", "0"], "--iterations"),
+    ("experiments.speed", ["--repeats", "-1"], "--repeats"),
+]
+
+
+@pytest.mark.parametrize(("module", "arguments", "named"), BAD, ids=[f"{m[12:]} {' '.join(a)}" for m, a, _ in BAD])
+def test_each_bad_number_exits_2_in_one_line(module, arguments, named, tmp_path, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit:
+        main([*arguments, "--out", str(tmp_path / "out"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and named in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(("module", "arguments", "named"), [BAD[0], BAD[2], BAD[8], BAD[13]])
+def test_bad_numbers_through_the_real_command_line(module, arguments, named, tmp_path):
+    done = run(module, *arguments, "--out", str(tmp_path / "out"), timeout=120)
+    assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("module", ["experiments.train", "experiments.regularize", "experiments.adversarial"])
+def test_help_lists_every_choice(module, capsys):
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(module).main(["--help"])
+    text = capsys.readouterr().out
+    assert exit.value.code == 0 and all(m in text for m in MODELS)
+    if module != "experiments.adversarial":  # its methods are fixed: plain and the three adversarial trainings
+        assert all(m in text for m in (METHODS if module == "experiments.train" else ["nd-l1", "nd-linf", "wd", "svc"]))
+
+
+def test_a_second_writer_and_a_file_as_output_folder_are_refused(tmp_path):
+    with checkpoints.locked(str(tmp_path / "run")):
+        done = run("experiments.train", "--epochs", "1", *TINY, "--out", str(tmp_path / "run"))
+    assert done.returncode == 2 and "another process" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "file").write_text("")
+    done = run("experiments.train", "--epochs", "1", *TINY, "--out", str(tmp_path / "file"))
+    assert done.returncode == 2 and "is a file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path):
+    done = run("experiments.regularize", "--methods", "plain,nd-l1", "--dry-run", "--out", str(tmp_path / "s"))
+    assert done.returncode == 0 and "dry run: 4 run(s)" in done.stderr and "seed=0" in done.stderr
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_threads_are_set_once_for_torch_and_blas():
+    code = (
+        "import torch, threadpoolctl; from experiments import cli; cli.set_threads(1);"
+        "print(torch.get_num_threads(), {p['num_threads'] for p in threadpoolctl.threadpool_info()})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split(None, 1) == ["1", "{1}\n"], done.stderr

@@ -1,0 +1,49 @@
+"""A run's configuration: checks of every number, a fingerprint of what changes results, named differences."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from experiments.config import RunConfig, UserError, differences, fingerprint
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("epochs", 0),
+        ("epochs", -1),
+        ("lr", 0.0),
+        ("batch_size", 0),
+        ("eval_images", 0),
+        ("eval_iterations", 0),
+        ("eval_targets", 0),
+        ("eval_targets", 10),
+        ("strength", -0.1),
+        ("bn_radius", -1.0),
+        ("eval_eps", -1.0),
+        ("adv_eps", -0.1),
+        ("strength", float("nan")),
+        ("model", "lenet"),
+        ("method", "dropout"),
+    ],
+)
+def test_impossible_options_are_refused_naming_the_option(option, value):
+    with pytest.raises(UserError, match=option.replace("_", "-") if option not in ("model", "method") else repr(value)):
+        RunConfig(**{option: value})
+
+
+def test_fingerprint_follows_results_not_paths():
+    config = RunConfig()
+    assert config.fingerprint() == RunConfig(data_dir="elsewhere", download=True).fingerprint()
+    for change in ({"seed": 1}, {"epochs": 3, "milestones": (1,)}, {"eval_iterations": 7}, {"strength": 0.5}):
+        assert RunConfig(**change).fingerprint() != config.fingerprint(), change
+    assert fingerprint(config.as_dict()) == config.fingerprint()
+
+
+def test_differences_name_each_changed_option_and_the_config_is_frozen():
+    a, b = RunConfig().as_dict(), RunConfig(lr=0.1, seed=2, data_dir="x").as_dict()
+    assert differences(a, b) == ["lr: 0.05 -> 0.1", "seed: 0 -> 2"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RunConfig().lr = 1.0
