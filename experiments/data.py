@@ -10,9 +10,7 @@ import os
 from typing import ClassVar
 
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
-from torchvision import transforms
 
 DATASETS = ("digits", "cifar10")
 
@@ -21,18 +19,26 @@ class DataError(Exception):
     """A data set that cannot be loaded, with the folder and what to do."""
 
 
-class UncheckedCIFAR10(torchvision.datasets.CIFAR10):
+def _unchecked_cifar10():
     """torchvision's CIFAR-10 reader without the md5 checks (torchvision only checks existence when
     an md5 is None). Unpickling an unchecked file can run code: only for files you wrote yourself,
-    such as the tests' tiny CIFAR-format sets, behind ``--skip-data-checksums``."""
+    such as the tests' tiny CIFAR-format sets, behind ``--skip-data-checksums``.
 
-    train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
-    test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
-    meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+    Built on demand: torchvision (the ``cifar`` extra) is imported only where CIFAR-10 is used, so
+    the digits studies run on an install without it."""
+    import torchvision
+
+    class UncheckedCIFAR10(torchvision.datasets.CIFAR10):
+        train_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.train_list]
+        test_list: ClassVar = [[name, None] for name, _ in torchvision.datasets.CIFAR10.test_list]
+        meta: ClassVar = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+
+    return UncheckedCIFAR10
 
 
 def _mismatched(folder: str) -> list[str]:
     """CIFAR-10 files present in ``folder`` whose md5 differs from torchvision's published one."""
+    import torchvision
     from torchvision.datasets.utils import check_integrity
 
     reference = torchvision.datasets.CIFAR10
@@ -51,6 +57,9 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
         DataError: the folder does not hold CIFAR-10 (or a file fails its checksum) and ``download``
             is off (or failed).
     """
+    import torchvision
+    from torchvision import transforms
+
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train and augment else []
     transform = transforms.Compose([*steps, transforms.ToTensor()])
     folder = os.path.join(root, "cifar-10-batches-py")
@@ -62,7 +71,7 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
                 "they were not opened. Replace them (or pass --download); --skip-data-checksums reads them "
                 "anyway, which runs any code planted in them"
             )
-    reader = torchvision.datasets.CIFAR10 if verify else UncheckedCIFAR10
+    reader = torchvision.datasets.CIFAR10 if verify else _unchecked_cifar10()
     try:
         if download:
             torchvision.datasets.CIFAR10(root, train=train, download=True)  # md5-checked download
