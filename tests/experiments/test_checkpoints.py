@@ -12,6 +12,7 @@ import torch
 from experiments import checkpoints
 from experiments.checkpoints import DamagedCheckpoint
 from experiments.config import UserError
+from tests.experiments.planted import Planted
 
 
 def state(epoch: int) -> dict:
@@ -47,14 +48,6 @@ def test_damage_is_named_set_aside_and_the_previous_checkpoint_used(damage, tmp_
     assert checkpoints.load_latest(str(tmp_path), report=reports.append)["epoch"] == 1
     assert len(reports) == 1 and "checkpoint-2.pt" in reports[0]
     assert os.path.exists(path + ".damaged") and not os.path.exists(path)
-
-
-class Planted:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_a_planted_pickle_with_a_valid_checksum_never_runs(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from experiments import checkpoints
 from experiments.methods import METHODS
 from experiments.models import MODELS
+from tests.experiments.planted import Planted
 
 TINY = ["--eval-images", "16", "--eval-iterations", "2", "--eval-targets", "1", "--threads", "1"]
 ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"}
@@ -25,14 +26,6 @@ ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "PYTHONUNBUFFERED": "1"}
 def run(module: str, *arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", module, *arguments]
     return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-class Planted:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_a_planted_checkpoint_never_runs_and_a_changed_option_is_refused(tmp_path):
