@@ -15,7 +15,7 @@ from experiments import adversarial, cli, regularize, speed
 def main(argv=None) -> None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs", help="parent folder of the three studies' folders")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch and BLAS (default: the cores this process may use)")
+    parser.add_argument("--threads", type=int, help=cli.THREADS_HELP)
     parser.add_argument("--dry-run", action="store_true", help="print every study's configuration and runs, train nothing")
     args = parser.parse_args(argv)
     common = (["--threads", str(args.threads)] if args.threads else []) + (["--dry-run"] if args.dry_run else [])

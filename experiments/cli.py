@@ -20,6 +20,9 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+THREADS_HELP = "CPU threads for torch and BLAS, set once (default: the cores this process may use minus those busy at start)"
+
+
 def common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py")
     parser.add_argument("--download", action="store_true", help="download CIFAR-10 if missing (md5-checked)")
@@ -29,7 +32,7 @@ def common_options(parser: argparse.ArgumentParser) -> None:
         help="RISK: unpickle CIFAR-10 files without checking their published md5s; "
         "a planted file would run code. Only for files you wrote yourself",
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for torch and BLAS (default: the cores this process may use)")
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -41,6 +44,38 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def busy_cores(samples: int = 9, interval: float = 0.01) -> int:
+    """Cores other processes keep busy right now: the median count of runnable tasks besides this one.
+
+    Read from ``/proc/loadavg`` (its fourth field counts the runnable tasks at that instant, this
+    reader included), sampled over ``samples * interval`` seconds; the one-minute load average where
+    that file is missing. The load average alone lags a minute behind a job started just before.
+    """
+    import statistics
+    import time
+
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as file:
+                counts.append(int(file.read().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        time.sleep(interval)
+    return max(0, round(statistics.median(counts)))
+
+
+def default_threads() -> tuple[int, str]:
+    """The cores this process may use minus those other processes keep busy, at least one; and why.
+
+    More threads than free cores make torch's OpenMP workers spin-wait for a descheduled sibling at
+    every parallel region: on a 2-core machine beside two busy processes, 2 threads ran the main job
+    several times slower than 1 (see the README).
+    """
+    cores, busy = available_cores(), busy_cores()
+    return max(1, cores - busy), f"default: {cores} core(s), {busy} busy with other processes"
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's and every BLAS / OpenMP pool's thread count once, at start (no oversubscription)."""
     import torch
@@ -48,7 +83,8 @@ def set_threads(threads: int | None) -> int:
 
     if threads is not None and threads < 1:
         fail(f"--threads must be at least 1, got {threads}")
-    count = threads or available_cores()
+    count, why = (threads, "--threads") if threads else default_threads()
+    print(f"threads: {count} for torch and BLAS ({why})", file=sys.stderr, flush=True)
     torch.set_num_threads(count)
     with contextlib.suppress(RuntimeError):  # only settable before the first parallel work
         torch.set_num_interop_threads(1)

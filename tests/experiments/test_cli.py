@@ -151,3 +151,24 @@ def test_threads_are_set_once_for_torch_and_blas():
     )
     done = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
     assert done.stdout.split(None, 1) == ["1", "{1}\n"], done.stderr
+
+
+@pytest.mark.parametrize(("cores", "busy", "expected"), [(2, 0, 2), (2, 1, 1), (2, 2, 1), (2, 5, 1), (16, 3, 13)])
+def test_default_threads_leave_the_busy_cores_alone(monkeypatch, cores, busy, expected):
+    from experiments import cli
+
+    monkeypatch.setattr(cli, "available_cores", lambda: cores)
+    monkeypatch.setattr(cli, "busy_cores", lambda: busy)
+    assert cli.default_threads()[0] == expected
+
+
+def test_busy_cores_sees_a_spinning_process():
+    from experiments import cli
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        assert cli.busy_cores() >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
