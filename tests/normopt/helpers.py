@@ -121,6 +121,25 @@ def conv_layers(draw, transposed: bool = False, modes=("zeros",), dims=(1, 2, 2,
     return layer.to(dtype), spec, (c_in, *size)
 
 
+@st.composite
+def circular_cases(draw, full_support: bool = False):
+    """A kernel with groups / dilation and an input size the kernel reach fits in."""
+    dims = draw(st.sampled_from([1, 2, 2, 3]))
+    size = [draw(st.integers(1, {1: 9, 2: 6, 3: 3}[dims])) for _ in range(dims)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(dims)]
+    if full_support:
+        dilation = [1] * dims
+        kernel = list(size)
+    else:
+        kernel = [draw(st.integers(1, 4)) for _ in range(dims)]
+    assume(all(d * (k - 1) + 1 <= n for d, k, n in zip(dilation, kernel, size)))
+    groups = draw(st.sampled_from([1, 1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    weight = torch.randn(c_out, c_in // groups, *kernel, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return weight, tuple(size), groups, tuple(dilation)
+
+
 def small_cnn(seed: int = 0, batchnorm: bool = False) -> nn.Module:
     """A small CNN for 8x8 single-channel inputs (the digits data)."""
     torch.manual_seed(seed)

@@ -1,0 +1,59 @@
+"""A conv layer's own spectral norm (its padding, stride and input size) by power iteration."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from normopt.specs import ConvSpec
+
+
+def _forward(spec: ConvSpec, weight: torch.Tensor):
+    """The layer's linear map (no bias) on one batch, for any padding mode, and transposed layers."""
+    if spec.transposed:
+        conv_t = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(spec.kernel_size) - 1]
+        pads = tuple(p for p, _ in spec.padding)
+        return lambda x: conv_t(x, weight, None, spec.stride, pads, spec.output_padding, spec.groups, spec.dilation)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(spec.kernel_size) - 1]
+    pad = tuple(p for pair in reversed(spec.padding) for p in pair)  # F.pad wants the last axis first
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    return lambda x: conv(F.pad(x, pad, mode=mode), weight, None, spec.stride, 0, spec.dilation, spec.groups)
+
+
+def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int = 500, tol: float = 1e-7, seed: int = 0):
+    """Spectral norm of the layer itself (its padding, stride and input size) by power iteration.
+
+    Iterates ``v <- A^T A v / ||A^T A v||`` with the adjoint from ``torch.func.vjp``; stops after
+    ``iterations`` or when the estimate changes by less than ``tol`` relative (one host read per
+    iteration: an analysis tool, not a per-step one). Returns a 0-d tensor, ``||A v||``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import normopt
+        >>> layer = nn.Conv1d(1, 1, 2, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = layer.weight.fill_(1.0)
+        >>> spec = normopt.module_spec(layer, "", (3,))  # [[1, 1, 0], [0, 1, 1]]: sigma = sqrt(3)
+        >>> round(float(power_iteration_norm(layer.weight.detach(), spec)) ** 2, 4)
+        3.0
+    """
+    if spec.input_size is None:
+        raise ValueError(f"layer {spec.name!r}: power iteration needs the layer's input size")
+    forward = _forward(spec, weight.detach())
+    channels = spec.in_channels
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn((1, channels, *spec.input_size), generator=generator, dtype=weight.dtype).to(weight.device)
+    v = v / v.norm()
+    estimate = 0.0
+    for _ in range(iterations):
+        out, adjoint = torch.func.vjp(forward, v)
+        (w,) = adjoint(out)
+        norm = w.norm()
+        if norm == 0:
+            return norm
+        v = w / norm
+        previous, estimate = estimate, float(norm) ** 0.5
+        if abs(estimate - previous) <= tol * estimate:
+            break
+    return forward(v).norm()

@@ -1,0 +1,36 @@
+"""The transfer matrices of normopt.spectrum against SciPy's FFT of the zero-padded kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from helpers import circular_cases
+from hypothesis import given, settings
+
+from normopt.spectrum import _dilated_kernel, _fft_transfer, _Phases
+
+
+@settings(max_examples=120)
+@given(circular_cases())
+def test_phases_give_the_fft_of_the_zero_padded_kernel(case):
+    weight, size, groups, dilation = case
+    phases = _Phases(weight.shape[2:], size, dilation, groups, torch.complex128)
+    ours = phases.forward(weight).numpy()
+    fft = _fft_transfer(_dilated_kernel(weight, groups, dilation), size)  # (g, *freqs, D/g, C/g)
+    np.testing.assert_allclose(ours, fft.reshape(ours.shape), rtol=1e-12, atol=1e-12 * np.abs(fft).max())
+
+
+@settings(max_examples=120)
+@given(circular_cases())
+def test_the_inverse_reads_the_taps_back(case):
+    weight, size, groups, dilation = case
+    phases = _Phases(weight.shape[2:], size, dilation, groups, torch.complex128)
+    torch.testing.assert_close(phases.inverse(phases.forward(weight)), weight, rtol=1e-12, atol=1e-12)
+
+
+def test_single_precision_tables_for_float32_kernels():
+    weight = torch.randn(4, 3, 3, 3)
+    phases = _Phases(weight.shape[2:], (7, 8), (1, 1), 1, torch.complex64)
+    spectrum = phases.forward(weight)
+    assert spectrum.dtype == torch.complex64 and spectrum.shape == (7 * 5, 4, 3)
+    torch.testing.assert_close(phases.inverse(spectrum), weight, rtol=1e-5, atol=1e-6)
