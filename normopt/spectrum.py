@@ -4,8 +4,9 @@ A circular convolution of a kernel ``K`` (torch layout ``(D, C/g, k_1..k_N)``) o
 ``n_1 x .. x n_N`` input is block-diagonalised by the Fourier transform: its singular values are
 those of the ``D x C`` matrices :math:`\hat K(f) = \sum_t K_t e^{-2\pi i f \cdot p_t / n}` (per
 group; ``K_t`` the tap at offset ``p_t``), the FFT of the kernel zero-padded to the input size
-(Sedghi, Gupta & Long, ICLR 2019). Real kernels give Hermitian-symmetric spectra, so the real-FFT
-half of the frequencies carries them all.
+(Sedghi, Gupta & Long, ICLR 2019). Real kernels give Hermitian-symmetric spectra
+(``K(-f) = conj(K(f))``, the same singular values), so one frequency of each conjugate pair
+carries them all.
 
 Two paths, both LAPACK on the CPU, kept out of ``torch.compile``:
 
@@ -125,28 +126,36 @@ def _mirror_counts(last: int) -> np.ndarray:
 
 
 class _Phases:
-    """The real-FFT half of the DFT, restricted to a kernel's taps: transfer matrices from taps and back.
+    """The DFT restricted to a kernel's taps and to one frequency of each conjugate pair.
 
-    ``forward`` maps the taps ``(D, C/g, k_1..k_N)`` of a kernel to its transfer matrices
-    ``(g * F, D/g, C/g)`` (group-major, frequencies in the C order of ``rfftn``); ``inverse`` maps
-    transfer matrices with Hermitian-symmetric spectra back to the kernel's taps, i.e. the inverse
-    FFT read at the taps only (the crop to the kernel's support comes for free). Both are real
+    A real kernel's transfer matrices satisfy ``K(-f) = conj(K(f))``, and clipping commutes with
+    that conjugation, so one frequency per pair ``{f, -f}`` carries all the work (about half the
+    grid, and fewer than the real-FFT half, which keeps both members of the pairs on the planes
+    where the last frequency is 0 or n/2). ``forward`` maps the taps ``(D, C/g, k_1..k_N)`` of a
+    kernel to the transfer matrices ``(g * F, D/g, C/g)`` (group-major); ``inverse`` maps transfer
+    matrices back to the kernel's taps: the inverse DFT read at the taps only, each representative
+    counted for its whole pair (the crop to the kernel's support comes for free). Both are real
     matrix products with ``F x T`` tables of ``cos`` / ``sin``.
     """
 
     def __init__(self, kernel_size, input_size, dilation, groups: int, dtype: torch.dtype):
         self.kernel_size, self.groups, self.dtype = tuple(kernel_size), groups, dtype
         real = torch.float64 if dtype == torch.complex128 else torch.float32
-        half = (*input_size[:-1], input_size[-1] // 2 + 1)
-        freqs = np.stack(np.meshgrid(*[np.arange(n) for n in half], indexing="ij"), -1).reshape(-1, len(half))
+        n = np.array(input_size)
+        grid = np.stack(np.meshgrid(*[np.arange(size) for size in input_size], indexing="ij"), -1).reshape(-1, len(n))
+        flat = np.ravel_multi_index(grid.T, input_size)
+        partner = np.ravel_multi_index(((-grid) % n).T, input_size)
+        keep = flat <= partner
+        freqs = grid[keep]
+        #: how many frequencies of the full grid each kept one stands for (2 for a pair, 1 if self-conjugate)
+        self.multiplicity = np.where(flat[keep] == partner[keep], 1, 2)
+        self.indices = flat[keep]  #: the kept frequencies' flat indices in the full grid (C order)
         taps = np.stack(np.meshgrid(*[np.arange(k) * d for k, d in zip(kernel_size, dilation)], indexing="ij"), -1)
-        taps = taps.reshape(-1, len(half))
-        # _Phases in float64 and reduced mod n before the cosine: exact integer arithmetic, then one rounding.
-        angle = 2 * np.pi * ((freqs[:, None, :] * taps[None, :, :]) % np.array(input_size)) / np.array(input_size)
-        theta = angle.sum(-1)  # (F, T)
+        taps = taps.reshape(-1, len(n))
+        # Phases in float64 and reduced mod n before the cosine: exact integer arithmetic, then one rounding.
+        theta = (2 * np.pi * ((freqs[:, None, :] * taps[None, :, :]) % n) / n).sum(-1)  # (F, T)
         cos, sin = (np.where(np.abs(v) < 1e-15, 0.0, v) for v in (np.cos(theta), np.sin(theta)))  # sin(pi) is 1e-16
-        # the inverse sums the whole spectrum: a mirrored bin stands for itself and its conjugate
-        weight = np.tile(_mirror_counts(input_size[-1]), math.prod(half[:-1]))[:, None] / math.prod(input_size)
+        weight = self.multiplicity[:, None] / math.prod(input_size)
         self.cos, self.sin = (torch.from_numpy(v).to(real) for v in (cos, sin))
         self.cos_back, self.sin_back = (torch.from_numpy((weight * v).T.copy()).to(real) for v in (cos, sin))
         self.frequencies = len(freqs)
@@ -243,8 +252,8 @@ def conv_singular_values(
         threads: size of the thread pool over frequency blocks; ``None``: ``torch.get_num_threads()``.
 
     Returns:
-        A float64 array of ``prod(n) * groups * min(out, in) / groups`` values (any order). Real-FFT
-        symmetry halves the work: mirrored frequencies share their singular values. The Gram path
+        A float64 array of ``prod(n) * groups * min(out, in) / groups`` values (any order).
+        Conjugate symmetry halves the work: frequencies ``f`` and ``-f`` share their singular values. The Gram path
         squares the values, so its absolute error is about ``sqrt(eps) * max(s)``: about ``1e-8``
         relative to the largest value in double, ``3e-4`` in single (the largest values themselves
         are as accurate as the SVD's).
@@ -257,18 +266,16 @@ def conv_singular_values(
     """
     threads = _check_options(method, precision, threads)
     input_size, dilation = _check_kernel(kernel, input_size, groups, dilation)
-    if method == "svd":
-        t = _fft_transfer(_dilated_kernel(kernel, groups, dilation), input_size, threads)
-        values = _map_blocks(lambda m: _svd(m, compute_uv=False), np.ascontiguousarray(t.reshape(-1, *t.shape[-2:])), threads)
-    else:
+    if method == "gram":
         phases = _Phases(kernel.shape[2:], input_size, dilation, groups, _complex_dtype(kernel, precision))
         with _torch_threads(threads):
             matrices = phases.forward(kernel)
-        values = _map_blocks(_gram_values, matrices, threads).numpy()
-    half = (*input_size[:-1], input_size[-1] // 2 + 1)
-    values = values.astype(np.float64).reshape(groups, *half, -1)
-    values = np.repeat(values, _mirror_counts(input_size[-1]), axis=-2)
-    return values.reshape(-1)
+        values = _map_blocks(_gram_values, matrices, threads).numpy().astype(np.float64)
+        return np.repeat(values.reshape(groups, phases.frequencies, -1), phases.multiplicity, axis=1).reshape(-1)
+    t = _fft_transfer(_dilated_kernel(kernel, groups, dilation), input_size, threads)
+    values = _map_blocks(lambda m: _svd(m, compute_uv=False), np.ascontiguousarray(t.reshape(-1, *t.shape[-2:])), threads)
+    values = values.reshape(*t.shape[:-2], -1)  # (g, *freqs, r): mirrored bins of the last axis share their values
+    return np.repeat(values, _mirror_counts(input_size[-1]), axis=-2).reshape(-1)
 
 
 def conv_spectral_norm(kernel: torch.Tensor, input_size, *, groups: int = 1, dilation=1, **options) -> float:

@@ -130,20 +130,22 @@ def _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads) 
 def _clip(kernel, input_size, bound, groups, dilation, iterations, method, precision, threads):
     """The clip behind the public functions: ``(kernel or None when nothing exceeded, frequencies, clipped)``.
 
-    ``frequencies`` counts the per-group transfer matrices of the real-FFT half; ``clipped`` those
+    ``frequencies`` counts the per-group transfer matrices computed (one per conjugate pair of
+    frequencies; the SVD path: the real-FFT half); ``clipped`` those
     whose largest singular value exceeded ``bound`` in the first round.
     """
     _check_clip(bound, iterations)
     threads = _check_options(method, precision, threads)
     input_size, dilation = _check_kernel(kernel, input_size, groups, dilation)
-    frequencies = groups * int(np.prod(input_size[:-1])) * (input_size[-1] // 2 + 1)
     if method == "svd":
         result = _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads)
+        frequencies = groups * int(np.prod(input_size[:-1])) * (input_size[-1] // 2 + 1)  # the real-FFT half
         return result.to(dtype=kernel.dtype, device=kernel.device), frequencies, frequencies
     dtype = _complex_dtype(kernel, precision)
     # A value this close above the bound is round-off of an earlier clip, not work to do.
     limit = bound * (1 + 8 * torch.finfo(dtype).eps)
     phases = _Phases(kernel.shape[2:], input_size, dilation, groups, dtype)
+    frequencies = groups * phases.frequencies
     taps, clipped_first, changed = kernel, 0, False
     for round_ in range(iterations):
         with _torch_threads(threads):
@@ -252,7 +254,8 @@ def clip_layer_counted(
     Returns:
         ``(kernel, frequencies, clipped)``: the clipped kernel, or ``None`` when no frequency's
         largest singular value exceeded ``bound`` (the layer needs no clip); the number of
-        per-group transfer matrices (real-FFT half) and how many of them exceeded ``bound``.
+        per-group transfer matrices computed (one frequency of each conjugate pair ``f, -f``) and
+        how many of them exceeded ``bound``.
 
     Example:
         >>> import torch
@@ -260,7 +263,7 @@ def clip_layer_counted(
         >>> import normopt
         >>> spec = normopt.module_spec(nn.Conv1d(1, 1, 2), "c", (4,))
         >>> kernel, frequencies, clipped = clip_layer_counted(torch.tensor([[[1.0, 1.0]]]), spec, 1.9)
-        >>> frequencies, clipped  # input 4 + padding 0: rfft bins 0, 1, 2; only bin 0 (value 2) exceeds
+        >>> frequencies, clipped  # input 4: frequencies 0, 1 (and 3 = -1), 2; only 0 (value 2) exceeds
         (3, 1)
     """
     return _clip(
