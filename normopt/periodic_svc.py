@@ -22,7 +22,8 @@ class ClipReport:
         layers: conv layers looked at.
         layers_clipped: layers with at least one frequency above the bound (the others are left
             untouched: their circular spectral norm is already at most the bound).
-        frequencies: per-group transfer matrices of all layers (one frequency of each conjugate pair).
+        frequencies: per-group transfer matrices of all layers (one frequency of each conjugate
+            pair; with ``method="svd"``, the real-FFT half).
         frequencies_clipped: those whose largest singular value exceeded the bound.
     """
 

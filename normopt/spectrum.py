@@ -30,7 +30,9 @@ the largest value; see the tests).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -46,6 +48,13 @@ PRECISIONS = ("single", "double")
 
 _CONTROLLER = None  # threadpoolctl's scan of the loaded BLAS libraries, done once (it takes milliseconds)
 
+# torch's and BLAS's thread counts are process-wide: two callers saving and restoring them at once
+# would restore each other's values. One computation at a time (each already uses every core it is given).
+THREAD_SETTINGS = threading.RLock()
+
+# Above this many taps the phase table (frequencies x taps) costs more than an FFT of the grid.
+MAX_TABLE_TAPS = 64
+
 
 def _blas_limited():
     """Context holding the BLAS libraries to one thread: the pool supplies the parallelism."""
@@ -57,12 +66,13 @@ def _blas_limited():
 
 @contextlib.contextmanager
 def _torch_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    with THREAD_SETTINGS:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _positive_ints(name: str, value, count: int) -> tuple[int, ...]:
@@ -93,6 +103,8 @@ def _check_kernel(kernel: torch.Tensor, input_size, groups: int, dilation) -> tu
     if not isinstance(kernel, torch.Tensor) or kernel.dim() < 3:
         raise ValueError(f"kernel must be a torch tensor of layout (out, in/groups, k_1, ..), got shape {tuple(kernel.shape)}")
     spatial = tuple(kernel.shape[2:])
+    if len(spatial) > 3:
+        raise ValueError(f"kernel has {len(spatial)} spatial axes; 1, 2 or 3 are supported")
     if not (isinstance(groups, (int, np.integer)) and not isinstance(groups, bool) and groups >= 1):
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     dilation = _positive_ints("dilation", dilation, len(spatial))
@@ -134,13 +146,15 @@ class _Phases:
     where the last frequency is 0 or n/2). ``forward`` maps the taps ``(D, C/g, k_1..k_N)`` of a
     kernel to the transfer matrices ``(g * F, D/g, C/g)`` (group-major); ``inverse`` maps transfer
     matrices back to the kernel's taps: the inverse DFT read at the taps only, each representative
-    counted for its whole pair (the crop to the kernel's support comes for free). Both are real
-    matrix products with ``F x T`` tables of ``cos`` / ``sin``.
+    counted for its whole pair (the crop to the kernel's support comes for free). For up to
+    :data:`MAX_TABLE_TAPS` taps both are real matrix products with ``F x T`` tables of
+    ``cos`` / ``sin``; a kernel with more taps (the table grows as ``F x T``) goes through torch's
+    FFT of the whole grid instead.
     """
 
     def __init__(self, kernel_size, input_size, dilation, groups: int, dtype: torch.dtype):
-        self.kernel_size, self.groups, self.dtype = tuple(kernel_size), groups, dtype
-        real = torch.float64 if dtype == torch.complex128 else torch.float32
+        self.kernel_size, self.input_size, self.groups, self.dtype = tuple(kernel_size), tuple(input_size), groups, dtype
+        self.real = torch.float64 if dtype == torch.complex128 else torch.float32
         n = np.array(input_size)
         grid = np.stack(np.meshgrid(*[np.arange(size) for size in input_size], indexing="ij"), -1).reshape(-1, len(n))
         flat = np.ravel_multi_index(grid.T, input_size)
@@ -150,28 +164,56 @@ class _Phases:
         #: how many frequencies of the full grid each kept one stands for (2 for a pair, 1 if self-conjugate)
         self.multiplicity = np.where(flat[keep] == partner[keep], 1, 2)
         self.indices = flat[keep]  #: the kept frequencies' flat indices in the full grid (C order)
-        taps = np.stack(np.meshgrid(*[np.arange(k) * d for k, d in zip(kernel_size, dilation)], indexing="ij"), -1)
-        taps = taps.reshape(-1, len(n))
+        self.kept = torch.from_numpy(self.indices)
+        self.frequencies = len(freqs)
+        self.support = tuple(slice(0, d * (k - 1) + 1, d) for k, d in zip(kernel_size, dilation))  # taps in the grid
+        taps = math.prod(kernel_size)
+        self.table = taps <= MAX_TABLE_TAPS
+        if not self.table:
+            self.partners = torch.from_numpy(partner[keep])
+            return
+        offsets = np.stack(np.meshgrid(*[np.arange(k) * d for k, d in zip(kernel_size, dilation)], indexing="ij"), -1)
+        offsets = offsets.reshape(-1, len(n))
         # Phases in float64 and reduced mod n before the cosine: exact integer arithmetic, then one rounding.
-        theta = (2 * np.pi * ((freqs[:, None, :] * taps[None, :, :]) % n) / n).sum(-1)  # (F, T)
+        theta = (2 * np.pi * ((freqs[:, None, :] * offsets[None, :, :]) % n) / n).sum(-1)  # (F, T)
         cos, sin = (np.where(np.abs(v) < 1e-15, 0.0, v) for v in (np.cos(theta), np.sin(theta)))  # sin(pi) is 1e-16
         weight = self.multiplicity[:, None] / math.prod(input_size)
-        self.cos, self.sin = (torch.from_numpy(v).to(real) for v in (cos, sin))
-        self.cos_back, self.sin_back = (torch.from_numpy((weight * v).T.copy()).to(real) for v in (cos, sin))
-        self.frequencies = len(freqs)
+        self.cos, self.sin = (torch.from_numpy(v).to(self.real) for v in (cos, sin))
+        self.cos_back, self.sin_back = (torch.from_numpy((weight * v).T.copy()).to(self.real) for v in (cos, sin))
 
     def forward(self, kernel: torch.Tensor) -> torch.Tensor:
-        taps = kernel.detach().to("cpu", self.cos.dtype).reshape(-1, self.cos.shape[1]).T  # (T, M)
-        spectrum = torch.complex(self.cos @ taps, -(self.sin @ taps))  # (F, M)
         d, c = kernel.shape[0] // self.groups, kernel.shape[1]
-        spectrum = spectrum.view(self.frequencies, self.groups, d, c).transpose(0, 1)
-        return spectrum.reshape(self.groups * self.frequencies, d, c)
+        kernel = kernel.detach().to("cpu", self.real)
+        if self.table:
+            taps = kernel.reshape(-1, self.cos.shape[1]).T  # (T, M)
+            spectrum = torch.complex(self.cos @ taps, -(self.sin @ taps)).view(self.frequencies, self.groups, d, c)
+        else:
+            grid = kernel.new_zeros(self.groups * d, c, *self.input_size)
+            grid[(slice(None),) * 2 + self.support] = kernel
+            axes = tuple(range(2, grid.dim()))
+            full = torch.fft.fftn(grid, dim=axes).reshape(self.groups, d, c, -1)
+            spectrum = full[..., self.kept].permute(3, 0, 1, 2)
+        return spectrum.transpose(0, 1).reshape(self.groups * self.frequencies, d, c)
 
     def inverse(self, matrices: torch.Tensor) -> torch.Tensor:
         d, c = matrices.shape[-2:]
-        spectrum = matrices.view(self.groups, self.frequencies, d, c).transpose(0, 1).reshape(self.frequencies, -1)
-        taps = self.cos_back @ spectrum.real - self.sin_back @ spectrum.imag  # (T, M)
-        return taps.T.reshape(self.groups * d, c, *self.kernel_size)
+        spectrum = matrices.view(self.groups, self.frequencies, d, c).transpose(0, 1)  # (F, g, d, c)
+        if self.table:
+            spectrum = spectrum.reshape(self.frequencies, -1)
+            taps = self.cos_back @ spectrum.real - self.sin_back @ spectrum.imag  # (T, M)
+            return taps.T.reshape(self.groups * d, c, *self.kernel_size)
+        full = spectrum.new_zeros(math.prod(self.input_size), self.groups, d, c)
+        full[self.partners] = spectrum.conj()  # first the mirror images, then the kept ones over the self-conjugate
+        full[self.kept] = spectrum
+        full = full.permute(1, 2, 3, 0).reshape(self.groups * d, c, *self.input_size)
+        grid = torch.fft.ifftn(full, dim=tuple(range(2, full.dim()))).real
+        return grid[(slice(None),) * 2 + self.support].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _phases(kernel_size, input_size, dilation, groups: int, dtype: torch.dtype) -> _Phases:
+    """The tables of one geometry, built once (a periodic clip meets the same layers again and again)."""
+    return _Phases(tuple(kernel_size), tuple(input_size), tuple(dilation), groups, dtype)
 
 
 def _dilated_kernel(kernel: torch.Tensor, groups: int, dilation) -> np.ndarray:
@@ -222,7 +264,7 @@ def _map_blocks(fn, matrices, threads: int, *args):
     thread meanwhile, so that pool and BLAS do not oversubscribe the cores.
     """
     blocks = min(threads, len(matrices))
-    with _torch_threads(1), _blas_limited():
+    with THREAD_SETTINGS, _torch_threads(1), _blas_limited():
         if blocks <= 1:
             return fn(matrices, *args)
         bounds = np.linspace(0, len(matrices), blocks + 1).astype(int)
@@ -267,7 +309,7 @@ def conv_singular_values(
     threads = _check_options(method, precision, threads)
     input_size, dilation = _check_kernel(kernel, input_size, groups, dilation)
     if method == "gram":
-        phases = _Phases(kernel.shape[2:], input_size, dilation, groups, _complex_dtype(kernel, precision))
+        phases = _phases(tuple(kernel.shape[2:]), input_size, dilation, groups, _complex_dtype(kernel, precision))
         with _torch_threads(threads):
             matrices = phases.forward(kernel)
         values = _map_blocks(_gram_values, matrices, threads).numpy().astype(np.float64)

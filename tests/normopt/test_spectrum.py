@@ -1,20 +1,36 @@
-"""The transfer matrices of normopt.spectrum against SciPy's FFT of the zero-padded kernel."""
+"""The transfer matrices of normopt.spectrum against NumPy's FFT of the zero-padded kernel."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+
 import numpy as np
+import pytest
+import threadpoolctl
 import torch
 from helpers import circular_cases
 from hypothesis import given, settings
 
-from normopt.spectrum import _dilated_kernel, _Phases
+from normopt import spectrum
+from normopt.spectrum import _dilated_kernel, _Phases, conv_singular_values
+from normopt.svc import clip_singular_values
+
+
+def phases_of(weight, size, groups, dilation, table: bool) -> _Phases:
+    with mock.patch.object(spectrum, "MAX_TABLE_TAPS", 10**9 if table else 0):
+        phases = _Phases(weight.shape[2:], size, dilation, groups, torch.complex128)
+    assert phases.table is table
+    return phases
 
 
 @settings(max_examples=120)
 @given(circular_cases())
-def test_phases_give_the_fft_of_the_zero_padded_kernel(case):
+@pytest.mark.parametrize("table", [True, False])
+def test_phases_give_the_fft_of_the_zero_padded_kernel(table, case):
     weight, size, groups, dilation = case
-    phases = _Phases(weight.shape[2:], size, dilation, groups, torch.complex128)
+    phases = phases_of(weight, size, groups, dilation, table)
     ours = phases.forward(weight).numpy()
     dilated = _dilated_kernel(weight, groups, dilation)
     fft = np.fft.fftn(dilated, s=size, axes=tuple(range(3, dilated.ndim)))  # (g, D/g, C/g, *grid)
@@ -30,15 +46,44 @@ def test_phases_give_the_fft_of_the_zero_padded_kernel(case):
 
 @settings(max_examples=120)
 @given(circular_cases())
-def test_the_inverse_reads_the_taps_back(case):
+@pytest.mark.parametrize("table", [True, False])
+def test_the_inverse_reads_the_taps_back(table, case):
     weight, size, groups, dilation = case
-    phases = _Phases(weight.shape[2:], size, dilation, groups, torch.complex128)
+    phases = phases_of(weight, size, groups, dilation, table)
     torch.testing.assert_close(phases.inverse(phases.forward(weight)), weight, rtol=1e-12, atol=1e-12)
+
+
+def test_a_kernel_with_many_taps_goes_through_the_fft_and_clips_as_the_svd_path():
+    weight = torch.randn(3, 2, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # 81 taps
+    assert not spectrum._phases((9, 9), (10, 10), (1, 1), 1, torch.complex128).table
+    values = np.sort(conv_singular_values(weight, 10))
+    np.testing.assert_allclose(values, np.sort(conv_singular_values(weight, 10, method="svd")), rtol=1e-9, atol=1e-12)
+    bound = 0.5 * values.max()
+    torch.testing.assert_close(clip_singular_values(weight, 10, bound), clip_singular_values(weight, 10, bound, method="svd"))
 
 
 def test_single_precision_tables_for_float32_kernels():
     weight = torch.randn(4, 3, 3, 3)
     phases = _Phases(weight.shape[2:], (7, 8), (1, 1), 1, torch.complex64)
-    spectrum = phases.forward(weight)
-    assert spectrum.dtype == torch.complex64 and spectrum.shape == ((7 * 8 + 2) // 2, 4, 3)  # 2 self-conjugate
-    torch.testing.assert_close(phases.inverse(spectrum), weight, rtol=1e-5, atol=1e-6)
+    transfer = phases.forward(weight)
+    assert transfer.dtype == torch.complex64 and transfer.shape == ((7 * 8 + 2) // 2, 4, 3)  # 2 self-conjugate
+    torch.testing.assert_close(phases.inverse(transfer), weight, rtol=1e-5, atol=1e-6)
+
+
+def test_concurrent_callers_leave_the_thread_settings_as_they_found_them():
+    torch_threads = torch.get_num_threads()
+    blas = [(p["filepath"], p["num_threads"]) for p in threadpoolctl.threadpool_info()]
+    weight = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(0))
+    barrier = threading.Barrier(4)
+
+    def work(_):
+        barrier.wait()
+        return clip_singular_values(weight, 8, 0.1, threads=2), conv_singular_values(weight, 8, threads=3)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, range(4)))
+    for clipped, values in results[1:]:
+        torch.testing.assert_close(clipped, results[0][0], rtol=0, atol=0)
+        np.testing.assert_array_equal(values, results[0][1])
+    assert torch.get_num_threads() == torch_threads
+    assert [(p["filepath"], p["num_threads"]) for p in threadpoolctl.threadpool_info()] == blas
