@@ -66,8 +66,8 @@ def test_another_seed_is_another_study_and_never_overwrites(tmp_path, capsys):
     regularize.main([*TINY, "--methods", "plain", "--out", out])
     before = open(os.path.join(out, "results.csv")).read()
     with pytest.raises(SystemExit) as exit:
-        regularize.main([*TINY, "--methods", "plain", "--seed", "1", "--out", out])
-    assert exit.value.code == 2 and "seed: 0 -> 1" in capsys.readouterr().err
+        regularize.main([*TINY, "--methods", "plain", "--seeds", "1", "--out", out])
+    assert exit.value.code == 2 and "seeds: [0] -> [1]" in capsys.readouterr().err
     assert open(os.path.join(out, "results.csv")).read() == before
 
 

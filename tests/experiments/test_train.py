@@ -23,7 +23,7 @@ def test_every_method_trains_and_reports(method, tmp_path):
     strength = {"wd": 1e-3, "svc": 1.0}.get(method, 0.05)
     config = RunConfig(method=method, strength=strength, svc_every=10, adv_steps=2, **{**TINY, "epochs": 1})
     result = train(config, str(tmp_path), progress=False)
-    assert set(result["accuracy"]) == {"clean", "apgd-ce", "apgd-t", "robust"}
+    assert set(result["accuracy"]) == {"clean", "clean subset", "apgd-ce", "apgd-t", "robust"}
     assert result["history"][0]["steps"] == 22 and {row["epoch"] for row in result["norms"]} == {0, 1}
     assert json.load(open(tmp_path / "result.json"))["accuracy"] == result["accuracy"]
 
