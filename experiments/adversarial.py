@@ -27,9 +27,9 @@ def report(results: list[dict], out: str) -> None:
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
         figures.norm_densities(norms, out, "norm_density.png", "Layer norms of robust and non-robust models"),
-        *figures.per_layer_norms(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
+        *figures.robust_vs_plain_bars(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
     ]
-    print("figures:", *paths, sep="\n  ", flush=True)
+    print("figures:", *[p for p in paths if p], sep="\n  ", flush=True)
 
 
 def main(argv=None) -> str | None:

@@ -67,8 +67,8 @@ REGISTRY: dict[str, Method] = {
         Method("plain", "plain", "#4d4d4d", study="both"),
         Method("wd", "weight decay", "#1f77b4", "wd", grid=P.WEIGHT_DECAYS, quick=(1e-3, 1e-2), strength="weight decay"),
         Method("svc", "SVC", "#9467bd", "svc", grid=P.SVC_BOUNDS, quick=(1.0, 0.5), strength="SVC bound"),
-        Method("nd-l1", "ND l1", "#d62728", "nd", ord=1, grid=P.BETAS, quick=(1e-3, 1e-2, 1e-1), strength=_ND),
-        Method("nd-linf", "ND l_inf", "#ff7f0e", "nd", ord=math.inf, grid=P.BETAS_LINF, quick=(1e-3, 1e-2, 1e-1), strength=_ND),
+        Method("nd-l1", "ND l1", "#d62728", "nd", ord=1, grid=P.BETAS, quick=(1e-2, 1e-1), strength=_ND),
+        Method("nd-linf", "ND l_inf", "#ff7f0e", "nd", ord=math.inf, grid=P.BETAS_LINF, quick=(1e-2, 1e-1), strength=_ND),
         Method("nd-l1+bn", "ND l1 + BN", "#e377c2", "nd", ord=1, bn=True, grid=P.BETAS_L1_BN, quick=(1e-1,), strength=_ND),
         Method(
             "nd-linf+bn",

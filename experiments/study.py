@@ -105,6 +105,8 @@ def norms_table(results: list[dict]) -> pd.DataFrame:
     for result in results:
         frame = pd.DataFrame(result["norms"])
         frame.insert(0, "seed", result["config"]["seed"])
+        frame.insert(0, "strength", result["config"]["strength"])
+        frame.insert(0, "method", result["config"]["method"])
         frame.insert(0, "run", result["label"])
         frame.insert(0, "model", result["config"]["model"])
         frames.append(frame)
