@@ -26,7 +26,7 @@ def by_run(results: pd.DataFrame) -> pd.DataFrame:
     numeric = [c for c in results.columns if c not in [*KEYS, "seed"] and pd.api.types.is_numeric_dtype(results[c])]
     grouped = results.groupby(KEYS, sort=False)[numeric]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
-    out = mean.join(std, rsuffix=" sd")
+    out = pd.concat([mean, std.add_suffix(" sd")], axis=1)
     out["seeds"] = results.groupby(KEYS, sort=False).seed.nunique()
     return out.reset_index()
 
