@@ -32,14 +32,18 @@ def _save(grid, path: str) -> str:
     return path
 
 
+def _plain_number(value: float, _position=None) -> str:
+    return f"{value:g}"
+
+
 def readable_log_axis(ax, axis: str = "y") -> None:
-    """Log scale with plain-number labels on major and (2, 5) minor ticks."""
+    """Log scale, ticks at 1, 2 and 5 times the powers of ten, labelled as plain numbers (20, 0.5)."""
     getattr(ax, f"set_{axis}scale")("log")
     target = getattr(ax, f"{axis}axis")
-    target.set_major_locator(ticker.LogLocator(base=10))
-    target.set_minor_locator(ticker.LogLocator(base=10, subs=(2.0, 5.0)))
-    target.set_major_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-    target.set_minor_formatter(ticker.LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_minor_locator(ticker.LogLocator(base=10, subs=(3.0, 4.0, 6.0, 7.0, 8.0, 9.0)))
+    target.set_major_formatter(ticker.FuncFormatter(_plain_number))
+    target.set_minor_formatter(ticker.NullFormatter())
 
 
 def labelled(norms: pd.DataFrame) -> pd.DataFrame:
@@ -54,8 +58,13 @@ def labelled(norms: pd.DataFrame) -> pd.DataFrame:
 
 
 def _palette(data: pd.DataFrame) -> dict[str, str]:
-    every = colours()
-    return {label: every[label] for label in data["method label"].unique()}
+    """The registry's colours of the methods present, in registry order (legend order too)."""
+    present = set(data["method label"])
+    return {label: colour for label, colour in colours().items() if label in present}
+
+
+def _strength_order(data: pd.DataFrame) -> list[str]:
+    return sorted(data["strength "].unique(), key=lambda s: -1.0 if s == "-" else float(s))
 
 
 def _panels(data: pd.DataFrame) -> pd.DataFrame:
@@ -77,7 +86,9 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
         x="epoch",
         y="norm",
         hue="method label",
+        hue_order=list(_palette(data)),
         style="strength ",
+        style_order=_strength_order(data),
         col="norm kind",
         row="model",
         kind="line",
@@ -93,13 +104,15 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
 
 
 def _final(norms: pd.DataFrame) -> pd.DataFrame:
+    """Each method's last epoch at its largest strength (one point per method and layer)."""
     data = labelled(norms)
+    data = data[data.strength == data.groupby(["model", "method"]).strength.transform("max")]
     return data[data.epoch == data.groupby(["model", "method", "strength"]).epoch.transform("max")]
 
 
 def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> list[str]:
     """Final norm of every layer, named on the x axis in network order; one figure per model,
-    one panel per norm (batch norm once), one colour per method, one line style per strength."""
+    one panel per norm (batch norm once), one colour per method (at its largest strength)."""
     paths = []
     for model, data in norms.groupby("model"):
         last = _panels(_final(data)).sort_values("index")
@@ -108,6 +121,7 @@ def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> lis
             x="layer",
             y="norm",
             hue="method label",
+            hue_order=list(_palette(last)),
             col="norm kind",
             kind="point",
             palette=_palette(last),
@@ -118,13 +132,13 @@ def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> lis
             markersize=4,
             linewidth=1,
             errorbar=None,
-            dodge=0.3,
+            dodge=0.3 if last["method label"].nunique() > 1 else False,
         )
         grid.set_axis_labels("layer", "operator norm after training")
         for ax in grid.axes.flat:
             readable_log_axis(ax)
             ax.tick_params(axis="x", labelrotation=90)
-        grid.figure.suptitle(f"{title} ({model}; strengths averaged: see norms.csv)", y=1.03)
+        grid.figure.suptitle(f"{title} ({model}; each method at its largest strength, mean over seeds)", y=1.03)
         paths.append(_save(grid, os.path.join(out, name.replace(".png", f"_{model}.png"))))
     return paths
 
@@ -140,6 +154,7 @@ def robust_vs_plain_bars(norms: pd.DataFrame, out: str, name: str, title: str) -
             x="layer",
             y="norm",
             hue="method label",
+            hue_order=list(_palette(last)),
             col="norm kind",
             kind="bar",
             palette=_palette(last),

@@ -21,7 +21,7 @@ def test_tiny_study_writes_tables_norms_and_figures(tmp_path, monkeypatch, capsy
     printed = capsys.readouterr()
     assert os.path.abspath(out) in printed.err and "| model | method |" in printed.out
     table = pd.read_csv(os.path.join(out, "results.csv"))
-    assert len(table) == 1 + 3 + 2 and {"clean acc", "robust acc", "sum l1", "sum linf"} <= set(table.columns)
+    assert len(table) == 1 + 2 + 2 and {"clean acc", "robust acc", "sum l1", "sum linf"} <= set(table.columns)
     assert table["robust acc"].le(table["clean subset acc"]).all()
     for name in (
         "results.md",

@@ -98,3 +98,15 @@ def test_missing_cifar10_folder_exits_with_code_two(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         training.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
     assert exit.value.code == 2 and str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_every_layer_norm_is_recorded_every_step(tmp_path):
+    config = RunConfig(method="nd-linf", strength=0.1, **{**TINY, "epochs": 2})
+    result = train(config, str(tmp_path), progress=False)
+    steps = result["step_norms"]
+    assert steps["step"] == list(range(44)) and steps["layer"] == ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "fc"]
+    assert len(steps["l1"]) == len(steps["linf"]) == 44 and {len(row) for row in steps["l1"]} == {7}
+    epoch_one = {r["layer"]: r["norm"] for r in result["norms"] if r["epoch"] == 0 and r["ord"] == "linf"}
+    assert steps["linf"][0] == pytest.approx([epoch_one[name] for name in steps["layer"]], rel=1e-5)
+    sparse = train(RunConfig(norms_every=5, **{**TINY, "epochs": 2}), str(tmp_path / "sparse"), progress=False)
+    assert sparse["step_norms"]["step"] == list(range(0, 44, 5))
