@@ -113,6 +113,46 @@ def norms_table(results: list[dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _tex(label: str) -> str:
+    """A method label in LaTeX: l1 and l_inf as ell norms, other specials escaped."""
+    label = label.replace("l_inf", "$\\ell_\\infty$").replace("l1", "$\\ell_1$")
+    return label.replace("&", "\\&").replace("%", "\\%")
+
+
+def paper_latex(results: pd.DataFrame) -> str:
+    """The paper's accuracy table in LaTeX: per model, one column per run (plain first, then each
+    method's strengths under a spanning method header), a ``Clean`` and a ``Robust`` row of
+    accuracies in percent (one decimal, mean over seeds)."""
+    runs = results.groupby(["model", "method", "strength"], sort=False)[["clean acc", "robust acc"]].mean().reset_index()
+    order = {name: i for i, name in enumerate(REGISTRY)}
+    blocks = []
+    for model, rows in runs.groupby("model", sort=False):
+        rows = rows.assign(rank=rows.method.map(order)).sort_values(["rank", "strength"])
+        methods = list(dict.fromkeys(rows.method))
+        spans = [(REGISTRY[m].label, len(rows[rows.method == m])) for m in methods]
+        header = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(label)}}}" for label, n in spans)
+        strengths = " & ".join(f"{s:g}" if REGISTRY[m].strength else "-" for m, s in zip(rows.method, rows.strength))
+        clean = " & ".join(f"{100 * v:.1f}" for v in rows["clean acc"])
+        robust = " & ".join(f"{100 * v:.1f}" for v in rows["robust acc"])
+        blocks.append(
+            "\n".join(
+                [
+                    f"% {model}",
+                    f"\\begin{{tabular}}{{l{'c' * len(rows)}}}",
+                    "\\toprule",
+                    f"{model} & {header} \\\\",
+                    f"strength & {strengths} \\\\",
+                    "\\midrule",
+                    f"Clean & {clean} \\\\",
+                    f"Robust & {robust} \\\\",
+                    "\\bottomrule",
+                    "\\end{tabular}",
+                ]
+            )
+        )
+    return "\n\n".join(blocks) + "\n"
+
+
 def _markdown(frame: pd.DataFrame) -> str:
     # Written here: pandas' to_markdown needs the tabulate package for one table.
     cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
@@ -127,6 +167,9 @@ def write_tables(frame: pd.DataFrame, out: str, name: str) -> str:
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(markdown)
     frame.to_latex(os.path.join(out, f"{name}.tex"), index=False, float_format="%.4g")
+    if {"model", "method", "strength", "clean acc", "robust acc"} <= set(frame.columns):
+        with open(os.path.join(out, f"{name}_paper.tex"), "w") as f:
+            f.write(paper_latex(frame))
     return markdown
 
 

@@ -81,3 +81,16 @@ def test_mean_and_spread_over_seeds():
     sweep = sweep_table(results(REGULARIZATION))
     assert list(sweep.columns) == ["model", "run", "seeds", "clean", "eps 1/255", "eps 4/255"]
     assert sweep.iloc[0]["eps 4/255"].startswith("0.800 ± 0.014")
+
+
+def test_latex_table_in_the_papers_layout():
+    from experiments.study import paper_latex
+
+    frame = results(REGULARIZATION).assign(**{"robust acc": lambda f: f["robust@4"]})
+    tex = paper_latex(frame)
+    lines = tex.splitlines()
+    assert lines[1] == "\\begin{tabular}{l" + "c" * 5 + "}"
+    assert "\\multicolumn{2}{c}{ND $\\ell_1$}" in lines[3] and lines[3].index("plain") < lines[3].index("weight decay")
+    assert lines[4] == "strength & - & 0.01 & 0.01 & 0.1 & 0.1 \\\\"
+    assert lines[6] == "Clean & 98.0 & 98.0 & 98.0 & 98.0 & 98.0 \\\\"
+    assert lines[7] == "Robust & 80.0 & 79.0 & 80.0 & 78.0 & 79.0 \\\\"
