@@ -26,6 +26,7 @@ def report(results: list[dict], out: str) -> None:
     norms = norms_table(results)
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
+        figures.summed_norms_over_steps(results, out, "conv_linear_norms_steps.png", "Conv and linear layer norms at every step"),
         figures.norm_densities(norms, out, "norm_density.png", "Layer norms of robust and non-robust models"),
         *figures.robust_vs_plain_bars(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
     ]

@@ -44,6 +44,8 @@ class RunConfig:
     bn_projection: str = P.BN_PROJECTION
     skip_layers: str = "none"
     svc_every: int = P.SVC_EVERY
+    svc_timing: str = P.SVC_TIMING  # "released" (per-epoch batch index % every == 1, before the step) or "steps"
+    svc_input_size: str = P.SVC_INPUT_SIZE  # "raw" (released) or "padded" (normopt's sound bound)
     bn_radius: float = P.BN_RADIUS
     adv_eps: float = P.ADV_EPS
     adv_step: float = P.ADV_STEP
@@ -135,6 +137,8 @@ def check(config: RunConfig) -> str | None:
         "skip_layers": ("none", "released"),
         "attack_start": ("normal", "uniform"),
         "alp_pairing": ("mse", "sum"),
+        "svc_timing": ("released", "steps"),
+        "svc_input_size": ("raw", "padded"),
     }
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:

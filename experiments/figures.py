@@ -197,3 +197,63 @@ def norm_densities(norms: pd.DataFrame, out: str, name: str, title: str) -> str 
     grid.set_axis_labels("operator norm of a conv / linear layer", "density")
     grid.figure.suptitle(title, y=1.03)
     return _save(grid, os.path.join(out, name))
+
+
+def step_norms_table(results: list[dict]) -> pd.DataFrame:
+    """Summed conv / linear l1 and l_inf norms at every recorded training step, one row per run and step."""
+    frames = []
+    for result in results:
+        steps, config = result.get("step_norms"), result["config"]
+        if not steps or not steps["step"]:
+            continue
+        kinds = {row["layer"]: row["kind"] for row in result["norms"]}
+        keep = [i for i, layer in enumerate(steps["layer"]) if kinds.get(layer) in ("conv", "linear")]
+        for ord_name in ("l1", "linf"):
+            sums = [sum(row[i] for i in keep) for row in steps[ord_name]]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "model": config["model"],
+                        "method": config["method"],
+                        "strength": config["strength"],
+                        "seed": config["seed"],
+                        "ord": ord_name,
+                        "step": steps["step"],
+                        "norm": sums,
+                    }
+                )
+            )
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def summed_norms_over_steps(results: list[dict], out: str, name: str, title: str) -> str | None:
+    """Summed conv / linear norms at every recorded step (the early dynamics an epoch grid hides):
+    one colour per method, one line style per strength, mean over seeds."""
+    data = step_norms_table(results)
+    if data.empty:
+        return None
+    data = data.groupby(["model", "method", "strength", "ord", "step"], as_index=False).norm.mean()
+    data["method label"] = data.method.map(lambda m: REGISTRY[m].label)
+    data["strength "] = [f"{s:g}" if REGISTRY[m].strength else "-" for m, s in zip(data.method, data.strength)]
+    data["norm kind"] = data.ord.map(ORD_NAMES)
+    grid = sns.relplot(
+        data=data,
+        x="step",
+        y="norm",
+        hue="method label",
+        hue_order=list(_palette(data)),
+        style="strength ",
+        style_order=_strength_order(data),
+        col="norm kind",
+        row="model",
+        kind="line",
+        palette=_palette(data),
+        facet_kws={"sharey": False},
+        height=3.2,
+        linewidth=1,
+    )
+    grid.set_axis_labels("training step", "sum of conv/linear norms")
+    for ax in grid.axes.flat:
+        readable_log_axis(ax)
+    grid.figure.suptitle(title, y=1.03)
+    return _save(grid, os.path.join(out, name))

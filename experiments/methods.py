@@ -191,7 +191,12 @@ def make_optimizer(config, model: nn.Module, example: torch.Tensor, specs=None):
             example_input=example,
         )
     elif method.optimizer == "svc":
-        svc = normopt.PeriodicSVC(optimizer, model, bound=config.strength, every=config.svc_every, example_input=example)
+        # Released timing: the training loop calls svc.clip() itself (see train.train_epoch), so the
+        # step hook's own count must never fire.
+        every = config.svc_every if config.svc_timing == "steps" else 2**62
+        svc = normopt.PeriodicSVC(
+            optimizer, model, bound=config.strength, every=every, example_input=example, input_size=config.svc_input_size
+        )
     return optimizer, svc
 
 

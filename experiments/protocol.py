@@ -39,6 +39,11 @@ SKIP_LAYERS = "released"  # released: lip/add_lip.py:485 (layer.groups == 1)
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # released: train_wd.py:240
 SVC_BOUNDS = (2.0, 1.5, 1.0, 0.5, 0.1)  # released: train_svc.py:249
 SVC_EVERY = 100  # released: train_svc.py:206
+# Clip before the optimizer step when the epoch's batch index (from 0) is 1 modulo SVC_EVERY: the
+# count restarts every epoch (4 clips per CIFAR-10 epoch of 391 batches; 1 per digits epoch).
+SVC_TIMING = "released"  # released: train_svc.py:70 (batch_idx % args.clip_freq == 1)
+# Each conv clipped as a circular convolution on its raw input size (no padding added).
+SVC_INPUT_SIZE = "raw"  # released: regularization/conv2d_sv.py:88 (h, w = m.inp_shape)
 
 # --- optimisation (regularization study) --------------------------------------------------------
 LR = 0.01  # released: train_nd.py:188

@@ -37,6 +37,7 @@ def report(results: list[dict], out: str) -> None:
     norms = norms_table(results)
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
+        figures.summed_norms_over_steps(results, out, "conv_linear_norms_steps.png", "Conv and linear layer norms at every step"),
         figures.summed_norms_over_epochs(
             norms, ["conv", "linear"], out, "conv_linear_norms.png", "Conv and linear layer norms during training"
         ),

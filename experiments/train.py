@@ -156,6 +156,8 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
         with torch.autocast(where.type, enabled=config.amp and where.type == "cuda"):
             loss, logits = loss_of(config, run.net, x, y)
         run.scaler.scale(loss).backward()
+        if run.svc is not None and config.svc_timing == "released" and steps % config.svc_every == 1:
+            run.svc.clip()  # the released scripts clip after backward, before the step
         run.scaler.step(run.optimizer)
         run.scaler.update()
         total += float(loss.detach()) * len(y)

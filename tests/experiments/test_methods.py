@@ -65,6 +65,7 @@ def test_released_regularization_study_resolves_to_the_released_scripts(tmp_path
         assert run["milestones"] == [75, 90, 100] and run["seed"] == 1
         assert (run["norm_decay_rule"], run["norm_decay_gamma"], run["bn_projection"]) == ("reference", 0.5, "released")
         assert (run["bn_radius"], run["svc_every"], run["skip_layers"]) == (5.0, 100, "none")
+        assert (run["svc_timing"], run["svc_input_size"]) == ("released", "raw")
         assert (run["eval_eps"], run["eval_images"], run["attacks"]) == (1.0, 1024, ["apgd-ce", "apgd-t"])
     paper = dry_run("experiments.regularize", tmp_path, "--models", "resnet18", "--protocol", "paper", "--methods", "nd-l1+bn")
     assert {(r["norm_decay_rule"], r["bn_projection"]) for r in paper} == {("paper", "exact")}
@@ -244,3 +245,19 @@ def test_adversarial_training_with_norm_or_weight_decay_runs(method, tmp_path):
     result = train(config, str(tmp_path), progress=False)
     assert result["history"][0]["steps"] == 22 and 0 <= result["accuracy"]["robust"] <= 1
     assert REGISTRY[method].loss == "pgd-at"
+
+
+@pytest.mark.parametrize(("timing", "expected"), [("released", [1, 11, 21, 23, 33, 43]), ("steps", [10, 20, 30, 40])])
+def test_svc_clips_at_the_released_batches(timing, expected, tmp_path, monkeypatch):
+    """Released: before the step of every batch whose index in its epoch is 1 modulo the period (the
+    count restarts each epoch); ``steps``: after every period-th step. 22 digits batches per epoch."""
+    import normopt
+    from experiments.train import train
+
+    at = []
+    # PeriodicSVC counts the optimizer's steps in ``steps``: the steps taken before each clip.
+    monkeypatch.setattr(normopt.PeriodicSVC, "clip", lambda self: at.append(self.steps))
+    config = RunConfig(method="svc", strength=1.0, svc_every=10, svc_timing=timing, epochs=2, eval_images=8)
+    train(RunConfig(**{**config.as_dict(), "eval_iterations": 1, "eval_targets": 1}), str(tmp_path), progress=False)
+    assert at == expected
+    assert config.svc_input_size == P.SVC_INPUT_SIZE == "raw"

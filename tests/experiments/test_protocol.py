@@ -55,6 +55,8 @@ def test_every_released_constant_names_its_file_and_line():
         ("WEIGHT_DECAYS", (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)),
         ("SVC_BOUNDS", (2.0, 1.5, 1.0, 0.5, 0.1)),
         ("SVC_EVERY", 100),
+        ("SVC_TIMING", "released"),
+        ("SVC_INPUT_SIZE", "raw"),
         ("LR", 0.01),
         ("LR_DROPS", (75, 90, 100)),
         ("EPOCHS", 120),
