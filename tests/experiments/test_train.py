@@ -110,3 +110,17 @@ def test_every_layer_norm_is_recorded_every_step(tmp_path):
     assert steps["linf"][0] == pytest.approx([epoch_one[name] for name in steps["layer"]], rel=1e-5)
     sparse = train(RunConfig(norms_every=5, **{**TINY, "epochs": 2}), str(tmp_path / "sparse"), progress=False)
     assert sparse["step_norms"]["step"] == list(range(0, 44, 5))
+
+
+def test_the_evaluation_subset_is_random_and_drawn_with_the_seed():
+    """Released: the first batch of a shuffled loader, i.e. a random subset, not the first images."""
+    from torch.utils.data import TensorDataset
+
+    from experiments.train import _subset
+
+    data = TensorDataset(torch.arange(1000).float().reshape(-1, 1), torch.arange(1000))
+    _, first = _subset(data, 100, seed=0)
+    _, again = _subset(data, 100, seed=0)
+    _, other = _subset(data, 100, seed=1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len(set(first.tolist())) == 100 and first.max() > 200  # not the first 100 images
