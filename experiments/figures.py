@@ -95,6 +95,7 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
         palette=_palette(data),
         facet_kws={"sharey": False},
         height=3.2,
+        aspect=1.6 if data["norm kind"].nunique() == 1 else 1.0,  # room for the legend beside one panel
     )
     grid.set_axis_labels("epoch", f"sum of {'/'.join(kinds)} norms")
     for ax in grid.axes.flat:
