@@ -87,13 +87,15 @@ REGISTRY: dict[str, Method] = {
         Method("pgd-at-he", "PGD-AT-HE", "#98df8a", loss="pgd-at", he=True, study="adversarial", in_default=False),
         Method("trades-he", "TRADES-HE", "#9edae5", loss="trades", he=True, study="adversarial", in_default=False),
         Method("alp-he", "ALP-HE", "#c49c94", loss="alp", he=True, study="adversarial", in_default=False),
+        # The released scripts combine ALP (not PGD-AT) with l1 norm decay or weight decay; their
+        # strengths come from the command line, so these grids are normopt's own.
         Method(
             "at+nd",
-            "PGD-AT + ND l1",
+            "ALP + ND l1",
             "#aec7e8",
             "nd",
-            loss="pgd-at",
-            ord=1,
+            loss=P.AT_REGULARIZED_LOSS,
+            ord=P.AT_ND_ORD,
             study="adversarial",
             grid=(1e-3,),
             quick=(1e-2,),
@@ -102,10 +104,10 @@ REGISTRY: dict[str, Method] = {
         ),
         Method(
             "at+wd",
-            "PGD-AT + WD",
+            "ALP + WD",
             "#c5b0d5",
             "wd",
-            loss="pgd-at",
+            loss=P.AT_WD_LOSS,
             study="adversarial",
             grid=(5e-4,),
             quick=(1e-3,),

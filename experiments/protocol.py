@@ -80,6 +80,11 @@ TRADES_BETA = 1.0  # released: train_adv_cifar10.py:217
 ALP_WEIGHT = 1.0  # released: AT/losses.py:112
 ALP_PAIRING = "mse"  # released: AT/losses.py:153 (F.mse_loss(logits, logits_adv))
 ATTACK_START_STD = 0.001  # released: AT/losses.py:79
+# Adversarial training combined with norm decay (l1) or weight decay: the released scripts train ALP
+# only; their strength comes from the command line (default 0), so normopt's grids are its own.
+AT_REGULARIZED_LOSS = "alp"  # released: AT/train_adv_cifar10_nd.py:284 (for los in ['alp'])
+AT_WD_LOSS = "alp"  # released: AT/train_adv_cifar10_wd.py:284 (for los in ['alp'])
+AT_ND_ORD = 1  # released: AT/train_adv_cifar10_nd.py:127 (norm='1-norm')
 HE_SCALE = 15.0  # released: train_adv_cifar10.py:234
 HE_MARGIN = 0.2  # released: train_adv_cifar10.py:233
 

@@ -244,7 +244,7 @@ def test_adversarial_training_with_norm_or_weight_decay_runs(method, tmp_path):
     config = RunConfig(method=method, strength=0.01, epochs=1, adv_steps=2, eval_images=16, eval_iterations=2, eval_targets=1)
     result = train(config, str(tmp_path), progress=False)
     assert result["history"][0]["steps"] == 22 and 0 <= result["accuracy"]["robust"] <= 1
-    assert REGISTRY[method].loss == "pgd-at"
+    assert REGISTRY[method].loss == "alp"  # as the released AT/train_adv_cifar10_{nd,wd}.py
 
 
 @pytest.mark.parametrize(("timing", "expected"), [("released", [1, 11, 21, 23, 33, 43]), ("steps", [10, 20, 30, 40])])

@@ -72,6 +72,8 @@ def test_every_released_constant_names_its_file_and_line():
         ("ADV_STEP", 0.007),
         ("ADV_STEPS", 10),
         ("HE_SCALE", 15.0),
+        ("AT_REGULARIZED_LOSS", "alp"),
+        ("AT_ND_ORD", 1),
         ("HE_MARGIN", 0.2),
     ],
 )
