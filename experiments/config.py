@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 
@@ -146,6 +147,8 @@ def check(config: RunConfig) -> str | None:
     unknown = [a for a in config.attacks if a not in ATTACKS]
     if unknown or not config.attacks:
         return f"--attacks must be a non-empty list from {list(ATTACKS)}, got {list(config.attacks)}"
+    if "autoattack" in config.attacks and importlib.util.find_spec("torchattacks") is None:
+        return "--attacks autoattack needs torchattacks (pip install -e '.[autoattack]'); it is not installed"
     if any(not r >= 0 for r in config.sweep):
         return f"--sweep radii must be >= 0, got {list(config.sweep)}"
     if not 0 <= config.norm_decay_gamma <= 1:

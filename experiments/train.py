@@ -4,9 +4,11 @@ per-epoch metrics and layer norms, a checkpoint every epoch, resume, robust eval
     python -m experiments.train --dataset digits --model small --method nd-linf --strength 0.1 --out runs/demo
     torchrun --nproc_per_node 2 -m experiments.train ...   # data parallel (gloo on CPU, nccl on GPU)
 
-Runs on the GPU when one is present, otherwise on the CPU. The run folder holds config.json (the
-resolved configuration and its fingerprint), the last two checkpoints and result.json; --resume
-refuses a folder whose configuration differs from the command line's.
+Runs on the GPU when one is present, otherwise on the CPU. --protocol released (default) or paper
+resolves the run's values (experiments/protocol.py). The run folder holds config.json (the
+resolved configuration and its fingerprint), the last two checkpoints and result.json (per-epoch
+history and norms, every layer's norms every --norms-every steps, accuracies); --resume refuses a
+folder whose configuration differs from the command line's.
 """
 
 from __future__ import annotations

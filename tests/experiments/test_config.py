@@ -47,3 +47,14 @@ def test_differences_name_each_changed_option_and_the_config_is_frozen():
     assert differences(a, b) == ["lr: 0.05 -> 0.1", "seed: 0 -> 2"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().lr = 1.0
+
+
+def test_autoattack_without_torchattacks_is_refused_at_construction(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name, *a))
+    with pytest.raises(UserError, match="torchattacks"):
+        RunConfig(attacks=("apgd-ce", "autoattack"))
+    with pytest.raises(UserError, match="--attacks must be"):
+        RunConfig(attacks=("cw",))
