@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 
 from experiments import protocol as P
-from experiments.methods import METHODS
+from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
 
 # Attacks of the robust evaluation: "autoattack" is the full standard AutoAttack (APGD-CE, APGD-T,
@@ -108,9 +108,15 @@ class RunConfig:
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def definition(self) -> dict:
+        """What the method does, from the registry (optimizer, loss, norm, projection, HE): part of
+        the fingerprint, so a run of a method whose definition changed is another run."""
+        method = REGISTRY[self.method]
+        return {"optimizer": method.optimizer, "loss": method.loss, "ord": str(method.ord), "bn": method.bn, "he": method.he}
+
     def fingerprint(self) -> str:
-        """sha256 (first 12 hex digits) of every option that changes a result."""
-        return fingerprint(self.as_dict())
+        """sha256 (first 12 hex digits) of every option that changes a result, and of the method's definition."""
+        return fingerprint({**self.as_dict(), "definition": self.definition()})
 
 
 def check(config: RunConfig) -> str | None:

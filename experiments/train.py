@@ -71,10 +71,12 @@ def claim_folder(config: RunConfig, out: str, resume: bool) -> None:
             named), or holds a run and ``resume`` is off.
     """
     path = os.path.join(out, "config.json")
-    wanted = {"config": config.as_dict(), "fingerprint": config.fingerprint()}
+    wanted = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
     if os.path.exists(path):
         saved = checkpoints.read_json(path)
         changed = differences(saved.get("config", {}), wanted["config"])
+        if saved.get("definition", wanted["definition"]) != wanted["definition"]:
+            changed.append(f"definition of {config.method!r}: {saved['definition']} -> {wanted['definition']}")
         if changed:
             raise UserError(f"{out!r} holds a run of another configuration ({'; '.join(changed)}); choose another --out")
         if not resume and (checkpoints.epochs(out) or os.path.exists(os.path.join(out, "result.json"))):
