@@ -2,8 +2,8 @@
 
     python docs/make_figures.py
 
-Runs (or resumes) the digits regularization and adversarial-training studies into runs/ and copies
-two of their figures into docs/_static/figures/. The committed PNGs come from this command.
+Runs (or resumes) the main job (both digits studies, two seeds) into runs/ and copies two of its
+figures into docs/_static/figures/. The committed PNGs come from this command.
 """
 
 from __future__ import annotations
@@ -15,18 +15,17 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from experiments import adversarial, regularize  # noqa: E402
+from experiments import __main__ as main_job  # noqa: E402
 
 FIGURES = {
     ("regularize-digits", "conv_linear_norms.png"): "digits_conv_linear_norms.png",
-    ("adversarial-digits", "norm_density.png"): "digits_adversarial_norm_density.png",
+    ("adversarial-digits", "layer_norms_small.png"): "digits_adversarial_layer_norms.png",
 }
 
 
 def main() -> None:
     root = os.path.join(os.path.dirname(HERE), "runs")
-    regularize.main(["--out", os.path.join(root, "regularize-digits")])
-    adversarial.main(["--out", os.path.join(root, "adversarial-digits")])
+    main_job.main(["--out", root])
     target = os.path.join(HERE, "_static", "figures")
     os.makedirs(target, exist_ok=True)
     for (study, name), copy in FIGURES.items():

@@ -15,9 +15,9 @@ import os
 import sys
 
 from experiments import cli, figures
+from experiments import protocol as P
+from experiments.methods import METHODS, grid
 from experiments.study import common_arguments, configs_for, norms_table, run_study, summary_table, write_tables
-
-GRID = {"plain": [0.0], "pgd-at": [0.0], "trades": [0.0], "alp": [0.0]}
 
 
 def report(results: list[dict], out: str) -> None:
@@ -26,24 +26,34 @@ def report(results: list[dict], out: str) -> None:
     norms = norms_table(results)
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
+        figures.summed_norms_over_steps(results, out, "conv_linear_norms_steps.png", "Conv and linear layer norms at every step"),
         figures.norm_densities(norms, out, "norm_density.png", "Layer norms of robust and non-robust models"),
-        *figures.per_layer_norms(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
+        *figures.robust_vs_plain_bars(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
     ]
-    print("figures:", *paths, sep="\n  ", flush=True)
+    print("figures:", *[p for p in paths if p], sep="\n  ", flush=True)
 
 
 def main(argv=None) -> str | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser, default_models="small")
-    parser.add_argument("--eval-eps", type=float, default=8.0, help="attack radius in 1/255 (paper: 8)")
-    parser.add_argument("--lr", type=float, help="learning rate (paper: 0.1 for adversarial training)")
+    parser.add_argument("--eval-eps", type=float, default=P.EVAL_EPS_ADVERSARIAL, help="attack radius in 1/255 (paper: 8)")
+    parser.add_argument("--lr", type=float, help="learning rate (released: 0.1 for every run of this study on cifar10)")
+    parser.add_argument(
+        "--methods",
+        help=f"comma-separated methods (default: {', '.join(grid('adversarial', True))}), from {', '.join(METHODS)}",
+    )
     args = parser.parse_args(argv)
+    names = [m for m in args.methods.split(",") if m] if args.methods else None
+    unknown = [m for m in names or [] if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     fixed = {"eval_eps": args.eval_eps}
     if args.lr is not None or args.dataset == "cifar10":
-        fixed["lr"] = 0.1 if args.lr is None else args.lr
+        fixed["lr"] = P.ADV_LR if args.lr is None else args.lr
     out = args.out or os.path.join("runs", f"adversarial-{args.dataset}")
-    configs = configs_for(args, parser, GRID, **fixed)
+    study = grid("adversarial", args.dataset != "cifar10", names)
+    configs = configs_for(args, parser, study, **fixed)
     return run_study("adversarial", "experiments.adversarial", argv, args, configs, out, report)
 
 

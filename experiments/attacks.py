@@ -14,10 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.protocol import ATTACK_START_STD
 
-def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:
-    """l_inf PGD with a random start, maximising the cross-entropy (Madry et al., 2018)."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+
+def start_point(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
+    """Where an attack starts: ``"normal"`` is ``x + 0.001 * N(0, 1)`` (the released training attacks,
+    not clamped before the first step), ``"uniform"`` a uniform point of the eps-ball (Madry et al.)."""
+    if start == "normal":
+        return x + ATTACK_START_STD * torch.randn_like(x)
+    if start == "uniform":
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    raise ValueError(f"unknown attack start {start!r}; choose from normal, uniform")
+
+
+def pgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, start: str = "uniform"
+) -> torch.Tensor:
+    """l_inf PGD maximising the cross-entropy (Madry et al., 2018), from ``start_point(x, eps, start)``."""
+    x_adv = start_point(x, eps, start)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
@@ -29,7 +43,7 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, step: float,
     """TRADES' inner maximisation: l_inf PGD on KL(f(x') || f(x)) (Zhang et al., 2019)."""
     with torch.no_grad():
         clean = F.softmax(model(x), dim=1)
-    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    x_adv = start_point(x, eps, "normal")
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
@@ -71,6 +85,19 @@ def apgd(model, x: np.ndarray, y: np.ndarray, eps: float, iterations: int, targe
     return attack.generate(x=x, y=y)
 
 
+def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, classes: int, seed: int):
+    """Standard AutoAttack (Croce & Hein, 2020: APGD-CE, APGD-T, FAB-T, Square, l_inf) through
+    torchattacks, a maintained implementation (ART has no FAB); adversarial images as NumPy."""
+    try:
+        import torchattacks
+    except ImportError:
+        raise ValueError("--attacks autoattack needs torchattacks: pip install torchattacks") from None
+    device = next(model.parameters()).device
+    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=classes, seed=seed)
+    with torch.enable_grad():
+        return attack(images.to(device), labels.to(device)).detach().cpu().numpy()
+
+
 @torch.no_grad()
 def _predict(model: nn.Module, x: np.ndarray, batch_size: int) -> np.ndarray:
     device = next(model.parameters()).device
@@ -88,11 +115,13 @@ def robust_accuracy(
     iterations: int = 100,
     targets: int = 9,
     batch_size: int = 256,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Clean accuracy and accuracy under the worst of ``attacks`` (eps in 1/255 units, l_inf).
 
     ``apgd-t`` attacks each image towards its ``targets`` most likely wrong classes in turn, as
-    AutoAttack does; ``pgd`` is 20-step PGD. An image counts as robust only if every attack fails.
+    AutoAttack does; ``pgd`` is 20-step PGD; ``autoattack`` the full standard AutoAttack (APGD-CE,
+    APGD-T, FAB-T, Square; torchattacks). An image counts as robust only if every attack fails.
 
     Returns:
         ``{"clean": ..., "robust": ..., "<attack>": ...}`` accuracies in [0, 1].
@@ -109,7 +138,7 @@ def robust_accuracy(
     result = {"clean": float(correct.mean())}
     for name in attacks:
         survived = correct.copy()
-        if eps == 0 and name in ("apgd-ce", "apgd-t", "pgd"):
+        if eps == 0 and name in ("apgd-ce", "apgd-t", "pgd", "autoattack"):
             pass  # a zero radius leaves every input where it is
         elif name == "apgd-ce":
             survived &= _predict(model, apgd(model, x, y, eps, iterations, False, batch_size, classes), batch_size).argmax(1) == y
@@ -124,8 +153,10 @@ def robust_accuracy(
             with torch.enable_grad():
                 adv = pgd(model, images.to(device), labels.to(device), eps, eps / 4, 20)
             survived &= _predict(model, adv.cpu().numpy(), batch_size).argmax(1) == y
+        elif name == "autoattack":
+            survived &= _predict(model, autoattack(model, images, labels, eps, classes, seed), batch_size).argmax(1) == y
         else:
-            raise ValueError(f"unknown attack {name!r}; choose from apgd-ce, apgd-t, pgd")
+            raise ValueError(f"unknown attack {name!r}; choose from apgd-ce, apgd-t, pgd, autoattack")
         result[name] = float(survived.mean())
         robust &= survived
     result["robust"] = float(robust.mean())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import sys
@@ -159,4 +160,52 @@ def dry_run(runs) -> None:
             checked.add(key)
         check_folder(folder)
         print(f"  would write {os.path.abspath(folder)}", file=sys.stderr, flush=True)
+        # The full resolved configuration, one JSON object a line: what the run would record.
+        print("resolved " + json.dumps(config.as_dict(), sort_keys=True), flush=True)
     print(f"dry run: {len(runs)} run(s), data and output folders checked; nothing trained", file=sys.stderr, flush=True)
+
+
+def protocol_options(p: argparse.ArgumentParser) -> None:
+    """--protocol and the switches that depart from it, shared by every command."""
+    p.add_argument(
+        "--protocol",
+        default="released",
+        choices=["released", "paper"],
+        help="released: the authors' released scripts (norm decay rule 'reference', arg-max batch-norm "
+        "projection); paper: the paper's text (Algorithm 1, exact batch-norm projection)",
+    )
+    p.add_argument(
+        "--released-skips",
+        action="store_true",
+        help="leave grouped convs and convs on inputs the kernel cannot cover alone, as the released code does",
+    )
+
+
+def evaluation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--attacks",
+        help="comma-separated, from apgd-ce, apgd-t, pgd (PGD-20), autoattack (standard AutoAttack: "
+        "APGD-CE, APGD-T, FAB-T, Square; needs torchattacks); default apgd-ce,apgd-t",
+    )
+    p.add_argument("--sweep", help="comma-separated further attack radii in 1/255 units (robust accuracy at each)")
+    p.add_argument("--norms-every", type=int, help="steps between two records of every layer's norms (default 1; 10 cifar10)")
+
+
+def protocol_changes(args) -> dict:
+    """The configuration fields the shared switches set."""
+    changes = {"skip_layers": "released"} if args.released_skips else {}
+    for name in ("attacks", "sweep"):
+        text = getattr(args, name, None)
+        if text is not None:
+            parts = [w for w in text.split(",") if w]
+            changes[name] = tuple(parts) if name == "attacks" else tuple(or_exit(lambda p=parts, n=name: _floats(p, n)))
+    if getattr(args, "norms_every", None) is not None:
+        changes["norms_every"] = args.norms_every
+    return changes
+
+
+def _floats(words: list[str], option: str) -> list[float]:
+    try:
+        return [float(w) for w in words]
+    except ValueError:
+        raise UserError(f"--{option} takes comma-separated numbers, got {','.join(words)!r}") from None

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass
 
-from experiments.methods import METHODS
+from experiments import protocol as P
+from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
+
+# Attacks of the robust evaluation: "autoattack" is the full standard AutoAttack (APGD-CE, APGD-T,
+# FAB-T, Square, through ART); "pgd" is 20-step PGD.
+ATTACKS = ("apgd-ce", "apgd-t", "pgd", "autoattack")
 
 # Where data lives and whether to fetch it change no result: they stay out of the fingerprint.
 NOT_RESULT = ("data_dir", "download", "verify_data")
@@ -26,24 +32,38 @@ class RunConfig:
     model: str = "small"
     method: str = "plain"
     strength: float = 0.0
+    protocol: str = "released"
     epochs: int = 15
     lr: float = 0.05
     momentum: float = 0.9
+    # First (1-based) epochs trained at lr x0.1, x0.01, ...: the released scripts set the lr before each epoch.
     milestones: tuple[int, ...] = (8, 11, 13)
     batch_size: int = 64
     seed: int = 0
-    svc_every: int = 100
-    bn_radius: float = 5.0
-    adv_eps: float = 0.031
-    adv_step: float = 0.007
-    adv_steps: int = 10
-    trades_beta: float = 6.0
-    alp_weight: float = 0.5
+    norm_decay_rule: str = P.NORM_DECAY_RULE
+    norm_decay_gamma: float = P.GAMMA
+    bn_projection: str = P.BN_PROJECTION
+    skip_layers: str = "none"
+    svc_every: int = P.SVC_EVERY
+    svc_timing: str = P.SVC_TIMING  # "released" (per-epoch batch index % every == 1, before the step) or "steps"
+    svc_input_size: str = P.SVC_INPUT_SIZE  # "raw" (released) or "padded" (normopt's sound bound)
+    bn_radius: float = P.BN_RADIUS
+    adv_eps: float = P.ADV_EPS
+    adv_step: float = P.ADV_STEP
+    adv_steps: int = P.ADV_STEPS
+    attack_start: str = "normal"
+    trades_beta: float = P.TRADES_BETA
+    alp_weight: float = P.ALP_WEIGHT
+    alp_pairing: str = P.ALP_PAIRING
+    he_scale: float = P.HE_SCALE
+    he_margin: float = P.HE_MARGIN
     eval_eps: float = 1.0  # in 1/255 units
+    sweep: tuple[float, ...] = ()  # further radii (1/255 units) of a robust-accuracy sweep
     eval_images: int = 256
     eval_iterations: int = 50
     eval_targets: int = 3
-    attacks: tuple[str, ...] = ("apgd-ce", "apgd-t")
+    attacks: tuple[str, ...] = P.ATTACKS
+    norms_every: int = 1  # steps between two records of every layer's norms
     amp: bool = False
     data_dir: str = "data"
     download: bool = False
@@ -53,29 +73,50 @@ class RunConfig:
         # Frozen: normalise lists from JSON or the command line through object.__setattr__.
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "attacks", tuple(self.attacks))
+        object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
         problem = check(self)
         if problem:
             raise UserError(problem)
 
     @classmethod
     def paper_cifar10(cls, **changes) -> RunConfig:
-        """The paper's CIFAR-10 schedule: lr 0.01, momentum 0.9, 120 epochs, lr x0.1 at 75, 90 and 100."""
+        """The released CIFAR-10 schedule: lr 0.01, momentum 0.9, batch 128, 120 epochs, lr x0.1 from
+        epoch 75, x0.01 from 90, x0.001 from 100; 1,024 images attacked (100-iteration APGD, 9 targets)."""
         base = {
             "dataset": "cifar10",
             "model": "resnet18",
-            "lr": 0.01,
-            "epochs": 120,
-            "milestones": (75, 90, 100),
-            "batch_size": 128,
+            "lr": P.LR,
+            "momentum": P.MOMENTUM,
+            "epochs": P.EPOCHS,
+            "milestones": P.LR_DROPS,
+            "batch_size": P.BATCH_SIZE,
+            "seed": P.SEED,
+            "norms_every": 10,
         }
-        return cls(**{**base, "eval_images": 1024, "eval_iterations": 100, "eval_targets": 9, **changes})
+        return cls(**{**base, "eval_images": P.EVAL_IMAGES, "eval_iterations": 100, "eval_targets": 9, **changes})
+
+    @classmethod
+    def resolve(cls, protocol: str = "released", dataset: str = "digits", **changes) -> RunConfig:
+        """The configuration of ``protocol`` on ``dataset``, then ``changes`` (the command line's)."""
+        try:
+            options = P.protocol(protocol).options()
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        make = cls.paper_cifar10 if dataset == "cifar10" else cls
+        return make(**{**options, "dataset": dataset, **changes})
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def definition(self) -> dict:
+        """What the method does, from the registry (optimizer, loss, norm, projection, HE): part of
+        the fingerprint, so a run of a method whose definition changed is another run."""
+        method = REGISTRY[self.method]
+        return {"optimizer": method.optimizer, "loss": method.loss, "ord": str(method.ord), "bn": method.bn, "he": method.he}
+
     def fingerprint(self) -> str:
-        """sha256 (first 12 hex digits) of every option that changes a result."""
-        return fingerprint(self.as_dict())
+        """sha256 (first 12 hex digits) of every option that changes a result, and of the method's definition."""
+        return fingerprint({**self.as_dict(), "definition": self.definition()})
 
 
 def check(config: RunConfig) -> str | None:
@@ -85,15 +126,39 @@ def check(config: RunConfig) -> str | None:
     if config.method not in METHODS:
         return f"unknown method {config.method!r}; choose from {list(METHODS)}"
     positive = ("epochs", "lr", "batch_size", "svc_every", "eval_images", "eval_iterations", "eval_targets", "adv_steps")
+    positive += ("norms_every", "he_scale")
     for name in positive:
         if not getattr(config, name) > 0:
             return f"--{name.replace('_', '-')} must be at least 1 (or > 0), got {getattr(config, name)}"
     non_negative = ("strength", "momentum", "bn_radius", "adv_eps", "adv_step", "trades_beta", "alp_weight", "eval_eps")
+    non_negative += ("he_margin",)
     for name in non_negative:
         if not getattr(config, name) >= 0:  # also refuses NaN
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
     if config.method == "svc" and config.strength <= 0:
         return f"--strength (the SVC bound) must be > 0, got {config.strength}"
+    choices = {
+        "protocol": P.PROTOCOLS,
+        "norm_decay_rule": ("reference", "paper"),
+        "bn_projection": ("released", "exact"),
+        "skip_layers": ("none", "released"),
+        "attack_start": ("normal", "uniform"),
+        "alp_pairing": ("mse", "sum"),
+        "svc_timing": ("released", "steps"),
+        "svc_input_size": ("raw", "padded"),
+    }
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            return f"--{name.replace('_', '-')} must be one of {list(allowed)}, got {getattr(config, name)!r}"
+    unknown = [a for a in config.attacks if a not in ATTACKS]
+    if unknown or not config.attacks:
+        return f"--attacks must be a non-empty list from {list(ATTACKS)}, got {list(config.attacks)}"
+    if "autoattack" in config.attacks and importlib.util.find_spec("torchattacks") is None:
+        return "--attacks autoattack needs torchattacks (pip install -e '.[autoattack]'); it is not installed"
+    if any(not r >= 0 for r in config.sweep):
+        return f"--sweep radii must be >= 0, got {list(config.sweep)}"
+    if not 0 <= config.norm_decay_gamma <= 1:
+        return f"--norm-decay-gamma must be in [0, 1], got {config.norm_decay_gamma}"
     if config.eval_targets > 9:
         return f"--eval-targets must be at most 9 (10 classes), got {config.eval_targets}"
     return None

@@ -3,7 +3,7 @@ with batch-norm projection; clean and robust accuracy, and every layer's norms d
 
     python -m experiments.regularize                                   # digits, minutes on a CPU
     python -m experiments.regularize --dataset cifar10 --data-dir data \\
-        --models vgg11,resnet18,senet18,regnetx_200mf --grid paper     # the paper's study (GPU)
+        --models vgg11,resnet18,senet18,regnetx_200mf   # the released protocol (GPU)
 
 Writes results.{csv,md,tex}, norms.csv and figures into one folder (printed), resuming finished runs.
 """
@@ -15,25 +15,20 @@ import os
 import sys
 
 from experiments import cli, figures
+from experiments import protocol as P
+from experiments.methods import METHODS, grid
 from experiments.study import common_arguments, configs_for, norms_table, run_study, summary_table, write_tables
 
-PAPER_GRID = {
-    "plain": [0.0],
-    "nd-l1": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-    "nd-linf": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-    "wd": [1e-4, 5e-4, 1e-3, 5e-3, 1e-2],
-    "svc": [2.0, 1.5, 1.0, 0.5, 0.1],
-    "nd-l1+bn": [1e-3],
-    "nd-linf+bn": [1e-3],
-}
-QUICK_GRID = {
-    "plain": [0.0],
-    "nd-l1": [1e-2, 1e-1, 1.0],
-    "nd-linf": [1e-2, 1e-1, 1.0],
-    "wd": [1e-3, 1e-2],
-    "svc": [1.0, 0.5],
-    "nd-linf+bn": [1e-1],
-}
+
+def study_grid(args, parser) -> dict[str, list[float]]:
+    """The registry's grid: its CIFAR-10 strengths with ``--grid paper`` (default on cifar10), its
+    digits strengths with ``--grid quick``; ``--methods`` picks any registered methods."""
+    quick = (args.grid or ("paper" if args.dataset == "cifar10" else "quick")) == "quick"
+    names = [m for m in args.methods.split(",") if m] if args.methods else None
+    unknown = [m for m in names or [] if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    return grid("regularize", quick, names)
 
 
 def report(results: list[dict], out: str) -> None:
@@ -42,6 +37,7 @@ def report(results: list[dict], out: str) -> None:
     norms = norms_table(results)
     norms.to_csv(os.path.join(out, "norms.csv"), index=False)
     paths = [
+        figures.summed_norms_over_steps(results, out, "conv_linear_norms_steps.png", "Conv and linear layer norms at every step"),
         figures.summed_norms_over_epochs(
             norms, ["conv", "linear"], out, "conv_linear_norms.png", "Conv and linear layer norms during training"
         ),
@@ -58,18 +54,15 @@ def main(argv=None) -> str | None:
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser, default_models="small")
     parser.add_argument("--grid", choices=["quick", "paper"], help="method sweep (default: quick on digits, paper on cifar10)")
-    parser.add_argument("--methods", help=f"comma-separated subset of the grid's methods, from {', '.join(PAPER_GRID)}")
-    parser.add_argument("--eval-eps", type=float, default=1.0, help="attack radius in 1/255 (paper: 1)")
+    parser.add_argument(
+        "--methods",
+        help=f"comma-separated methods (default: {', '.join(grid('regularize', True))}), from {', '.join(METHODS)}",
+    )
+    parser.add_argument("--eval-eps", type=float, default=P.EVAL_EPS_REGULARIZE, help="attack radius in 1/255 (paper: 1)")
     args = parser.parse_args(argv)
-    grid = dict(PAPER_GRID if (args.grid or ("paper" if args.dataset == "cifar10" else "quick")) == "paper" else QUICK_GRID)
-    if args.methods:
-        chosen = args.methods.split(",")
-        unknown = [m for m in chosen if m not in grid]
-        if unknown:
-            parser.error(f"unknown method(s) {unknown}; this grid has {list(grid)}")
-        grid = {m: grid[m] for m in chosen}
+    study = study_grid(args, parser)
     out = args.out or os.path.join("runs", f"regularize-{args.dataset}")
-    configs = configs_for(args, parser, grid, eval_eps=args.eval_eps)
+    configs = configs_for(args, parser, study, eval_eps=args.eval_eps)
     return run_study("regularize", "experiments.regularize", argv, args, configs, out, report)
 
 

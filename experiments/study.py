@@ -11,13 +11,14 @@ import pandas as pd
 
 from experiments import checkpoints, cli
 from experiments.config import UserError, describe, differences
-from experiments.methods import METHODS
+from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
 from experiments.train import RunConfig, train
 
 
 def run_label(config: RunConfig) -> str:
-    return config.method if config.method in ("plain", "pgd-at", "trades", "alp") else f"{config.method} {config.strength:g}"
+    """The run's method label and strength (from the registry), e.g. ``ND l1 0.01``."""
+    return REGISTRY[config.method].run_label(config.strength)
 
 
 def run_folder(config: RunConfig, out: str) -> str:
@@ -54,8 +55,9 @@ def finished(configs: list[RunConfig], out: str) -> tuple[list[dict], list[RunCo
 
 def identity(name: str, configs: list[RunConfig]) -> dict:
     """What makes a study: its name, the options its runs share, and its runs."""
-    shared = {k: v for k, v in configs[0].as_dict().items() if k not in ("model", "method", "strength")}
-    runs = sorted(f"{c.model} {c.method} {c.strength:g}" for c in configs)
+    shared = {k: v for k, v in configs[0].as_dict().items() if k not in ("model", "method", "strength", "seed")}
+    shared["seeds"] = sorted({c.seed for c in configs})
+    runs = sorted(f"{c.model} {c.method} {c.strength:g} seed {c.seed}" for c in configs)
     return {"study": name, "options": shared, "runs": runs, "fingerprints": sorted(c.fingerprint() for c in configs)}
 
 
@@ -87,8 +89,9 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
         config, norms = result["config"], pd.DataFrame(result["norms"])
         last = norms[norms.epoch == norms.epoch.max()]
         linear = last[last.kind.isin(["conv", "linear"])]
-        row = {"model": config["model"], "method": config["method"], "strength": config["strength"]}
-        row.update({f"{k} acc": v for k, v in result["accuracy"].items()})
+        row = {"model": config["model"], "method": config["method"], "strength": config["strength"], "seed": config["seed"]}
+        row.update({f"{k} acc": v for k, v in result["accuracy"].items() if k != "sweep"})
+        row.update({f"robust@{r}": v for r, v in result["accuracy"].get("sweep", {}).items()})
         row["sum l1"] = linear[linear.ord == "l1"].norm.sum()
         row["sum linf"] = linear[linear.ord == "linf"].norm.sum()
         bn = last[last.kind == "batchnorm"]
@@ -101,10 +104,53 @@ def norms_table(results: list[dict]) -> pd.DataFrame:
     frames = []
     for result in results:
         frame = pd.DataFrame(result["norms"])
+        frame.insert(0, "seed", result["config"]["seed"])
+        frame.insert(0, "strength", result["config"]["strength"])
+        frame.insert(0, "method", result["config"]["method"])
         frame.insert(0, "run", result["label"])
         frame.insert(0, "model", result["config"]["model"])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _tex(label: str) -> str:
+    """A method label in LaTeX: l1 and l_inf as ell norms, other specials escaped."""
+    label = label.replace("l_inf", "$\\ell_\\infty$").replace("l1", "$\\ell_1$")
+    return label.replace("&", "\\&").replace("%", "\\%")
+
+
+def paper_latex(results: pd.DataFrame) -> str:
+    """The paper's accuracy table in LaTeX: per model, one column per run (plain first, then each
+    method's strengths under a spanning method header), a ``Clean`` and a ``Robust`` row of
+    accuracies in percent (one decimal, mean over seeds)."""
+    runs = results.groupby(["model", "method", "strength"], sort=False)[["clean acc", "robust acc"]].mean().reset_index()
+    order = {name: i for i, name in enumerate(REGISTRY)}
+    blocks = []
+    for model, rows in runs.groupby("model", sort=False):
+        rows = rows.assign(rank=rows.method.map(order)).sort_values(["rank", "strength"])
+        methods = list(dict.fromkeys(rows.method))
+        spans = [(REGISTRY[m].label, len(rows[rows.method == m])) for m in methods]
+        header = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(label)}}}" for label, n in spans)
+        strengths = " & ".join(f"{s:g}" if REGISTRY[m].strength else "-" for m, s in zip(rows.method, rows.strength))
+        clean = " & ".join(f"{100 * v:.1f}" for v in rows["clean acc"])
+        robust = " & ".join(f"{100 * v:.1f}" for v in rows["robust acc"])
+        blocks.append(
+            "\n".join(
+                [
+                    f"% {model}",
+                    f"\\begin{{tabular}}{{l{'c' * len(rows)}}}",
+                    "\\toprule",
+                    f"{model} & {header} \\\\",
+                    f"strength & {strengths} \\\\",
+                    "\\midrule",
+                    f"Clean & {clean} \\\\",
+                    f"Robust & {robust} \\\\",
+                    "\\bottomrule",
+                    "\\end{tabular}",
+                ]
+            )
+        )
+    return "\n\n".join(blocks) + "\n"
 
 
 def _markdown(frame: pd.DataFrame) -> str:
@@ -121,6 +167,9 @@ def write_tables(frame: pd.DataFrame, out: str, name: str) -> str:
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(markdown)
     frame.to_latex(os.path.join(out, f"{name}.tex"), index=False, float_format="%.4g")
+    if {"model", "method", "strength", "clean acc", "robust acc"} <= set(frame.columns):
+        with open(os.path.join(out, f"{name}_paper.tex"), "w") as f:
+            f.write(paper_latex(frame))
     return markdown
 
 
@@ -131,11 +180,28 @@ def common_arguments(parser: argparse.ArgumentParser, default_models: str) -> No
     parser.add_argument("--eval-images", type=int, help="test images attacked (default 256 digits, 1024 cifar10)")
     parser.add_argument("--eval-iterations", type=int, help="APGD iterations (default 50 digits, 100 cifar10)")
     parser.add_argument("--eval-targets", type=int, help="APGD-T target classes, 1-9 (default 3 digits, 9 cifar10)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds training, the evaluation subset and the attacks")
+    parser.add_argument(
+        "--seeds", help="comma-separated seeds, each run once per seed (default 0; 1 on cifar10, the released scripts')"
+    )
     parser.add_argument("--out", help="output folder (default runs/<study>-<dataset>)")
     parser.add_argument("--shard", help="K/N: train only the K-th of N disjoint shares of the runs (no tables)")
     parser.add_argument("--collect", action="store_true", help="train nothing: tables and figures from the finished runs")
+    cli.protocol_options(parser)
+    cli.evaluation_options(parser)
     cli.common_options(parser)
+
+
+def seeds_of(text: str | None) -> list[int | None]:
+    """``--seeds`` as a list of ints ([None]: the protocol's default seed)."""
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(word) for word in text.split(",") if word]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds needs distinct integers, got {text!r}")
+    return seeds
 
 
 def shard_of(text: str | None) -> tuple[int, int] | None:
@@ -160,21 +226,23 @@ def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[Run
     bad = [m for m in grid if m not in METHODS]
     if bad:
         parser.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")
-    base = RunConfig.paper_cifar10 if args.dataset == "cifar10" else RunConfig
-    common = {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download, "seed": args.seed, **fixed}
+    common = {"data_dir": args.data_dir, "download": args.download, **fixed, **cli.protocol_changes(args)}
     common["verify_data"] = not args.skip_data_checksums
     if args.epochs is not None:
         common["epochs"] = args.epochs
-        common["milestones"] = (
-            tuple(m for m in base().milestones if m < args.epochs) if args.dataset == "digits" else base().milestones
-        )
+        default = RunConfig.resolve(args.protocol, args.dataset).milestones
+        common["milestones"] = tuple(m for m in default if m <= args.epochs) if args.dataset == "digits" else default
     for option in ("eval_images", "eval_iterations", "eval_targets"):
         if getattr(args, option) is not None:
             common[option] = getattr(args, option)
+    seeds = cli.or_exit(lambda: seeds_of(args.seeds))
+
+    def make(model, method, strength, seed):
+        seeded = common if seed is None else {**common, "seed": seed}
+        return RunConfig.resolve(args.protocol, args.dataset, model=model, method=method, strength=strength, **seeded)
+
     return cli.or_exit(
-        lambda: [
-            base(model=m, method=method, strength=s, **common) for m in models for method, values in grid.items() for s in values
-        ]
+        lambda: [make(m, method, s, seed) for seed in seeds for m in models for method, values in grid.items() for s in values]
     )
 
 
@@ -193,7 +261,7 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
     eprint(f"{name} study, shared configuration: {describe(configs[0])}")
     eprint(f"runs ({len(mine)} of {len(configs)}{f', shard {shard[0]}/{shard[1]}' if shard else ''}):")
     for config in mine:
-        eprint(f"  {config.model} {run_label(config)} [{config.fingerprint()}]")
+        eprint(f"  {config.model} {run_label(config)} seed {config.seed} [{config.fingerprint()}]")
     eprint(f"writing to {os.path.abspath(out)}")
     if args.dry_run:
         cli.or_exit(lambda: cli.dry_run([(c, run_folder(c, out)) for c in mine]))

@@ -4,9 +4,11 @@ per-epoch metrics and layer norms, a checkpoint every epoch, resume, robust eval
     python -m experiments.train --dataset digits --model small --method nd-linf --strength 0.1 --out runs/demo
     torchrun --nproc_per_node 2 -m experiments.train ...   # data parallel (gloo on CPU, nccl on GPU)
 
-Runs on the GPU when one is present, otherwise on the CPU. The run folder holds config.json (the
-resolved configuration and its fingerprint), the last two checkpoints and result.json; --resume
-refuses a folder whose configuration differs from the command line's.
+Runs on the GPU when one is present, otherwise on the CPU. --protocol released (default) or paper
+resolves the run's values (experiments/protocol.py). The run folder holds config.json (the
+resolved configuration and its fingerprint), the last two checkpoints and result.json (per-epoch
+history and norms, every layer's norms every --norms-every steps, accuracies); --resume refuses a
+folder whose configuration differs from the command line's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from experiments import checkpoints, cli
 from experiments.attacks import robust_accuracy
 from experiments.config import RunConfig, UserError, describe, differences
 from experiments.data import dataset, loader, shape_of
-from experiments.methods import METHODS, loss_of, make_optimizer
+from experiments.methods import METHODS, REGISTRY, hypersphere, loss_of, make_optimizer
 from experiments.models import MODELS, build_model
 
 __all__ = ["RunConfig", "evaluate", "train"]
@@ -69,10 +71,12 @@ def claim_folder(config: RunConfig, out: str, resume: bool) -> None:
             named), or holds a run and ``resume`` is off.
     """
     path = os.path.join(out, "config.json")
-    wanted = {"config": config.as_dict(), "fingerprint": config.fingerprint()}
+    wanted = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
     if os.path.exists(path):
         saved = checkpoints.read_json(path)
         changed = differences(saved.get("config", {}), wanted["config"])
+        if saved.get("definition", wanted["definition"]) != wanted["definition"]:
+            changed.append(f"definition of {config.method!r}: {saved['definition']} -> {wanted['definition']}")
         if changed:
             raise UserError(f"{out!r} holds a run of another configuration ({'; '.join(changed)}); choose another --out")
         if not resume and (checkpoints.epochs(out) or os.path.exists(os.path.join(out, "result.json"))):
@@ -88,15 +92,35 @@ def build(config: RunConfig, where: torch.device) -> SimpleNamespace:
         test_set=dataset(config.dataset, False, config.data_dir, verify=config.verify_data),
     )
     channels, height, width = shape_of(config.dataset)
-    run.model = build_model(config.model, 10, channels).to(where)
+    run.model = build_model(config.model, 10, channels)
+    if REGISTRY[config.method].he:
+        run.model = hypersphere(run.model, config.he_scale)
+    run.model = run.model.to(where)
     example = torch.zeros(1, channels, height, width, device=where)
     run.specs = normopt.layer_specs(run.model, example)
     run.net = nn.parallel.DistributedDataParallel(run.model) if dist.is_initialized() else run.model
-    run.optimizer, run.svc = make_optimizer(config, run.net, example)
-    run.scheduler = torch.optim.lr_scheduler.MultiStepLR(run.optimizer, milestones=list(config.milestones), gamma=0.1)
+    run.optimizer, run.svc = make_optimizer(config, run.net, example, run.specs)
+    run.scheduler = torch.optim.lr_scheduler.MultiStepLR(run.optimizer, milestones=scheduler_milestones(config), gamma=0.1)
     run.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and where.type == "cuda")
     run.history, run.norms, run.start = [], layer_norm_rows(run.model, run.specs, 0), 1
+    run.step_norms = {"step": [], "layer": list(run.specs), "l1": [], "linf": []}
     return run
+
+
+def scheduler_milestones(config: RunConfig) -> list[int]:
+    """MultiStepLR milestones so that epoch ``m`` (1-based) of ``config.milestones`` is the first
+    trained at the lowered rate, as the released scripts set the lr before each epoch: the
+    scheduler steps after each epoch, so it must drop after epoch ``m - 1``."""
+    return [m - 1 for m in config.milestones]
+
+
+def step_norms(model: nn.Module, specs) -> torch.Tensor:
+    """Every layer's l1 and l_inf norm now, as a (2, layers) tensor (no host sync)."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    with torch.no_grad():
+        return torch.stack(
+            [torch.stack(list(normopt.layer_norms(tensors, specs, ord).values())).float() for ord in (1, math.inf)]
+        )
 
 
 def restore(run: SimpleNamespace, out: str, where: torch.device) -> None:
@@ -111,6 +135,7 @@ def restore(run: SimpleNamespace, out: str, where: torch.device) -> None:
     if run.svc is not None:
         run.svc.load_state_dict(state["svc"])
     run.history, run.norms, run.start = state["history"], state["norms"], state["epoch"] + 1
+    run.step_norms = state.get("step_norms", run.step_norms)
 
 
 def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torch.device) -> dict:
@@ -124,12 +149,19 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
         batches.sampler.set_epoch(epoch)
     run.net.train()
     total = correct = seen = steps = 0
+    first = sum(row["steps"] for row in run.history)  # steps before this epoch
+    recorded, at = [], []
     for x, y in batches:
+        if (first + steps) % config.norms_every == 0:
+            at.append(first + steps)
+            recorded.append(step_norms(run.model, run.specs))
         x, y = x.to(where), y.to(where)
         run.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(where.type, enabled=config.amp and where.type == "cuda"):
             loss, logits = loss_of(config, run.net, x, y)
         run.scaler.scale(loss).backward()
+        if run.svc is not None and config.svc_timing == "released" and steps % config.svc_every == 1:
+            run.svc.clip()  # the released scripts clip after backward, before the step
         run.scaler.step(run.optimizer)
         run.scaler.update()
         total += float(loss.detach()) * len(y)
@@ -137,6 +169,11 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
         seen += len(y)
         steps += 1
     run.scheduler.step()
+    if recorded:  # one host transfer per epoch
+        values = torch.stack(recorded).cpu().tolist()
+        run.step_norms["step"] += at
+        run.step_norms["l1"] += [v[0] for v in values]
+        run.step_norms["linf"] += [v[1] for v in values]
     world = dist.get_world_size() if dist.is_initialized() else 1
     test_accuracy = evaluate(run.model, run.test_set, where)
     return {"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen, "test_accuracy": test_accuracy} | {
@@ -148,23 +185,37 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
 def save(run: SimpleNamespace, out: str, epoch: int) -> None:
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
     state.update(scaler=run.scaler.state_dict(), svc=run.svc.state_dict() if run.svc else None, epoch=epoch)
-    checkpoints.save(out, epoch, {**state, "history": run.history, "norms": run.norms})
+    checkpoints.save(out, epoch, {**state, "history": run.history, "norms": run.norms, "step_norms": run.step_norms})
 
 
 def robust_evaluation(config: RunConfig, run: SimpleNamespace, where: torch.device) -> dict:
-    """Clean and robust accuracy on a subset of the test set; subset and attacks seeded from the run's seed."""
+    """Clean accuracy on the full test set (as the released scripts report it), and clean and
+    robust accuracy on a random subset drawn with the run's seed (the released scripts attack the
+    first batch of a shuffled loader); attacks seeded from the run's seed. With ``config.sweep``,
+    ``"sweep"`` maps each radius (1/255 units) to the robust accuracy there."""
     images, labels = _subset(run.test_set, config.eval_images, config.seed)
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)  # ART draws its random starts from NumPy
-    return robust_accuracy(
-        run.model,
-        images.to(where),
-        labels.to(where),
-        config.eval_eps,
-        attacks=config.attacks,
-        iterations=config.eval_iterations,
-        targets=config.eval_targets,
-    )
+
+    def at(radius: float) -> dict:
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)  # ART draws its random starts from NumPy
+        return robust_accuracy(
+            run.model,
+            images.to(where),
+            labels.to(where),
+            radius,
+            attacks=config.attacks,
+            iterations=config.eval_iterations,
+            targets=config.eval_targets,
+            seed=config.seed,
+        )
+
+    result = at(config.eval_eps)
+    result["clean subset"] = result["clean"]
+    result["clean"] = evaluate(run.model, run.test_set, where)
+    if config.sweep:
+        radii = sorted({*config.sweep, config.eval_eps})
+        result["sweep"] = {f"{r:g}": (result["robust"] if r == config.eval_eps else at(r)["robust"]) for r in radii}
+    return result
 
 
 def train(config: RunConfig, out: str, resume: bool = True, progress: bool = True) -> dict:
@@ -197,6 +248,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
                     )
         # The JSON form, so a fresh run returns exactly what a finished run reads back.
         result = {"config": config.as_dict(), "fingerprint": config.fingerprint(), "history": run.history, "norms": run.norms}
+        result["step_norms"] = run.step_norms
         if _is_main():
             result["accuracy"] = robust_evaluation(config, run, where)
             checkpoints.write_json(result_path, result)
@@ -225,15 +277,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
     p.add_argument("--model", default="small", choices=sorted(MODELS))
     p.add_argument("--method", default="plain", choices=list(METHODS))
+    cli.protocol_options(p)
     p.add_argument("--strength", type=float, default=0.0, help="beta (norm decay), weight decay, or SVC bound (>= 0)")
     p.add_argument("--epochs", type=int, help="default: 15 (digits) or 120 (cifar10)")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, default=0, help="seeds training, the evaluation subset and the attacks")
+    p.add_argument("--seed", type=int, help="seeds training, the evaluation subset and the attacks (default 0; 1 cifar10)")
     p.add_argument("--eval-images", type=int, help="test images attacked")
     p.add_argument("--eval-iterations", type=int, help="APGD iterations")
     p.add_argument("--eval-targets", type=int, help="APGD-T target classes (1-9)")
     p.add_argument("--eval-eps", type=float, help="attack radius in 1/255 units")
+    cli.evaluation_options(p)
     p.add_argument("--bn-radius", type=float, help="batch-norm projection radius (nd-*+bn)")
     p.add_argument("--amp", action="store_true", help="mixed precision (GPU only)")
     p.add_argument("--out", default="runs/train")
@@ -245,10 +299,12 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     p = parser()
     args = p.parse_args(argv)
-    base = RunConfig.paper_cifar10 if args.dataset == "cifar10" else RunConfig
-    names = set(RunConfig.__dataclass_fields__)
+    names = set(RunConfig.__dataclass_fields__) - {"protocol", "dataset"}
     changes = {k: v for k, v in vars(args).items() if v is not None and k in names}
-    config = cli.or_exit(lambda: base(**{**changes, "verify_data": not args.skip_data_checksums}))
+    changes.update(cli.protocol_changes(args))
+    config = cli.or_exit(
+        lambda: RunConfig.resolve(args.protocol, args.dataset, **{**changes, "verify_data": not args.skip_data_checksums})
+    )
     return config, args
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.attacks import pgd, robust_accuracy, trades_adversary
+from experiments.attacks import pgd, robust_accuracy, start_point, trades_adversary
 from experiments.data import digits
 
 
@@ -44,3 +44,24 @@ def test_robust_accuracy_with_apgd():
     assert none["robust"] == none["clean"]
     with pytest.raises(ValueError, match="unknown attack"):
         robust_accuracy(model, x, y, 1.0, attacks=("cw",))
+
+
+def test_pgd20_and_full_autoattack_beside_the_default():
+    """PGD-20 and standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) are options; each is an
+    attack (below clean accuracy at a large radius) and AutoAttack is at least as strong as PGD-20."""
+    pytest.importorskip("torchattacks")
+    model, x, y = model_and_data()
+    x, y = x[:24], y[:24]
+    result = robust_accuracy(model, x, y, 32.0, attacks=("pgd", "autoattack"), iterations=5, targets=1)
+    assert set(result) == {"clean", "pgd", "autoattack", "robust"}
+    assert result["autoattack"] <= result["pgd"] < result["clean"]
+    assert result["robust"] <= min(result["pgd"], result["autoattack"])
+
+
+def test_training_attack_starts():
+    torch.manual_seed(0)
+    x = torch.full((4000,), 0.5)
+    uniform = start_point(x, 0.1, "uniform") - x
+    assert uniform.abs().max() <= 0.1 and uniform.std().item() == pytest.approx(0.1 / 3**0.5, rel=0.1)
+    with pytest.raises(ValueError, match="unknown attack start"):
+        start_point(x, 0.1, "zero")

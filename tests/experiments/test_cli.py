@@ -140,7 +140,9 @@ def test_a_second_writer_and_a_file_as_output_folder_are_refused(tmp_path):
 
 def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path):
     done = run("experiments.regularize", "--methods", "plain,nd-l1", "--dry-run", "--out", str(tmp_path / "s"))
-    assert done.returncode == 0 and "dry run: 4 run(s)" in done.stderr and "seed=0" in done.stderr
+    assert done.returncode == 0 and "dry run: 3 run(s)" in done.stderr and "seed=0" in done.stderr
+    resolved = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("resolved ")]
+    assert [(r["method"], r["strength"]) for r in resolved] == [("plain", 0.0), ("nd-l1", 0.01), ("nd-l1", 0.1)]
     assert not os.path.exists(tmp_path / "s")
 
 

@@ -39,7 +39,22 @@ def test_fingerprint_follows_results_not_paths():
     assert config.fingerprint() == RunConfig(data_dir="elsewhere", download=True).fingerprint()
     for change in ({"seed": 1}, {"epochs": 3, "milestones": (1,)}, {"eval_iterations": 7}, {"strength": 0.5}):
         assert RunConfig(**change).fingerprint() != config.fingerprint(), change
-    assert fingerprint(config.as_dict()) == config.fingerprint()
+    assert fingerprint({**config.as_dict(), "definition": config.definition()}) == config.fingerprint()
+
+
+def test_a_changed_method_definition_is_another_run(monkeypatch, tmp_path):
+    import experiments.config
+    from experiments.methods import REGISTRY
+    from experiments.train import claim_folder
+
+    config = RunConfig(method="at+nd", strength=0.01)
+    before = config.fingerprint()
+    claim_folder(config, str(tmp_path), resume=True)
+    changed = {**REGISTRY, "at+nd": dataclasses.replace(REGISTRY["at+nd"], loss="pgd-at")}
+    monkeypatch.setattr(experiments.config, "REGISTRY", changed)
+    assert config.fingerprint() != before and config.definition()["loss"] == "pgd-at"
+    with pytest.raises(UserError, match="definition of 'at\\+nd'"):
+        claim_folder(config, str(tmp_path), resume=True)
 
 
 def test_differences_name_each_changed_option_and_the_config_is_frozen():
@@ -47,3 +62,14 @@ def test_differences_name_each_changed_option_and_the_config_is_frozen():
     assert differences(a, b) == ["lr: 0.05 -> 0.1", "seed: 0 -> 2"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().lr = 1.0
+
+
+def test_autoattack_without_torchattacks_is_refused_at_construction(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name, *a))
+    with pytest.raises(UserError, match="torchattacks"):
+        RunConfig(attacks=("apgd-ce", "autoattack"))
+    with pytest.raises(UserError, match="--attacks must be"):
+        RunConfig(attacks=("cw",))

@@ -23,7 +23,7 @@ def test_every_method_trains_and_reports(method, tmp_path):
     strength = {"wd": 1e-3, "svc": 1.0}.get(method, 0.05)
     config = RunConfig(method=method, strength=strength, svc_every=10, adv_steps=2, **{**TINY, "epochs": 1})
     result = train(config, str(tmp_path), progress=False)
-    assert set(result["accuracy"]) == {"clean", "apgd-ce", "apgd-t", "robust"}
+    assert set(result["accuracy"]) == {"clean", "clean subset", "apgd-ce", "apgd-t", "robust"}
     assert result["history"][0]["steps"] == 22 and {row["epoch"] for row in result["norms"]} == {0, 1}
     assert json.load(open(tmp_path / "result.json"))["accuracy"] == result["accuracy"]
 
@@ -98,3 +98,29 @@ def test_missing_cifar10_folder_exits_with_code_two(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         training.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
     assert exit.value.code == 2 and str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_every_layer_norm_is_recorded_every_step(tmp_path):
+    config = RunConfig(method="nd-linf", strength=0.1, **{**TINY, "epochs": 2})
+    result = train(config, str(tmp_path), progress=False)
+    steps = result["step_norms"]
+    assert steps["step"] == list(range(44)) and steps["layer"] == ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "fc"]
+    assert len(steps["l1"]) == len(steps["linf"]) == 44 and {len(row) for row in steps["l1"]} == {7}
+    epoch_one = {r["layer"]: r["norm"] for r in result["norms"] if r["epoch"] == 0 and r["ord"] == "linf"}
+    assert steps["linf"][0] == pytest.approx([epoch_one[name] for name in steps["layer"]], rel=1e-5)
+    sparse = train(RunConfig(norms_every=5, **{**TINY, "epochs": 2}), str(tmp_path / "sparse"), progress=False)
+    assert sparse["step_norms"]["step"] == list(range(0, 44, 5))
+
+
+def test_the_evaluation_subset_is_random_and_drawn_with_the_seed():
+    """Released: the first batch of a shuffled loader, i.e. a random subset, not the first images."""
+    from torch.utils.data import TensorDataset
+
+    from experiments.train import _subset
+
+    data = TensorDataset(torch.arange(1000).float().reshape(-1, 1), torch.arange(1000))
+    _, first = _subset(data, 100, seed=0)
+    _, again = _subset(data, 100, seed=0)
+    _, other = _subset(data, 100, seed=1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert len(set(first.tolist())) == 100 and first.max() > 200  # not the first 100 images

@@ -1,0 +1,35 @@
+"""The main job's report: the radius sweep and the claims table, computed from two tiny studies."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from experiments import __main__ as main_job
+from experiments import adversarial, regularize
+
+TINY = ["--epochs", "2", "--eval-images", "32", "--eval-iterations", "2", "--eval-targets", "1", "--threads", "1"]
+TINY += ["--seeds", "0,1", "--sweep", "4,16"]
+
+
+def test_main_job_prints_the_sweep_and_the_claims(tmp_path, capsys):
+    folders = {
+        "regularize": regularize.main([*TINY, "--methods", "plain,wd,nd-l1,nd-linf", "--out", str(tmp_path / "r")]),
+        "adversarial": adversarial.main([*TINY, "--methods", "plain,pgd-at", "--out", str(tmp_path / "a")]),
+    }
+    capsys.readouterr()
+    main_job.report(folders, str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "robust accuracy at each radius (regularize" in printed and "| eps 16/255 |" in printed
+    claims = pd.read_csv(tmp_path / "claims.csv")
+    assert set(claims.claim) == {
+        "norm decay lowers the norms",
+        "norm decay, weight decay and SVC do not raise robust accuracy",
+        "batch-norm norms resist norm decay",
+        "adversarially trained models have norms no smaller than plain ones",
+    }
+    assert set(claims.holds) <= {"holds", "does not hold"} and all(claims.measured.str.len() > 10)
+    sweep = pd.read_csv(os.path.join(folders["regularize"], "sweep.csv"))
+    assert list(sweep.columns) == ["model", "run", "seeds", "clean", "eps 1/255", "eps 4/255", "eps 16/255"]
+    assert set(sweep.seeds) == {2}
