@@ -10,8 +10,9 @@ For a zero-padded (or strided) layer on an ``n``-sized input with paddings ``p_l
 is a restriction of the circular convolution on ``n + p_l + p_r`` (the padded input embeds
 isometrically, outputs and strides select rows), so the latter's spectral norm bounds the layer's;
 :func:`layer_spectral_bound` uses that size, and
-:func:`~normopt.power_iteration.power_iteration_norm` estimates the layer's own value. The clipped kernels are computed on the CPU, outside ``torch.compile``, and reach every
-replica through a broadcast, so they stay bit-identical.
+:func:`~normopt.power_iteration.power_iteration_norm` estimates the layer's own value. The
+clipped kernels are computed on the CPU, outside ``torch.compile``, and reach every replica
+through a broadcast, so they stay bit-identical.
 
 The default ``method="gram"`` needs no SVD: with ``K^H K = V diag(s^2) V^H`` (eigh of the smaller
 Gram matrix) the clip is ``K - K V_+ diag(1 - c/s_+) V_+^H`` over the eigenvectors ``V_+`` whose
