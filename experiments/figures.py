@@ -111,9 +111,9 @@ def _final(norms: pd.DataFrame) -> pd.DataFrame:
     return data[data.epoch == data.groupby(["model", "method", "strength"]).epoch.transform("max")]
 
 
-def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> list[str]:
-    """Final norm of every layer, named on the x axis in network order; one figure per model,
-    one panel per norm (batch norm once), one colour per method (at its largest strength)."""
+def _layer_grids(norms: pd.DataFrame, out: str, name: str, caption, kind: str, **style) -> list[str]:
+    """Final norm of every layer, named on the x axis in network order, as a seaborn ``kind`` plot;
+    one figure per model (``caption(model)`` its title), one panel per norm, one colour per method."""
     paths = []
     for model, data in norms.groupby("model"):
         last = _panels(_final(data)).sort_values("index")
@@ -124,54 +124,36 @@ def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> lis
             hue="method label",
             hue_order=list(_palette(last)),
             col="norm kind",
-            kind="point",
+            kind=kind,
             palette=_palette(last),
             sharex=False,
             sharey=False,
             height=3.4,
             aspect=1.4,
-            markersize=4,
-            linewidth=1,
             errorbar=None,
-            dodge=0.3 if last["method label"].nunique() > 1 else False,
+            **style,
+            **({"dodge": 0.3 if last["method label"].nunique() > 1 else False} if kind == "point" else {}),
         )
         grid.set_axis_labels("layer", "operator norm after training")
         for ax in grid.axes.flat:
             readable_log_axis(ax)
             ax.tick_params(axis="x", labelrotation=90)
-        grid.figure.suptitle(f"{title} ({model}; each method at its largest strength, mean over seeds)", y=1.03)
+        grid.figure.suptitle(caption(model), y=1.03)
         paths.append(_save(grid, os.path.join(out, name.replace(".png", f"_{model}.png"))))
     return paths
+
+
+def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> list[str]:
+    """Final norm of every layer, named on the x axis in network order; one figure per model,
+    one panel per norm (batch norm once), one colour per method (at its largest strength)."""
+    caption = lambda model: f"{title} ({model}; each method at its largest strength, mean over seeds)"
+    return _layer_grids(norms, out, name, caption, "point", markersize=4, linewidth=1)
 
 
 def robust_vs_plain_bars(norms: pd.DataFrame, out: str, name: str, title: str) -> list[str]:
     """The paper's per-layer bar charts: each layer's final norm, plain against every adversarially
     trained method, side by side; one figure per model, one panel per norm."""
-    paths = []
-    for model, data in norms.groupby("model"):
-        last = _panels(_final(data)).sort_values("index")
-        grid = sns.catplot(
-            data=last,
-            x="layer",
-            y="norm",
-            hue="method label",
-            hue_order=list(_palette(last)),
-            col="norm kind",
-            kind="bar",
-            palette=_palette(last),
-            sharex=False,
-            sharey=False,
-            height=3.4,
-            aspect=1.4,
-            errorbar=None,
-        )
-        grid.set_axis_labels("layer", "operator norm after training")
-        for ax in grid.axes.flat:
-            readable_log_axis(ax)
-            ax.tick_params(axis="x", labelrotation=90)
-        grid.figure.suptitle(f"{title} ({model})", y=1.03)
-        paths.append(_save(grid, os.path.join(out, name.replace(".png", f"_{model}.png"))))
-    return paths
+    return _layer_grids(norms, out, name, lambda model: f"{title} ({model})", "bar")
 
 
 def norm_densities(norms: pd.DataFrame, out: str, name: str, title: str) -> str | None:
