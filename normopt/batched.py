@@ -35,7 +35,7 @@ class BatchPlan:
         plans: one :class:`~normopt.lines.LinePlan` per layer.
         eps: each batch norm's epsilon (None for the other layers).
         batchnorms: number of batch norms (the last layers of the batch).
-        max_lines, max_slice, max_numel: the most lines, slice entries and weights of any layer.
+        max_lines, max_numel: the most lines and weights of any layer.
         numels: each layer's number of weights.
     """
 
@@ -44,7 +44,6 @@ class BatchPlan:
     # Derived in __post_init__ (plain attributes: torch.compile traces them as constants).
     batchnorms: int = field(init=False, compare=False)
     max_lines: int = field(init=False, compare=False)
-    max_slice: int = field(init=False, compare=False)
     numels: tuple[int, ...] = field(init=False, compare=False)
     max_numel: int = field(init=False, compare=False)
 
@@ -56,7 +55,6 @@ class BatchPlan:
         derived = {
             "batchnorms": sum(flags),
             "max_lines": max(plan.lines for plan in self.plans),
-            "max_slice": max(plan.slice_size for plan in self.plans),
             "numels": numels,
             "max_numel": max(numels),
         }
@@ -116,7 +114,11 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
 
 
 class BatchTables(NamedTuple):
-    """A batch's index tables on one device (built once by :func:`batch_tables`)."""
+    """A batch's index tables on one device (built once by :func:`batch_tables`).
+
+    The entries of every layer's channel slice are packed one layer after another (``S`` entries
+    in all, no padding): each per-step operation on the arg-max slices touches ``S`` entries.
+    """
 
     lines: tuple[LineTables, ...]
     padded_lines: torch.Tensor  # (L * max_lines,) of -inf, the canvas the line sums are put on
@@ -128,15 +130,15 @@ class BatchTables(NamedTuple):
     slice_c: torch.Tensor
     scale_b: torch.Tensor
     scale_c: torch.Tensor
-    slice_offsets: torch.Tensor  # (L, max_slice), 0 past a layer's slice
-    scale_offsets: torch.Tensor  # (L, max_slice)
-    valid: torch.Tensor  # (L, max_slice) bool: entry inside the layer's slice
-    tap_of_entry: torch.Tensor  # (L, max_slice): tap index of each slice entry
-    tap_counts: torch.Tensor  # flat concatenation of every layer's P x K multiplicities, then one 0
+    entry_layer: torch.Tensor  # (S,) the layer of each packed slice entry
+    entry_offset: torch.Tensor  # (S,) its flat offset from its slice's start, in the layer's weight
+    entry_buffer: torch.Tensor  # (S,) the layer's start in the flat decay buffer
+    entry_scale: torch.Tensor  # (S,) its scale's offset from the slice's first scale, plus the layer's start
+    entry_tap: torch.Tensor  # (S,) its tap index
+    ones: torch.Tensor  # (S,) of 1, the scale of a freshly written slice
+    tap_counts: torch.Tensor  # flat concatenation of every layer's P x K multiplicities
     tap_counts_offset: torch.Tensor  # (L,) where each layer's table starts
     taps: torch.Tensor  # (L,) K per layer
-    buffer_offset: torch.Tensor  # (L, 1) start of each layer in the flat decay buffer
-    scale_offset: torch.Tensor  # (L, 1) start of each layer in the flat scale buffer
     bn_eps: torch.Tensor | None  # eps of each batch-norm channel, concatenated
     bn_offset: torch.Tensor | None  # (batch norms,) start of each batch norm's channels
 
@@ -147,16 +149,17 @@ def batch_tables(plan: BatchPlan, device: torch.device, dtype: torch.dtype) -> B
     layers = len(plan.plans)
     ints = lambda values: torch.tensor(values, dtype=torch.int64, device=device)
     positions = [layer * plan.max_lines + j for layer, p in enumerate(plan.plans) for j in range(p.lines)]
-    offsets, scale_offsets, valid, tap_of_entry = [], [], [], []
-    for p in plan.plans:
-        pad = plan.max_slice - p.slice_size
-        offsets.append(list(p.slice_offsets) + [0] * pad)
-        scale_offsets.append(list(plan.scale_slice(p)[2]) + [0] * pad)
-        valid.append([True] * p.slice_size + [False] * pad)
-        tap_of_entry.append([o % p.taps for o in p.slice_offsets] + [0] * pad)
+    buffer_starts = _offsets(plan.numels)
+    scale_starts = _offsets([math.prod(s) for s in plan.scale_shapes])
+    entry_layer, entry_offset, entry_buffer, entry_scale, entry_tap = [], [], [], [], []
+    for layer, p in enumerate(plan.plans):
+        entry_layer += [layer] * p.slice_size
+        entry_offset += p.slice_offsets
+        entry_buffer += [buffer_starts[layer]] * p.slice_size
+        entry_scale += [scale_starts[layer] + o for o in plan.scale_slice(p)[2]]
+        entry_tap += [o % p.taps for o in p.slice_offsets]
     counts = [c for p in plan.plans for row in p.tap_counts for c in row]
     bn = [(p.channels, eps) for p, eps in zip(plan.plans, plan.eps) if p.batchnorm]
-    scale_sizes = [math.prod(s) for s in plan.scale_shapes]
     return BatchTables(
         lines=tuple(line_tables(p, device, dtype) for p in plan.plans),
         padded_lines=torch.full((layers * plan.max_lines,), -math.inf, dtype=acc, device=device),
@@ -168,15 +171,15 @@ def batch_tables(plan: BatchPlan, device: torch.device, dtype: torch.dtype) -> B
         slice_c=ints([p.slice_base[2] for p in plan.plans]),
         scale_b=ints([plan.scale_slice(p)[0] for p in plan.plans]),
         scale_c=ints([plan.scale_slice(p)[1] for p in plan.plans]),
-        slice_offsets=ints(offsets),
-        scale_offsets=ints(scale_offsets),
-        valid=torch.tensor(valid, dtype=torch.bool, device=device),
-        tap_of_entry=ints(tap_of_entry),
-        tap_counts=torch.tensor([*counts, 0], dtype=acc, device=device),
+        entry_layer=ints(entry_layer),
+        entry_offset=ints(entry_offset),
+        entry_buffer=ints(entry_buffer),
+        entry_scale=ints(entry_scale),
+        entry_tap=ints(entry_tap),
+        ones=torch.ones(len(entry_layer), dtype=dtype, device=device),
+        tap_counts=torch.tensor(counts, dtype=acc, device=device),
         tap_counts_offset=ints(_offsets([p.patterns * p.taps for p in plan.plans])),
         taps=ints([p.taps for p in plan.plans]),
-        buffer_offset=ints(_offsets(plan.numels)).unsqueeze(1),
-        scale_offset=ints(_offsets(scale_sizes)).unsqueeze(1),
         bn_eps=torch.tensor([e for c, e in bn for _ in range(c)], dtype=acc, device=device) if bn else None,
         bn_offset=ints(_offsets([c for c, _ in bn])) if bn else None,
     )
@@ -227,14 +230,16 @@ class ArgmaxSlices(NamedTuple):
     Attributes:
         norms: ``(L,)`` the layers' norms.
         channel: ``(L,)`` the arg-max line's channel; ``pattern``: its pattern.
-        entries: ``(L, max_slice)`` flat indices of the channel slice in each kernel (0 past the slice).
-        scales: ``(L, max_slice)`` flat index, into the batch's scale buffer, of each entry's scale.
+        entries: ``(S,)`` each layer's slice entries, packed: flat indices into the layer's weight.
+        buffer: ``(S,)`` the same entries' flat indices into the batch's decay buffer.
+        scales: ``(S,)`` flat index, into the batch's scale buffer, of each entry's scale.
     """
 
     norms: torch.Tensor
     channel: torch.Tensor
     pattern: torch.Tensor
     entries: torch.Tensor
+    buffer: torch.Tensor
     scales: torch.Tensor
 
 
@@ -245,9 +250,9 @@ def argmax_slices(canvas: torch.Tensor, tables: BatchTables) -> ArgmaxSlices:
     pattern = line - channel * tables.patterns
     quotient = torch.div(channel, tables.slice_a, rounding_mode="floor")
     remainder = channel - quotient * tables.slice_a
-    entries = (quotient * tables.slice_b + remainder * tables.slice_c).unsqueeze(1) + tables.slice_offsets
-    scales = (quotient * tables.scale_b + remainder * tables.scale_c).unsqueeze(1) + tables.scale_offsets
-    return ArgmaxSlices(norms, channel, pattern, entries, scales)
+    entries = (quotient * tables.slice_b + remainder * tables.slice_c).index_select(0, tables.entry_layer) + tables.entry_offset
+    scales = (quotient * tables.scale_b + remainder * tables.scale_c).index_select(0, tables.entry_layer) + tables.entry_scale
+    return ArgmaxSlices(norms, channel, pattern, entries, entries + tables.entry_buffer, scales)
 
 
 def slice_subgradients(
@@ -257,23 +262,24 @@ def slice_subgradients(
     plan: BatchPlan,
     tables: BatchTables,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each layer's subgradient on its arg-max slice, ``(L, max_slice)``, and each entry's multiplicity.
+    """Each layer's subgradient on its arg-max slice, packed ``(S,)``, and each entry's multiplicity.
 
     Conv and linear layers: ``count * sign(w)`` per entry (counts from the pattern's tap table;
     folding padding adds the taps of a group before the sign). Batch norm:
-    ``sign(gamma_c) / sqrt(var_c + eps)`` at the arg-max channel. Zero past each slice.
+    ``sign(gamma_c) / sqrt(var_c + eps)`` at the arg-max channel.
     """
-    slices = torch.stack([torch.take(w, e) for w, e in zip(weights, found.entries.unbind(0))])
-    counts_at = (tables.tap_counts_offset + found.pattern * tables.taps).unsqueeze(1) + tables.tap_of_entry
-    counts_at = torch.where(tables.valid, counts_at, tables.tap_counts.numel() - 1)  # past the slice: the final 0
-    counts = tables.tap_counts.take(counts_at)
-    if plan.batchnorms:
-        convs = len(plan.plans) - plan.batchnorms
-        factors = bn_factors.take(tables.bn_offset + found.channel[convs:])
-        counts = torch.cat([counts[:convs], factors.unsqueeze(1) * tables.valid[convs:]])
+    sizes = [p.slice_size for p in plan.plans]
+    slices = torch.cat([torch.take(w, e) for w, e in zip(weights, found.entries.split(sizes))])
+    counts_at = (tables.tap_counts_offset + found.pattern * tables.taps).index_select(0, tables.entry_layer)
+    counts = tables.tap_counts.take(counts_at + tables.entry_tap)
+    if plan.batchnorms:  # one entry each, the last ones
+        factors = bn_factors.take(tables.bn_offset + found.channel[len(sizes) - plan.batchnorms :])
+        counts = torch.cat([counts[: counts.numel() - plan.batchnorms], factors])
     values = torch.sign(slices) * counts.to(slices.dtype)
+    start = 0
     for layer, (p, t) in enumerate(zip(plan.plans, tables.lines)):
         if p.membership is not None:  # rare: reflect / replicate / wrapping circular padding
             group_counts = t.reduce.T.index_select(0, found.pattern[layer : layer + 1])[0]
-            values[layer, : p.slice_size] = slice_subgradient(slices[layer, : p.slice_size], group_counts, p, t)
+            values[start : start + p.slice_size] = slice_subgradient(slices[start : start + p.slice_size], group_counts, p, t)
+        start += p.slice_size
     return values, counts

@@ -53,8 +53,8 @@ class NormDecayState(NamedTuple):
     """Decay state of every batch of layers (one per device and dtype).
 
     Attributes:
-        buffers: per batch, the flat decay buffers of its layers, then one spare entry.
-        scales: per batch, the flat per-slice scales of its layers, then one spare entry.
+        buffers: per batch, the flat decay buffers of its layers.
+        scales: per batch, the flat per-slice scales of its layers.
         tables: per batch, its index tables (constant).
         scratch: per batch, weight-shaped work buffers, views of one buffer as large as the largest
             weight (their content is not state).
@@ -159,8 +159,8 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
             members = tuple(members[i] for i in order)
             layout.append((members, plan))
             tables.append(batch_tables(plan, device, dtype))
-            buffer = torch.zeros(sum(plan.numels) + 1, device=device, dtype=dtype)
-            scale = torch.ones(sum(math.prod(s) for s in plan.scale_shapes) + 1, device=device, dtype=dtype)
+            buffer = torch.zeros(sum(plan.numels), device=device, dtype=dtype)
+            scale = torch.ones(sum(math.prod(s) for s in plan.scale_shapes), device=device, dtype=dtype)
             b = s = 0
             for name, p, numel, shape in zip(members, plan.plans, plan.numels, plan.scale_shapes):
                 size = math.prod(shape)
@@ -190,27 +190,26 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
             lines = all_line_sums(weights, factors, plan, tables, scratch)
             found = argmax_slices(padded_line_sums(lines, plan, tables), tables)
             values, counts = slice_subgradients(weights, found, factors, plan, tables)
-            finite = torch.isfinite(found.norms).unsqueeze(1)
             decays = [gammas[n] for n in members]
             if len(set(decays)) == 1:  # h <- gamma h, on the scales only
                 scale.mul_(decays[0])
             else:
                 torch._foreach_mul_([all_views[n][1] for n in members], decays)
-            at = torch.where(tables.valid, tables.buffer_offset + found.entries, buffer.numel() - 1)
-            scale_at = torch.where(tables.valid, tables.scale_offset + found.scales, scale.numel() - 1)
-            current = buffer.take(at) * scale.take(scale_at)  # h on the arg-max slices
+            current = buffer.take(found.buffer) * scale.take(found.scales)  # h on the arg-max slices
+            finite = torch.isfinite(found.norms).index_select(0, tables.entry_layer)
             if rule == "paper":
                 step = torch.where(finite, values, 0.0)
                 blend = [1 - gammas[n] for n in members]
                 if len(set(blend)) == 1:
                     step = step * blend[0]
                 else:
-                    step = torch.stack(torch._foreach_mul(step.unbind(0), blend))
+                    sizes = [p.slice_size for p in plan.plans]
+                    step = torch.cat(torch._foreach_mul(step.split(sizes), blend))
                 new = current + step
             else:
                 new = torch.where((counts > 0) & finite, values, current)
-            buffer.put_(at, new)
-            scale.put_(scale_at, torch.ones_like(new))
+            buffer.put_(found.buffer, new)
+            scale.put_(found.scales, tables.ones)
             have = [(n, s) for n, s in zip(members, member_specs) if grads.get(s.weight) is not None]
             if have:
                 count = len(names) if per_layer_beta else 1

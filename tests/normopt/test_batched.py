@@ -31,10 +31,13 @@ def test_batched_norms_and_argmax_lines_equal_the_per_layer_ones(cases, ord):
     lines = all_line_sums(weights, None, plan, tables)
     norms = batch_norms(lines, tables)
     found = argmax_slices(padded_line_sums(lines, plan, tables), tables)
+    starts = [0]
+    for p in plan.plans:
+        starts.append(starts[-1] + p.slice_size)
     for position, i in enumerate(order):
         spec = specs[i]
         assert torch.equal(norms[position], normopt.layer_norm(tensors, spec, ord))
         assert torch.equal(found.norms[position], norms[position])
         sub = normopt.norm_subgradient(tensors, spec, ord)
-        entries = found.entries[position, : plan.plans[position].slice_size]
+        entries = found.entries[starts[position] : starts[position + 1]]
         assert torch.equal(entries, sub.index)
