@@ -7,8 +7,10 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 ``gamma`` from the param groups:
 
 * ``optimizer.state[weight]["norm_decay_buffer"]`` and ``["norm_decay_scale"]``: the layer's decay
-  buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), so the optimizer's own
-  ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing;
+  buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), and ``["norm_decay_recent"]``,
+  the channels of its last slices written (where its gradient is read through them,
+  :mod:`normopt.recent_slices`), so the optimizer's own ``state_dict()`` saves them and
+  ``load_state_dict()`` restores them, all or nothing;
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
   changeable between steps by hand or by a scheduler, per group.
 """
@@ -23,14 +25,14 @@ import torch
 from torch import nn
 
 from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, unwrap
-from normopt.lines import parse_ord
+from normopt.lines import line_plan, parse_ord
 from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
-from normopt.transform import RULES, NormDecayState, NormDecayTransform, norm_decay
+from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, norm_decay
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
-BUFFER, SCALE = "norm_decay_buffer", "norm_decay_scale"
+BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
 BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
 
 
@@ -73,6 +75,14 @@ def _names(value, what: str) -> frozenset[str]:
     if bad:
         raise TypeError(f"{what} must hold module names (strings), got {bad}")
     return frozenset(names)
+
+
+def _check_recent(recent, name: str, spec, ord: float) -> None:
+    """Refuse a saved ring of recent slices that is not a 1-D tensor of the layer's channels (or -1)."""
+    channels = line_plan(spec, ord).channels
+    ok = isinstance(recent, torch.Tensor) and recent.dim() == 1 and not (recent.is_floating_point() or recent.is_complex())
+    if not ok or (recent.numel() and not DENSE <= int(recent.min()) <= int(recent.max()) < channels):
+        raise ValueError(f"recent slices of layer {name!r} must be a 1-D integer tensor of channels in [{DENSE}, {channels})")
 
 
 class _NonFiniteReporter:
@@ -200,7 +210,8 @@ class NormDecay:
         self.last_norms: dict[str, torch.Tensor] = {}
         self._transform: NormDecayTransform | None = None
         self._state: NormDecayState | None = None
-        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # loaded before the state exists
+        # {layer: (buffer, scale, recent)} loaded before the state exists
+        self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         self._reporter = _NonFiniteReporter()
         self._handles = [
             optimizer.register_load_state_dict_pre_hook(self._check_loaded),
@@ -255,26 +266,34 @@ class NormDecay:
     def add_params(self, params: Iterable[torch.Tensor] = ()) -> None:
         """Re-select the layers after the optimizer got new parameters (``add_param_group``)."""
         del params  # the optimizer's param groups are the source of truth
-        buffers = self.decay_buffers()
-        self._select(self.specs)
+        self._reselect(self.specs)
+
+    def _reselect(self, specs: LayerSpecs) -> None:
+        """Select the layers of ``specs`` anew, keeping the decay state of those still regularized."""
+        if self._state is None:  # what was loaded before the first step, all of it
+            kept = self._pending
+        else:  # h itself: the new layout may scale and batch it differently
+            kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
+        self._select(specs)
         self._transform = self._state = None
-        self._pending.update({name: (h, None) for name, h in buffers.items() if name in self.decayed})
+        self._pending = {name: entry for name, entry in kept.items() if name in self.decayed}
 
     def _refresh(self) -> None:
         """Lazy discovery and re-selection, outside the per-step computation."""
         if self._recorder is not None and self._recorder.called:
             specs, self._recorder = self._recorder.specs(), None
-            buffers = self.decay_buffers()
-            self._select(specs)
-            self._transform = self._state = None
-            self._pending.update({name: (h, None) for name, h in buffers.items() if name in self.decayed})
+            self._reselect(specs)
         if len(self.optimizer.param_groups) != self._groups_seen:
             self.add_params()
         if self._transform is None and self.decayed:
-            self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule)
+            _, gammas = self._hyper()
+            # Rings sized for the default gamma, or the largest one set now: a scheduler that
+            # raises gamma above it makes the steps from then on add h densely.
+            max_gamma = max([0.5, *gammas.values()])
+            self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule, max_gamma=max_gamma)
             self._state = self._transform.init(self._tensors)
-            for name, (buffer, scale) in self._pending.items():
-                self._write(name, buffer, scale)
+            for name, (buffer, scale, recent) in self._pending.items():
+                self._write(name, buffer, scale, recent)
             self._pending = {}
 
     # -- the step ---------------------------------------------------------------------------------
@@ -321,6 +340,8 @@ class NormDecay:
                     state = self.optimizer.state[weight]
                     if state.get(BUFFER) is not buffer:
                         state[BUFFER], state[SCALE] = buffer, scale
+                        if name in self._state.recent:
+                            state[RECENT] = self._state.recent[name]
         if self.max_norm is not None:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
@@ -343,7 +364,7 @@ class NormDecay:
     def decay_buffers(self) -> dict[str, torch.Tensor]:
         """``{layer: h}``: each regularized layer's dense decay buffer (new tensors)."""
         if self._state is None:
-            return {name: h if scale is None else h * scale for name, (h, scale) in self._pending.items()}
+            return {name: h if scale is None else h * scale for name, (h, scale, _) in self._pending.items()}
         return {name: self._state.decay_buffer(name) for name in self._state.views}
 
     def nonfinite_layers(self) -> list[str]:
@@ -352,10 +373,8 @@ class NormDecay:
 
         return nonfinite_layers(self.last_norms)
 
-    def _write(self, name: str, buffer: torch.Tensor, scale: torch.Tensor | None) -> None:
-        own_buffer, own_scale = self._state.views[name]
-        own_buffer.copy_(buffer)
-        own_scale.copy_(scale if scale is not None else torch.ones_like(own_scale))
+    def _write(self, name: str, buffer: torch.Tensor, scale: torch.Tensor | None, recent: torch.Tensor | None = None) -> None:
+        self._state = self._transform.load(self._state, name, buffer, scale, recent)
 
     def _loaded_entries(self, state_dict: Mapping) -> dict[str, dict]:
         """``{layer: the saved state of its weight}`` for the regularized layers, by the optimizer's numbering."""
@@ -368,7 +387,9 @@ class NormDecay:
         """Before the optimizer loads anything: refuse decay buffers that do not fit, naming the layer."""
         for name, saved in self._loaded_entries(state_dict).items():
             weight = self._modules[name].weight
-            buffer, scale = saved.get(BUFFER), saved.get(SCALE)
+            buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
+            if recent is not None:
+                _check_recent(recent, name, self.decayed[name], self.ord)
             if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
                 raise ValueError(
                     f"decay buffer of layer {name!r} has shape {tuple(buffer.shape)}, the weight {tuple(weight.shape)}"
@@ -389,16 +410,20 @@ class NormDecay:
             saved = optimizer.state.get(weight, {})
             buffer = saved.get(BUFFER)
             buffer = buffer if buffer is not None else torch.zeros_like(weight)
-            scale = saved.get(SCALE)
+            scale, recent = saved.get(SCALE), saved.get(RECENT)
             if self._state is None:
-                self._pending[name] = (buffer.detach().clone(), None if scale is None else scale.detach().clone())
-                saved.pop(BUFFER, None), saved.pop(SCALE, None)
+                copy = lambda t: None if t is None else t.detach().clone()
+                self._pending[name] = (buffer.detach().clone(), copy(scale), copy(recent))
+                saved.pop(BUFFER, None), saved.pop(SCALE, None), saved.pop(RECENT, None)
                 continue
             if scale is not None and tuple(scale.shape) != tuple(self._state.views[name][1].shape):
-                buffer, scale = buffer * scale, None  # another layout: keep h itself
-            self._write(name, buffer, scale)
+                buffer, scale, recent = buffer * scale, None, None  # another layout: keep h itself
+            self._write(name, buffer, scale, recent)
+            saved.pop(RECENT, None)
             if BUFFER in saved:
                 saved[BUFFER], saved[SCALE] = self._state.views[name]
+                if name in self._state.recent:
+                    saved[RECENT] = self._state.recent[name]
 
     def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""
@@ -416,7 +441,7 @@ class NormDecay:
         for name, h in buffers.items():
             h = h.detach().to(device=self._modules[name].weight.device, dtype=self._modules[name].weight.dtype)
             if self._state is None:
-                self._pending[name] = (h.clone(), None)
+                self._pending[name] = (h.clone(), None, None)
             else:
                 self._write(name, h, None)
 

@@ -20,6 +20,13 @@ buffer once, to add it to the gradient, instead of rewriting it first (the same 
 scaled weight decay). With ``gamma = 0.5`` every scale is a power of two, so the reference rule
 gives the released code's numbers bit for bit.
 
+**Which slices are read.** With ``rule="paper"`` a slice not rewritten for ``K`` steps weighs at
+most ``max_gamma ** K`` of its value, under half an ulp after ``K = 24`` steps at gamma 0.5 in
+float32. Large layers therefore add to their gradient only the slices written in their last ``K``
+steps, kept in a ring of channels (:mod:`normopt.recent_slices`), instead of a dense pass over
+``h``; small layers share one ``torch._foreach_addcmul_``. A step whose gamma exceeds
+``max_gamma`` turns its batch dense for good (its ring filled with ``DENSE``).
+
 ``update`` changes the gradient tensors and the state's buffers in place (as torch.optim's
 functional optimizers do) and returns them, so no step allocates a weight-sized tensor.
 """
@@ -44,9 +51,11 @@ from normopt.batched import (
     slice_subgradients,
 )
 from normopt.lines import checked, lookup, parse_ord, weight_shape
+from normopt.recent_slices import RingTables, add_recent, horizon, record, ring_coefficients, ring_layers, ring_tables
 from normopt.specs import BatchNormSpec, Spec
 
 RULES = ("paper", "reference")
+DENSE = -2  # the value a ring is filled with once its batch adds h densely
 
 
 class NormDecayState(NamedTuple):
@@ -60,6 +69,12 @@ class NormDecayState(NamedTuple):
             weight (their content is not state).
         views: ``{layer: (buffer, scale)}``: views of ``buffers`` and ``scales``, the buffer shaped
             like the layer's weight and the scale broadcastable against it: ``h = buffer * scale``.
+        rings: per batch, the channels written at the last K steps of the layers whose gradient
+            is read through a ring (:mod:`normopt.recent_slices`), or None.
+        ring_tables: per batch, its ring's constant tables, or None.
+        recent: ``{layer: its row of the ring}`` for the layers read through one.
+        sparse: per batch, whether its ring is in use (False for good once a step's gamma
+            exceeded the one it was sized for).
     """
 
     buffers: tuple[torch.Tensor, ...]
@@ -67,6 +82,10 @@ class NormDecayState(NamedTuple):
     tables: tuple[BatchTables, ...]
     scratch: tuple[tuple[torch.Tensor, ...], ...]
     views: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rings: tuple[torch.Tensor | None, ...]
+    ring_tables: tuple[RingTables | None, ...]
+    recent: dict[str, torch.Tensor]
+    sparse: tuple[bool, ...]
 
     def decay_buffer(self, layer: str) -> torch.Tensor:
         """The dense decay buffer ``h`` of ``layer`` (a new tensor)."""
@@ -81,11 +100,14 @@ class NormDecayTransform(NamedTuple):
         init: ``init(tensors) -> NormDecayState``: zero buffers, and the index tables on the weights' device.
         update: ``update(grads, state, tensors, *, beta, gamma) -> (grads, state, norms)``.
         layers: the regularized layers' names, in order.
+        load: ``load(state, layer, buffer, scale=None, recent=None) -> state``: set one layer's
+            decay state (from a checkpoint); without ``recent`` its ring is rebuilt from ``h``.
     """
 
     init: Callable[[Mapping[str, torch.Tensor]], NormDecayState]
     update: Callable[..., tuple[Mapping[str, torch.Tensor | None], NormDecayState, dict[str, torch.Tensor]]]
     layers: tuple[str, ...]
+    load: Callable[..., NormDecayState]
 
 
 def _decayed(spec: Spec) -> None:
@@ -102,13 +124,19 @@ def _per_layer(value, names, what: str) -> list[float]:
     return [float(value)] * len(names)
 
 
-def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> NormDecayTransform:
+def norm_decay(
+    specs: Mapping[str, Spec], *, ord=1, rule: str = "paper", max_gamma: float = 0.5, sparse: bool = True
+) -> NormDecayTransform:
     r"""Norm decay of the layers in ``specs`` as an ``(init, update)`` pair.
 
     Args:
         specs: ``{layer name: spec}`` of the layers to regularize (conv, linear, affine batch norm).
         ord: ``1``/``"l1"`` or ``float("inf")``/``"linf"``.
         rule: ``"paper"`` or ``"reference"`` (see the module docstring).
+        max_gamma: with ``rule="paper"``, the largest gamma the rings of recent slices are sized for
+            (:mod:`normopt.recent_slices`); a step with a larger gamma adds ``h`` densely, and so do
+            all later steps.
+        sparse: False adds ``h`` to the gradients in dense passes only.
 
     ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (a
     missing or None gradient is left alone), ``tensors`` holding every weight (and batch norm's
@@ -139,11 +167,13 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
         raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
     if not specs:
         raise ValueError("no layer to regularize: specs is empty")
+    if isinstance(max_gamma, bool) or not isinstance(max_gamma, (int, float)) or not 0 <= max_gamma <= 1:
+        raise ValueError(f"max_gamma must be a number in [0, 1], got {max_gamma!r}")
     for spec in specs.values():
         _decayed(spec)
     names = tuple(specs)
-    # (layer names in batch order, plan) per device and dtype, fixed by init from the weights it gets.
-    layout: list[tuple[tuple[str, ...], BatchPlan]] = []
+    # (layer names in batch order, plan, ring length) per device and dtype, fixed by init from the weights it gets.
+    layout: list[tuple[tuple[str, ...], BatchPlan, int | None]] = []
 
     def init(tensors: Mapping[str, torch.Tensor]) -> NormDecayState:
         by_batch: dict[tuple[torch.device, torch.dtype], list[str]] = {}
@@ -154,10 +184,13 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
             by_batch.setdefault((weight.device, weight.dtype), []).append(name)
         layout.clear()
         buffers, scales, tables, scratch, views = [], [], [], [], {}
+        rings, all_ring_tables, recent = [], [], {}
         for (device, dtype), members in by_batch.items():
             order, plan = batch_plan(tuple(specs[n] for n in members), ord, rule == "reference")
             members = tuple(members[i] for i in order)
-            layout.append((members, plan))
+            length = horizon(max_gamma, dtype) if rule == "paper" and sparse else None
+            chosen = ring_layers(plan, length) if length is not None else ()
+            layout.append((members, plan, length))
             tables.append(batch_tables(plan, device, dtype))
             buffer = torch.zeros(sum(plan.numels), device=device, dtype=dtype)
             scale = torch.ones(sum(math.prod(s) for s in plan.scale_shapes), device=device, dtype=dtype)
@@ -170,18 +203,37 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
             scales.append(scale)
             work = torch.empty(plan.max_numel, device=device, dtype=dtype)
             scratch.append(tuple(work[: math.prod(p.shape)].view(p.shape) for p in plan.plans))
-        return NormDecayState(tuple(buffers), tuple(scales), tuple(tables), tuple(scratch), {n: views[n] for n in names})
+            if chosen:
+                ring = torch.full((len(chosen), length), -1, dtype=torch.int64, device=device)
+                recent.update({members[i]: row for i, row in zip(chosen, ring.unbind(0))})
+                rings.append(ring)
+                all_ring_tables.append(ring_tables(plan, chosen, length, device))
+            else:
+                rings.append(None)
+                all_ring_tables.append(None)
+        return NormDecayState(
+            tuple(buffers),
+            tuple(scales),
+            tuple(tables),
+            tuple(scratch),
+            {n: views[n] for n in names},
+            tuple(rings),
+            tuple(all_ring_tables),
+            recent,
+            tuple(ring is not None for ring in rings),
+        )
 
     def update(grads, state: NormDecayState, tensors, *, beta, gamma):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
         betas = dict(zip(names, _per_layer(beta, names, "beta")))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma")))
-        per_layer_beta = rule == "paper"
+        count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
         norms: dict[str, torch.Tensor] = {}
         all_views = state.views
-        for (members, plan), buffer, scale, tables, scratch in zip(
-            layout, state.buffers, state.scales, state.tables, state.scratch
+        sparse_now = list(state.sparse)
+        for batch, ((members, plan, _), buffer, scale, tables, scratch) in enumerate(
+            zip(layout, state.buffers, state.scales, state.tables, state.scratch)
         ):
             member_specs = [specs[n] for n in members]
             weights = [lookup(tensors, s.weight, s) for s in member_specs]
@@ -210,18 +262,71 @@ def norm_decay(specs: Mapping[str, Spec], *, ord=1, rule: str = "paper") -> Norm
                 new = torch.where((counts > 0) & finite, values, current)
             buffer.put_(found.buffer, new)
             scale.put_(found.scales, tables.ones)
-            have = [(n, s) for n, s in zip(members, member_specs) if grads.get(s.weight) is not None]
+            ring, ring_table = state.rings[batch], state.ring_tables[batch]
+            if sparse_now[batch] and max(decays) > max_gamma:  # the ring no longer holds every slice that counts
+                sparse_now[batch] = False
+                ring.fill_(DENSE)  # so that a checkpoint says so too
+            through_ring = ring_table.layers if sparse_now[batch] else ()
+            if through_ring:
+                record(ring, found.channel, ring_table)
+            dense = [i for i in range(len(members)) if i not in through_ring]
+            strengths = {n: betas[n] / count for n in members}
+            have = [i for i in dense if grads.get(member_specs[i].weight) is not None]
             if have:
-                count = len(names) if per_layer_beta else 1
-                strengths = [betas[n] / count for n, _ in have]
-                layer_scales = [all_views[n][1] for n, _ in have]
-                if len(set(strengths)) == 1:
-                    value = strengths[0]
+                layer_scales = [all_views[members[i]][1] for i in have]
+                values_of = [strengths[members[i]] for i in have]
+                if len(set(values_of)) == 1:
+                    value = values_of[0]
                 else:
-                    layer_scales, value = torch._foreach_mul(layer_scales, strengths), 1.0
-                buffers = [all_views[n][0] for n, _ in have]
-                torch._foreach_addcmul_([grads[s.weight] for _, s in have], buffers, layer_scales, value=value)
+                    layer_scales, value = torch._foreach_mul(layer_scales, values_of), 1.0
+                buffers = [all_views[members[i]][0] for i in have]
+                torch._foreach_addcmul_([grads[member_specs[i].weight] for i in have], buffers, layer_scales, value=value)
+            if through_ring and any(grads.get(member_specs[i].weight) is not None for i in through_ring):
+                coefficients = ring_coefficients(ring, scale, ring_table)
+                values_of = [strengths[members[i]] for i in through_ring]
+                if len(set(values_of)) == 1:
+                    coefficients = coefficients * values_of[0]
+                else:
+                    coefficients = torch.stack(torch._foreach_mul(coefficients.unbind(0), values_of))
+                ring_grads = [grads.get(member_specs[i].weight) for i in through_ring]
+                ring_buffers = [all_views[members[i]][0] for i in through_ring]
+                add_recent(ring_grads, ring_buffers, ring, coefficients, ring_table)
             norms.update(zip(members, found.norms.unbind(0)))
+        if sparse_now != list(state.sparse):
+            state = state._replace(sparse=tuple(sparse_now))
         return grads, state, {n: norms[n] for n in names}
 
-    return NormDecayTransform(init, update, names)
+    def load(state: NormDecayState, layer: str, buffer: torch.Tensor, scale=None, recent=None) -> NormDecayState:
+        own_buffer, own_scale = state.views[layer]
+        own_buffer.copy_(buffer)
+        own_scale.copy_(scale if scale is not None else torch.ones_like(own_scale))
+        own_ring = state.recent.get(layer)
+        if own_ring is None:
+            return state
+        batch = next(i for i, (members, _, _) in enumerate(layout) if layer in members)
+        if not state.sparse[batch]:  # dense already: stays so (dense adds every slice, whatever the ring says)
+            return state
+        if recent is None or recent.numel() > own_ring.numel():  # a longer ring may hold slices that still count
+            recent = _recent_from_h(state.decay_buffer(layer), layer)
+        if recent is None or bool((recent == DENSE).any()):  # more slices count than a ring holds
+            state.rings[batch].fill_(DENSE)
+            return state._replace(sparse=tuple(False if i == batch else f for i, f in enumerate(state.sparse)))
+        recent = recent.to(own_ring)
+        own_ring.fill_(-1)
+        own_ring[own_ring.numel() - recent.numel() :] = recent
+        return state
+
+    def _recent_from_h(h: torch.Tensor, layer: str) -> torch.Tensor | None:
+        """The ring of a layer whose ``h`` came without one: its slices that count, oldest (smallest) first."""
+        members, plan, length = next(entry for entry in layout if layer in entry[0])
+        p = plan.plans[members.index(layer)]
+        axis = 0 if p.kind == "rows" else 1
+        reduce = tuple(d for d in range(h.dim()) if d != axis)
+        largest = h.abs().amax(reduce) if reduce else h.abs()
+        # A slice counts while its weight exceeds max_gamma ** length of the largest.
+        counted = torch.nonzero(largest > largest.max() * max_gamma**length).flatten()
+        if counted.numel() > length:
+            return None
+        return counted[torch.argsort(largest[counted], stable=True)]
+
+    return NormDecayTransform(init, update, names, load)

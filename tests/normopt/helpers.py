@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from unittest import mock
 
 import torch
 from hypothesis import assume
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normopt
+from normopt import recent_slices
 
 # Relative tolerance of an exact norm against the oracle, by weight dtype. Low-precision weights
 # are exact in float64; the library accumulates them in float32.
@@ -168,3 +171,13 @@ def batches(x: torch.Tensor, y: torch.Tensor, steps: int, size: int, seed: int =
     for _ in range(steps):
         index = torch.randint(0, len(x), (size,), generator=generator)
         yield x[index], y[index]
+
+
+@contextlib.contextmanager
+def rings_everywhere():
+    """Read the decay gradient of every layer a ring can serve through one, however small the layer.
+
+    Only for layers created inside the block (the choice is made when the state is initialised).
+    """
+    with mock.patch.multiple(recent_slices, RING_SHARE=0, RING_MIN_WEIGHTS=0):
+        yield

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, batches, digits, small_cnn
+from helpers import assert_close, batches, digits, rings_everywhere, small_cnn
 from torch import nn
 
 import normopt
@@ -60,6 +60,107 @@ def test_state_round_trips_through_the_inner_optimizers_state_dict(make):
     one_step(twin, twin_optimizer, 7)
     for key, value in model.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
+
+
+@pytest.fixture
+def rings():
+    with rings_everywhere():
+        yield
+
+
+def saved_and_reloaded(model, optimizer, make, edit=lambda saved: None, **options):
+    """A twin of ``model`` and its optimizer, loaded from a checkpoint of both (after ``edit``)."""
+    saved = copy.deepcopy(optimizer.state_dict())
+    edit(saved)
+    twin = small_cnn()
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = make(twin, **options)
+    twin_optimizer.load_state_dict(saved)
+    return twin, twin_optimizer
+
+
+def same_weights(model, twin, rtol=0.0):
+    for key, value in model.state_dict().items():
+        if rtol:
+            assert_close(twin.state_dict()[key], value, rtol=rtol, msg=key)
+        else:
+            assert torch.equal(twin.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+def test_rings_of_recent_slices_round_trip_and_resume_bit_for_bit(rings, make):
+    model = small_cnn()
+    optimizer = make(model, beta=0.1)
+    for seed in range(30):  # past the ring's length (24 at gamma 0.5 in float32)
+        one_step(model, optimizer, seed)
+    entries = optimizer.state_dict()["state"].values()
+    recent = [entry["norm_decay_recent"] for entry in entries if "norm_decay_recent" in entry]
+    assert len(recent) == 3 and all(r.shape == (24,) and r.min() >= 0 for r in recent)
+    twin, twin_optimizer = saved_and_reloaded(model, optimizer, make, beta=0.1)
+    for seed in range(30, 33):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin)
+
+
+def test_a_checkpoint_without_recent_slices_rebuilds_them_from_the_buffers(rings):
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.1)
+    for seed in range(30):
+        one_step(model, optimizer, seed)
+
+    def drop(saved):
+        for entry in saved["state"].values():
+            entry.pop("norm_decay_recent", None)
+
+    twin, twin_optimizer = saved_and_reloaded(model, optimizer, wrapped, drop, beta=0.1)
+    for seed in range(30, 60):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [lambda r: r.float(), lambda r: torch.full_like(r, 4), lambda r: torch.full_like(r, -3), lambda r: r.view(4, 6)],
+    ids=["float", "past-the-channels", "below-the-marker", "2-d"],
+)
+def test_a_bad_ring_of_recent_slices_is_refused_naming_the_layer(rings, bad):
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.1)
+    for seed in range(3):
+        one_step(model, optimizer, seed)
+    saved = copy.deepcopy(optimizer.state_dict())
+    entry = saved["state"][2]  # layer '3''s weight: l1 norms read its 4 input channels
+    entry["norm_decay_recent"] = bad(entry["norm_decay_recent"])
+    entry["norm_decay_buffer"].fill_(5.0)
+    before, inner = optimizer.norm_decay.decay_buffers(), copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"recent slices of layer '3' must be a 1-D integer tensor of channels in \[-2, 4\)"):
+        optimizer.load_state_dict(saved)
+    for name, h in optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(h, before[name]), name
+    for i, entry in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(value, inner["state"][i][key]) for key, value in entry.items()), i
+
+
+def test_a_gamma_above_the_rings_is_kept_dense_through_a_checkpoint(rings):
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.1)
+    for seed in range(5):
+        one_step(model, optimizer, seed)
+    for group in optimizer.param_groups:
+        group["norm_decay_gamma"] = 0.9  # above the 0.5 the rings were sized for: dense from now on
+    one_step(model, optimizer, 5)
+    recent = [entry["norm_decay_recent"] for entry in optimizer.state_dict()["state"].values() if "norm_decay_recent" in entry]
+    assert recent and all(bool((r == -2).all()) for r in recent)
+    twin, twin_optimizer = saved_and_reloaded(model, optimizer, wrapped, beta=0.1)
+    for seed in range(6, 40):
+        if seed == 20:
+            for group in optimizer.param_groups + twin_optimizer.param_groups:
+                group["norm_decay_gamma"] = 0.5
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin)
 
 
 def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_decay():

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import pytest
 import torch
-from helpers import assert_close, conv_layers, explicit_matrix
+from helpers import assert_close, conv_layers, explicit_matrix, rings_everywhere
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import normopt
 from normopt import norm_decay, norm_subgradient, paper_update, reference_update
+from normopt.lines import line_plan
+from normopt.transform import DENSE
 
 # h is kept in the weight's dtype; the per-layer rule and the scaled buffer round differently.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -68,15 +71,31 @@ def _step_per_layer(tensors, specs, h, ord, rule, beta, gamma):
     st.sampled_from(["paper", "reference"]),
     st.floats(0.0, 1.0),
     st.integers(0, 2**31 - 1),
+    st.booleans(),
 )
-def test_batched_update_equals_the_per_layer_closed_form(case, ord, rule, gamma, seed):
+def test_batched_update_equals_the_per_layer_closed_form(case, ord, rule, gamma, seed, ring):
     _, specs, tensors = case
-    transform = norm_decay(specs, ord=ord, rule=rule)
-    state = transform.init(tensors)
+    with rings_everywhere() if ring else contextlib.nullcontext():
+        transform = norm_decay(specs, ord=ord, rule=rule, max_gamma=max(gamma, 0.5))
+        state = transform.init(tensors)
+    if ring and rule == "paper" and gamma <= 0.9:
+        assert set(state.recent) == set(_ring_eligible(specs, ord))
+    elif not ring or rule == "reference":
+        assert not state.recent
+    _check_against_the_closed_form(transform, state, specs, tensors, ord, rule, [gamma] * 3, seed)
+
+
+def _ring_eligible(specs, ord) -> list[str]:
+    """The layers a ring can serve: rows of any layer, columns of ungrouped ones, no batch norm."""
+    plans = {name: line_plan(spec, ord) for name, spec in specs.items()}
+    return [name for name, p in plans.items() if not p.batchnorm and (p.kind == "rows" or p.groups == 1)]
+
+
+def _check_against_the_closed_form(transform, state, specs, tensors, ord, rule, gammas, seed, beta=0.3):
+    """Step ``transform`` once per gamma beside the per-layer closed form, moving the weights between steps."""
     h = {name: torch.zeros_like(tensors[spec.weight]) for name, spec in specs.items()}
     generator = torch.Generator().manual_seed(seed)
-    beta = 0.3
-    for _ in range(3):
+    for gamma in gammas:
         grads = {spec.weight: torch.zeros_like(tensors[spec.weight]) for spec in specs.values()}
         expected, norms = _step_per_layer(tensors, specs, h, ord, rule, beta, gamma)
         grads, state, found = transform.update(grads, state, tensors, beta=beta, gamma=gamma)
@@ -89,6 +108,37 @@ def test_batched_update_equals_the_per_layer_closed_form(case, ord, rule, gamma,
             if key.endswith(".weight"):
                 noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64).to(tensor.dtype)
                 tensor.add_(noise)
+    return state
+
+
+@settings(max_examples=25, deadline=None)
+@given(layer_sets(), st.sampled_from([1, math.inf]), st.sampled_from([0.0, 0.3, 0.5]), st.integers(0, 2**31 - 1))
+def test_rings_of_recent_slices_add_what_the_dense_buffer_holds_past_their_length(case, ord, gamma, seed):
+    """60 steps: past the rings' length (24 steps in float32, 53 in float64), slices leave them."""
+    _, specs, tensors = case
+    with rings_everywhere():
+        transform = norm_decay(specs, ord=ord, rule="paper")
+        state = transform.init(tensors)
+    assert set(state.recent) == set(_ring_eligible(specs, ord))
+    state = _check_against_the_closed_form(transform, state, specs, tensors, ord, "paper", [gamma] * 60, seed)
+    assert all(sparse for sparse, ring in zip(state.sparse, state.rings) if ring is not None)
+
+
+def test_a_gamma_above_the_rings_makes_this_and_every_later_step_dense():
+    torch.manual_seed(0)
+    layers = {"c": nn.Conv2d(3, 5, 3, padding=1), "fc": nn.Linear(4, 6)}
+    specs = {"c": normopt.module_spec(layers["c"], "c", (6, 6)), "fc": normopt.module_spec(layers["fc"], "fc")}
+    specs = {name: dataclasses.replace(spec, weight=f"{name}.weight") for name, spec in specs.items()}
+    tensors = {f"{name}.weight": layer.weight.detach().clone() for name, layer in layers.items()}
+    with rings_everywhere():
+        transform = norm_decay(specs, ord=math.inf, rule="paper", max_gamma=0.5)
+        state = transform.init(tensors)
+    assert set(state.recent) == {"c", "fc"}
+    # At 0.9 a slice 24 steps old still weighs 0.9**24 = 8%: a ring sized for 0.5 would drop it.
+    gammas = [0.5] * 5 + [0.9] * 40 + [0.2] * 5
+    state = _check_against_the_closed_form(transform, state, specs, tensors, math.inf, "paper", gammas, 3)
+    assert state.sparse == (False,)
+    assert all(bool((ring == DENSE).all()) for ring in state.recent.values())
 
 
 @settings(max_examples=60, deadline=None)
@@ -115,9 +165,10 @@ def test_first_reference_step_is_the_oracle_gradient_of_the_argmax_line(case, or
     assert_close(state.decay_buffer("layer"), oracle, rtol=1e-10)
 
 
+@pytest.mark.parametrize("ring", [False, True], ids=["dense", "ring"])
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 @pytest.mark.parametrize("ord", [1, math.inf])
-def test_compiled_update_equals_eager(ord, rule):
+def test_compiled_update_equals_eager(ord, rule, ring):
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(36, 5)
@@ -127,7 +178,9 @@ def test_compiled_update_equals_eager(ord, rule):
     transform = norm_decay(specs, ord=ord, rule=rule)
 
     def run(update):
-        state = transform.init(tensors)
+        with rings_everywhere() if ring else contextlib.nullcontext():
+            state = transform.init(tensors)
+        assert bool(state.recent) == (ring and rule == "paper")
         torch.manual_seed(1)
         grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
         for _ in range(2):
