@@ -8,7 +8,7 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 
 * ``optimizer.state[weight]["norm_decay_buffer"]`` and ``["norm_decay_scale"]``: the layer's decay
   buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), and ``["norm_decay_recent"]``,
-  the channels of its last slices written (where its gradient is read through them,
+  the channels of its last slices written (l_inf norms of large layers,
   :mod:`normopt.recent_slices`), so the optimizer's own ``state_dict()`` saves them and
   ``load_state_dict()`` restores them, all or nothing;
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,

@@ -22,10 +22,11 @@ gives the released code's numbers bit for bit.
 
 **Which slices are read.** With ``rule="paper"`` a slice not rewritten for ``K`` steps weighs at
 most ``max_gamma ** K`` of its value, under half an ulp after ``K = 24`` steps at gamma 0.5 in
-float32. Large layers therefore add to their gradient only the slices written in their last ``K``
-steps, kept in a ring of channels (:mod:`normopt.recent_slices`), instead of a dense pass over
-``h``; small layers share one ``torch._foreach_addcmul_``. A step whose gamma exceeds
-``max_gamma`` turns its batch dense for good (its ring filled with ``DENSE``).
+float32. With the l_inf norm, whose slices are rows, large layers therefore add to their gradient
+only the slices written in their last ``K`` steps, kept in a ring of channels
+(:mod:`normopt.recent_slices`), instead of a dense pass over ``h``; the other layers share one
+``torch._foreach_addcmul_``. A step whose gamma exceeds ``max_gamma`` turns its batch dense for
+good (its ring filled with ``DENSE``).
 
 ``update`` changes the gradient tensors and the state's buffers in place (as torch.optim's
 functional optimizers do) and returns them, so no step allocates a weight-sized tensor.
@@ -318,11 +319,8 @@ def norm_decay(
 
     def _recent_from_h(h: torch.Tensor, layer: str) -> torch.Tensor | None:
         """The ring of a layer whose ``h`` came without one: its slices that count, oldest (smallest) first."""
-        members, plan, length = next(entry for entry in layout if layer in entry[0])
-        p = plan.plans[members.index(layer)]
-        axis = 0 if p.kind == "rows" else 1
-        reduce = tuple(d for d in range(h.dim()) if d != axis)
-        largest = h.abs().amax(reduce) if reduce else h.abs()
+        _, _, length = next(entry for entry in layout if layer in entry[0])
+        largest = h.abs().flatten(1).amax(1)  # of each row
         # A slice counts while its weight exceeds max_gamma ** length of the largest.
         counted = torch.nonzero(largest > largest.max() * max_gamma**length).flatten()
         if counted.numel() > length:
