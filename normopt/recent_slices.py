@@ -55,7 +55,8 @@ def horizon(max_gamma: float, dtype: torch.dtype) -> int | None:
 def ring_layers(plan: BatchPlan, length: int) -> tuple[int, ...]:
     """Positions, in ``plan``, of the layers whose decay gradient is read through a ring of ``length``.
 
-    Rows (l_inf norms, output channels: contiguous slices) of layers with at least
+    Rows (output channels, contiguous slices: l_inf norms, and l1 norms of transposed
+    convolutions) of layers with at least
     ``RING_MIN_WEIGHTS`` weights, of which ``length`` slices are at most a ``1 / RING_SHARE``;
     batch norms are never worth it. Columns are not: an input channel's slice is strided, and
     gathering and scattering ``K`` of them measured as slow as the dense pass (0.68 ms each on a

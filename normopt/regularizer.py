@@ -212,6 +212,9 @@ class NormDecay:
         self._state: NormDecayState | None = None
         # {layer: (buffer, scale, recent)} loaded before the state exists
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        # {layer: its saved ring}, as integers: torch's load_state_dict casts every state tensor of
+        # a floating-point weight to the weight's dtype, which rounds channels in bfloat16 or float16
+        self._loaded_recent: dict[str, torch.Tensor] = {}
         self._reporter = _NonFiniteReporter()
         self._handles = [
             optimizer.register_load_state_dict_pre_hook(self._check_loaded),
@@ -342,6 +345,8 @@ class NormDecay:
                         state[BUFFER], state[SCALE] = buffer, scale
                         if name in self._state.recent:
                             state[RECENT] = self._state.recent[name]
+                        else:  # a ring of an earlier selection, which this layout reads densely
+                            state.pop(RECENT, None)
         if self.max_norm is not None:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
@@ -385,11 +390,13 @@ class NormDecay:
 
     def _check_loaded(self, optimizer, state_dict):
         """Before the optimizer loads anything: refuse decay buffers that do not fit, naming the layer."""
+        rings = {}
         for name, saved in self._loaded_entries(state_dict).items():
             weight = self._modules[name].weight
             buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
             if recent is not None:
                 _check_recent(recent, name, self.decayed[name], self.ord)
+                rings[name] = recent.detach().clone()
             if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
                 raise ValueError(
                     f"decay buffer of layer {name!r} has shape {tuple(buffer.shape)}, the weight {tuple(weight.shape)}"
@@ -401,16 +408,18 @@ class NormDecay:
                     raise ValueError(
                         f"decay scale of layer {name!r} has shape {tuple(scale.shape)}, not one for {tuple(weight.shape)}"
                     ) from None
+        self._loaded_recent = rings
         return None
 
     def _adopt_loaded(self, optimizer) -> None:
         """After the optimizer loaded a state dict: take its decay buffers (zero when it had none)."""
+        rings, self._loaded_recent = self._loaded_recent, {}
         for name in self.decayed:
             weight = self._modules[name].weight
             saved = optimizer.state.get(weight, {})
             buffer = saved.get(BUFFER)
             buffer = buffer if buffer is not None else torch.zeros_like(weight)
-            scale, recent = saved.get(SCALE), saved.get(RECENT)
+            scale, recent = saved.get(SCALE), rings.get(name)
             if self._state is None:
                 copy = lambda t: None if t is None else t.detach().clone()
                 self._pending[name] = (buffer.detach().clone(), copy(scale), copy(recent))

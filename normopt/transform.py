@@ -22,8 +22,9 @@ gives the released code's numbers bit for bit.
 
 **Which slices are read.** With ``rule="paper"`` a slice not rewritten for ``K`` steps weighs at
 most ``max_gamma ** K`` of its value, under half an ulp after ``K = 24`` steps at gamma 0.5 in
-float32. With the l_inf norm, whose slices are rows, large layers therefore add to their gradient
-only the slices written in their last ``K`` steps, kept in a ring of channels
+float32. Where the slices are rows (the l_inf norm; the l1 norm of a transposed convolution),
+large layers therefore add to their gradient only the slices written in their last ``K`` steps
+(the terms left out each under half an ulp of the layer's largest entry of ``h``), kept in a ring of channels
 (:mod:`normopt.recent_slices`), instead of a dense pass over ``h``; the other layers share one
 ``torch._foreach_addcmul_``. A step whose gamma exceeds ``max_gamma`` turns its batch dense for
 good (its ring filled with ``DENSE``).
@@ -102,7 +103,8 @@ class NormDecayTransform(NamedTuple):
         update: ``update(grads, state, tensors, *, beta, gamma) -> (grads, state, norms)``.
         layers: the regularized layers' names, in order.
         load: ``load(state, layer, buffer, scale=None, recent=None) -> state``: set one layer's
-            decay state (from a checkpoint); without ``recent`` its ring is rebuilt from ``h``.
+            decay state (from a checkpoint); without ``recent``, or with one of another length, its
+            ring is rebuilt from ``h``.
     """
 
     init: Callable[[Mapping[str, torch.Tensor]], NormDecayState]
@@ -307,7 +309,10 @@ def norm_decay(
         batch = next(i for i, (members, _, _) in enumerate(layout) if layer in members)
         if not state.sparse[batch]:  # dense already: stays so (dense adds every slice, whatever the ring says)
             return state
-        if recent is None or recent.numel() > own_ring.numel():  # a longer ring may hold slices that still count
+        # A ring of another length was kept for another dtype or gamma: a longer one may hold
+        # slices that still count, a shorter one may miss some; h itself tells which count. A
+        # ring marked dense stays so, whatever its length, so that a run resumes bit for bit.
+        if recent is None or (recent.numel() != own_ring.numel() and not bool((recent == DENSE).any())):
             recent = _recent_from_h(state.decay_buffer(layer), layer)
         if recent is None or bool((recent == DENSE).any()):  # more slices count than a ring holds
             state.rings[batch].fill_(DENSE)

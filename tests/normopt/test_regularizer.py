@@ -106,21 +106,86 @@ def test_rings_of_recent_slices_round_trip_and_resume_bit_for_bit(rings, make):
     same_weights(model, twin)
 
 
-def test_a_checkpoint_without_recent_slices_rebuilds_them_from_the_buffers(rings):
+def drop_rings(saved):
+    for entry in saved["state"].values():
+        entry.pop("norm_decay_recent", None)
+
+
+def shorten_rings(saved):  # as kept for bfloat16 (8 places) or a smaller gamma
+    for entry in saved["state"].values():
+        if "norm_decay_recent" in entry:
+            entry["norm_decay_recent"] = entry["norm_decay_recent"][-8:].clone()
+
+
+def lengthen_rings(saved):  # as kept for float64 or a larger gamma
+    for entry in saved["state"].values():
+        if "norm_decay_recent" in entry:
+            entry["norm_decay_recent"] = torch.cat([torch.full((6,), -1), entry["norm_decay_recent"]])
+
+
+@pytest.mark.parametrize("edit", [drop_rings, shorten_rings, lengthen_rings], ids=["none", "shorter", "longer"])
+def test_a_checkpoint_without_a_ring_of_this_length_rebuilds_it_from_the_buffers(rings, edit):
     model = small_cnn()
     optimizer = wrapped(model, beta=0.1, ord=math.inf)
     for seed in range(30):
         one_step(model, optimizer, seed)
-
-    def drop(saved):
-        for entry in saved["state"].values():
-            entry.pop("norm_decay_recent", None)
-
-    twin, twin_optimizer = saved_and_reloaded(model, optimizer, wrapped, drop, beta=0.1, ord=math.inf)
+    twin, twin_optimizer = saved_and_reloaded(model, optimizer, wrapped, edit, beta=0.1, ord=math.inf)
+    rebuilt, rebuilt_optimizer = saved_and_reloaded(model, optimizer, wrapped, drop_rings, beta=0.1, ord=math.inf)
     for seed in range(30, 60):
-        one_step(model, optimizer, seed)
-        one_step(twin, twin_optimizer, seed)
+        for pair in ((model, optimizer), (twin, twin_optimizer), (rebuilt, rebuilt_optimizer)):
+            one_step(*pair, seed)
     same_weights(model, twin, rtol=1e-6)
+    same_weights(rebuilt, twin)  # a ring of another length is not trusted: h alone decides
+
+
+def bfloat16_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 600), nn.ReLU(), nn.Linear(600, 3)).to(torch.bfloat16)
+
+
+def bfloat16_step(model, optimizer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs.to(torch.bfloat16)).float(), labels).backward()
+    optimizer.step()
+
+
+def test_rings_of_bfloat16_weights_survive_torchs_cast_of_the_loaded_state(rings):
+    model = bfloat16_net()
+    optimizer = wrapped(model, beta=0.1, ord=math.inf)
+    for seed in range(10):
+        bfloat16_step(model, optimizer, seed)
+    saved = copy.deepcopy(optimizer.state_dict())
+    ring = saved["state"][0]["norm_decay_recent"]  # the first layer's 600 output channels
+    assert ring.shape == (8,) and ring.dtype == torch.int64  # 8 steps: 0.5 ** 8 is half bfloat16's ulp
+    assert bool((ring.to(torch.bfloat16).long() != ring).any()), "no channel that bfloat16 rounds: pick another seed"
+    twin = bfloat16_net()
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = wrapped(twin, beta=0.1, ord=math.inf)
+    twin_optimizer.load_state_dict(saved)  # torch casts the state of a bfloat16 weight to bfloat16
+    for seed in range(10, 14):
+        bfloat16_step(model, optimizer, seed)
+        bfloat16_step(twin, twin_optimizer, seed)
+        rings = [o.state_dict()["state"][0]["norm_decay_recent"] for o in (optimizer, twin_optimizer)]
+        assert torch.equal(*rings), seed
+    for key, value in model.state_dict().items():
+        assert torch.equal(twin.state_dict()[key], value), key
+
+
+def test_a_ring_of_an_earlier_selection_leaves_the_optimizer_state(rings):
+    model = small_cnn()
+    head = list(model[6].parameters())
+    body = [p for p in model.parameters() if all(p is not q for q in head)]
+    optimizer = NormDecayOptimizer(torch.optim.SGD(body, lr=0.05, momentum=0.9), model, beta=0.1, ord=math.inf)
+    for seed in range(3):
+        one_step(model, optimizer, seed)
+    assert any("norm_decay_recent" in entry for entry in optimizer.state_dict()["state"].values())
+    optimizer.add_param_group({"params": head, "norm_decay_gamma": 0.95})  # too slow a decay for any ring
+    one_step(model, optimizer, 3)
+    entries = optimizer.state_dict()["state"].values()
+    assert sum("norm_decay_buffer" in entry for entry in entries) == 3
+    assert not any("norm_decay_recent" in entry for entry in entries)
 
 
 @pytest.mark.parametrize(
