@@ -106,6 +106,8 @@ def optimizer_steps(repeats: int, released: bool, compile_backend: str | None) -
                 row["reference / released"] = medians["ours reference"] / medians["released"]
             if compile_backend:
                 row[f"compiled ({compile_backend}) / plain"] = medians["ours compiled"] / medians["plain"]
+                if released:
+                    row[f"compiled ({compile_backend}) / released"] = medians["ours compiled"] / medians["released"]
             row["plain ms"] = medians["plain"] * 1e3
             rows.append(row)
     return rows
@@ -131,34 +133,45 @@ def bit_identity(steps: int = 100) -> dict[str, bool]:
     return result
 
 
-def training_steps(repeats: int, batch: int) -> dict[str, float]:
+def training_steps(repeats: int, batch: int, compile_backend: str | None = None) -> dict[str, float]:
     """A whole step (forward, backward, optimizer) of torchvision's ResNet-18, wrapped over plain.
 
     A whole step's time varies by a few percent from run to run, more than the decay adds; the
     decay alone (its part of the wrapped step, measured in the same run) is printed beside it.
+    With ``compile_backend`` the wrapped steps also run with ``torch.compile(optimizer.step)``
+    (model eager), over the plain eager step.
     """
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     steps, decays = {}, {}
-    for name, ord in (("plain", None), ("l1", 1), ("linf", math.inf)):
+    runs = [("plain", None, False), ("l1", 1, False), ("linf", math.inf, False)]
+    if compile_backend:
+        runs += [("l1 compiled", 1, True), ("linf compiled", math.inf, True)]
+    for name, ord, compiled in runs:
         model = copy.deepcopy(base)
         optimizer = _sgd(model) if ord is None else normopt.NormDecayOptimizer(_sgd(model), model, ord=ord, beta=1e-3)
+        update = optimizer.step
+        if compiled:
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()  # the first step, eager, discovers the layers and creates the state
+            update = torch.compile(optimizer.step, backend=compile_backend)
 
-        def step(model=model, optimizer=optimizer):
+        def step(model=model, optimizer=optimizer, update=update):
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+            update()
 
         steps[name] = step
-        if ord is not None:
+        if ord is not None and not compiled:
             decays[f"{name} decay"] = optimizer.norm_decay.before_step
-    medians = interleaved_medians({**steps, **decays}, repeats=repeats, warmup=1)
+    medians = interleaved_medians({**steps, **decays}, repeats=repeats, warmup=2)
     plain = medians["plain"]
     result = {"plain s": plain}
-    for name in ("l1", "linf"):
+    for name, _, compiled in runs[1:]:
         result[f"{name} / plain"] = medians[name] / plain
-        result[f"1 + {name} decay / plain"] = 1 + medians[f"{name} decay"] / plain
+        if not compiled:
+            result[f"1 + {name} decay / plain"] = 1 + medians[f"{name} decay"] / plain
     return result
 
 
@@ -188,7 +201,7 @@ def main(argv=None) -> dict:
         results["bit identical"] = bit_identity()
         print("rule='reference' vs released code, ResNet-18, 100 steps: weights bit-identical:", results["bit identical"])
     if args.train_repeats:
-        results["training"] = training_steps(args.train_repeats, args.batch)
+        results["training"] = training_steps(args.train_repeats, args.batch, backend)
         print(
             f"torchvision ResNet-18, batch {args.batch} of 32x32, whole training step:",
             {k: round(v, 4) for k, v in results["training"].items()},

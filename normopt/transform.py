@@ -60,6 +60,16 @@ RULES = ("paper", "reference")
 DENSE = -2  # the value a ring is filled with once its batch adds h densely
 
 
+def _layer_views(buffer: torch.Tensor, scale: torch.Tensor, members, plan: BatchPlan) -> dict:
+    """``{layer: (its h buffer, its scale)}``: views of one batch's flat buffer and scales."""
+    views, b, s = {}, 0, 0
+    for name, p, numel, shape in zip(members, plan.plans, plan.numels, plan.scale_shapes):
+        size = math.prod(shape)
+        views[name] = (buffer[b : b + numel].view(p.shape), scale[s : s + size].view(shape))
+        b, s = b + numel, s + size
+    return views
+
+
 class NormDecayState(NamedTuple):
     """Decay state of every batch of layers (one per device and dtype).
 
@@ -197,11 +207,7 @@ def norm_decay(
             tables.append(batch_tables(plan, device, dtype))
             buffer = torch.zeros(sum(plan.numels), device=device, dtype=dtype)
             scale = torch.ones(sum(math.prod(s) for s in plan.scale_shapes), device=device, dtype=dtype)
-            b = s = 0
-            for name, p, numel, shape in zip(members, plan.plans, plan.numels, plan.scale_shapes):
-                size = math.prod(shape)
-                views[name] = (buffer[b : b + numel].view(p.shape), scale[s : s + size].view(shape))
-                b, s = b + numel, s + size
+            views.update(_layer_views(buffer, scale, members, plan))
             buffers.append(buffer)
             scales.append(scale)
             work = torch.empty(plan.max_numel, device=device, dtype=dtype)
@@ -234,6 +240,13 @@ def norm_decay(
         count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
         norms: dict[str, torch.Tensor] = {}
         all_views = state.views
+        if torch.compiler.is_compiling():
+            # Views carved inside the graph: the state's own views would enter it as inputs aliasing
+            # the buffers they are mutated through, which AOTAutograd turns into a copy of every
+            # buffer and a copy back (two passes over all weights per step on ResNet-18).
+            all_views = {}
+            for (members, plan, _), buffer, scale in zip(layout, state.buffers, state.scales):
+                all_views.update(_layer_views(buffer, scale, members, plan))
         sparse_now = list(state.sparse)
         for batch, ((members, plan, _), buffer, scale, tables, scratch) in enumerate(
             zip(layout, state.buffers, state.scales, state.tables, state.scratch)
