@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -10,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, batches, digits, small_cnn
+from helpers import assert_close, batches, digits, rings_everywhere, small_cnn
 from torch import nn
 
 import normopt
@@ -318,11 +319,15 @@ def test_compiled_model_trains_wrapped():
     assert optimizer.norm_decay.decayed["0"].input_size == (8, 8)
 
 
-@pytest.mark.parametrize("ord", [1, math.inf])
-def test_compiled_step_equals_eager_and_breaks_only_where_torch_optim_does(ord):
+@pytest.mark.parametrize(("ord", "rings"), [(1, False), (math.inf, False), (math.inf, True)], ids=["l1", "linf", "linf-rings"])
+def test_compiled_step_equals_eager_and_breaks_only_where_torch_optim_does(ord, rings):
     import torch._dynamo
 
     def train(compile_step):
+        with rings_everywhere() if rings else contextlib.nullcontext():
+            return _train(compile_step)
+
+    def _train(compile_step):
         model = small_cnn(batchnorm=True)
         optimizer = NormDecayOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
@@ -340,6 +345,7 @@ def test_compiled_step_equals_eager_and_breaks_only_where_torch_optim_does(ord):
     torch._dynamo.reset()
     eager, _ = train(False)
     compiled, optimizer = train(True)
+    assert bool(optimizer.norm_decay._state.recent) == rings
     for key, value in eager.state_dict().items():
         assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
     torch._dynamo.reset()
