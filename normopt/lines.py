@@ -315,31 +315,33 @@ def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> Lin
     )
 
 
-# Below this many weights a layer's cost is its operators, not its memory traffic.
-ONE_REDUCTION = 1 << 16
-
-
 def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dtype) -> torch.Tensor:
     """Sum non-negative ``x`` (kernel layout) over the channels a line adds up: ``(channels, K)`` or ``(channels,)``.
 
     Rows of output channel o add its input channels; columns of input channel c add the output
     channels of c's group. Works on any memory layout (channels-last included): only the results,
-    never ``x``, are reshaped. Columns first add the output channels, an outer-axis sum that
-    vectorises, and only then the taps of the small result.
+    never ``x``, are reshaped.
     """
     taps = tuple(range(2, x.dim()))
-    if plan.kind == "rows":
+    if plan.kind == "rows" or (x.shape[0] == plan.groups and x.shape[1] == 1):
+        # Rows; or columns of a depthwise kernel (one output channel per input channel), the same
+        # slices: the rows' contiguous reduction measured 1.7x faster than the grouped one for them.
         summed = x.sum((1,) if keep_taps else (1, *taps), dtype=acc)
-    elif plan.groups == 1 and not keep_taps and (plan.released_order or x.numel() <= ONE_REDUCTION):
-        # One reduction, as the released code: slower per weight, but one operator less.
-        summed = x.sum((0, *taps), dtype=acc)
-    elif plan.groups == 1:
-        summed = x.sum(0, dtype=acc)
-        if not keep_taps and taps:
-            summed = summed.sum(tuple(t - 1 for t in taps))
-    else:  # grouped layers are small: one reduction, which depthwise ones need anyway
-        grouped = x.unflatten(0, (plan.groups, x.shape[0] // plan.groups))  # (g, D/g, C/g, *k)
-        summed = grouped.sum((1,) if keep_taps else (1, *(t + 1 for t in taps)), dtype=acc)
+    else:
+        grouped = x if plan.groups == 1 else x.unflatten(0, (plan.groups, x.shape[0] // plan.groups))  # (g, D/g, C/g, *k)
+        out = grouped.dim() - x.dim()  # the axis of a group's output channels
+        tap_axes = tuple(t + out for t in taps)
+        if keep_taps:
+            summed = grouped.sum(out, dtype=acc)
+        elif plan.released_order or math.prod(x.shape[2:]) == 1 or x.shape[0] == plan.groups:
+            # One reduction: as the released code adds (bit identity), or where it reads contiguous
+            # runs anyway (1x1 kernels; one output channel per group).
+            summed = grouped.sum((out, *tap_axes), dtype=acc)
+        else:
+            # Output channels first, an outer-axis sum that vectorises, then the taps of the small
+            # result: one reduction over both axes measured 2-7x slower on 3x3 kernels, small ones too
+            # (22.5 against 6.3 us for 32x128x3x3, 81 against 11 for 256x64x3x3, 1 thread).
+            summed = grouped.sum(out, dtype=acc).sum(tuple(a - 1 for a in tap_axes))
     if keep_taps:
         return summed.reshape(plan.channels, -1)
     return summed if summed.dim() == 1 else summed.reshape(plan.channels)
