@@ -22,8 +22,9 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     ``opt = NormDecayOptimizer(SGD(model.parameters(), ...), model)`` and change nothing else:
     ``param_groups`` and ``state`` *are* the inner optimizer's (so LR schedulers, GradScaler and
     ``add_param_group`` act on it), the decay buffers live in ``state[weight]`` under
-    ``"norm_decay_buffer"`` and ``"norm_decay_scale"`` (and, with the l_inf norm, the channels of
-    large layers' recent slices under ``"norm_decay_recent"``), and ``state_dict()`` is the inner one.
+    ``"norm_decay_buffer"`` and ``"norm_decay_scale"`` (and, where a large layer's slices are rows — l_inf
+    norms, l1 of transposed convolutions — the channels of its recent slices under
+    ``"norm_decay_recent"``), and ``state_dict()`` is the inner one.
     ``beta`` and ``gamma`` are written into every param group as ``"norm_decay_beta"`` and
     ``"norm_decay_gamma"``, like ``weight_decay``: change them between steps, by hand or by a
     scheduler, per group.

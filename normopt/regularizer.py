@@ -8,8 +8,8 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 
 * ``optimizer.state[weight]["norm_decay_buffer"]`` and ``["norm_decay_scale"]``: the layer's decay
   buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), and ``["norm_decay_recent"]``,
-  the channels of its last slices written (l_inf norms of large layers,
-  :mod:`normopt.recent_slices`), so the optimizer's own ``state_dict()`` saves them and
+  the channels of its last slices written (large layers whose slices are rows: l_inf norms, l1 of
+  transposed convolutions; :mod:`normopt.recent_slices`), so the optimizer's own ``state_dict()`` saves them and
   ``load_state_dict()`` restores them, all or nothing;
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
   changeable between steps by hand or by a scheduler, per group.
@@ -219,6 +219,7 @@ class NormDecay:
         self._handles = [
             optimizer.register_load_state_dict_pre_hook(self._check_loaded),
             optimizer.register_load_state_dict_post_hook(self._adopt_loaded),
+            optimizer.register_state_dict_post_hook(self._save_pending),
         ]
         # Hooks go on the user's model only once nothing can fail any more.
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
@@ -316,11 +317,23 @@ class NormDecay:
             {name: per_group[i][1] for name, i in self._group_of.items()},
         )
 
+    def _stale(self) -> bool:
+        """Whether the layers or the decay state must be set up (anew) before this step."""
+        return (
+            (self._recorder is not None and self._recorder.called)
+            or len(self.optimizer.param_groups) != self._groups_seen
+            or (self._transform is None and bool(self.decayed))
+        )
+
     @torch.no_grad()
     def before_step(self) -> None:
         """Update the decay buffers from the current weights and add them to the gradients."""
         if not torch.compiler.is_compiling():
             self._refresh()
+        elif self._stale():
+            # A compiled first step, or the first after add_param_group: set up outside the graph
+            # (a graph break in that step's trace only; the steps after it trace without one).
+            torch.compiler.disable(self._refresh)()
         if self._transform is not None:
             betas, gammas = self._hyper()
             grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
@@ -379,6 +392,8 @@ class NormDecay:
         return nonfinite_layers(self.last_norms)
 
     def _write(self, name: str, buffer: torch.Tensor, scale: torch.Tensor | None, recent: torch.Tensor | None = None) -> None:
+        if scale is not None and tuple(scale.shape) != tuple(self._state.views[name][1].shape):
+            buffer, scale, recent = buffer * scale, None, None  # another layout: keep h itself
         self._state = self._transform.load(self._state, name, buffer, scale, recent)
 
     def _loaded_entries(self, state_dict: Mapping) -> dict[str, dict]:
@@ -419,20 +434,37 @@ class NormDecay:
             saved = optimizer.state.get(weight, {})
             buffer = saved.get(BUFFER)
             buffer = buffer if buffer is not None else torch.zeros_like(weight)
-            scale, recent = saved.get(SCALE), rings.get(name)
+            # The integer copy, where the loaded state still holds a ring (a later hook may drop it)
+            scale, recent = saved.get(SCALE), rings.get(name) if saved.get(RECENT) is not None else None
             if self._state is None:
                 copy = lambda t: None if t is None else t.detach().clone()
                 self._pending[name] = (buffer.detach().clone(), copy(scale), copy(recent))
                 saved.pop(BUFFER, None), saved.pop(SCALE, None), saved.pop(RECENT, None)
                 continue
-            if scale is not None and tuple(scale.shape) != tuple(self._state.views[name][1].shape):
-                buffer, scale, recent = buffer * scale, None, None  # another layout: keep h itself
             self._write(name, buffer, scale, recent)
             saved.pop(RECENT, None)
             if BUFFER in saved:
                 saved[BUFFER], saved[SCALE] = self._state.views[name]
                 if name in self._state.recent:
                     saved[RECENT] = self._state.recent[name]
+
+    def _save_pending(self, optimizer, state_dict):
+        """Put the decay state loaded before the first step, held back from ``optimizer.state``
+        (where it would keep Adam-like optimizers from initialising theirs), into ``state_dict``."""
+        if not self._pending:
+            return state_dict
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        for name, (buffer, scale, recent) in self._pending.items():
+            i = index.get(id(self._modules[name].weight))
+            if i is None:
+                continue
+            entry = dict(state_dict["state"].get(i, {}))  # never the optimizer's own dict
+            entry[BUFFER], entry[SCALE] = buffer.clone(), (scale if scale is not None else torch.ones(())).clone()
+            if recent is not None:
+                entry[RECENT] = recent.clone()
+            state_dict["state"][i] = entry
+        return state_dict
 
     def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""

@@ -114,7 +114,7 @@ class NormDecayTransform(NamedTuple):
         layers: the regularized layers' names, in order.
         load: ``load(state, layer, buffer, scale=None, recent=None) -> state``: set one layer's
             decay state (from a checkpoint); without ``recent``, or with one of another length, its
-            ring is rebuilt from ``h``.
+            ring is rebuilt from ``h``; a ring marked ``DENSE`` keeps the layer's batch dense.
     """
 
     init: Callable[[Mapping[str, torch.Tensor]], NormDecayState]

@@ -355,6 +355,58 @@ def test_compiled_step_equals_eager_and_breaks_only_where_torch_optim_does(ord, 
         assert reason.user_stack[-1].filename.endswith("torch/optim/optimizer.py"), reason
 
 
+@pytest.mark.parametrize("example", [False, True], ids=["discovered", "example-input"])
+def test_a_compiled_step_sets_the_decay_up_outside_the_graph_first_and_after_add_param_group(example):
+    import torch._dynamo
+
+    def train(compile_step, beta=0.1):
+        model = small_cnn()
+        head = [p for n, p in model.named_parameters() if n.startswith("6.")]
+        body = [p for n, p in model.named_parameters() if not n.startswith("6.")]
+        example_input = torch.zeros(1, 1, 8, 8) if example else None
+        inner = torch.optim.SGD(body, lr=0.05, momentum=0.9)
+        optimizer = NormDecayOptimizer(inner, model, beta=beta, example_input=example_input)
+        if compile_step:  # from the very first step
+            optimizer.step = torch.compile(optimizer.step, backend="aot_eager")
+        run(model, optimizer, 2)
+        optimizer.add_param_group({"params": head})
+        run(model, optimizer, 2, seed=1)
+        return model, optimizer
+
+    torch._dynamo.reset()
+    eager, _ = train(False)
+    compiled, optimizer = train(True)
+    undecayed, _ = train(False, beta=0.0)
+    assert sorted(optimizer.last_norms) == ["0", "3", "6"]
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert not torch.allclose(eager[6].weight, undecayed[6].weight, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_a_compiled_step_takes_each_decay_buffer_once_per_graph(ord):
+    # A view handed in beside the buffer it aliases made AOTAutograd copy every buffer and back.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = small_cnn(batchnorm=True)
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, ord=ord, beta=0.1)
+    run(model, optimizer, 1)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append([t.untyped_storage().data_ptr() for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    optimizer.step = torch.compile(optimizer.step, backend=backend)
+    run(model, optimizer, 2, seed=1)
+    state = optimizer.norm_decay._state
+    flats = [flat.untyped_storage().data_ptr() for flat in (*state.buffers, *state.scales)]
+    assert any(set(flats) <= set(inputs) for inputs in graphs)  # the decay is in a graph
+    for inputs in graphs:
+        assert all(inputs.count(flat) <= 1 for flat in flats)
+
+
 def test_attach_norm_decay_matches_the_wrapper():
     model, twin = small_cnn(), small_cnn()
     inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

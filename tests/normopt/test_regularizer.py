@@ -15,6 +15,7 @@ from torch import nn
 
 import normopt
 from normopt import NormDecayOptimizer, attach_norm_decay
+from normopt.recent_slices import horizon
 from normopt.regularizer import _NonFiniteReporter
 
 DATA = digits()
@@ -138,39 +139,62 @@ def test_a_checkpoint_without_a_ring_of_this_length_rebuilds_it_from_the_buffers
     same_weights(rebuilt, twin)  # a ring of another length is not trusted: h alone decides
 
 
-def bfloat16_net():
+def half_net(dtype, width):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 600), nn.ReLU(), nn.Linear(600, 3)).to(torch.bfloat16)
+    return nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 3)).to(dtype)
 
 
-def bfloat16_step(model, optimizer, seed):
+def half_step(model, optimizer, seed):
     generator = torch.Generator().manual_seed(seed)
     inputs, labels = torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator)
     optimizer.zero_grad()
-    F.cross_entropy(model(inputs.to(torch.bfloat16)).float(), labels).backward()
+    F.cross_entropy(model(inputs.to(model[0].weight.dtype)).float(), labels).backward()
     optimizer.step()
 
 
-def test_rings_of_bfloat16_weights_survive_torchs_cast_of_the_loaded_state(rings):
-    model = bfloat16_net()
+# Wide enough that some channels are not integers of the dtype (above 256 in bfloat16, 2048 in float16).
+@pytest.mark.parametrize(("dtype", "width"), [(torch.bfloat16, 600), (torch.float16, 3000)], ids=["bfloat16", "float16"])
+def test_rings_of_half_precision_weights_survive_torchs_cast_of_the_loaded_state(rings, dtype, width):
+    model = half_net(dtype, width)
     optimizer = wrapped(model, beta=0.1, ord=math.inf)
-    for seed in range(10):
-        bfloat16_step(model, optimizer, seed)
+    for seed in range(12):
+        half_step(model, optimizer, seed)
     saved = copy.deepcopy(optimizer.state_dict())
-    ring = saved["state"][0]["norm_decay_recent"]  # the first layer's 600 output channels
-    assert ring.shape == (8,) and ring.dtype == torch.int64  # 8 steps: 0.5 ** 8 is half bfloat16's ulp
-    assert bool((ring.to(torch.bfloat16).long() != ring).any()), "no channel that bfloat16 rounds: pick another seed"
-    twin = bfloat16_net()
+    ring = saved["state"][0]["norm_decay_recent"]  # the first layer's output channels
+    assert ring.shape == (horizon(0.5, dtype),) and ring.dtype == torch.int64
+    assert bool((ring.to(dtype).long() != ring).any()), "no channel that the dtype rounds: pick another seed"
+    twin = half_net(dtype, width)
     twin.load_state_dict(model.state_dict())
     twin_optimizer = wrapped(twin, beta=0.1, ord=math.inf)
-    twin_optimizer.load_state_dict(saved)  # torch casts the state of a bfloat16 weight to bfloat16
-    for seed in range(10, 14):
-        bfloat16_step(model, optimizer, seed)
-        bfloat16_step(twin, twin_optimizer, seed)
+    twin_optimizer.load_state_dict(saved)  # torch casts the state of a half-precision weight to its dtype
+    for seed in range(12, 16):
+        half_step(model, optimizer, seed)
+        half_step(twin, twin_optimizer, seed)
         rings = [o.state_dict()["state"][0]["norm_decay_recent"] for o in (optimizer, twin_optimizer)]
         assert torch.equal(*rings), seed
     for key, value in model.state_dict().items():
         assert torch.equal(twin.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+def test_a_checkpoint_loaded_before_the_first_step_is_saved_again_whole(rings, make):
+    model = small_cnn()
+    optimizer = make(model, beta=0.1, ord=math.inf)
+    for seed in range(30):
+        one_step(model, optimizer, seed)
+    twin, twin_optimizer = saved_and_reloaded(model, optimizer, make, beta=0.1, ord=math.inf)
+    resaved = copy.deepcopy(twin_optimizer.state_dict())  # before the twin's first step
+    for key in ("norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"):
+        assert sum(key in entry for entry in resaved["state"].values()) == 3, key  # every layer has a ring here
+    third = small_cnn()
+    third.load_state_dict(model.state_dict())
+    third_optimizer = make(third, beta=0.1, ord=math.inf)
+    third_optimizer.load_state_dict(resaved)
+    for seed in range(30, 33):
+        for pair in ((model, optimizer), (twin, twin_optimizer), (third, third_optimizer)):
+            one_step(*pair, seed)
+    same_weights(model, twin)
+    same_weights(model, third)
 
 
 def test_a_ring_of_an_earlier_selection_leaves_the_optimizer_state(rings):
