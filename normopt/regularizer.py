@@ -9,8 +9,8 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 * ``optimizer.state[weight]["norm_decay_buffer"]`` and ``["norm_decay_scale"]``: the layer's decay
   buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), and ``["norm_decay_recent"]``,
   the channels of its last slices written (large layers whose slices are rows: l_inf norms, l1 of
-  transposed convolutions; :mod:`normopt.recent_slices`), so the optimizer's own ``state_dict()`` saves them and
-  ``load_state_dict()`` restores them, all or nothing;
+  transposed convolutions; :mod:`normopt.recent_slices`), so the optimizer's own
+  ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing;
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
   changeable between steps by hand or by a scheduler, per group.
 """
@@ -283,7 +283,7 @@ class NormDecay:
         self._pending = {name: entry for name, entry in kept.items() if name in self.decayed}
 
     def _refresh(self) -> None:
-        """Lazy discovery and re-selection, outside the per-step computation."""
+        """Lazy discovery and re-selection, outside the per-step computation (where :meth:`_stale`)."""
         if self._recorder is not None and self._recorder.called:
             specs, self._recorder = self._recorder.specs(), None
             self._reselect(specs)
@@ -328,12 +328,10 @@ class NormDecay:
     @torch.no_grad()
     def before_step(self) -> None:
         """Update the decay buffers from the current weights and add them to the gradients."""
-        if not torch.compiler.is_compiling():
-            self._refresh()
-        elif self._stale():
-            # A compiled first step, or the first after add_param_group: set up outside the graph
+        if self._stale():
+            # Compiled, the first step or the first after add_param_group sets up outside the graph
             # (a graph break in that step's trace only; the steps after it trace without one).
-            torch.compiler.disable(self._refresh)()
+            (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
         if self._transform is not None:
             betas, gammas = self._hyper()
             grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
