@@ -154,29 +154,29 @@ class LinePlan:
     batchnorm: bool = False
     released_order: bool = False
 
-    @property
+    @functools.cached_property
     def taps(self) -> int:
         """Number of kernel taps ``K`` (1 for linear and batch-norm layers)."""
         return math.prod(self.shape[2:])
 
-    @property
+    @functools.cached_property
     def channels(self) -> int:
         """Number of channel slices: output channels for rows, input channels for columns."""
         if self.batchnorm or self.kind == "rows":
             return self.shape[0]
         return self.groups * self.shape[1]
 
-    @property
+    @functools.cached_property
     def patterns(self) -> int:
         """Number ``P`` of candidate patterns per channel."""
         return 1 if self.counts is None else len(self.counts)
 
-    @property
+    @functools.cached_property
     def lines(self) -> int:
         """Number of candidate lines, ``channels * patterns``; line ``j`` is channel ``j // P``, pattern ``j % P``."""
         return self.channels * self.patterns
 
-    @property
+    @functools.cached_property
     def slice_size(self) -> int:
         """Entries of one channel slice: ``C/g * K`` for rows, ``D/g * K`` for columns, 1 for batch norm."""
         if self.batchnorm:
@@ -185,7 +185,7 @@ class LinePlan:
             return self.shape[1] * self.taps
         return self.shape[0] // self.groups * self.taps
 
-    @property
+    @functools.cached_property
     def slice_base(self) -> tuple[int, int, int]:
         """``(a, b, c)``: the slice of channel ``ch`` starts at flat index ``(ch // a) * b + (ch % a) * c``."""
         if self.batchnorm:
@@ -195,7 +195,7 @@ class LinePlan:
         cg = self.shape[1]
         return cg, self.shape[0] // self.groups * cg * self.taps, self.taps
 
-    @property
+    @functools.cached_property
     def slice_offsets(self) -> tuple[int, ...]:
         """Flat offsets, from the slice's start, of its entries; entry ``e`` is tap ``offsets[e] % K``."""
         if self.batchnorm or self.kind == "rows":
@@ -203,7 +203,7 @@ class LinePlan:
         stride = self.shape[1] * self.taps  # between consecutive output channels
         return tuple(o * stride + i for o in range(self.shape[0] // self.groups) for i in range(self.taps))
 
-    @property
+    @functools.cached_property
     def released_taps(self) -> tuple[tuple[int, ...], ...] | None:
         """Per pattern, its taps in the released code's gathering order (column by column), when
         :attr:`released_order` applies: a 2-D convolution's columns, each tap at most once per line."""
@@ -215,7 +215,7 @@ class LinePlan:
         column_by_column = lambda i: (i % width, i // width)
         return tuple(tuple(sorted((i for i, c in enumerate(row) if c), key=column_by_column)) for row in self.counts)
 
-    @property
+    @functools.cached_property
     def tap_counts(self) -> Table:
         """``P x K``: how often each tap of a slice enters each pattern's line (after folding)."""
         if self.counts is None:
@@ -315,6 +315,40 @@ def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> Lin
     )
 
 
+class _Reduction(NamedTuple):
+    """How :func:`_channel_sum` reduces the kernel of one plan: decided once, not on every step."""
+
+    unflatten: tuple[int, int] | None  # split the output channels into (groups, per group) first
+    first: tuple[int, ...]  # axes of the first sum
+    second: tuple[int, ...] | None  # axes of a second sum of its result
+    shape: tuple[int, ...] | None  # the result's shape (None: as it comes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reduction(shape: tuple[int, ...], kind: str, groups: int, released_order: bool, keep_taps: bool, ndim: int) -> _Reduction:
+    channels = shape[0] if kind == "rows" else groups * shape[1]
+    taps = tuple(range(2, ndim))
+    if kind == "rows" or (shape[0] == groups and shape[1] == 1):
+        # Rows; or columns of a depthwise kernel (one output channel per input channel), the same
+        # slices: the rows' contiguous reduction measured 1.7x faster than the grouped one for them.
+        return _Reduction(None, (1,) if keep_taps else (1, *taps), None, (channels, -1) if keep_taps else None)
+    grouped = groups != 1
+    unflatten = (groups, shape[0] // groups) if grouped else None  # (g, D/g, C/g, *k)
+    out = int(grouped)  # the axis of a group's output channels
+    tap_axes = tuple(t + out for t in taps)
+    result = (channels, -1) if keep_taps else ((channels,) if grouped else None)
+    if keep_taps:
+        return _Reduction(unflatten, (out,), None, result)
+    if released_order or math.prod(shape[2:]) == 1 or shape[0] == groups:
+        # One reduction: as the released code adds (bit identity), or where it reads contiguous
+        # runs anyway (1x1 kernels; one output channel per group).
+        return _Reduction(unflatten, (out, *tap_axes), None, result)
+    # Output channels first, an outer-axis sum that vectorises, then the taps of the small result:
+    # one reduction over both axes measured 2-7x slower on 3x3 kernels, small ones too (22.5
+    # against 6.3 us for 32x128x3x3, 81 against 11 for 256x64x3x3, 1 thread).
+    return _Reduction(unflatten, (out,), tuple(a - 1 for a in tap_axes), result)
+
+
 def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dtype) -> torch.Tensor:
     """Sum non-negative ``x`` (kernel layout) over the channels a line adds up: ``(channels, K)`` or ``(channels,)``.
 
@@ -322,29 +356,15 @@ def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dt
     channels of c's group. Works on any memory layout (channels-last included): only the results,
     never ``x``, are reshaped.
     """
-    taps = tuple(range(2, x.dim()))
-    if plan.kind == "rows" or (x.shape[0] == plan.groups and x.shape[1] == 1):
-        # Rows; or columns of a depthwise kernel (one output channel per input channel), the same
-        # slices: the rows' contiguous reduction measured 1.7x faster than the grouped one for them.
-        summed = x.sum((1,) if keep_taps else (1, *taps), dtype=acc)
-    else:
-        grouped = x if plan.groups == 1 else x.unflatten(0, (plan.groups, x.shape[0] // plan.groups))  # (g, D/g, C/g, *k)
-        out = grouped.dim() - x.dim()  # the axis of a group's output channels
-        tap_axes = tuple(t + out for t in taps)
-        if keep_taps:
-            summed = grouped.sum(out, dtype=acc)
-        elif plan.released_order or math.prod(x.shape[2:]) == 1 or x.shape[0] == plan.groups:
-            # One reduction: as the released code adds (bit identity), or where it reads contiguous
-            # runs anyway (1x1 kernels; one output channel per group).
-            summed = grouped.sum((out, *tap_axes), dtype=acc)
-        else:
-            # Output channels first, an outer-axis sum that vectorises, then the taps of the small
-            # result: one reduction over both axes measured 2-7x slower on 3x3 kernels, small ones too
-            # (22.5 against 6.3 us for 32x128x3x3, 81 against 11 for 256x64x3x3, 1 thread).
-            summed = grouped.sum(out, dtype=acc).sum(tuple(a - 1 for a in tap_axes))
-    if keep_taps:
-        return summed.reshape(plan.channels, -1)
-    return summed if summed.dim() == 1 else summed.reshape(plan.channels)
+    # Decided once per geometry: a step runs this for every layer, and the branching cost more
+    # than the sums of a small kernel.
+    how = _reduction(plan.shape, plan.kind, plan.groups, plan.released_order, keep_taps, x.dim())
+    if how.unflatten is not None:
+        x = x.unflatten(0, how.unflatten)
+    summed = x.sum(how.first, dtype=acc)
+    if how.second is not None:
+        summed = summed.sum(how.second)
+    return summed if how.shape is None else summed.reshape(how.shape)
 
 
 def _abs(weight: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
@@ -372,10 +392,10 @@ def _chunked_channel_sum(weight: torch.Tensor, plan: LinePlan, keep_taps: bool, 
     Every row adds up inside one chunk, so the sums are those of one reduction.
     """
     if (
-        scratch is None
-        or weight.device.type != "cpu"  # a GPU has no such cache to keep |W| in, and pays per launch
-        or plan.kind != "rows"  # columns add strided slices: chunked, they measured slower (1.06x)
+        plan.kind != "rows"  # columns add strided slices: chunked, they measured slower (1.06x)
         or weight.numel() < 2 * CHUNK
+        or scratch is None
+        or weight.device.type != "cpu"  # a GPU has no such cache to keep |W| in, and pays per launch
         or plan.released_order
         or torch.compiler.is_compiling()
         or (weight.requires_grad and torch.is_grad_enabled())
