@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -122,6 +122,41 @@ def _axis_tables(patterns: Patterns, kernel: int) -> tuple[Table | None, Table]:
     return None, tuple(per_tap)
 
 
+class _Reduction(NamedTuple):
+    """How :func:`_channel_sum` reduces the kernel of one plan: decided once, not on every step."""
+
+    unflatten: tuple[int, int] | None  # split the output channels into (groups, per group) first
+    first: tuple[int, ...]  # axes of the first sum
+    second: tuple[int, ...] | None  # axes of a second sum of its result
+    shape: tuple[int, ...] | None  # the result's shape (None: as it comes)
+
+
+def _reduction(shape: tuple[int, ...], kind: str, groups: int, released_order: bool, keep_taps: bool, ndim: int) -> _Reduction:
+    """How to sum an ``ndim``-dimensional ``|x|`` laid out like the kernel of ``shape`` over the
+    channels of each line, keeping the taps apart or not."""
+    channels = shape[0] if kind == "rows" else groups * shape[1]
+    taps = tuple(range(2, ndim))
+    if kind == "rows" or (shape[0] == groups and shape[1] == 1):
+        # Rows; or columns of a depthwise kernel (one output channel per input channel), the same
+        # slices: the rows' contiguous reduction measured 1.7x faster than the grouped one for them.
+        return _Reduction(None, (1,) if keep_taps else (1, *taps), None, (channels, -1) if keep_taps else None)
+    grouped = groups != 1
+    unflatten = (groups, shape[0] // groups) if grouped else None  # (g, D/g, C/g, *k)
+    out = int(grouped)  # the axis of a group's output channels
+    tap_axes = tuple(t + out for t in taps)
+    result = (channels, -1) if keep_taps else ((channels,) if grouped else None)
+    if keep_taps:
+        return _Reduction(unflatten, (out,), None, result)
+    if released_order or math.prod(shape[2:]) == 1 or shape[0] == groups:
+        # One reduction: as the released code adds (bit identity), or where it reads contiguous
+        # runs anyway (1x1 kernels; one output channel per group).
+        return _Reduction(unflatten, (out, *tap_axes), None, result)
+    # Output channels first, an outer-axis sum that vectorises, then the taps of the small result:
+    # one reduction over both axes measured 2-7x slower on 3x3 kernels, small ones too (22.5
+    # against 6.3 us for 32x128x3x3, 81 against 11 for 256x64x3x3, 1 thread).
+    return _Reduction(unflatten, (out,), tuple(a - 1 for a in tap_axes), result)
+
+
 @dataclass(frozen=True)
 class LinePlan:
     """Where the candidate lines of one layer sit on its kernel (host-side, hashable).
@@ -142,6 +177,8 @@ class LinePlan:
             does (one reduction over output channels and taps; a strided pattern's taps gathered
             column by column), so that near-ties between columns resolve as there and
             ``rule="reference"`` reproduces its weights bit for bit. Slower for stride-1 columns.
+        reduction, merged_reduction: derived, how :func:`flat_line_sums` reduces ``|kernel|`` (and,
+            with membership, the absolute sums of merged taps) over channels; None where unused.
     """
 
     name: str
@@ -153,6 +190,17 @@ class LinePlan:
     positions: tuple[tuple[int, ...], ...] = ()
     batchnorm: bool = False
     released_order: bool = False
+    # How the line sums reduce |kernel| (and, with membership, the merged taps): decided once,
+    # because a step runs it for every layer and the branching cost more than a small kernel's sums.
+    reduction: _Reduction | None = field(init=False, compare=False, repr=False)
+    merged_reduction: _Reduction | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        conv = not self.batchnorm
+        how = (self.shape, self.kind, self.groups, self.released_order)
+        object.__setattr__(self, "reduction", _reduction(*how, self.counts is not None, len(self.shape)) if conv else None)
+        merged = conv and self.membership is not None
+        object.__setattr__(self, "merged_reduction", _reduction(*how, True, 3) if merged else None)
 
     @functools.cached_property
     def taps(self) -> int:
@@ -315,50 +363,14 @@ def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> Lin
     )
 
 
-class _Reduction(NamedTuple):
-    """How :func:`_channel_sum` reduces the kernel of one plan: decided once, not on every step."""
-
-    unflatten: tuple[int, int] | None  # split the output channels into (groups, per group) first
-    first: tuple[int, ...]  # axes of the first sum
-    second: tuple[int, ...] | None  # axes of a second sum of its result
-    shape: tuple[int, ...] | None  # the result's shape (None: as it comes)
-
-
-@functools.lru_cache(maxsize=4096)
-def _reduction(shape: tuple[int, ...], kind: str, groups: int, released_order: bool, keep_taps: bool, ndim: int) -> _Reduction:
-    channels = shape[0] if kind == "rows" else groups * shape[1]
-    taps = tuple(range(2, ndim))
-    if kind == "rows" or (shape[0] == groups and shape[1] == 1):
-        # Rows; or columns of a depthwise kernel (one output channel per input channel), the same
-        # slices: the rows' contiguous reduction measured 1.7x faster than the grouped one for them.
-        return _Reduction(None, (1,) if keep_taps else (1, *taps), None, (channels, -1) if keep_taps else None)
-    grouped = groups != 1
-    unflatten = (groups, shape[0] // groups) if grouped else None  # (g, D/g, C/g, *k)
-    out = int(grouped)  # the axis of a group's output channels
-    tap_axes = tuple(t + out for t in taps)
-    result = (channels, -1) if keep_taps else ((channels,) if grouped else None)
-    if keep_taps:
-        return _Reduction(unflatten, (out,), None, result)
-    if released_order or math.prod(shape[2:]) == 1 or shape[0] == groups:
-        # One reduction: as the released code adds (bit identity), or where it reads contiguous
-        # runs anyway (1x1 kernels; one output channel per group).
-        return _Reduction(unflatten, (out, *tap_axes), None, result)
-    # Output channels first, an outer-axis sum that vectorises, then the taps of the small result:
-    # one reduction over both axes measured 2-7x slower on 3x3 kernels, small ones too (22.5
-    # against 6.3 us for 32x128x3x3, 81 against 11 for 256x64x3x3, 1 thread).
-    return _Reduction(unflatten, (out,), tuple(a - 1 for a in tap_axes), result)
-
-
-def _channel_sum(x: torch.Tensor, plan: LinePlan, keep_taps: bool, acc: torch.dtype) -> torch.Tensor:
-    """Sum non-negative ``x`` (kernel layout) over the channels a line adds up: ``(channels, K)`` or ``(channels,)``.
+def _channel_sum(x: torch.Tensor, how: _Reduction, acc: torch.dtype) -> torch.Tensor:
+    """Sum non-negative ``x`` (kernel layout) over the channels a line adds up, as ``how`` (a plan's
+    :attr:`~LinePlan.reduction`) says: ``(channels, K)`` or ``(channels,)``.
 
     Rows of output channel o add its input channels; columns of input channel c add the output
     channels of c's group. Works on any memory layout (channels-last included): only the results,
     never ``x``, are reshaped.
     """
-    # Decided once per geometry: a step runs this for every layer, and the branching cost more
-    # than the sums of a small kernel.
-    how = _reduction(plan.shape, plan.kind, plan.groups, plan.released_order, keep_taps, x.dim())
     if how.unflatten is not None:
         x = x.unflatten(0, how.unflatten)
     summed = x.sum(how.first, dtype=acc)
@@ -423,15 +435,15 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
     if plan.membership is not None:
         merged = weight.reshape(-1, plan.taps).to(acc) @ tables.membership  # signed sums of the taps on one sample
         x = merged.abs().reshape(*weight.shape[:2], -1)
-        return (_channel_sum(x, plan, True, acc) @ tables.reduce).reshape(-1)
+        return (_channel_sum(x, plan.merged_reduction, acc) @ tables.reduce).reshape(-1)
     keep_taps = plan.counts is not None
     chunked = _chunked_channel_sum(weight, plan, keep_taps, acc, scratch)
     if not keep_taps:
-        return chunked if chunked is not None else _channel_sum(_abs(weight, scratch), plan, False, acc)
+        return chunked if chunked is not None else _channel_sum(_abs(weight, scratch), plan.reduction, acc)
     if tables.released_taps is not None:  # each pattern's taps gathered and added as the released code does
         flat = _abs(weight, scratch).reshape(plan.shape[0], plan.shape[1], plan.taps)
         return torch.stack([flat.index_select(2, t).sum((0, 2), dtype=acc) for t in tables.released_taps], 1).reshape(-1)
-    summed = chunked if chunked is not None else _channel_sum(_abs(weight, scratch), plan, True, acc)
+    summed = chunked if chunked is not None else _channel_sum(_abs(weight, scratch), plan.reduction, acc)
     return (summed @ tables.reduce).reshape(-1)
 
 
