@@ -78,3 +78,42 @@ def test_chunked_line_sums_equal_the_explicit_matrix(case, ord, chunk):
     matrix = explicit_matrix(module.double(), input_shape)
     brute = matrix.abs().sum(1 if ord == math.inf else 0).max()
     assert_close(chunked.max(), brute, rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("ord", "size", "stride", "box"),
+    [
+        (math.inf, (1, 1), 1, (1, 2)),  # 3x3 with padding 1 on 1x1 maps: every row reads the centre only
+        (math.inf, (2, 2), 2, (1, 3)),  # stride 2 on 2x2 maps: one output, reading taps 1 and 2 per axis
+        (math.inf, (3, 3), 2, (0, 3)),  # two outputs per axis: every tap is read
+        (1, (1, 1), 1, None),  # columns read the whole kernel (see LinePlan.read_taps)
+    ],
+)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_line_sums_leave_out_the_taps_no_line_reads(ord, size, stride, box, compiled):
+    """A kernel larger than its input has taps no line reads: the sums leave them out (poisoned with
+    NaN here), eager and compiled, and equal the explicit matrix's, whose entries never involve them."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=1, bias=False).double()
+    plan = line_plan(normopt.module_spec(conv, "c", size), ord)
+    read = None if box is None or box == (0, 3) else (slice(None), slice(None), slice(*box), slice(*box))
+    assert plan.read_taps == read
+    weight = conv.weight.detach().clone()
+    if read is not None:
+        unread = torch.ones_like(weight, dtype=torch.bool)
+        unread[read] = False
+        weight[unread] = float("nan")
+    expected = explicit_matrix(conv, (3, *size)).abs().sum(1 if ord == math.inf else 0).max()
+    if read is not None:
+        expected = explicit_matrix(conv, (3, *size), torch.nan_to_num(weight, nan=0.0)).abs().sum(1).max()
+    tables = line_tables(plan, weight.device, weight.dtype)
+    sums = flat_line_sums
+    if compiled:
+        torch._dynamo.reset()
+        sums = torch.compile(flat_line_sums, backend="aot_eager", fullgraph=True)
+    for scratch in (None, torch.empty_like(weight)):
+        lines_ = sums(weight, plan, tables, scratch)
+        assert lines_.shape == (plan.lines,) and torch.isfinite(lines_).all()
+        assert_close(lines_.max(), expected, rtol=1e-12)
