@@ -198,7 +198,8 @@ class LinePlan:
         read_taps: derived, for rows whose lines leave some taps of the kernel unread (a kernel
             larger than its input) and read a box of the others: the index of that box (slices);
             else None. ``read``: the flat taps in it; ``read_counts``: :attr:`counts` on them;
-            ``read_reduction``: how a compiled step sums the box (see :func:`flat_line_sums`).
+            ``read_reduction``: how the box is summed; ``read_alone``: whether it is one tap,
+            which eager sums read alone too (see :func:`flat_line_sums`).
     """
 
     name: str
@@ -218,6 +219,7 @@ class LinePlan:
     read: tuple[int, ...] = field(init=False, compare=False, repr=False)
     read_counts: Table | None = field(init=False, compare=False, repr=False)
     read_reduction: _Reduction | None = field(init=False, compare=False, repr=False)
+    read_alone: bool = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         conv = not self.batchnorm
@@ -229,6 +231,7 @@ class LinePlan:
             "read": (),
             "read_counts": None,
             "read_reduction": None,
+            "read_alone": False,
         }
         # Rows only: a compiled sum over the output channels of a strided box measured slower than
         # the whole kernel's. Not with folding (tables per tap group) nor in the released order.
@@ -245,6 +248,7 @@ class LinePlan:
                 read=tuple(read),
                 read_counts=counts,
                 read_reduction=_reduction(shape, *how, not plain, len(shape)),
+                read_alone=len(read) == 1,
             )
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -487,17 +491,21 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
     Taps that no line reads (:attr:`LinePlan.read_taps`) are left out of the sums, so a non-finite
     weight there leaves them finite, as it leaves the layer's matrix. Compiled, they are not even
     read: inductor sums the box in one loop, where its sum over the channels of a whole kernel,
-    keeping the taps apart, measured 7x slower than eager on a 512x512x3x3 kernel. Eager, the
-    whole kernel is read and the unread taps' sums dropped: an abs of the strided box measured
-    slower than one of the contiguous kernel.
+    keeping the taps apart, measured 7x slower than eager on a 512x512x3x3 kernel. Eager, so is a
+    box of one tap (a 3x3 kernel on 1x1 maps: the l_inf decay of torchvision's ResNet-18 at 32x32
+    took 10% less time); a larger box is read whole and the unread taps' sums dropped, because an
+    abs of its short strided runs measured slower than one of the contiguous kernel.
     """
     acc = accumulation_dtype(weight.dtype)
     if plan.membership is not None:
         merged = weight.reshape(-1, plan.taps).to(acc) @ tables.membership  # signed sums of the taps on one sample
         x = merged.abs().reshape(*weight.shape[:2], -1)
         return (_channel_sum(x, plan.merged_reduction, acc) @ tables.reduce).reshape(-1)
-    if plan.read_taps is not None and torch.compiler.is_compiling():
-        summed = _channel_sum(weight[plan.read_taps].abs(), plan.read_reduction, acc)
+    if plan.read_taps is not None and (plan.read_alone or torch.compiler.is_compiling()):
+        box = weight[plan.read_taps]
+        if scratch is not None:  # contiguous where the library makes it: a view, not a copy
+            scratch = scratch.reshape(-1)[: box.numel()].view(box.shape)
+        summed = _channel_sum(_abs(box, scratch), plan.read_reduction, acc)
         return summed if plan.read_reduction.shape is None else (summed @ tables.read_reduce).reshape(-1)
     keep_taps = plan.counts is not None
     chunked = _chunked_channel_sum(weight, plan, keep_taps, acc, scratch)

@@ -113,8 +113,9 @@ def test_line_sums_leave_out_the_taps_no_line_reads(ord, size, stride, box, comp
     if compiled:
         torch._dynamo.reset()
         sums = torch.compile(flat_line_sums, backend="aot_eager", fullgraph=True)
-    for scratch in (None, torch.empty_like(weight)):
-        lines_ = sums(weight, plan, tables, scratch)
+    last = weight.to(memory_format=torch.channels_last)
+    for w, scratch in ((weight, None), (weight, torch.empty_like(weight)), (last, torch.empty_like(last))):
+        lines_ = sums(w, plan, tables, scratch)
         assert lines_.shape == (plan.lines,) and torch.isfinite(lines_).all()
         assert_close(lines_.max(), expected, rtol=1e-12)
 
