@@ -157,20 +157,20 @@ def _reduction(shape: tuple[int, ...], kind: str, groups: int, released_order: b
     return _Reduction(unflatten, (out,), tuple(a - 1 for a in tap_axes), result)
 
 
-def _read_box(kernel: tuple[int, ...], counts: Table) -> tuple[tuple[tuple[int, int], ...], list[int]] | None:
-    """The taps that some line reads, where they form a box smaller than the kernel: per spatial axis
-    ``(first, stop)``, and the flat taps in it (row-major); None where every tap is read, none is, or
-    the read taps are no box.
+def _unread_taps(kernel: tuple[int, ...], counts: Table) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...] | None]:
+    """``(read, box)``: the flat taps that some line reads, where some taps are read by none (else
+    ``()``), and per spatial axis the ``(first, stop)`` of the box they form (None where they form
+    none, or every tap is read).
 
     A kernel larger than its input (ImageNet models on 32x32 images: the last stage of a ResNet-18
-    sees 1x1 maps) has taps that no line reads, whose weights the line sums need not touch.
+    sees 1x1 maps) has taps that no line reads: they are no entry of the layer's matrix.
     """
-    read = [t for t in range(math.prod(kernel)) if any(row[t] for row in counts)]
-    if not read or len(read) == math.prod(kernel):
-        return None
+    read = tuple(t for t in range(math.prod(kernel)) if any(row[t] for row in counts))
+    if len(read) in (0, math.prod(kernel)):
+        return (), None
     where = [[(t // math.prod(kernel[a + 1 :])) % k for t in read] for a, k in enumerate(kernel)]
     box = tuple((min(axis), max(axis) + 1) for axis in where)
-    return (box, read) if math.prod(stop - first for first, stop in box) == len(read) else None
+    return read, (box if math.prod(stop - first for first, stop in box) == len(read) else None)
 
 
 @dataclass(frozen=True)
@@ -195,11 +195,12 @@ class LinePlan:
             ``rule="reference"`` reproduces its weights bit for bit. Slower for stride-1 columns.
         reduction, merged_reduction: derived, how :func:`flat_line_sums` reduces ``|kernel|`` (and,
             with membership, the absolute sums of merged taps) over channels; None where unused.
-        read_taps: derived, for rows whose lines leave some taps of the kernel unread (a kernel
-            larger than its input) and read a box of the others: the index of that box (slices);
-            else None. ``read``: the flat taps in it; ``read_counts``: :attr:`counts` on them;
-            ``read_reduction``: how the box is summed; ``read_alone``: whether it is one tap,
-            which eager sums read alone too (see :func:`flat_line_sums`).
+        read, read_counts: derived, where some taps of the kernel are read by no line (a kernel
+            larger than its input): the flat taps some line reads and :attr:`counts` on them; else
+            ``()`` and None.
+        read_taps, read_reduction, read_alone: derived, for rows whose read taps form a box: its
+            index (slices), how it is summed, and whether it is one tap; else None, None, False
+            (see :func:`flat_line_sums`).
     """
 
     name: str
@@ -233,25 +234,29 @@ class LinePlan:
             "read_reduction": None,
             "read_alone": False,
         }
+        # Not with folding (tables per tap group) nor in the released order (bit identity).
+        read, box = (), None
+        if conv and self.counts is not None and self.membership is None and not self.released_order:
+            read, box = _unread_taps(self.shape[2:], self.counts)
+        if read:
+            derived.update(read=read, read_counts=tuple(tuple(row[t] for t in read) for row in self.counts))
         # Rows only: a compiled sum over the output channels of a strided box measured slower than
-        # the whole kernel's. Not with folding (tables per tap group) nor in the released order.
-        found = None
-        if self.kind == "rows" and conv and self.counts is not None and self.membership is None and not self.released_order:
-            found = _read_box(self.shape[2:], self.counts)
-        if found is not None:
-            box, read = found
-            counts = tuple(tuple(row[t] for t in read) for row in self.counts)
+        # the whole kernel's.
+        if box is not None and self.kind == "rows":
             shape = (*self.shape[:2], *(stop - first for first, stop in box))
+            counts = derived["read_counts"]
             plain = len(counts) == 1 and all(c == 1 for c in counts[0])  # one pattern reading each tap once
             derived.update(
                 read_taps=(slice(None), slice(None), *(slice(first, stop) for first, stop in box)),
-                read=tuple(read),
-                read_counts=counts,
                 read_reduction=_reduction(shape, *how, not plain, len(shape)),
                 read_alone=len(read) == 1,
             )
         for name, value in derived.items():
             object.__setattr__(self, name, value)
+        # Filled now, not at first use: a first use inside a compiled region would take
+        # cached_property's lock, which dynamo cannot trace (Python < 3.12).
+        for name in _CACHED:
+            getattr(self, name)
 
     @functools.cached_property
     def taps(self) -> int:
@@ -332,6 +337,9 @@ class LinePlan:
         return torch.div(channel, a, rounding_mode="floor") * b + torch.remainder(channel, a) * c + offsets
 
 
+_CACHED = tuple(name for name, value in vars(LinePlan).items() if isinstance(value, functools.cached_property))
+
+
 def _conv_plan(spec: LinearSpec | ConvSpec, kind: str) -> LinePlan:
     if isinstance(spec, LinearSpec):
         return LinePlan(spec.name, kind, spec.weight_shape)
@@ -377,9 +385,9 @@ class LineTables(NamedTuple):
 
     Attributes:
         membership: ``K x G`` (transposed) in the accumulation dtype, or None.
-        reduce: ``(G or K) x P`` (transposed counts) in the accumulation dtype, or None.
-        read_index, read_reduce: with :attr:`LinePlan.read_taps`, the taps read (int64) and their
-            transposed counts ``(read taps) x P``; else None.
+        reduce: ``(G or K) x P`` (transposed counts) in the accumulation dtype; None without patterns or with :attr:`read_index`.
+        read_index, read_reduce: with :attr:`LinePlan.read`, the taps some line reads (int64) and
+            their transposed counts ``(read taps) x P``; else None.
         tap_counts: ``P x K`` in the accumulation dtype: the subgradient's multiplicities.
         positions: per spatial axis, the positions of its patterns (int64).
         released_taps: per pattern, :attr:`LinePlan.released_taps` (int64), or None.
@@ -409,13 +417,13 @@ def line_tables(plan: LinePlan, device: torch.device, dtype: torch.dtype) -> Lin
 
     return LineTables(
         membership=tensor(plan.membership),
-        reduce=tensor(plan.counts),
+        reduce=None if plan.read else tensor(plan.counts),  # with unread taps, read_reduce serves
         tap_counts=torch.tensor(plan.tap_counts, dtype=acc, device=device).reshape(plan.patterns, -1),
         positions=tuple(torch.tensor(p, dtype=torch.int64, device=device) for p in plan.positions),
         released_taps=None
         if plan.released_taps is None
         else tuple(torch.tensor(t, dtype=torch.int64, device=device) for t in plan.released_taps),
-        read_index=torch.tensor(plan.read, dtype=torch.int64, device=device) if plan.read_taps is not None else None,
+        read_index=torch.tensor(plan.read, dtype=torch.int64, device=device) if plan.read else None,
         read_reduce=tensor(plan.read_counts),
     )
 
@@ -488,13 +496,15 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
 
     ``scratch``: an optional weight-shaped buffer of the weight's dtype for ``|weight|``.
 
-    Taps that no line reads (:attr:`LinePlan.read_taps`) are left out of the sums, so a non-finite
-    weight there leaves them finite, as it leaves the layer's matrix. Compiled, they are not even
-    read: inductor sums the box in one loop, where its sum over the channels of a whole kernel,
-    keeping the taps apart, measured 7x slower than eager on a 512x512x3x3 kernel. Eager, so is a
-    box of one tap (a 3x3 kernel on 1x1 maps: the l_inf decay of torchvision's ResNet-18 at 32x32
-    took 10% less time); a larger box is read whole and the unread taps' sums dropped, because an
-    abs of its short strided runs measured slower than one of the contiguous kernel.
+    Taps that no line reads (:attr:`LinePlan.read`; zero padding, not in the released order) are
+    left out of the sums, so a non-finite weight there leaves them finite, as it leaves the
+    layer's matrix: the kernel is summed keeping its taps apart and the unread taps' sums dropped.
+    Where the rows read a box of taps (:attr:`LinePlan.read_taps`), compiled, the others are not
+    even read: inductor sums the box in one loop, where its sum over the channels of a whole
+    kernel, keeping the taps apart, measured 7x slower than eager on a 512x512x3x3 kernel. Eager,
+    so is a box of one tap (a 3x3 kernel on 1x1 maps: the l_inf decay of torchvision's ResNet-18
+    at 32x32 took 10% less time); a larger box is read whole, because an abs of its short strided
+    runs measured slower than one of the contiguous kernel.
     """
     acc = accumulation_dtype(weight.dtype)
     if plan.membership is not None:

@@ -17,8 +17,8 @@ layer of a model together (:mod:`normopt.batched`).
 Non-finite weights give a non-finite norm for that layer only (NaN propagates through the max,
 an infinite weight gives ``inf``); :func:`nonfinite_layers` names such layers, and nothing raises
 inside the pure functions, because checking would need a host synchronisation. A weight that
-enters no row of the matrix (a tap of a kernel larger than its input) does not count for the
-l_inf norm, which is exact and finite without it.
+enters no entry of the matrix (a tap of a kernel larger than its zero-padded input) does not
+count: the norm is exact and finite without it.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -80,44 +81,60 @@ def test_chunked_line_sums_equal_the_explicit_matrix(case, ord, chunk):
     assert_close(chunked.max(), brute, rtol=1e-10)
 
 
-@pytest.mark.parametrize(
-    ("ord", "size", "stride", "box"),
-    [
-        (math.inf, (1, 1), 1, (1, 2)),  # 3x3 with padding 1 on 1x1 maps: every row reads the centre only
-        (math.inf, (2, 2), 2, (1, 3)),  # stride 2 on 2x2 maps: one output, reading taps 1 and 2 per axis
-        (math.inf, (3, 3), 2, (0, 3)),  # two outputs per axis: every tap is read
-        (1, (1, 1), 1, None),  # columns read the whole kernel (see LinePlan.read_taps)
-    ],
-)
+UNREAD = {  # a layer with taps no line reads, its input size, the norm, the taps read, their box
+    "3x3 on 1x1, rows": (lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False), (1, 1), math.inf, (4,), (1, 2)),
+    "stride 2 on 2x2, rows": (lambda: nn.Conv2d(3, 4, 3, 2, 1, bias=False), (2, 2), math.inf, (4, 5, 7, 8), (1, 3)),
+    "taps 0 and 4, rows": (lambda: nn.Conv1d(2, 2, 5, stride=4, padding=4, bias=False), (1,), math.inf, (0, 4), None),
+    "3x3 on 1x1, columns": (lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False), (1, 1), 1, (4,), None),
+    "transposed, columns": (lambda: nn.ConvTranspose1d(2, 2, 3, padding=1, bias=False), (1,), math.inf, (1,), None),
+    "every tap read": (lambda: nn.Conv2d(3, 4, 3, 2, 1, bias=False), (3, 3), math.inf, (), None),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREAD))
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_line_sums_leave_out_the_taps_no_line_reads(ord, size, stride, box, compiled):
+def test_line_sums_leave_out_the_taps_no_line_reads(case, compiled):
     """A kernel larger than its input has taps no line reads: the sums leave them out (poisoned with
-    NaN here), eager and compiled, and equal the explicit matrix's, whose entries never involve them."""
+    NaN here), eager and compiled, and equal the explicit matrix's, whose entries never involve
+    them. Where the rows read a box of taps, that box is all they read (LinePlan.read_taps)."""
     import torch._dynamo
 
+    make, size, ord, read, box = UNREAD[case]
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=1, bias=False).double()
-    plan = line_plan(normopt.module_spec(conv, "c", size), ord)
-    read = None if box is None or box == (0, 3) else (slice(None), slice(None), slice(*box), slice(*box))
-    assert plan.read_taps == read
-    weight = conv.weight.detach().clone()
-    if read is not None:
-        unread = torch.ones_like(weight, dtype=torch.bool)
-        unread[read] = False
-        weight[unread] = float("nan")
-    expected = explicit_matrix(conv, (3, *size)).abs().sum(1 if ord == math.inf else 0).max()
-    if read is not None:
-        expected = explicit_matrix(conv, (3, *size), torch.nan_to_num(weight, nan=0.0)).abs().sum(1).max()
+    layer = make().double()
+    plan = line_plan(normopt.module_spec(layer, "c", size), ord)
+    assert plan.read == read
+    assert plan.read_taps == (None if box is None else (slice(None), slice(None), *[slice(*box)] * len(size)))
+    weight = layer.weight.detach().clone()
+    if read:
+        unread = [t for t in range(plan.taps) if t not in read]
+        weight.view(*weight.shape[:2], -1)[:, :, unread] = float("nan")
+    matrix = explicit_matrix(layer, (layer.in_channels, *size), torch.nan_to_num(weight, nan=0.0))
+    expected = matrix.abs().sum(1 if ord == math.inf else 0).max()
     tables = line_tables(plan, weight.device, weight.dtype)
     sums = flat_line_sums
     if compiled:
         torch._dynamo.reset()
         sums = torch.compile(flat_line_sums, backend="aot_eager", fullgraph=True)
-    last = weight.to(memory_format=torch.channels_last)
-    for w, scratch in ((weight, None), (weight, torch.empty_like(weight)), (last, torch.empty_like(last))):
+    last = weight.to(memory_format=torch.channels_last) if weight.dim() == 4 else weight
+    for w, scratch in ((weight, None), (weight, torch.empty_like(weight)), (last, torch.empty(last.shape, dtype=last.dtype))):
         lines_ = sums(w, plan, tables, scratch)
         assert lines_.shape == (plan.lines,) and torch.isfinite(lines_).all()
         assert_close(lines_.max(), expected, rtol=1e-12)
+
+
+def test_a_new_plan_compiles_whole():
+    """A plan's derived sizes are filled when it is made: read first inside a compiled region,
+    cached_property's lock broke the graph (Python < 3.12)."""
+    import torch._dynamo
+
+    spec = normopt.module_spec(nn.Conv2d(3, 4, 3, padding=1), "c", (5, 5))
+    plan = dataclasses.replace(line_plan(spec, 1), name="new")  # no size of it read yet
+    tables = line_tables(plan, torch.device("cpu"), torch.float64)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(line_sums, backend="eager", fullgraph=True)(weight, plan, tables)
+    assert_close(compiled, line_sums(weight, plan, tables), rtol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)  # about one geometry in thirteen has unread taps
