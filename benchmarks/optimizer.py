@@ -9,7 +9,10 @@ For the CIFAR ResNet-18 and RegNetX-200MF of the paper, both norms:
 
 With ``--released PATH`` (a checkout of the authors' code, github.com/youweiliang/norm_robustness,
 read and run, never copied) it also times their step (``add_lip_grad`` then SGD) against ours with
-both rules, counts its operators, and checks that ``rule="reference"`` gives bit-identical weights. With
+both rules, counts its operators, checks that ``rule="reference"`` gives bit-identical weights, and
+times two lower bounds beside them: the plain step plus the regularized layers' norms alone
+(``normopt.layer_norms``, which every exact norm-decay step computes first), and the plain step
+plus one plain read of their weights (``sum``: what a fused abs-and-sum would cost). With
 ``--compile`` it times ``torch.compile``d steps as well (inductor where a C compiler exists, else
 aot_eager). Medians of interleaved repeats; thread counts are set once (torch and BLAS).
 
@@ -74,6 +77,26 @@ def _released_step(model, norm: str):
     return step
 
 
+def _floors(optimizer: normopt.NormDecayOptimizer, model: torch.nn.Module, ord) -> dict:
+    """Lower bounds on the decay's time, as steps to time beside it: the norms of the regularized
+    layers alone (what an exact norm decay computes before anything else), and one plain read of
+    their weights (what a fused abs-and-sum would cost; eager torch has none)."""
+    specs = normopt.LayerSpecs(optimizer.norm_decay.decayed)  # keeps its tables between calls
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    weights = [tensors[spec.weight] for spec in specs.values()]
+
+    @torch.no_grad()
+    def norms():
+        return normopt.layer_norms(tensors, specs, ord)
+
+    @torch.no_grad()
+    def read():
+        for weight in weights:
+            weight.sum()
+
+    return {"norms": norms, "read": read}
+
+
 def optimizer_steps(repeats: int, released: bool, compile_backend: str | None) -> list[dict]:
     rows = []
     for label, make in MODELS.items():
@@ -93,6 +116,9 @@ def optimizer_steps(repeats: int, released: bool, compile_backend: str | None) -
                 reference.step()
                 steps["ours reference"] = reference.step
                 row["released added operators"] = count_operators(steps["released"]) - count_operators(plain.step)
+                floors = _floors(ours, plain_model, ord)
+                steps["plain + norms"] = lambda step=plain.step, floor=floors["norms"]: (step(), floor())
+                steps["plain + read"] = lambda step=plain.step, floor=floors["read"]: (step(), floor())
             if compile_backend:
                 compiled_model = _with_grads(copy.deepcopy(base))
                 compiled = _wrapped(compiled_model, ord)
@@ -105,6 +131,8 @@ def optimizer_steps(repeats: int, released: bool, compile_backend: str | None) -
             if released:
                 row["ours / released"] = medians["ours"] / medians["released"]
                 row["reference / released"] = medians["ours reference"] / medians["released"]
+                row["(plain + norms) / released"] = medians["plain + norms"] / medians["released"]
+                row["(plain + read) / released"] = medians["plain + read"] / medians["released"]
             if compile_backend:
                 row[f"compiled ({compile_backend}) / plain"] = medians["ours compiled"] / medians["plain"]
                 if released:
@@ -138,7 +166,8 @@ def training_steps(repeats: int, batch: int, compile_backend: str | None = None)
     """A whole step (forward, backward, optimizer) of torchvision's ResNet-18, wrapped over plain.
 
     A whole step's time varies by a few percent from run to run, more than the decay adds; the
-    decay alone (its part of the wrapped step, measured in the same run) is printed beside it.
+    decay alone (its part of the wrapped step, measured in the same run) is printed beside it,
+    and so are the same two lower bounds as in :func:`optimizer_steps` (norms alone, one read).
     With ``compile_backend`` the wrapped steps also run with ``torch.compile(optimizer.step)``
     (model eager), over the plain eager step.
     """
@@ -168,12 +197,18 @@ def training_steps(repeats: int, batch: int, compile_backend: str | None = None)
         if ord is not None:
             decay = optimizer.norm_decay.before_step
             decays[f"{name} decay"] = torch.compile(decay, backend=compile_backend) if compiled else decay
+            if not compiled:
+                floors = _floors(optimizer, model, ord)
+                decays[f"{name} norms"] = floors["norms"]
+                decays["read"] = floors["read"]
     medians = interleaved_medians({**steps, **decays}, repeats=repeats, warmup=2)
     plain = medians["plain"]
     result = {"plain s": plain}
     for name, _, _ in runs[1:]:
         result[f"{name} / plain"] = medians[name] / plain
         result[f"1 + {name} decay / plain"] = 1 + medians[f"{name} decay"] / plain
+    for name in ("l1 norms", "linf norms", "read"):
+        result[f"1 + {name} / plain"] = 1 + medians[name] / plain
     return result
 
 
