@@ -111,14 +111,32 @@ def ring_coefficients(ring: torch.Tensor, scale: torch.Tensor, tables: RingTable
     return torch.where((ring >= 0) & ~repeated, scales, 0.0)
 
 
+def _add_rows(grad: torch.Tensor, channels: torch.Tensor, buffer: torch.Tensor, weights: torch.Tensor) -> None:
+    """``grad[channels] += weights * buffer[channels]``, adding where ``channels`` repeats."""
+    grad.index_add_(0, channels, buffer.index_select(0, channels) * weights.view(-1, *[1] * (buffer.dim() - 1)))
+
+
+# Compiled, the same operation as an opaque operator: inductor lowers ``index_add_`` to an atomic
+# add per element, which took 3.7 ms per step for the ring layers of torchvision's ResNet-18 (0.9
+# eager); called as a custom operator, the compiled step runs torch's own kernel, without a graph
+# break. Its name is the same in every process; a second import of this module keeps the first.
+if not hasattr(torch.library, "custom_op"):  # torch < 2.4: inductor's lowering, slower but right
+    _compiled_add_rows = _add_rows
+elif hasattr(torch.ops.normopt, "add_recent_rows"):
+    _compiled_add_rows = torch.ops.normopt.add_recent_rows
+else:
+    _compiled_add_rows = torch.library.custom_op("normopt::add_recent_rows", mutates_args=("grad",))(_add_rows)
+    _compiled_add_rows.register_fake(lambda grad, channels, buffer, weights: None)
+
+
 def add_recent(grads, buffers, ring: torch.Tensor, coefficients: torch.Tensor, tables: RingTables) -> None:
     """``grad += coefficient * buffer`` on the ring's rows of each layer (in place).
 
     ``grads`` and ``buffers`` hold one tensor per ring layer (a None gradient is left alone); the
     coefficients are :func:`ring_coefficients` times each layer's strength.
     """
+    add = _compiled_add_rows if torch.compiler.is_compiling() else _add_rows
     rows = zip(ring.clamp_min(0).unbind(0), coefficients.unbind(0))
     for grad, buffer, (channels, weights) in zip(grads, buffers, rows):
         if grad is not None:
-            weights = weights.view(-1, *[1] * (buffer.dim() - 1))
-            grad.index_add_(0, channels, buffer.index_select(0, channels) * weights)
+            add(grad, channels, buffer, weights)

@@ -123,6 +123,50 @@ def test_line_sums_leave_out_the_taps_no_line_reads(case, compiled):
         assert_close(lines_.max(), expected, rtol=1e-12)
 
 
+MASKED = {  # rows of a few patterns, none reading the whole kernel: (layer, input size, ord, patterns, masked)
+    "3x3 on 2x2": (lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False), (2, 2), math.inf, 4, True),
+    "grouped, 3x3 on 2x3": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, bias=False), (2, 3), math.inf, 2, True),
+    "kernel 5 on 3": (lambda: nn.Conv1d(2, 2, 5, padding=2, bias=False), (3,), math.inf, 3, True),
+    "taps 0 and 4 (unread taps)": (lambda: nn.Conv1d(2, 2, 5, stride=4, padding=4, bias=False), (1,), math.inf, 2, True),
+    "transposed, l1": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, bias=False), (2,), 1, 2, True),
+    "3x3x3 on 2x2x2 (taps kept apart)": (lambda: nn.Conv3d(2, 2, 3, padding=1, bias=False), (2, 2, 2), math.inf, 8, False),
+}
+
+
+@pytest.mark.parametrize("case", list(MASKED))
+def test_compiled_rows_of_few_patterns_are_summed_pattern_by_pattern(case):
+    """Compiled, rows of at most MASKED_PATTERNS patterns are summed one masked reduction per
+    pattern (inductor vectorises those; a sum keeping the taps apart it does not): the graph holds
+    one ``where`` per pattern, and the sums equal the eager ones and the explicit matrix's, with
+    the taps no row reads poisoned with NaN."""
+    import torch._dynamo
+
+    make, size, ord, patterns, masked = MASKED[case]
+    torch.manual_seed(0)
+    layer = make().double()
+    plan = line_plan(normopt.module_spec(layer, "c", size), ord)
+    assert (plan.kind, plan.patterns) == ("rows", patterns)
+    weight = layer.weight.detach().clone()
+    if plan.read:
+        unread = [t for t in range(plan.taps) if t not in plan.read]
+        weight.view(*weight.shape[:2], -1)[:, :, unread] = float("nan")
+    tables = line_tables(plan, weight.device, weight.dtype)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flat_line_sums, backend=backend, fullgraph=True)(weight, plan, tables)
+    wheres = sum(node.op == "call_function" and node.target is torch.where for node in graphs[0].graph.nodes)
+    assert wheres == (patterns if masked else 0)
+    assert torch.isfinite(compiled).all()
+    assert_close(compiled, flat_line_sums(weight, plan, tables), rtol=1e-12)
+    matrix = explicit_matrix(layer, (layer.in_channels, *size), torch.nan_to_num(weight, nan=0.0))
+    assert_close(compiled.max(), matrix.abs().sum(1 if ord == math.inf else 0).max(), rtol=1e-12)
+
+
 def test_a_new_plan_compiles_whole():
     """A plan's derived sizes are filled when it is made: read first inside a compiled region,
     cached_property's lock broke the graph (Python < 3.12)."""

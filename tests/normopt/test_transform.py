@@ -218,6 +218,39 @@ def test_compiled_update_takes_each_buffer_once_as_an_input(ord):
         assert storages.count(flat.untyped_storage().data_ptr()) == 1
 
 
+def test_compiled_ring_adds_go_through_one_opaque_operator_per_layer():
+    """Inductor lowers ``index_add_`` to an atomic add per element (3.7 ms a step for the ring layers
+    of torchvision's ResNet-18, 0.9 eager): compiled, each ring layer's rows are added by the custom
+    operator normopt::add_recent_rows, which runs torch's own kernel, and the result is eager's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.Linear(144, 5))
+    specs = normopt.layer_specs(model, torch.zeros(1, 3, 8, 8))
+    tensors = dict(model.named_parameters())
+    transform = norm_decay(specs, ord=math.inf)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    results = []
+    for update in (transform.update, torch.compile(transform.update, fullgraph=True, backend=backend)):
+        with rings_everywhere():
+            state = transform.init(tensors)
+        torch.manual_seed(1)
+        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
+        with torch.no_grad():
+            for _ in range(3):
+                grads, state, _ = update(grads, state, tensors, beta=0.1, gamma=0.5)
+        results.append(grads)
+    (graph,) = graphs
+    calls = [node for node in graph.graph.nodes if node.op in ("call_function", "call_method")]
+    assert sum(node.target is torch.ops.normopt.add_recent_rows.default for node in calls) == len(state.recent) == 3
+    assert not any(node.target in ("index_add_", torch.Tensor.index_add_) for node in calls)
+    for key in results[0]:
+        assert_close(results[1][key], results[0][key], rtol=1e-6, msg=key)
+
+
 def test_channels_last_weights_give_the_same_update():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
