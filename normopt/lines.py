@@ -493,9 +493,10 @@ def _chunked_channel_sum(weight: torch.Tensor, plan: LinePlan, keep_taps: bool, 
 
 # Compiled, a row's few patterns are summed each over the whole row, masked by its tap counts:
 # inductor vectorises a reduction along the contiguous row, but runs a sum over the input channels
-# that keeps the taps apart one output channel and tap at a time. Four patterns (a 3x3 kernel
-# on 2x2 maps) took 4.6 ms against 7.5 for the taps kept apart, over 7.1 million weights; nine
-# took 10.8: each pattern adds a pass over the row, from cache.
+# that keeps the taps apart one output channel and tap at a time. Measured apart on four
+# 256x256x3x3 and two 512x512x3x3 kernels (7.1 million weights), rows reading one of four corners
+# of the kernel (3x3 kernels on 2x2 maps) took 4.6 ms against 7.5 for the taps kept apart; nine
+# patterns took 10.8: each pattern adds a pass over the row, from cache.
 MASKED_PATTERNS = 4
 
 
@@ -520,9 +521,10 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
     kernel, keeping the taps apart, measured 7x slower than eager on a 512x512x3x3 kernel. Eager,
     so is a box of one tap (a 3x3 kernel on 1x1 maps: the l_inf decay of torchvision's ResNet-18
     at 32x32 took 10% less time); a larger box is read whole, because an abs of its short strided
-    runs measured slower than one of the contiguous kernel. Compiled, rows of at most
-    ``MASKED_PATTERNS`` patterns are summed pattern by pattern over the whole row instead (see
-    ``_masked_row_sums``).
+    runs measured slower than one of the contiguous kernel. Compiled, other rows of at most
+    ``MASKED_PATTERNS`` patterns are not summed with their taps kept apart but pattern by pattern
+    over the whole row, each pattern's taps masked (``_masked_row_sums``): unread taps are masked
+    out there, not dropped.
     """
     acc = accumulation_dtype(weight.dtype)
     if plan.membership is not None:

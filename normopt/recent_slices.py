@@ -118,14 +118,19 @@ def _add_rows(grad: torch.Tensor, channels: torch.Tensor, buffer: torch.Tensor, 
 
 # Compiled, the same operation as an opaque operator: inductor lowers ``index_add_`` to an atomic
 # add per element, which took 3.7 ms per step for the ring layers of torchvision's ResNet-18 (0.9
-# eager); called as a custom operator, the compiled step runs torch's own kernel, without a graph
-# break. Its name is the same in every process; a second import of this module keeps the first.
-if not hasattr(torch.library, "custom_op"):  # torch < 2.4: inductor's lowering, slower but right
+# eager, CPU; on a GPU, unmeasured); called as a custom operator, the compiled step runs torch's
+# own kernel, without a graph break. The schema is spelled out: torch 2.4 cannot read this module's
+# string annotations. A second import of this module (a reload) keeps the first registration.
+if not hasattr(torch.library, "custom_op"):  # torch < 2.4: inductor's lowering, slower, same result
     _compiled_add_rows = _add_rows
 elif hasattr(torch.ops.normopt, "add_recent_rows"):
     _compiled_add_rows = torch.ops.normopt.add_recent_rows
 else:
-    _compiled_add_rows = torch.library.custom_op("normopt::add_recent_rows", mutates_args=("grad",))(_add_rows)
+    _compiled_add_rows = torch.library.custom_op(
+        "normopt::add_recent_rows",
+        mutates_args=("grad",),
+        schema="(Tensor(a!) grad, Tensor channels, Tensor buffer, Tensor weights) -> ()",
+    )(_add_rows)
     _compiled_add_rows.register_fake(lambda grad, channels, buffer, weights: None)
 
 
