@@ -165,6 +165,32 @@ def test_first_reference_step_is_the_oracle_gradient_of_the_argmax_line(case, or
     assert_close(state.decay_buffer("layer"), oracle, rtol=1e-10)
 
 
+def _eager_and_compiled(transform, specs, tensors, compile, *, ring: bool, steps: int):
+    """``steps`` updates from the same start, eager then through ``compile(transform.update)``:
+    per run, ``(grads, norms, decay buffers, state)``."""
+    results = []
+    for update in (transform.update, compile(transform.update)):
+        with rings_everywhere() if ring else contextlib.nullcontext():
+            state = transform.init(tensors)
+        torch.manual_seed(1)
+        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
+        with torch.no_grad():
+            for _ in range(steps):
+                grads, state, norms = update(grads, state, tensors, beta=0.1, gamma=0.5)
+        results.append((grads, norms, {name: state.decay_buffer(name) for name in specs}, state))
+    return results
+
+
+def _assert_runs_equal(eager, compiled):
+    for a, b in zip(eager[:3], compiled[:3]):
+        for key in a:
+            assert_close(b[key], a[key], rtol=1e-6, msg=key)
+
+
+def _aot_eager(update):
+    return torch.compile(update, fullgraph=True, backend="aot_eager")
+
+
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 @pytest.mark.parametrize(("ord", "ring"), [(1, False), (math.inf, False), (math.inf, True)], ids=["l1", "linf", "linf-ring"])
 def test_compiled_update_equals_eager(ord, rule, ring):
@@ -175,23 +201,9 @@ def test_compiled_update_equals_eager(ord, rule, ring):
     specs = normopt.layer_specs(model, torch.zeros(1, 3, 8, 8))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     transform = norm_decay(specs, ord=ord, rule=rule)
-
-    def run(update):
-        with rings_everywhere() if ring else contextlib.nullcontext():
-            state = transform.init(tensors)
-        assert bool(state.recent) == (ring and rule == "paper")
-        torch.manual_seed(1)
-        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
-        for _ in range(2):
-            grads, state, norms = update(grads, state, tensors, beta=0.1, gamma=0.5)
-        return grads, norms, {name: state.decay_buffer(name) for name in specs}
-
-    with torch.no_grad():
-        eager = run(transform.update)
-        compiled = run(torch.compile(transform.update, fullgraph=True, backend="aot_eager"))
-    for a, b in zip(eager, compiled):
-        for key in a:
-            assert_close(b[key], a[key], rtol=1e-6, msg=key)
+    eager, compiled = _eager_and_compiled(transform, specs, tensors, _aot_eager, ring=ring, steps=2)
+    assert bool(eager[3].recent) == bool(compiled[3].recent) == (ring and rule == "paper")
+    _assert_runs_equal(eager, compiled)
 
 
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
@@ -231,19 +243,7 @@ def test_compiled_update_equals_eager_where_rows_are_summed_pattern_by_pattern(r
     assert [line_plan(specs[n], math.inf).patterns for n in ("0", "1")] == [4, 4]
     tensors = dict(model.named_parameters())
     transform = norm_decay(specs, ord=math.inf, rule=rule)
-    results = []
-    for update in (transform.update, torch.compile(transform.update, fullgraph=True, backend="aot_eager")):
-        with rings_everywhere():
-            state = transform.init(tensors)
-        torch.manual_seed(1)
-        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
-        with torch.no_grad():
-            for _ in range(3):
-                grads, state, norms = update(grads, state, tensors, beta=0.1, gamma=0.5)
-        results.append((grads, norms, {name: state.decay_buffer(name) for name in specs}))
-    for a, b in zip(*results):
-        for key in a:
-            assert_close(b[key], a[key], rtol=1e-6, msg=key)
+    _assert_runs_equal(*_eager_and_compiled(transform, specs, tensors, _aot_eager, ring=True, steps=3))
 
 
 def test_compiled_ring_adds_go_through_one_opaque_operator_per_layer():
@@ -264,22 +264,13 @@ def test_compiled_ring_adds_go_through_one_opaque_operator_per_layer():
         graphs.append(graph)
         return graph.forward
 
-    results = []
-    for update in (transform.update, torch.compile(transform.update, fullgraph=True, backend=backend)):
-        with rings_everywhere():
-            state = transform.init(tensors)
-        torch.manual_seed(1)
-        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
-        with torch.no_grad():
-            for _ in range(3):
-                grads, state, _ = update(grads, state, tensors, beta=0.1, gamma=0.5)
-        results.append(grads)
+    compile = lambda update: torch.compile(update, fullgraph=True, backend=backend)
+    eager, compiled = _eager_and_compiled(transform, specs, tensors, compile, ring=True, steps=3)
     (graph,) = graphs
     calls = [node for node in graph.graph.nodes if node.op in ("call_function", "call_method")]
-    assert sum(node.target is torch.ops.normopt.add_recent_rows.default for node in calls) == len(state.recent) == 3
+    assert sum(node.target is torch.ops.normopt.add_recent_rows.default for node in calls) == len(compiled[3].recent) == 3
     assert not any(node.target in ("index_add_", torch.Tensor.index_add_) for node in calls)
-    for key in results[0]:
-        assert_close(results[1][key], results[0][key], rtol=1e-6, msg=key)
+    _assert_runs_equal(eager, compiled)
 
 
 def test_channels_last_weights_give_the_same_update():
