@@ -27,7 +27,9 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     ``"norm_decay_recent"``), and ``state_dict()`` is the inner one.
     ``beta`` and ``gamma`` are written into every param group as ``"norm_decay_beta"`` and
     ``"norm_decay_gamma"``, like ``weight_decay``: change them between steps, by hand or by a
-    scheduler, per group.
+    scheduler, per group. Under ``torch.compile(opt.step)`` a new float value recompiles the step
+    (torch.optim's float ``lr`` does the same); a beta scheduled there should be a 0-d tensor
+    (``beta=torch.tensor(1e-3)``, changed in place with ``fill_``), as torch.optim's tensor ``lr``.
 
     With the default ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021) each step does, for
     each of the N regularized layers with weight W and subgradient p of its norm,
@@ -39,7 +41,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         optimizer: any ``torch.optim.Optimizer`` holding the model's parameters.
         model: the model (DDP, DataParallel and torch.compile wrappers are looked through).
         ord: ``1``/``"l1"`` or ``float("inf")``/``"linf"``.
-        beta: strength (>= 0), the param groups' default ``"norm_decay_beta"``.
+        beta: strength (>= 0; a number or a 0-d floating-point tensor), the param groups' default
+            ``"norm_decay_beta"``.
         gamma: decay factor of the buffer h, in [0, 1], the default ``"norm_decay_gamma"``.
         rule: ``"paper"`` or ``"reference"``.
         layers: kinds to regularize, from ``"conv"``, ``"linear"``, ``"batchnorm"``.
@@ -69,7 +72,9 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         (['0', '3'], 0.01)
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, ord=1, beta: float = 1e-3, **options):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, *, ord=1, beta: float | torch.Tensor = 1e-3, **options
+    ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, NormDecayOptimizer):

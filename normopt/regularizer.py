@@ -50,8 +50,19 @@ def _refuse_sharded(model: nn.Module) -> None:
             raise NotImplementedError(f"parameter {name!r} is a DTensor shard (FSDP2); norm decay needs whole weights")
 
 
-def check_beta(beta, where: str = "beta") -> float:
-    """``beta`` as a float: finite, >= 0 and small enough that ``beta * h`` stays finite in float32."""
+def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
+    """``beta`` as a float: finite, >= 0 and small enough that ``beta * h`` stays finite in float32.
+
+    A 0-d real floating-point tensor is kept as it is (a compiled step then takes it as an input,
+    and changing its value does not recompile, as with torch.optim's tensor ``lr``). Its value is
+    checked where that reads no device: on the CPU, outside a compiled region.
+    """
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0 or not beta.is_floating_point():
+            raise TypeError(f"{where} as a tensor must be 0-d and real floating point, got {beta.dtype} {tuple(beta.shape)}")
+        if beta.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_beta(float(beta), where)
+        return beta
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"{where} must be a finite number >= 0, got {beta!r}")
     if beta > torch.finfo(torch.float32).max / 1e4:  # |h| counts taps: beta * h would overflow
@@ -60,6 +71,8 @@ def check_beta(beta, where: str = "beta") -> float:
 
 
 def check_gamma(gamma, where: str = "gamma") -> float:
+    if isinstance(gamma, torch.Tensor):  # the step picks its path (rings or dense) from gamma's value
+        raise TypeError(f"{where} must be a number in [0, 1], not a tensor: gamma decides on the host which slices are kept")
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
         raise ValueError(f"{where} must be a number in [0, 1], got {gamma!r}")
     return float(gamma)
@@ -157,7 +170,7 @@ class NormDecay:
         model: nn.Module,
         *,
         ord=1,
-        beta: float = 1e-3,
+        beta: float | torch.Tensor = 1e-3,
         gamma: float = 0.5,
         rule: str = "paper",
         layers: Iterable[str] = ("conv", "linear"),

@@ -128,13 +128,42 @@ def _decayed(spec: Spec) -> None:
         raise ValueError(f"layer {spec.name!r}: batch norm without affine weights has nothing to regularize")
 
 
-def _per_layer(value, names, what: str) -> list[float]:
+def _per_layer(value, names, what: str, tensors_allowed: bool = False) -> list:
+    """``value`` (a number, or ``{layer: number}``) per layer, as floats; with ``tensors_allowed``,
+    0-d real floating-point tensors are kept as they are (never read back to the host)."""
+
+    def one(v, name):
+        if isinstance(v, torch.Tensor):
+            if not tensors_allowed:
+                raise TypeError(f"{what} of layer {name!r} must be a number, not a tensor")
+            if v.dim() != 0 or not v.is_floating_point():
+                got = f"{v.dtype} {tuple(v.shape)}"
+                raise TypeError(f"{what} of layer {name!r} as a tensor must be 0-d and real floating point, got {got}")
+            return v
+        return float(v)
+
     if isinstance(value, Mapping):
         missing = [n for n in names if n not in value]
         if missing:
             raise KeyError(f"{what} has no value for layers {missing}")
-        return [float(value[n]) for n in names]
-    return [float(value)] * len(names)
+        return [one(value[n], n) for n in names]
+    return [one(value, n) for n in names]
+
+
+def _common(values: list):
+    """The value every entry of ``values`` holds (equal numbers, or one and the same tensor), else None."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return first if all(v is first for v in values) else None
+    return first if all(not isinstance(v, torch.Tensor) and v == first for v in values) else None
+
+
+def _times(tensors: list[torch.Tensor], values: list) -> list[torch.Tensor]:
+    """``tensors[i] * values[i]``: one foreach operation for numbers; a product each where some are
+    0-d tensors (which may sit on the CPU beside accelerator tensors, as foreach operations refuse)."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return list(torch._foreach_mul(tensors, values))
+    return [t * v for t, v in zip(tensors, values)]
 
 
 def norm_decay(
@@ -153,7 +182,9 @@ def norm_decay(
 
     ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (a
     missing or None gradient is left alone), ``tensors`` holding every weight (and batch norm's
-    running variance), and ``beta``/``gamma`` as numbers or ``{layer: number}``. It adds the decay to
+    running variance), and ``beta``/``gamma`` as numbers or ``{layer: number}`` (``beta`` may also be
+    a 0-d floating-point tensor, or hold them: a compiled ``update`` then takes it as an input and
+    does not recompile when its value changes). It adds the decay to
     the gradients and updates the state, both in place, and returns ``(grads, state, norms)`` with
     ``norms`` the layers' norms as 0-d tensors (NaN or inf for a layer with non-finite weights,
     which then contributes no new subgradient).
@@ -235,9 +266,23 @@ def norm_decay(
     def update(grads, state: NormDecayState, tensors, *, beta, gamma):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
-        betas = dict(zip(names, _per_layer(beta, names, "beta")))
+        betas = dict(zip(names, _per_layer(beta, names, "beta", tensors_allowed=True)))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma")))
         count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
+        # beta / count once per beta (a tensor beta shared by the layers stays one tensor, so that
+        # its layers keep sharing one operation below).
+        divided: list[tuple[object, object]] = []
+        strengths = {}
+        for n in names:
+            b = betas[n]
+            if isinstance(b, torch.Tensor):
+                known = [s for obj, s in divided if obj is b]
+                if not known:
+                    known = [b / count if count != 1 else b]
+                    divided.append((b, known[0]))
+                strengths[n] = known[0]
+            else:
+                strengths[n] = b / count
         norms: dict[str, torch.Tensor] = {}
         all_views = state.views
         if torch.compiler.is_compiling():
@@ -286,24 +331,26 @@ def norm_decay(
             if through_ring:
                 record(ring, found.channel, ring_table)
             dense = [i for i in range(len(members)) if i not in through_ring]
-            strengths = {n: betas[n] / count for n in members}
             have = [i for i in dense if grads.get(member_specs[i].weight) is not None]
             if have:
                 layer_scales = [all_views[members[i]][1] for i in have]
                 values_of = [strengths[members[i]] for i in have]
-                if len(set(values_of)) == 1:
-                    value = values_of[0]
-                else:
-                    layer_scales, value = torch._foreach_mul(layer_scales, values_of), 1.0
+                value = _common(values_of)
+                if value is None:
+                    layer_scales, value = _times(layer_scales, values_of), 1.0
+                elif isinstance(value, torch.Tensor):  # scaled on the flat scales: one operation
+                    scaled = _layer_views(buffer, scale * value, members, plan)
+                    layer_scales, value = [scaled[members[i]][1] for i in have], 1.0
                 buffers = [all_views[members[i]][0] for i in have]
                 torch._foreach_addcmul_([grads[member_specs[i].weight] for i in have], buffers, layer_scales, value=value)
             if through_ring and any(grads.get(member_specs[i].weight) is not None for i in through_ring):
                 coefficients = ring_coefficients(ring, scale, ring_table)
                 values_of = [strengths[members[i]] for i in through_ring]
-                if len(set(values_of)) == 1:
-                    coefficients = coefficients * values_of[0]
+                common = _common(values_of)
+                if common is not None:
+                    coefficients = coefficients * common
                 else:
-                    coefficients = torch.stack(torch._foreach_mul(coefficients.unbind(0), values_of))
+                    coefficients = torch.stack(_times(coefficients.unbind(0), values_of))
                 ring_grads = [grads.get(member_specs[i].weight) for i in through_ring]
                 ring_buffers = [all_views[members[i]][0] for i in through_ring]
                 add_recent(ring_grads, ring_buffers, ring, coefficients, ring_table)

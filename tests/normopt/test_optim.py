@@ -359,6 +359,52 @@ def test_compiled_step_equals_eager_and_breaks_only_where_torch_optim_does(ord, 
         assert reason.user_stack[-1].filename.endswith("torch/optim/optimizer.py"), reason
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["one-tensor", "a-tensor-per-group"])
+@pytest.mark.parametrize(("ord", "rings"), [(1, False), (math.inf, True)], ids=["l1", "linf-rings"])
+def test_a_tensor_beta_changed_between_compiled_steps_does_not_recompile(ord, rings, shared):
+    # A float beta is a constant of the graph: each new value recompiled the step (and past
+    # dynamo's recompile limit the step ran eagerly). A 0-d tensor is an input, as torch.optim's
+    # tensor lr.
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def train(compile_step):
+        with rings_everywhere() if rings else contextlib.nullcontext():
+            model = small_cnn()
+            head = [p for n, p in model.named_parameters() if n.startswith("6.")]
+            body = [p for n, p in model.named_parameters() if not n.startswith("6.")]
+            groups = [{"params": body}, {"params": head}]
+            if not shared:
+                groups[1]["norm_decay_beta"] = torch.tensor(0.05)
+            inner = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+            optimizer = NormDecayOptimizer(inner, model, ord=ord, beta=torch.tensor(0.1))
+            run(model, optimizer, 1)
+        if compile_step:
+            optimizer.step = torch.compile(optimizer.step, backend=counting)
+        for step in range(4):
+            if step == 1:
+                compiled_before = len(graphs)
+            betas = {id(g["norm_decay_beta"]): g["norm_decay_beta"] for g in optimizer.param_groups}
+            for beta in betas.values():  # in place, as torch's schedulers change a tensor lr
+                beta.mul_(2.0)
+            run(model, optimizer, 1, seed=step + 1)
+        assert len(graphs) == (compiled_before if compile_step else 0)
+        return model, optimizer
+
+    torch._dynamo.reset()
+    eager, _ = train(False)
+    compiled, optimizer = train(True)
+    assert graphs and bool(optimizer.norm_decay._state.recent) == rings
+    assert [float(g["norm_decay_beta"]) for g in optimizer.param_groups] == pytest.approx([1.6, 1.6 if shared else 0.8])
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
 @pytest.mark.parametrize("example", [False, True], ids=["discovered", "example-input"])
 def test_a_compiled_step_sets_the_decay_up_outside_the_graph_first_and_after_add_param_group(example):
     import torch._dynamo

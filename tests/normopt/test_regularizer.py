@@ -255,12 +255,13 @@ def test_a_gamma_above_the_rings_is_kept_dense_through_a_checkpoint(rings):
     same_weights(model, twin)
 
 
-def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_decay():
+@pytest.mark.parametrize("kind", [float, torch.tensor], ids=["float", "tensor"])
+def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_decay(kind):
     model, twin = small_cnn(), small_cnn()
-    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.2)
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=kind(0.2))
     one_step(model, optimizer)
     for group in optimizer.param_groups:
-        group["norm_decay_beta"] = 0.0
+        group["norm_decay_beta"] = kind(0.0)
     before = copy.deepcopy(model.state_dict())
     twin.load_state_dict(before)
     one_step(model, optimizer, 1)
@@ -271,7 +272,7 @@ def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_dec
     added = {}
     for beta in (0.1, 0.2):
         model.load_state_dict(before)
-        fresh = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, beta=beta)
+        fresh = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, beta=kind(beta))
         inputs, labels = next(batches(*DATA, 1, 16, 2))
         fresh.zero_grad()
         F.cross_entropy(model(inputs), labels).backward()
@@ -411,6 +412,10 @@ def test_the_reporter_reads_cpu_flags_at_once_and_never_reads_meta():
         (small_cnn, {"exclude": "0"}, TypeError, r"exclude must be an iterable of module names, not the string '0'"),
         (small_cnn, {"beta": 1e39}, ValueError, r"beta=1e\+39 is too large"),
         (small_cnn, {"beta": True}, ValueError, "beta must be"),
+        (small_cnn, {"beta": torch.tensor(-1.0)}, ValueError, "beta must be a finite number >= 0"),
+        (small_cnn, {"beta": torch.tensor([0.1])}, TypeError, r"beta as a tensor must be 0-d and real floating point"),
+        (small_cnn, {"beta": torch.tensor(1)}, TypeError, r"beta as a tensor must be 0-d and real floating point"),
+        (small_cnn, {"gamma": torch.tensor(0.5)}, TypeError, "gamma must be a number in \\[0, 1\\], not a tensor"),
         (small_cnn, {"bn_projection": "argmax"}, ValueError, "unknown bn_projection"),
         (small_cnn, {"max_norm": float("inf")}, ValueError, "max_norm must be a positive finite number"),
     ],
@@ -422,13 +427,18 @@ def test_bad_input_is_refused_at_construction(make_model, kwargs, error, match):
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
-def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes():
+@pytest.mark.parametrize(
+    ("beta", "error"),
+    [(float("inf"), ValueError), (torch.tensor(float("inf")), ValueError), (torch.tensor([0.1]), TypeError)],
+    ids=["float", "tensor", "1-d tensor"],
+)
+def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes(beta, error):
     model = small_cnn()
     optimizer = wrapped(model, beta=0.1)
     one_step(model, optimizer)
-    optimizer.param_groups[0]["norm_decay_beta"] = float("inf")
+    optimizer.param_groups[0]["norm_decay_beta"] = beta
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="param group norm_decay_beta must be"):
+    with pytest.raises(error, match="param group norm_decay_beta"):
         one_step(model, optimizer, 1)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key

@@ -342,3 +342,42 @@ def test_complex_weights_are_refused_by_name():
     transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 2, 2)})
     with pytest.raises(TypeError, match=r"layer 'fc'.*real floating-point"):
         transform.init({"w": torch.zeros(2, 2, dtype=torch.complex64)})
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize(("ord", "ring"), [(1, False), (math.inf, True)], ids=["l1", "linf-ring"])
+@pytest.mark.parametrize("per_layer", [False, True], ids=["one-tensor", "a-tensor-per-layer"])
+def test_a_tensor_beta_gives_the_float_betas_update(ord, ring, rule, per_layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(), nn.Linear(36, 5))
+    specs = normopt.layer_specs(model, torch.zeros(1, 3, 8, 8))
+    tensors = dict(model.named_parameters())
+    transform = norm_decay(specs, ord=ord, rule=rule)
+    floats = {name: 0.1 * (i + 1) if per_layer else 0.1 for i, name in enumerate(specs)}
+    as_tensors = {name: torch.tensor(value, dtype=torch.float64) for name, value in floats.items()}
+    if not per_layer:
+        as_tensors = dict.fromkeys(specs, as_tensors[next(iter(specs))])  # one tensor shared by every layer
+    runs = []
+    for beta in (floats, as_tensors):
+        with rings_everywhere() if ring else contextlib.nullcontext():
+            state = transform.init(tensors)
+        torch.manual_seed(1)
+        grads = {spec.weight: torch.randn_like(tensors[spec.weight]) for spec in specs.values()}
+        with torch.no_grad():
+            for _ in range(3):
+                grads, state, _ = transform.update(grads, state, tensors, beta=beta, gamma=0.5)
+        runs.append(grads)
+    assert bool(state.recent) == (ring and rule == "paper")
+    for key, value in runs[0].items():
+        assert value.dtype == torch.float32
+        assert_close(runs[1][key], value, rtol=1e-6, msg=key)
+
+
+def test_a_tensor_gamma_or_a_shaped_tensor_beta_is_refused_by_layer():
+    transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 2, 2)})
+    tensors = {"w": torch.ones(2, 2)}
+    state = transform.init(tensors)
+    with pytest.raises(TypeError, match=r"beta of layer 'fc' as a tensor must be 0-d"):
+        transform.update({"w": torch.zeros(2, 2)}, state, tensors, beta=torch.ones(1), gamma=0.5)
+    with pytest.raises(TypeError, match=r"gamma of layer 'fc' must be a number, not a tensor"):
+        transform.update({"w": torch.zeros(2, 2)}, state, tensors, beta=0.1, gamma=torch.tensor(0.5))
