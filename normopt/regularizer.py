@@ -63,7 +63,9 @@ def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
         if beta.device.type == "cpu" and not torch.compiler.is_compiling():
             check_beta(float(beta), where)
         return beta
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta >= 0):
+    # Comparisons, not math.isfinite: a float that dynamo turned symbolic (after its value changed)
+    # cannot go through math.isfinite without a graph break.
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
         raise ValueError(f"{where} must be a finite number >= 0, got {beta!r}")
     if beta > torch.finfo(torch.float32).max / 1e4:  # |h| counts taps: beta * h would overflow
         raise ValueError(f"{where}={beta!r} is too large: beta * h overflows float32 gradients")
