@@ -182,9 +182,9 @@ def norm_decay(
 
     ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (a
     missing or None gradient is left alone), ``tensors`` holding every weight (and batch norm's
-    running variance), and ``beta``/``gamma`` as numbers or ``{layer: number}`` (``beta`` may also be
-    a 0-d floating-point tensor, or hold them: a compiled ``update`` then takes it as an input and
-    does not recompile when its value changes). It adds the decay to
+    running variance), and ``beta``/``gamma`` as numbers or ``{layer: number}`` (``beta``, or its values,
+    may also be 0-d floating-point tensors: a compiled ``update`` then takes them as inputs and does
+    not recompile when their values change). It adds the decay to
     the gradients and updates the state, both in place, and returns ``(grads, state, norms)`` with
     ``norms`` the layers' norms as 0-d tensors (NaN or inf for a layer with non-finite weights,
     which then contributes no new subgradient).
