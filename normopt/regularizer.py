@@ -28,7 +28,7 @@ from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, unwrap
 from normopt.lines import line_plan, parse_ord
 from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
-from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, norm_decay
+from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
@@ -53,13 +53,13 @@ def _refuse_sharded(model: nn.Module) -> None:
 def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
     """``beta`` as a float: finite, >= 0 and small enough that ``beta * h`` stays finite in float32.
 
-    A 0-d real floating-point tensor is kept as it is (a compiled step then takes it as an input,
-    and changing its value does not recompile, as with torch.optim's tensor ``lr``). Its value is
-    checked where that reads no device: on the CPU, outside a compiled region.
+    A 0-d floating-point tensor is kept as it is (a compiled step then takes it as an input, and
+    changing its value does not recompile, as with torch.optim's tensor ``lr``). Its value is
+    checked only where that costs no synchronisation: on the CPU, outside a compiled region;
+    elsewhere it is used as it is.
     """
     if isinstance(beta, torch.Tensor):
-        if beta.dim() != 0 or not beta.is_floating_point():
-            raise TypeError(f"{where} as a tensor must be 0-d and real floating point, got {beta.dtype} {tuple(beta.shape)}")
+        check_tensor_beta(beta, where)
         if beta.device.type == "cpu" and not torch.compiler.is_compiling():
             check_beta(float(beta), where)
         return beta
@@ -363,16 +363,21 @@ class NormDecay:
         if self._state is not None:
             for name, (buffer, scale) in self._state.views.items():
                 weight = self._modules[name].weight
+                state = self.optimizer.state.get(weight)
+                # In place already: .grad is not read (compiled, a read of a gradient that
+                # zero_grad then freed made dynamo recompile the hook path of attach_norm_decay
+                # at every step).
+                if state is not None and state.get(BUFFER) is buffer:
+                    continue
                 # Only once the optimizer has stepped the weight: a key written earlier would keep
                 # Adam-like optimizers from initialising their own state.
                 if weight.grad is not None:
                     state = self.optimizer.state[weight]
-                    if state.get(BUFFER) is not buffer:
-                        state[BUFFER], state[SCALE] = buffer, scale
-                        if name in self._state.recent:
-                            state[RECENT] = self._state.recent[name]
-                        else:  # a ring of an earlier selection, which this layout reads densely
-                            state.pop(RECENT, None)
+                    state[BUFFER], state[SCALE] = buffer, scale
+                    if name in self._state.recent:
+                        state[RECENT] = self._state.recent[name]
+                    else:  # a ring of an earlier selection, which this layout reads densely
+                        state.pop(RECENT, None)
         if self.max_norm is not None:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):

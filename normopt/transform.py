@@ -128,18 +128,33 @@ def _decayed(spec: Spec) -> None:
         raise ValueError(f"layer {spec.name!r}: batch norm without affine weights has nothing to regularize")
 
 
-def _per_layer(value, names, what: str, tensors_allowed: bool = False) -> list:
-    """``value`` (a number, or ``{layer: number}``) per layer, as floats; with ``tensors_allowed``,
-    0-d real floating-point tensors are kept as they are (never read back to the host)."""
+BETA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor_beta(beta: torch.Tensor, where: str, device: torch.device | None = None) -> torch.Tensor:
+    """Refuse a tensor beta that a step could not use as it is: not 0-d, not of a float dtype of
+    :data:`BETA_DTYPES`, requiring grad, on the meta device, or on neither the CPU nor ``device``
+    (a CPU scalar multiplies accelerator tensors without a copy). Its value is not read."""
+    if beta.dim() != 0 or beta.dtype not in BETA_DTYPES:
+        got = f"{beta.dtype} {tuple(beta.shape)}"
+        raise TypeError(f"{where} as a tensor must be 0-d and of dtype float16/bfloat16/float32/float64, got {got}")
+    if beta.requires_grad:
+        raise TypeError(f"{where} as a tensor must not require grad (norm decay is not differentiated through beta)")
+    if beta.device.type == "meta" or not (beta.device.type == "cpu" or device is None or beta.device == device):
+        raise ValueError(f"{where} is a tensor on {beta.device}: put it on the CPU or on the weights' device ({device})")
+    return beta
+
+
+def _per_layer(value, names, what: str, device_of=None) -> list:
+    """``value`` (a number, or ``{layer: number}``) per layer, as floats; with ``device_of`` (layer
+    name -> its weight's device), 0-d floating-point tensors are kept as they are (never read back to
+    the host)."""
 
     def one(v, name):
         if isinstance(v, torch.Tensor):
-            if not tensors_allowed:
+            if device_of is None:
                 raise TypeError(f"{what} of layer {name!r} must be a number, not a tensor")
-            if v.dim() != 0 or not v.is_floating_point():
-                got = f"{v.dtype} {tuple(v.shape)}"
-                raise TypeError(f"{what} of layer {name!r} as a tensor must be 0-d and real floating point, got {got}")
-            return v
+            return check_tensor_beta(v, f"{what} of layer {name!r}", device_of(name))
         return float(v)
 
     if isinstance(value, Mapping):
@@ -266,7 +281,7 @@ def norm_decay(
     def update(grads, state: NormDecayState, tensors, *, beta, gamma):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
-        betas = dict(zip(names, _per_layer(beta, names, "beta", tensors_allowed=True)))
+        betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: lookup(tensors, specs[n].weight, specs[n]).device)))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma")))
         count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
         # beta / count once per beta (a tensor beta shared by the layers stays one tensor, so that
@@ -277,8 +292,8 @@ def norm_decay(
             b = betas[n]
             if isinstance(b, torch.Tensor):
                 known = [s for obj, s in divided if obj is b]
-                if not known:
-                    known = [b / count if count != 1 else b]
+                if not known:  # divided in float32 at least, as a float beta is
+                    known = [b.to(torch.promote_types(b.dtype, torch.float32)) / count if count != 1 else b]
                     divided.append((b, known[0]))
                 strengths[n] = known[0]
             else:
@@ -338,9 +353,14 @@ def norm_decay(
                 value = _common(values_of)
                 if value is None:
                     layer_scales, value = _times(layer_scales, values_of), 1.0
-                elif isinstance(value, torch.Tensor):  # scaled on the flat scales: one operation
-                    scaled = _layer_views(buffer, scale * value, members, plan)
-                    layer_scales, value = [scaled[members[i]][1] for i in have], 1.0
+                elif isinstance(value, torch.Tensor):
+                    # Rounded to the scales' dtype before the product (with reduced-precision
+                    # weights, one rounding more than a float beta's).
+                    if value.device == scale.device:
+                        layer_scales = torch._foreach_mul(layer_scales, value)
+                    else:  # a CPU scalar beside accelerator tensors, which foreach operations refuse
+                        layer_scales = _times(layer_scales, [value] * len(layer_scales))
+                    value = 1.0
                 buffers = [all_views[members[i]][0] for i in have]
                 torch._foreach_addcmul_([grads[member_specs[i].weight] for i in have], buffers, layer_scales, value=value)
             if through_ring and any(grads.get(member_specs[i].weight) is not None for i in through_ring):

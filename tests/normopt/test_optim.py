@@ -500,6 +500,40 @@ def test_a_compiled_step_takes_each_decay_buffer_once_per_graph(ord):
         assert all(inputs.count(flat) <= 1 for flat in flats)
 
 
+def test_attach_norm_decay_under_a_compiled_step_compiles_once_and_matches_eager():
+    # The step post-hook read each weight's .grad; compiled, zero_grad freeing it recompiled the
+    # hook's frame at every step (then ran it eagerly past dynamo's recompile limit).
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    def train(compile_step):
+        model = small_cnn()
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        normopt.attach_norm_decay(inner, model, ord="linf", beta=0.1)
+        run(model, inner, 1)
+        step = torch.compile(inner.step, backend=counting) if compile_step else inner.step
+        counts = []
+        for seed in range(1, 5):
+            for inputs, labels in batches(*DATA, 1, 32, seed):
+                inner.zero_grad()  # set_to_none: every step's gradients are new tensors
+                F.cross_entropy(model(inputs), labels).backward()
+                step()
+            counts.append(len(graphs))
+        return model, counts
+
+    torch._dynamo.reset()
+    eager, _ = train(False)
+    compiled, counts = train(True)
+    assert counts[0] > 0 and counts[1:] == counts[:1] * 3, counts
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_attach_norm_decay_matches_the_wrapper():
     model, twin = small_cnn(), small_cnn()
     inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)

@@ -413,8 +413,11 @@ def test_the_reporter_reads_cpu_flags_at_once_and_never_reads_meta():
         (small_cnn, {"beta": 1e39}, ValueError, r"beta=1e\+39 is too large"),
         (small_cnn, {"beta": True}, ValueError, "beta must be"),
         (small_cnn, {"beta": torch.tensor(-1.0)}, ValueError, "beta must be a finite number >= 0"),
-        (small_cnn, {"beta": torch.tensor([0.1])}, TypeError, r"beta as a tensor must be 0-d and real floating point"),
-        (small_cnn, {"beta": torch.tensor(1)}, TypeError, r"beta as a tensor must be 0-d and real floating point"),
+        (small_cnn, {"beta": torch.tensor([0.1])}, TypeError, r"beta as a tensor must be 0-d and of dtype float16/"),
+        (small_cnn, {"beta": torch.tensor(1)}, TypeError, r"beta as a tensor must be 0-d and of dtype float16/"),
+        (small_cnn, {"beta": torch.tensor(0.1j)}, TypeError, r"beta as a tensor must be 0-d and of dtype float16/"),
+        (small_cnn, {"beta": torch.tensor(0.1, requires_grad=True)}, TypeError, r"beta as a tensor must not require grad"),
+        (small_cnn, {"beta": torch.tensor(0.1, device="meta")}, ValueError, r"beta is a tensor on meta"),
         (small_cnn, {"gamma": torch.tensor(0.5)}, TypeError, "gamma must be a number in \\[0, 1\\], not a tensor"),
         (small_cnn, {"bn_projection": "argmax"}, ValueError, "unknown bn_projection"),
         (small_cnn, {"max_norm": float("inf")}, ValueError, "max_norm must be a positive finite number"),
@@ -429,8 +432,13 @@ def test_bad_input_is_refused_at_construction(make_model, kwargs, error, match):
 
 @pytest.mark.parametrize(
     ("beta", "error"),
-    [(float("inf"), ValueError), (torch.tensor(float("inf")), ValueError), (torch.tensor([0.1]), TypeError)],
-    ids=["float", "tensor", "1-d tensor"],
+    [
+        (float("inf"), ValueError),
+        (torch.tensor(float("inf")), ValueError),
+        (torch.tensor([0.1]), TypeError),
+        (torch.tensor(0.1, device="meta"), ValueError),
+    ],
+    ids=["float", "tensor", "1-d tensor", "meta tensor"],
 )
 def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes(beta, error):
     model = small_cnn()

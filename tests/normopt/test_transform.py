@@ -346,15 +346,15 @@ def test_complex_weights_are_refused_by_name():
 
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 @pytest.mark.parametrize(("ord", "ring"), [(1, False), (math.inf, True)], ids=["l1", "linf-ring"])
-@pytest.mark.parametrize("per_layer", [False, True], ids=["one-tensor", "a-tensor-per-layer"])
-def test_a_tensor_beta_gives_the_float_betas_update(ord, ring, rule, per_layer):
+@pytest.mark.parametrize(("per_layer", "dtype"), [(False, torch.float64), (True, torch.float64), (False, torch.bfloat16)])
+def test_a_tensor_beta_gives_the_float_betas_update(ord, ring, rule, per_layer, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(), nn.Linear(36, 5))
     specs = normopt.layer_specs(model, torch.zeros(1, 3, 8, 8))
     tensors = dict(model.named_parameters())
     transform = norm_decay(specs, ord=ord, rule=rule)
-    floats = {name: 0.1 * (i + 1) if per_layer else 0.1 for i, name in enumerate(specs)}
-    as_tensors = {name: torch.tensor(value, dtype=torch.float64) for name, value in floats.items()}
+    as_tensors = {name: torch.tensor(0.1 * (i + 1) if per_layer else 0.1, dtype=dtype) for i, name in enumerate(specs)}
+    floats = {name: float(value) for name, value in as_tensors.items()}  # a bfloat16 beta is divided in float32 as a float is
     if not per_layer:
         as_tensors = dict.fromkeys(specs, as_tensors[next(iter(specs))])  # one tensor shared by every layer
     runs = []
@@ -373,7 +373,7 @@ def test_a_tensor_beta_gives_the_float_betas_update(ord, ring, rule, per_layer):
         assert_close(runs[1][key], value, rtol=1e-6, msg=key)
 
 
-def test_a_tensor_gamma_or_a_shaped_tensor_beta_is_refused_by_layer():
+def test_a_tensor_gamma_or_an_unusable_tensor_beta_is_refused_by_layer_before_anything_changes():
     transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 2, 2)})
     tensors = {"w": torch.ones(2, 2)}
     state = transform.init(tensors)
@@ -381,3 +381,7 @@ def test_a_tensor_gamma_or_a_shaped_tensor_beta_is_refused_by_layer():
         transform.update({"w": torch.zeros(2, 2)}, state, tensors, beta=torch.ones(1), gamma=0.5)
     with pytest.raises(TypeError, match=r"gamma of layer 'fc' must be a number, not a tensor"):
         transform.update({"w": torch.zeros(2, 2)}, state, tensors, beta=0.1, gamma=torch.tensor(0.5))
+    before = state.decay_buffer("fc").clone(), state.scales[0].clone()
+    with pytest.raises(ValueError, match=r"beta of layer 'fc' is a tensor on meta"):
+        transform.update({"w": torch.zeros(2, 2)}, state, tensors, beta=torch.tensor(0.1, device="meta"), gamma=0.5)
+    assert torch.equal(state.decay_buffer("fc"), before[0]) and torch.equal(state.scales[0], before[1])
