@@ -319,18 +319,21 @@ def norm_decay(
             found = argmax_slices(padded_line_sums(lines, plan, tables), tables)
             values, counts = slice_subgradients(weights, found, factors, plan, tables)
             decays = [gammas[n] for n in members]
-            if len(set(decays)) == 1:  # h <- gamma h, on the scales only
-                scale.mul_(decays[0])
+            # Compared, never hashed: compiled, a gamma that changed is a symbol, and a set of
+            # symbols fixed their values (a recompile at every new gamma).
+            shared = _common(decays)
+            if shared is not None:  # h <- gamma h, on the scales only
+                scale.mul_(shared)
             else:
                 torch._foreach_mul_([all_views[n][1] for n in members], decays)
             current = buffer.take(found.buffer) * scale.take(found.scales)  # h on the arg-max slices
             finite = torch.isfinite(found.norms).index_select(0, tables.entry_layer)
             if rule == "paper":
                 step = torch.where(finite, values, 0.0)
-                blend = [1 - gammas[n] for n in members]
-                if len(set(blend)) == 1:
-                    step = step * blend[0]
+                if shared is not None:
+                    step = step * (1 - shared)
                 else:
+                    blend = [1 - gammas[n] for n in members]
                     sizes = [p.slice_size for p in plan.plans]
                     step = torch.cat(torch._foreach_mul(step.split(sizes), blend))
                 new = current + step

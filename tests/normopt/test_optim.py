@@ -405,45 +405,54 @@ def test_a_tensor_beta_changed_between_compiled_steps_does_not_recompile(ord, ri
         assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_float_beta_and_gamma_changed_between_compiled_steps_recompile_without_a_graph_break():
-    # After a float's value changes dynamo traces it symbolically, and math.isfinite on it broke
-    # the graph inside the step; comparisons only specialise it (a recompile, as torch.optim's float lr).
+def test_float_beta_and_gamma_changed_between_compiled_steps_recompile_once_without_a_graph_break():
+    # After a float's value changes dynamo traces it as a symbol: math.isfinite on it broke the
+    # graph inside the step, and a set() of gammas fixed each new value (a recompile per value,
+    # then eager past dynamo's recompile limit). Now the first change recompiles, as torch.optim's
+    # float lr does, and later ones reuse that graph.
     import logging
 
     import torch._dynamo
 
-    breaks = []
+    breaks, graphs = [], []
 
     class Collect(logging.Handler):
         def emit(self, record):
             breaks.append(record.getMessage())
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
 
     def train(compile_step):
         model = small_cnn()
         optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, ord="linf", beta=0.1)
         run(model, optimizer, 1)
         if compile_step:
-            optimizer.step = torch.compile(optimizer.step, backend="aot_eager")
-        for step in range(3):
+            optimizer.step = torch.compile(optimizer.step, backend=counting)
+        counts = []
+        for step in range(5):
             for group in optimizer.param_groups:
                 group["norm_decay_beta"] = 0.1 * (step + 2)
-                group["norm_decay_gamma"] = 0.5 - 0.1 * step
+                group["norm_decay_gamma"] = 0.5 - 0.05 * step
             run(model, optimizer, 1, seed=step + 1)
-        return model
+            counts.append(len(graphs))
+        return model, counts
 
     torch._dynamo.reset()
-    eager = train(False)
+    eager, _ = train(False)
     logger, handler = logging.getLogger("torch._dynamo.symbolic_convert.__graph_breaks"), Collect()
     logger.addHandler(handler)
     torch._logging.set_logs(graph_breaks=True)
     try:
-        compiled = train(True)
+        compiled, counts = train(True)
     finally:
         torch._logging.set_logs()
         logger.removeHandler(handler)
     assert breaks  # torch.optim's own break is seen, so a break of normopt's would be too
     where = [b.splitlines()[0] for b in breaks]  # "Graph break ... in user code at <file>:<line>"
     assert all(w.split(" at ")[-1].split(":")[0].endswith("torch/optim/optimizer.py") for w in where), where
+    assert counts[2:] == counts[1:2] * 3, counts  # no graph after the first change's recompile
     for key, value in eager.state_dict().items():
         assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
