@@ -156,13 +156,26 @@ def _main_tensor(tensors, spec: Spec) -> torch.Tensor:
     return lookup(tensors, key, spec)
 
 
+# Host-side set-up, built once per batch and kept with the specs: under torch.compile it runs
+# outside the graph (one break, on the first call only), where dynamo would otherwise trace the
+# plan's Python and stop at the lock of its cache.
+@torch.compiler.disable
+def _batch_entry(members_specs: tuple[Spec, ...], ord: float, device: torch.device, dtype: torch.dtype) -> tuple:
+    order, plan = batch_plan(members_specs, ord)
+    work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
+    scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
+    return members_specs, order, plan, batch_tables(plan, device, dtype), scratch
+
+
 def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, torch.Tensor]:
     """Operator norm of every layer in ``specs``, as ``{name: 0-d tensor}``.
 
     All layers of one device and dtype are computed together: one abs-and-reduce pass per kernel,
     then a fixed number of operations for the whole model (:mod:`normopt.batched`). With the
     :class:`~normopt.LayerSpecs` of :func:`normopt.layer_specs`, the small index tables this needs
-    are built once per device and kept with the specs.
+    are built once per device and kept with the specs. Under ``torch.compile`` they are built
+    outside the graph, a break on the first call only (with ``fullgraph=True``, call once eagerly
+    first).
 
     Args:
         tensors: ``model.state_dict()``, or ``{**dict(model.named_parameters()),
@@ -196,10 +209,7 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
         members_specs = tuple(specs[n] for n in members)
         key = (tuple(members), ord, device, dtype)  # names: cheaper to hash than the specs
         if key not in cache or any(a is not b for a, b in zip(cache[key][0], members_specs)):
-            order, plan = batch_plan(members_specs, ord)
-            work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
-            scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
-            cache[key] = (members_specs, order, plan, batch_tables(plan, device, dtype), scratch)
+            cache[key] = _batch_entry(members_specs, ord, device, dtype)
         _, order, plan, tables, scratch = cache[key]
         ordered = [members_specs[i] for i in order]
         weights, running_vars = [], []

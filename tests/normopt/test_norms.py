@@ -238,3 +238,40 @@ def test_wrapper_prefixes_in_state_dict_keys():
     assert list(specs) == ["0", "1"]
     assert normopt.layer_norms(wrapped.state_dict(), specs, 1).keys() == {"0", "1"}
     assert_close(normopt.layer_norms(wrapped.state_dict(), specs, 1)["0"], normopt.layer_norms(model.state_dict(), specs, 1)["0"])
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_compiled_layer_norms_set_up_outside_the_graph_then_reuse_it(ord):
+    # Dynamo traced the index tables' Python on the first call and stopped at its cache's lock.
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, stride=2), nn.Flatten(), nn.Linear(36, 5)
+    )
+    specs = layer_specs(model, torch.zeros(1, 3, 8, 8))  # fresh: no table built yet
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()  # dynamo warns once per message and process
+    compiled = torch.compile(lambda: normopt.layer_norms(tensors, specs, ord), backend=counting)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = compiled()
+        count = len(graphs)
+        second = compiled()
+    assert not caught, [str(w.message) for w in caught]  # e.g. dynamo tracing through the plans' lru_cache
+    assert count > 0 and len(graphs) == count, (count, len(graphs))  # the second call reuses the first's graphs
+    with torch.no_grad():
+        expected = normopt.layer_norms(tensors, layer_specs(model, torch.zeros(1, 3, 8, 8)), ord)
+    for name, value in expected.items():
+        assert_close(first[name], value, rtol=1e-6, msg=name)
+        assert_close(second[name], value, rtol=1e-6, msg=name)
+    fullgraph = torch.compile(lambda: normopt.layer_norms(tensors, specs, ord), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():  # the tables exist now: one graph, no break
+        assert_close(fullgraph()["2"], expected["2"], rtol=1e-6)
