@@ -156,10 +156,23 @@ def _main_tensor(tensors, spec: Spec) -> torch.Tensor:
     return lookup(tensors, key, spec)
 
 
+_SET_UP_OUTSIDE = (
+    "normopt.layer_norms builds its index tables on the host, once per LayerSpecs: call it once eagerly, "
+    "with the LayerSpecs of normopt.layer_specs, before compiling it with fullgraph=True"
+)
+
+
+def _outside_the_graph(fn):
+    try:
+        return torch.compiler.disable(fn, reason=_SET_UP_OUTSIDE)
+    except TypeError:  # torch before 2.6 takes no reason
+        return torch.compiler.disable(fn)
+
+
 # Host-side set-up, built once per batch and kept with the specs: under torch.compile it runs
 # outside the graph (one break, on the first call only), where dynamo would otherwise trace the
 # plan's Python and stop at the lock of its cache.
-@torch.compiler.disable
+@_outside_the_graph
 def _batch_entry(members_specs: tuple[Spec, ...], ord: float, device: torch.device, dtype: torch.dtype) -> tuple:
     order, plan = batch_plan(members_specs, ord)
     work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
@@ -175,7 +188,7 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
     :class:`~normopt.LayerSpecs` of :func:`normopt.layer_specs`, the small index tables this needs
     are built once per device and kept with the specs. Under ``torch.compile`` they are built
     outside the graph, a break on the first call only (with ``fullgraph=True``, call once eagerly
-    first).
+    first, with those same specs; a plain dict of specs keeps no tables and breaks at every call).
 
     Args:
         tensors: ``model.state_dict()``, or ``{**dict(model.named_parameters()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -275,3 +276,8 @@ def test_compiled_layer_norms_set_up_outside_the_graph_then_reuse_it(ord):
     fullgraph = torch.compile(lambda: normopt.layer_norms(tensors, specs, ord), backend="aot_eager", fullgraph=True)
     with torch.no_grad():  # the tables exist now: one graph, no break
         assert_close(fullgraph()["2"], expected["2"], rtol=1e-6)
+    fresh = layer_specs(model, torch.zeros(1, 3, 8, 8))
+    torch._dynamo.reset()
+    advice = "call it once eagerly" if "reason" in inspect.signature(torch.compiler.disable).parameters else ""
+    with pytest.raises(Exception, match=advice):  # before torch 2.6 dynamo's message cannot say what to do
+        torch.compile(lambda: normopt.layer_norms(tensors, fresh, ord), backend="aot_eager", fullgraph=True)()
