@@ -174,10 +174,14 @@ def _common(values: list):
 
 
 def _times(tensors: list[torch.Tensor], values: list) -> list[torch.Tensor]:
-    """``tensors[i] * values[i]``: one foreach operation for numbers; a product each where some are
-    0-d tensors (which may sit on the CPU beside accelerator tensors, as foreach operations refuse)."""
+    """``tensors[i] * values[i]``, in the tensors' dtype: one foreach operation where the values are
+    numbers, or one 0-d tensor on the tensors' device; else a product each (a CPU scalar beside
+    accelerator tensors, which foreach operations refuse)."""
+    first = values[0]
     if not any(isinstance(v, torch.Tensor) for v in values):
         return list(torch._foreach_mul(tensors, values))
+    if all(v is first for v in values) and first.device == tensors[0].device:
+        return list(torch._foreach_mul(tensors, first))
     return [t * v for t, v in zip(tensors, values)]
 
 
@@ -354,16 +358,10 @@ def norm_decay(
                 layer_scales = [all_views[members[i]][1] for i in have]
                 values_of = [strengths[members[i]] for i in have]
                 value = _common(values_of)
-                if value is None:
+                if not isinstance(value, float):  # a tensor beta's scaled scales are rounded to
+                    # their dtype before the product: with reduced-precision weights, one rounding
+                    # more than a float beta's
                     layer_scales, value = _times(layer_scales, values_of), 1.0
-                elif isinstance(value, torch.Tensor):
-                    # Rounded to the scales' dtype before the product (with reduced-precision
-                    # weights, one rounding more than a float beta's).
-                    if value.device == scale.device:
-                        layer_scales = torch._foreach_mul(layer_scales, value)
-                    else:  # a CPU scalar beside accelerator tensors, which foreach operations refuse
-                        layer_scales = _times(layer_scales, [value] * len(layer_scales))
-                    value = 1.0
                 buffers = [all_views[members[i]][0] for i in have]
                 torch._foreach_addcmul_([grads[member_specs[i].weight] for i in have], buffers, layer_scales, value=value)
             if through_ring and any(grads.get(member_specs[i].weight) is not None for i in through_ring):
