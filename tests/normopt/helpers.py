@@ -181,3 +181,15 @@ def rings_everywhere():
     """
     with mock.patch.multiple(recent_slices, RING_SHARE=0, RING_MIN_WEIGHTS=0):
         yield
+
+
+def graph_recorder():
+    """``(graphs, backend)``: a ``torch.compile`` backend that runs each graph as traced and appends
+    it to ``graphs``, so that a test can count the graphs (and so the recompiles) of its steps."""
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    return graphs, backend

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix
+from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix, graph_recorder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -252,11 +252,7 @@ def test_compiled_layer_norms_set_up_outside_the_graph_then_reuse_it(ord):
     )
     specs = layer_specs(model, torch.zeros(1, 3, 8, 8))  # fresh: no table built yet
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    graphs = []
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
+    graphs, counting = graph_recorder()
 
     torch._dynamo.reset()
     getattr(torch._dynamo.utils, "warn_once_cache", set()).clear()  # dynamo warns once per message and process

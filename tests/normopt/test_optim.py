@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, batches, digits, rings_everywhere, small_cnn
+from helpers import assert_close, batches, digits, graph_recorder, rings_everywhere, small_cnn
 from torch import nn
 
 import normopt
@@ -367,11 +367,7 @@ def test_a_tensor_beta_changed_between_compiled_steps_does_not_recompile(ord, ri
     # tensor lr.
     import torch._dynamo
 
-    graphs = []
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
+    graphs, counting = graph_recorder()
 
     def train(compile_step):
         with rings_everywhere() if rings else contextlib.nullcontext():
@@ -414,15 +410,12 @@ def test_float_beta_and_gamma_changed_between_compiled_steps_recompile_once_with
 
     import torch._dynamo
 
-    breaks, graphs = [], []
+    breaks = []
+    graphs, counting = graph_recorder()
 
     class Collect(logging.Handler):
         def emit(self, record):
             breaks.append(record.getMessage())
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
 
     def train(compile_step):
         model = small_cnn()
@@ -514,11 +507,7 @@ def test_attach_norm_decay_under_a_compiled_step_compiles_once_and_matches_eager
     # hook's frame at every step (then ran it eagerly past dynamo's recompile limit).
     import torch._dynamo
 
-    graphs = []
-
-    def counting(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
+    graphs, counting = graph_recorder()
 
     def train(compile_step):
         model = small_cnn()
