@@ -34,6 +34,34 @@ if hasattr(nn, "RMSNorm"):
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
+    """``value`` (an iterable of module names of ``model``) as a set, or a clear error: a lone
+    string (which would be iterated letter by letter), a non-string entry, or a name that is no
+    module of ``model``."""
+    if isinstance(value, str):
+        raise TypeError(
+            f"{what} must be an iterable of module names, not the string {value!r}; did you mean {what}=({value!r},)?"
+        )
+    names = tuple(value)
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{what} must hold module names (strings), got {bad}")
+    missing = sorted(set(names) - {name for name, _ in model.named_modules()})
+    if missing:
+        raise ValueError(f"{what} names {missing} are not modules of the model")
+    return frozenset(names)
+
+
+def within(name: str, modules: frozenset[str]) -> bool:
+    """Whether module ``name`` is one of ``modules`` or inside one (``"layer1"`` holds ``"layer1.0.conv1"``).
+
+    Example:
+        >>> within("layer1.0.conv1", frozenset({"layer1"})), within("layer10", frozenset({"layer1"}))
+        (True, False)
+    """
+    return "" in modules or any(name == m or name.startswith(m + ".") for m in modules)
+
+
 class LayerSpecs(dict):
     """``{module name: spec}`` of a model's linear pieces, in module order.
 

@@ -47,7 +47,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         gamma: decay factor of the buffer h, in [0, 1], the default ``"norm_decay_gamma"``.
         rule: ``"paper"`` or ``"reference"``.
         layers: kinds to regularize, from ``"conv"``, ``"linear"``, ``"batchnorm"``.
-        exclude: module names to leave alone.
+        exclude: module names to leave alone, each with every layer inside it (``("layer1",)``
+            leaves all of ``layer1``).
         max_norm: after each step, project every regularized conv/linear layer's rows (l_inf) or
             columns (l1) onto the l1 ball of this radius.
         bn_max_norm: cap every batch norm's norm at this radius (the reference code uses 5).

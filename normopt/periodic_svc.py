@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from normopt.discovery import InputSizeRecorder, layer_specs, unwrap
+from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
 from normopt.specs import ConvSpec
 from normopt.svc import INPUT_SIZES, clip_layer_counted, layer_spectral_bound
 
@@ -50,6 +50,7 @@ class PeriodicSVC:
     ``"raw"`` at the input size without padding, as the released code does. ``threads`` sizes the
     thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
     ``precision`` as in :func:`normopt.svc.clip_singular_values`.
+    ``exclude`` names modules to leave alone, each with every conv layer inside it.
 
     Example:
         >>> import torch
@@ -99,7 +100,7 @@ class PeriodicSVC:
         self.last_report: ClipReport | None = None
         self.model = unwrap(model)
         self.bound, self.every, self.iterations = float(bound), every, iterations
-        self.exclude = frozenset(exclude)
+        self.exclude = module_names(exclude, "exclude", self.model)
         self.report = report
         self.last_norms: dict[str, float] = {}
         self.steps = self.clips = 0
@@ -117,7 +118,7 @@ class PeriodicSVC:
             if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
             self.specs = self._recorder.specs()
-        return {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and n not in self.exclude}
+        return {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and not within(n, self.exclude)}
 
     @torch.no_grad()
     def clip(self) -> None:

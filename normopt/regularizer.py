@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, unwrap
+from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap, within
 from normopt.lines import line_plan, parse_ord
 from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
@@ -80,18 +80,6 @@ def check_gamma(gamma, where: str = "gamma") -> float:
     return float(gamma)
 
 
-def _names(value, what: str) -> frozenset[str]:
-    if isinstance(value, str):
-        raise TypeError(
-            f"{what} must be an iterable of module names, not the string {value!r}; did you mean {what}=({value!r},)?"
-        )
-    names = tuple(value)
-    bad = [v for v in names if not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"{what} must hold module names (strings), got {bad}")
-    return frozenset(names)
-
-
 def _check_recent(recent, name: str, spec, ord: float) -> None:
     """Refuse a saved ring of recent slices that is not a 1-D tensor of the layer's channels (or -1)."""
     channels = line_plan(spec, ord).channels
@@ -101,11 +89,13 @@ def _check_recent(recent, name: str, spec, ord: float) -> None:
 
 
 class _NonFiniteReporter:
-    """Warns once per layer whose weights were non-finite, without synchronising the device.
+    """Warns once per layer whose weights were non-finite, without synchronising a CUDA device.
 
-    CPU flags are read at once; on an accelerator they are copied to the host without blocking and
-    read at a later step, once the copy's event has completed; flags that cannot be read (the meta
-    device) are dropped. Under ``torch.compile`` nothing is pushed (see :meth:`NormDecay.nonfinite_layers`).
+    CPU flags are read at once; on an accelerator they are copied to the host and read at a later
+    step, once the copy's event has completed: on CUDA without blocking, through pinned memory; on
+    others (MPS, XPU) with a plain copy, which waits for the device (pinning there is untested).
+    Flags that cannot be read (the meta device) are dropped. Under ``torch.compile`` nothing is
+    pushed (see :meth:`NormDecay.nonfinite_layers`).
     """
 
     def __init__(self):
@@ -201,10 +191,7 @@ class NormDecay:
             raise ValueError(f"unknown bn_projection {bn_projection!r}; expected one of {list(BN_PROJECTIONS)}")
         self.model = unwrap(model)
         _refuse_sharded(self.model)
-        self.exclude = _names(exclude, "exclude")
-        missing = sorted(self.exclude - {name for name, _ in self.model.named_modules()})
-        if missing:
-            raise ValueError(f"exclude names {missing} are not modules of the model")
+        self.exclude = module_names(exclude, "exclude", self.model)
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not held & {id(p) for p in self.model.parameters()}:
             raise ValueError("the optimizer holds none of the model's parameters: pass model.parameters() to it")
@@ -255,7 +242,7 @@ class NormDecay:
         self.decayed, self.bn_projected = {}, {}
         for name, spec in specs.items():
             weight = getattr(self._modules[name], "weight", None)
-            if name in self.exclude:
+            if within(name, self.exclude):
                 continue
             if weight is None or not isinstance(weight, nn.Parameter) or spec.weight is None:
                 self.skipped[name] = "no trainable affine weight to regularize"
@@ -349,7 +336,10 @@ class NormDecay:
             (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
         if self._transform is not None:
             betas, gammas = self._hyper()
-            grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
+            # A weight frozen since the layers were chosen gets no decay, even with a gradient
+            # that zero_grad(set_to_none=False) kept: the optimizer would step it.
+            weights = [self._tensors[spec.weight] for spec in self.decayed.values()]
+            grads = {spec.weight: w.grad if w.requires_grad else None for spec, w in zip(self.decayed.values(), weights)}
             _, self._state, norms = self._transform.update(grads, self._state, self._tensors, beta=betas, gamma=gammas)
             self.last_norms = norms
             if not torch.compiler.is_compiling():
@@ -383,6 +373,8 @@ class NormDecay:
                 if isinstance(spec, BatchNormSpec):
                     continue
                 weight = self._modules[name].weight
+                if not weight.requires_grad:  # frozen since the layers were chosen: the user's to keep
+                    continue
                 if weight.device not in self._taps.setdefault(name, {}):
                     self._taps[name][weight.device] = tap_tables(spec, self.ord, weight.device)
                 weight.copy_(project_layer(weight, spec, self.ord, self.max_norm, self._taps[name][weight.device]))
@@ -392,6 +384,8 @@ class NormDecay:
     def _project_batchnorms(self, projection) -> None:
         for name, spec in self.bn_projected.items():
             module = self._modules[name]
+            if not module.weight.requires_grad:
+                continue
             capped = projection(module.weight, module.running_var, spec, self.bn_max_norm)
             module.weight.copy_(torch.where(torch.isfinite(capped), capped, module.weight))
 
@@ -490,6 +484,8 @@ class NormDecay:
             if name not in self.decayed:
                 raise ValueError(f"checkpoint has a decay buffer for layer {name!r}, which is not regularized here")
             weight = self._modules[name].weight
+            if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+                raise TypeError(f"decay buffer of layer {name!r} must be a floating-point tensor, got {type(h).__name__}")
             if tuple(h.shape) != tuple(weight.shape):
                 raise ValueError(f"decay buffer of layer {name!r} has shape {tuple(h.shape)}, the weight {tuple(weight.shape)}")
 

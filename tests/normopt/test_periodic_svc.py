@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import batches, digits, small_cnn
+from torch import nn
 
 import normopt
 from normopt import NormDecayOptimizer, PeriodicSVC
@@ -74,6 +75,34 @@ def test_bad_options_are_refused(kwargs, match):
     model = small_cnn()
     with pytest.raises(ValueError, match=match):
         PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("exclude", "error", "match"),
+    [
+        ("0", TypeError, r"not the string '0'; did you mean exclude=\('0',\)"),
+        (("nope",), ValueError, r"exclude names \['nope'\]"),
+    ],
+)
+def test_bad_exclude_is_refused_by_name(exclude, error, match):
+    model = small_cnn()
+    with pytest.raises(error, match=match):
+        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=1.0, exclude=exclude)
+
+
+def test_exclude_leaves_every_conv_inside_a_named_block_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)), nn.Conv2d(4, 4, 3, padding=1)
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=0.1, every=1, exclude=("0",), example_input=DATA[0][:1])
+    before = [conv.weight.clone() for conv in (model[0][0], model[0][1], model[1])]
+    model(DATA[0][:2]).sum().backward()
+    optimizer.step()
+    assert svc.clips == 1 and svc.last_report.layers == 1
+    assert torch.equal(model[0][0].weight, before[0]) and torch.equal(model[0][1].weight, before[1])
+    assert not torch.equal(model[1].weight, before[2])
 
 
 @pytest.mark.parametrize("iterations", [0, -2, 1.5, True])

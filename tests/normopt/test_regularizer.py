@@ -284,6 +284,34 @@ def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_dec
     assert any(value.abs().sum() > 0 for value in added[0.1].values())
 
 
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.parametrize("kind", ["float", "tensor", "tensor in place"])
+def test_doubling_beta_between_steps_doubles_the_next_added_gradient(rings, kind, ord, rule):
+    model, twin = small_cnn(), small_cnn()
+    beta = (lambda v: v) if kind == "float" else torch.tensor
+    optimizers = [wrapped(m, beta=beta(0.1), ord=ord, rule=rule) for m in (model, twin)]
+    for seed in range(3):  # the same history: rings and buffers hold earlier slices
+        for m, optimizer in zip((model, twin), optimizers):
+            one_step(m, optimizer, seed)
+    doubled = optimizers[1].param_groups[0]
+    if kind == "tensor in place":
+        doubled["norm_decay_beta"].fill_(0.2)
+    else:
+        doubled["norm_decay_beta"] = beta(0.2)
+    added = []
+    for m, optimizer in zip((model, twin), optimizers):
+        inputs, labels = next(batches(*DATA, 1, 16, 7))
+        optimizer.zero_grad()
+        F.cross_entropy(m(inputs), labels).backward()
+        plain = {name: p.grad.clone() for name, p in m.named_parameters()}
+        optimizer.norm_decay.before_step()
+        added.append({name: p.grad - plain[name] for name, p in m.named_parameters()})
+    for name, value in added[1].items():
+        assert_close(value, 2 * added[0][name], rtol=1e-6, atol=1e-9, msg=name)
+    assert all(added[0][f"{i}.weight"].abs().sum() > 0 for i in (0, 3, 6))
+
+
 def test_each_param_group_uses_its_own_beta():
     model = small_cnn()
     head = [p for n, p in model.named_parameters() if n.startswith("6.")]
@@ -299,18 +327,68 @@ def test_each_param_group_uses_its_own_beta():
     assert not torch.equal(model[0].weight.grad, plain["0.weight"])
 
 
-def test_a_refused_load_changes_neither_the_optimizer_nor_the_decay_state():
+@pytest.mark.parametrize("when", ["before the first step", "after a step"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_buffers_of_a_hooks_checkpoint_from_before_the_state_moved_resume_through_load_buffers(rings, ord, when):
     model = small_cnn()
-    optimizer = wrapped(model, beta=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    decay = attach_norm_decay(optimizer, model, beta=0.1, ord=ord)
+    for seed in range(3):
+        one_step(model, optimizer, seed)
+    old_checkpoint = {"model": copy.deepcopy(model.state_dict()), "buffers": decay.decay_buffers()}  # {layer: h}
+    old_optimizer = copy.deepcopy(optimizer.state_dict())
+    for entry in old_optimizer["state"].values():
+        for key in [k for k in entry if k.startswith("norm_decay")]:
+            del entry[key]
+    twin = small_cnn(seed=1)
+    twin.load_state_dict(old_checkpoint["model"])
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    twin_decay = attach_norm_decay(twin_optimizer, twin, beta=0.1, ord=ord)
+    if when == "after a step":
+        one_step(twin, twin_optimizer, 9)
+        twin.load_state_dict(old_checkpoint["model"])
+    twin_optimizer.load_state_dict(old_optimizer)
+    with pytest.raises(ValueError, match=r"decay buffer of layer '0' has shape \(4,\)"):
+        twin_decay.load_buffers({**old_checkpoint["buffers"], "0": torch.zeros(4)})
+    with pytest.raises(TypeError, match=r"decay buffer of layer '3' must be a floating-point tensor"):
+        twin_decay.load_buffers({"3": [0.0]})
+    twin_decay.load_buffers(old_checkpoint["buffers"])
+    for name, h in twin_decay.decay_buffers().items():
+        assert torch.equal(h, old_checkpoint["buffers"][name]), name
+    for seed in (3, 4):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin, rtol=1e-6)
+
+
+@pytest.mark.parametrize("refused_by", ["torch", "norm decay"])
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_refused_load_changes_neither_the_optimizer_nor_the_decay_state(through, refused_by):
+    model = small_cnn()
+    if through == "wrapper":
+        optimizer = wrapped(model, beta=0.1)
+        decay = optimizer.norm_decay
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        decay = attach_norm_decay(optimizer, model, beta=0.1)
     one_step(model, optimizer)
-    before = optimizer.norm_decay.decay_buffers()
+    before, inner = decay.decay_buffers(), copy.deepcopy(optimizer.state_dict())
     bad = copy.deepcopy(optimizer.state_dict())
     bad["state"][0]["norm_decay_buffer"] = torch.full_like(bad["state"][0]["norm_decay_buffer"], 5.0)
-    bad["param_groups"].append(dict(bad["param_groups"][0]))  # one group too many: torch refuses
-    with pytest.raises(ValueError, match="parameter groups"):
+    bad["state"][0]["momentum_buffer"] = torch.full_like(bad["state"][0]["momentum_buffer"], 5.0)
+    if refused_by == "torch":
+        bad["param_groups"].append(dict(bad["param_groups"][0]))  # one group too many
+        error, match = ValueError, "parameter groups"
+    else:
+        bad["state"][2]["norm_decay_buffer"] = torch.zeros(3)
+        error, match = ValueError, r"layer '3'"
+    with pytest.raises(error, match=match):
         optimizer.load_state_dict(bad)
-    for name, h in optimizer.norm_decay.decay_buffers().items():
+    for name, h in decay.decay_buffers().items():
         assert torch.equal(h, before[name]), name
+    for i, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, inner["state"][i][key]), (i, key)
 
 
 def test_checkpoints_of_the_previous_version_still_load():
@@ -360,6 +438,43 @@ def test_projections_leave_frozen_and_foreign_weights_alone():
     assert torch.equal(model[0].weight, frozen) and torch.equal(model[6].weight, foreign)
     assert normopt.layer_norm(model.state_dict(), normopt.module_spec(model[3], "3", (8, 8)), 1) <= 0.5 * (1 + 1e-5)
     assert "0" in optimizer.norm_decay.skipped and "6" in optimizer.norm_decay.skipped
+
+
+@pytest.mark.parametrize("caps", ["none", "exact", "released"])
+def test_a_weight_frozen_after_construction_gets_no_decay_and_no_projection(caps):
+    model = small_cnn(batchnorm=True)
+    options = {} if caps == "none" else {"max_norm": 0.5, "bn_max_norm": 1.0, "bn_projection": caps}
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.5, **options)
+    one_step(model, optimizer)
+    for layer in (model[0], model[1]):
+        layer.weight.requires_grad_(False)
+    with torch.no_grad():
+        model[0].weight.mul_(50)
+        model[1].weight.fill_(100.0)
+    frozen = [model[0].weight.clone(), model[1].weight.clone()]
+    inputs, labels = next(batches(*DATA, 1, 16, 1))
+    optimizer.zero_grad(set_to_none=False)  # the frozen weights keep a zero gradient: SGD steps them
+    F.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+    assert torch.equal(model[0].weight, frozen[0]) and torch.equal(model[1].weight, frozen[1])
+    if caps != "none":
+        assert normopt.layer_norm(model.state_dict(), normopt.module_spec(model[3], "3", (8, 8)), 1) <= 0.5 * (1 + 1e-5)
+
+
+def test_exclude_leaves_every_layer_inside_a_named_block_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(256, 10),
+    )
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, exclude=("0",), example_input=DATA[0][:1])
+    assert list(optimizer.norm_decay.decayed) == ["1", "3"]
+    alone = NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, exclude=("0.2", "3"), example_input=DATA[0][:1]
+    )
+    assert list(alone.norm_decay.decayed) == ["0.0", "1"]
 
 
 def test_max_norm_skips_a_layer_with_non_finite_weights():
