@@ -14,9 +14,12 @@ times two lower bounds beside them: the plain step plus the regularized layers' 
 (``normopt.layer_norms``, which every exact norm-decay step computes first), and the plain step
 plus one plain read of their weights (``sum``: what a fused abs-and-sum would cost). With
 ``--compile`` it times ``torch.compile``d steps as well (inductor where a C compiler exists, else
-aot_eager). Medians of interleaved repeats; thread counts are set once (torch and BLAS).
+aot_eager). ``--device cuda`` runs the models, steps and training steps there (a GPU's
+kernel launches are what the operator counts stand for); the bit-identity check stays on the
+CPU. Medians of interleaved repeats (synchronising the GPU around each call); thread counts are
+set once (torch and BLAS).
 
-    python -m benchmarks.optimizer [--threads 2] [--repeats 15] [--batch 128] [--released PATH] [--compile]
+    python -m benchmarks.optimizer [--threads 2] [--repeats 15] [--batch 128] [--released PATH] [--compile] [--device cuda]
 """
 
 from __future__ import annotations
@@ -42,11 +45,15 @@ MODELS = {"ResNet-18": resnet18, "RegNetX-200MF": regnetx_200mf}
 ORDS = {"l1": (1, "1-norm"), "linf": (math.inf, "inf-norm")}
 
 
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _with_grads(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same batches on every device
     x = torch.randn(8, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (8,), generator=generator)
-    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x.to(_device(model))), y.to(_device(model))).backward()
     return model
 
 
@@ -55,7 +62,7 @@ def _sgd(model):
 
 
 def _wrapped(model, ord, rule="paper"):
-    example = torch.zeros(1, 3, 32, 32)
+    example = torch.zeros(1, 3, 32, 32, device=_device(model))
     return normopt.NormDecayOptimizer(_sgd(model), model, ord=ord, beta=1e-3, rule=rule, example_input=example)
 
 
@@ -66,7 +73,7 @@ def _released_step(model, norm: str):
         bind_lip(model, norm=norm, beta=1e-3)
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, 3, 32, 32))  # their forward hook builds the partitions
+            model(torch.zeros(1, 3, 32, 32, device=_device(model)))  # their forward hook builds the partitions
         model.train()
     optimizer = _sgd(model)
 
@@ -97,11 +104,11 @@ def _floors(optimizer: normopt.NormDecayOptimizer, model: torch.nn.Module, ord) 
     return {"norms": norms, "read": read}
 
 
-def optimizer_steps(repeats: int, released: bool, compile_backend: str | None) -> list[dict]:
+def optimizer_steps(repeats: int, released: bool, compile_backend: str | None, device: str = "cpu") -> list[dict]:
     rows = []
     for label, make in MODELS.items():
         torch.manual_seed(0)
-        base = make()
+        base = make().to(device)
         for ord_name, (ord, released_norm) in ORDS.items():
             plain_model, ours_model = _with_grads(copy.deepcopy(base)), _with_grads(copy.deepcopy(base))
             plain, ours = _sgd(plain_model), _wrapped(ours_model, ord)
@@ -162,7 +169,7 @@ def bit_identity(steps: int = 100) -> dict[str, bool]:
     return result
 
 
-def training_steps(repeats: int, batch: int, compile_backend: str | None = None) -> dict[str, float]:
+def training_steps(repeats: int, batch: int, compile_backend: str | None = None, device: str = "cpu") -> dict[str, float]:
     """A whole step (forward, backward, optimizer) of torchvision's ResNet-18, wrapped over plain.
 
     A whole step's time varies by a few percent from run to run, more than the decay adds; the
@@ -172,8 +179,8 @@ def training_steps(repeats: int, batch: int, compile_backend: str | None = None)
     (model eager), over the plain eager step.
     """
     torch.manual_seed(0)
-    base = torchvision.models.resnet18(num_classes=10)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    base = torchvision.models.resnet18(num_classes=10).to(device)
+    x, y = torch.randn(batch, 3, 32, 32).to(device), torch.randint(0, 10, (batch,)).to(device)
     steps, decays = {}, {}
     torch._dynamo.reset()
     runs = [("plain", None, False), ("l1", 1, False), ("linf", math.inf, False)]
@@ -220,15 +227,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-repeats", type=int, default=5, help="repeats of the whole training step (0: skip)")
     parser.add_argument("--released", help="checkout of youweiliang/norm_robustness, to run their step beside ours")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    parser.add_argument("--device", default="cpu", help="where the models and steps run (e.g. cuda)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     if args.released:
         sys.path.insert(0, args.released)
     backend = ("inductor" if shutil.which("cc") or shutil.which("gcc") else "aot_eager") if args.compile else None
     cpu = platform.processor() or platform.machine()
-    print(f"CPU ({cpu}), {args.threads} threads for torch and BLAS, torch {torch.__version__}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    print(f"{where}; CPU ({cpu}), {args.threads} threads for torch and BLAS, torch {torch.__version__}")
     print(f"medians of {args.repeats} interleaved repeats")
-    rows = optimizer_steps(args.repeats, bool(args.released), backend)
+    rows = optimizer_steps(args.repeats, bool(args.released), backend, args.device)
     columns = list(rows[0])
     print(" | ".join(columns))
     for row in rows:
@@ -238,7 +248,7 @@ def main(argv=None) -> dict:
         results["bit identical"] = bit_identity()
         print("rule='reference' vs released code, ResNet-18, 100 steps: weights bit-identical:", results["bit identical"])
     if args.train_repeats:
-        results["training"] = training_steps(args.train_repeats, args.batch, backend)
+        results["training"] = training_steps(args.train_repeats, args.batch, backend, args.device)
         print(
             f"torchvision ResNet-18, batch {args.batch} of 32x32, whole training step:",
             {k: round(v, 4) for k, v in results["training"].items()},

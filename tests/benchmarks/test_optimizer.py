@@ -30,12 +30,13 @@ def test_norms_floor_computes_the_norms_the_wrapped_step_reports(ord):
 
 
 def test_benchmark_rows_and_training_ratios_are_finite():
-    rows = bench.optimizer_steps(repeats=1, released=False, compile_backend=None)
+    # Through the command line, the device option included (a GPU run takes --device cuda).
+    results = bench.main(["--repeats", "1", "--train-repeats", "1", "--batch", "2", "--device", "cpu"])
+    rows, training = results["steps"], results["training"]
     assert [(row["model"], row["ord"]) for row in rows] == [(m, o) for m in bench.MODELS for o in bench.ORDS]
     for row in rows:
         assert row["added operators"] > 0
         assert math.isfinite(row["ours / plain"]) and row["ours / plain"] > 0
-    training = bench.training_steps(repeats=1, batch=2)
     expected = {"plain s", "l1 / plain", "linf / plain", "1 + l1 decay / plain", "1 + linf decay / plain"}
     expected |= {"1 + l1 norms / plain", "1 + linf norms / plain", "1 + read / plain"}
     assert set(training) == expected
