@@ -142,27 +142,35 @@ def test_a_gamma_above_the_rings_makes_this_and_every_later_step_dense():
 
 
 @settings(max_examples=60, deadline=None)
-@given(conv_layers(transposed=False, modes=MODES), st.sampled_from([1, math.inf]))
-def test_first_reference_step_is_the_oracle_gradient_of_the_argmax_line(case, ord):
-    """With gamma = 0 the reference rule's buffer is the subgradient itself: the gradient of the
-    explicit matrix's arg-max line, and the norm is the matrix's largest line sum."""
-    layer, spec, input_shape = case
-    layer = layer.double()
-    tensors = {"layer.weight": layer.weight.detach()}
-    transform = norm_decay({"layer": spec}, ord=ord, rule="reference")
+@given(
+    st.lists(st.one_of(conv_layers(transposed=False, modes=MODES), conv_layers(transposed=True)), min_size=1, max_size=3),
+    st.sampled_from([1, math.inf]),
+)
+def test_first_reference_step_is_the_oracle_gradient_of_the_argmax_line(cases, ord):
+    """With gamma = 0 the reference rule's buffer is the subgradient itself: for every layer of a
+    batch (convs and transposed convs computed together), the gradient of its explicit matrix's
+    arg-max line, and its norm the matrix's largest line sum."""
+    layers = {f"layer{i}": layer.double() for i, (layer, _, _) in enumerate(cases)}
+    specs = {
+        f"layer{i}": dataclasses.replace(spec, name=f"layer{i}", weight=f"layer{i}.weight")
+        for i, (_, spec, _) in enumerate(cases)
+    }
+    tensors = {f"{name}.weight": layer.weight.detach() for name, layer in layers.items()}
+    transform = norm_decay(specs, ord=ord, rule="reference")
     state = transform.init(tensors)
     _, state, norms = transform.update({}, state, tensors, beta=1.0, gamma=0.0)
-    weight = layer.weight.detach().clone().requires_grad_()
-    line_sums = explicit_matrix(layer, input_shape, weight).abs().sum(1 if ord == math.inf else 0)
-    assert_close(norms["layer"], line_sums.max(), rtol=1e-10)
-    found = normopt.layer_argmax(tensors, spec, ord)
-    sizes = spec.output_size if ord == math.inf else spec.input_size
-    index = int(found.channel)
-    for p, n in zip(found.position.tolist(), sizes):
-        index = index * n + p
-    (oracle,) = torch.autograd.grad(line_sums[index], weight)
-    assert_close(line_sums[index], line_sums.max(), rtol=1e-10)
-    assert_close(state.decay_buffer("layer"), oracle, rtol=1e-10)
+    for (name, layer), (_, spec, input_shape) in zip(layers.items(), cases):
+        weight = layer.weight.detach().clone().requires_grad_()
+        line_sums = explicit_matrix(layer, input_shape, weight).abs().sum(1 if ord == math.inf else 0)
+        assert_close(norms[name], line_sums.max(), rtol=1e-10, msg=name)
+        found = normopt.layer_argmax(tensors, specs[name], ord)
+        sizes = spec.output_size if ord == math.inf else spec.input_size
+        index = int(found.channel)
+        for p, n in zip(found.position.tolist(), sizes):
+            index = index * n + p
+        (oracle,) = torch.autograd.grad(line_sums[index], weight)
+        assert_close(line_sums[index], line_sums.max(), rtol=1e-10, msg=name)
+        assert_close(state.decay_buffer(name), oracle, rtol=1e-10, msg=name)
 
 
 def _eager_and_compiled(transform, specs, tensors, compile, *, ring: bool, steps: int):
