@@ -227,13 +227,56 @@ def test_transposed_conv_called_with_an_output_size_gets_the_matrix_of_that_call
     assert recorder.specs()["up"] == specs["up"]  # the lazy path records the same
 
 
-def test_transposed_conv_called_with_two_output_sizes_warns_and_bounds_both():
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_transposed_conv_called_with_two_output_sizes_warns_and_bounds_both(ord):
+    """ConvTranspose1d(1, 1, 3, stride=2, padding=1), weights [1, 2, 4], one input sample: output
+    size 1 gives the matrix [[2]], output size 2 [[2], [4]]; the spec takes the larger."""
     layer = nn.ConvTranspose1d(1, 1, 3, stride=2, padding=1)
-    recorder = normopt.InputSizeRecorder(nn.Sequential(layer))
-    layer(torch.zeros(1, 1, 4), output_size=[7])
-    layer(torch.zeros(1, 1, 4), output_size=[8])
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[[1.0, 2.0, 4.0]]]))
+    model = nn.Sequential(layer)
+    recorder = normopt.InputSizeRecorder(model)
+    x = torch.zeros(1, 1, 1)
+    layer(x, output_size=[1])
+    layer(x, output_size=[2])
     with pytest.warns(UserWarning, match="output paddings"):
         assert recorder.output_paddings == {"0": (1,)}
+        specs = recorder.specs()
+    calls = []
+    for size in (1, 2):  # each call's matrix, from its Jacobian (the bias is no part of it)
+        matrix = torch.autograd.functional.jacobian(lambda v, size=size: layer(v, output_size=[size]), x).reshape(size, 1)
+        calls.append(matrix.abs().sum(0 if ord == 1 else 1).max())
+    assert calls[0] < calls[1] == {1: 6.0, math.inf: 4.0}[ord]
+    assert normopt.layer_norms(model.state_dict(), specs, ord)["0"] == calls[1]  # a bound on both calls
+
+
+class _OwnFrozenBatchNorm(nn.Module):
+    """A frozen batch norm written by hand, as detection codebases do: four buffers and an eps."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
+
+
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_a_module_with_frozen_batchnorm_buffers_is_a_diagonal_map(ord):
+    layer = _OwnFrozenBatchNorm(3, eps=1e-3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, -3.0, 1.0]))
+        layer.running_var.copy_(torch.tensor([1.0, 0.5, 4.0]))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), layer)
+    specs = layer_specs(model)
+    assert isinstance(specs["1"], BatchNormSpec)
+    oracle = explicit_matrix(layer, (3, 2, 2)).abs().sum(0 if ord == 1 else 1).max()
+    assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle, rtol=1e-6)
+    layer.register_parameter("extra", nn.Parameter(torch.ones(3)))  # a learned parameter: not frozen
+    assert "1" not in layer_specs(model)
 
 
 @pytest.mark.parametrize("ord", [1, math.inf])
