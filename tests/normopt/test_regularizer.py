@@ -255,10 +255,12 @@ def test_a_gamma_above_the_rings_is_kept_dense_through_a_checkpoint(rings):
     same_weights(model, twin)
 
 
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
 @pytest.mark.parametrize("kind", [float, torch.tensor], ids=["float", "tensor"])
-def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_decay(kind):
+def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_decay(rings, kind, ord, rule):
     model, twin = small_cnn(), small_cnn()
-    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=kind(0.2))
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=kind(0.2), ord=ord, rule=rule)
     one_step(model, optimizer)
     for group in optimizer.param_groups:
         group["norm_decay_beta"] = kind(0.0)
@@ -272,7 +274,7 @@ def test_zero_beta_makes_the_next_step_a_plain_step_and_doubling_doubles_the_dec
     added = {}
     for beta in (0.1, 0.2):
         model.load_state_dict(before)
-        fresh = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, beta=kind(beta))
+        fresh = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), model, beta=kind(beta), ord=ord, rule=rule)
         inputs, labels = next(batches(*DATA, 1, 16, 2))
         fresh.zero_grad()
         F.cross_entropy(model(inputs), labels).backward()
@@ -549,11 +551,12 @@ def test_bad_input_is_refused_at_construction(make_model, kwargs, error, match):
     ("beta", "error"),
     [
         (float("inf"), ValueError),
+        (1e39, ValueError),
         (torch.tensor(float("inf")), ValueError),
         (torch.tensor([0.1]), TypeError),
         (torch.tensor(0.1, device="meta"), ValueError),
     ],
-    ids=["float", "tensor", "1-d tensor", "meta tensor"],
+    ids=["float", "too large", "tensor", "1-d tensor", "meta tensor"],
 )
 def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes(beta, error):
     model = small_cnn()
