@@ -15,6 +15,27 @@ def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
+def _inner(name: str) -> property:
+    """The inner optimizer's attribute ``name``, read and written through: torch's
+    ``load_state_dict`` replaces the inner ``param_groups`` and ``state`` objects, so a reference
+    taken once would go stale when the inner optimizer is loaded directly. Until the inner
+    optimizer is attached (inside ``Optimizer.__init__``) the wrapper keeps its own."""
+    own = f"_own_{name}"
+
+    def get(self):
+        inner = self.__dict__.get("optimizer")
+        return getattr(inner, name) if inner is not None else self.__dict__[own]
+
+    def set(self, value):
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            setattr(inner, name, value)
+        else:
+            self.__dict__[own] = value
+
+    return property(get, set, doc=f"The inner optimizer's ``{name}``.")
+
+
 class NormDecayOptimizer(torch.optim.Optimizer):
     r"""Wraps ``optimizer`` and adds norm-decay gradients before each of its steps.
 
@@ -83,17 +104,15 @@ class NormDecayOptimizer(torch.optim.Optimizer):
             raise TypeError("optimizer is already a NormDecayOptimizer")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self.norm_decay = NormDecay(optimizer, model, ord=ord, beta=beta, **options)
-        # Optimizer.__init__ sets up the hook dictionaries torch >= 2.0 expects; the groups it
-        # builds are then replaced by the inner optimizer's own list and state.
+        # Optimizer.__init__ sets up the hook dictionaries torch >= 2.0 expects; the groups and
+        # state it builds are then superseded by the inner optimizer's (read through, below).
         super().__init__(params, optimizer.defaults)
         self.optimizer = optimizer
         self._closure_required = _requires_closure(optimizer)
-        self._link()
 
-    def _link(self) -> None:
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-        self.defaults = self.optimizer.defaults
+    param_groups = _inner("param_groups")
+    state = _inner("state")
+    defaults = _inner("defaults")
 
     @property
     def last_norms(self) -> dict[str, torch.Tensor]:
@@ -152,7 +171,6 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         buffers = dict((legacy or {}).get("buffers", {}))
         self.norm_decay.check_buffers(buffers)  # before anything changes
         self.optimizer.load_state_dict(state_dict)
-        self._link()  # torch replaces the inner state and param_groups objects on load
         if buffers:
             self.norm_decay.load_buffers(buffers)
 

@@ -274,6 +274,28 @@ def test_is_an_optimizer_sharing_groups_state_and_defaults():
     assert "NormDecayOptimizer(Adam" in repr(optimizer)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+def test_loading_the_inner_optimizer_directly_keeps_the_wrapper_in_step():
+    model, twin = small_cnn(), small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, beta=0.1)
+    run(model, optimizer, 2)
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = NormDecayOptimizer(torch.optim.SGD(twin.parameters(), lr=0.5, momentum=0.9), twin, beta=0.3)
+    scheduler = torch.optim.lr_scheduler.StepLR(twin_optimizer, step_size=1, gamma=0.5)
+    twin_optimizer.optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # torch replaces the inner groups and state
+    assert twin_optimizer.param_groups is twin_optimizer.optimizer.param_groups
+    assert twin_optimizer.state is twin_optimizer.optimizer.state
+    assert twin_optimizer.param_groups[0]["norm_decay_beta"] == 0.1
+    scheduler.step()  # reaches the loaded groups
+    assert twin_optimizer.optimizer.param_groups[0]["lr"] == 0.05
+    for group in (optimizer.param_groups[0], twin_optimizer.param_groups[0]):
+        group["lr"], group["norm_decay_beta"] = 0.05, 0.2
+    run(model, optimizer, 1, seed=5)
+    run(twin, twin_optimizer, 1, seed=5)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+
 def test_add_param_group_reaches_the_inner_optimizer_and_is_regularized():
     model = small_cnn()
     head = [p for n, p in model.named_parameters() if n.startswith("6.")]

@@ -54,11 +54,13 @@ def test_state_round_trips_through_the_inner_optimizers_state_dict(make):
     one_step(model, optimizer, 7)
 
     twin = small_cnn(batchnorm=True)
-    twin_optimizer = make(twin, beta=0.1, gamma=0.7, layers=("conv", "linear", "batchnorm"))
+    # Built with other defaults: beta and gamma come back from the checkpoint's param groups.
+    twin_optimizer = make(twin, beta=0.3, gamma=0.2, layers=("conv", "linear", "batchnorm"))
     buffer.seek(0)
     checkpoint = torch.load(buffer)  # weights_only: plain tensors and numbers
     twin.load_state_dict(checkpoint["model"])
     getattr(twin_optimizer, "optimizer", twin_optimizer).load_state_dict(checkpoint["optimizer"])
+    assert all(g["norm_decay_beta"] == 0.1 and g["norm_decay_gamma"] == 0.7 for g in twin_optimizer.param_groups)
     one_step(twin, twin_optimizer, 7)
     for key, value in model.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
