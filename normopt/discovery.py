@@ -35,9 +35,15 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
-    """``value`` (an iterable of module names of ``model``) as a set, or a clear error: a lone
-    string (which would be iterated letter by letter), a non-string entry, or a name that is no
-    module of ``model``."""
+    """``value`` (an iterable of module names of ``model``) as a set of the names ``model`` itself
+    gives them, or a clear error.
+
+    Names may carry the prefixes of the wrappers ``model`` was unwrapped from (``module.`` of DDP,
+    ``_orig_mod.`` of ``torch.compile``, as the wrapper's ``named_modules()`` lists them), and a
+    module shared under two names may be named by either. Refused: a lone string (which would be
+    iterated letter by letter), a non-string entry, a name that is no module of ``model``, and
+    the empty name (the whole model).
+    """
     if isinstance(value, str):
         raise TypeError(
             f"{what} must be an iterable of module names, not the string {value!r}; did you mean {what}=({value!r},)?"
@@ -46,10 +52,24 @@ def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
     bad = [v for v in names if not isinstance(v, str)]
     if bad:
         raise TypeError(f"{what} must hold module names (strings), got {bad}")
-    missing = sorted(set(names) - {name for name, _ in model.named_modules()})
+    if "" in names:
+        raise ValueError(f"{what} names the whole model (''), which would leave no layer")
+    canonical = {id(module): name for name, module in model.named_modules()}
+    known = {name: canonical[id(module)] for name, module in model.named_modules(remove_duplicate=False)}
+
+    def resolve(name: str) -> str | None:
+        while name not in known:
+            prefix = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
+            if prefix is None:
+                return None
+            name = name[len(prefix) :]
+        return known[name]
+
+    resolved = {name: resolve(name) for name in names}
+    missing = sorted(name for name, found in resolved.items() if found is None)
     if missing:
         raise ValueError(f"{what} names {missing} are not modules of the model")
-    return frozenset(names)
+    return frozenset(resolved.values())
 
 
 def within(name: str, modules: frozenset[str]) -> bool:
@@ -59,7 +79,7 @@ def within(name: str, modules: frozenset[str]) -> bool:
         >>> within("layer1.0.conv1", frozenset({"layer1"})), within("layer10", frozenset({"layer1"}))
         (True, False)
     """
-    return "" in modules or any(name == m or name.startswith(m + ".") for m in modules)
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 class LayerSpecs(dict):

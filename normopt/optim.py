@@ -69,7 +69,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         rule: ``"paper"`` or ``"reference"``.
         layers: kinds to regularize, from ``"conv"``, ``"linear"``, ``"batchnorm"``.
         exclude: module names to leave alone, each with every layer inside it (``("layer1",)``
-            leaves all of ``layer1``).
+            leaves all of ``layer1``); the ``module.``/``_orig_mod.`` prefixes of a DDP or compiled
+            model may be kept.
         max_norm: after each step, project every regularized conv/linear layer's rows (l_inf) or
             columns (l1) onto the l1 ball of this radius.
         bn_max_norm: cap every batch norm's norm at this radius (the reference code uses 5).
@@ -113,6 +114,18 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     param_groups = _inner("param_groups")
     state = _inner("state")
     defaults = _inner("defaults")
+
+    # Copies (copy.deepcopy, and a scheduler's deepcopy that previews its schedule) take the whole
+    # wrapper: torch.optim.Optimizer's own pair keeps only defaults, state and param_groups,
+    # which the wrapper reads from its inner optimizer. Like torch's, they leave out the ``step``
+    # an LR scheduler binds onto the instance: it calls the original through a weak reference.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("step", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
 
     @property
     def last_norms(self) -> dict[str, torch.Tensor]:

@@ -135,7 +135,10 @@ class NormDecay:
     :meth:`before_step` adds to each regularized weight's gradient the decayed subgradient of the
     layer's l1 or l_inf norm; :meth:`after_step` keeps the decay state in ``optimizer.state`` and
     applies the optional caps. :class:`normopt.NormDecayOptimizer` and :func:`attach_norm_decay`
-    call them; see the former for the options.
+    call them; see the former for the options. A frozen weight (``requires_grad=False``) gets
+    neither decay nor projection; a layer frozen when the layers are chosen (at construction with
+    ``example_input``, else at the first step, and at ``add_param_group``) is chosen again, with
+    zero ``h``, at the step after it is unfrozen.
 
     Attributes:
         specs: every linear piece of the model (input sizes recorded from the first forward when no
@@ -202,7 +205,7 @@ class NormDecay:
         if not self.decayed and not self.bn_projected:
             raise ValueError(
                 f"no layer to regularize: none of the model's {'/'.join(layers)} layers has a trainable weight in "
-                f"the optimizer (skipped modules: {self.skipped})"
+                f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
         for group in optimizer.param_groups:
             group.setdefault(BETA, beta)
@@ -238,16 +241,22 @@ class NormDecay:
         self._modules = dict(self.model.named_modules())
         self._groups_seen = len(self.optimizer.param_groups)
         held = self._held()
+        in_groups = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         self.skipped = dict(getattr(specs, "skipped", {}))
         self.decayed, self.bn_projected = {}, {}
+        # Held but frozen now: chosen again once one is unfrozen (fine-tuning unfreezes a backbone).
+        self._frozen: list[torch.Tensor] = []
         for name, spec in specs.items():
             weight = getattr(self._modules[name], "weight", None)
             if within(name, self.exclude):
                 continue
             if weight is None or not isinstance(weight, nn.Parameter) or spec.weight is None:
                 self.skipped[name] = "no trainable affine weight to regularize"
+            elif id(weight) not in held and id(weight) in in_groups:
+                self.skipped[name] = "weight is frozen (requires_grad=False): regularized from the step after it is unfrozen"
+                self._frozen.append(weight)
             elif id(weight) not in held:
-                self.skipped[name] = "weight is not a trainable parameter of the optimizer"
+                self.skipped[name] = "weight is not a parameter of the optimizer"
             elif weight.numel() == 0:
                 raise ValueError(f"layer {name!r} has an empty weight {tuple(weight.shape)}: it has no norm to regularize")
             elif weight.is_complex():
@@ -270,7 +279,8 @@ class NormDecay:
         self._taps = {}
 
     def add_params(self, params: Iterable[torch.Tensor] = ()) -> None:
-        """Re-select the layers after the optimizer got new parameters (``add_param_group``)."""
+        """Re-select the layers after the optimizer got new parameters (``add_param_group``) or a
+        frozen weight was unfrozen (done by the next step itself)."""
         del params  # the optimizer's param groups are the source of truth
         self._reselect(self.specs)
 
@@ -289,7 +299,7 @@ class NormDecay:
         if self._recorder is not None and self._recorder.called:
             specs, self._recorder = self._recorder.specs(), None
             self._reselect(specs)
-        if len(self.optimizer.param_groups) != self._groups_seen:
+        if len(self.optimizer.param_groups) != self._groups_seen or self._unfrozen():
             self.add_params()
         if self._transform is None and self.decayed:
             _, gammas = self._hyper()
@@ -319,11 +329,16 @@ class NormDecay:
             {name: per_group[i][1] for name, i in self._group_of.items()},
         )
 
+    def _unfrozen(self) -> bool:
+        """Whether a weight that was frozen when the layers were chosen is trainable now."""
+        return any(weight.requires_grad for weight in self._frozen)
+
     def _stale(self) -> bool:
         """Whether the layers or the decay state must be set up (anew) before this step."""
         return (
             (self._recorder is not None and self._recorder.called)
             or len(self.optimizer.param_groups) != self._groups_seen
+            or self._unfrozen()
             or (self._transform is None and bool(self.decayed))
         )
 

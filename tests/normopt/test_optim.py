@@ -296,6 +296,27 @@ def test_loading_the_inner_optimizer_directly_keeps_the_wrapper_in_step():
         assert torch.equal(value, twin.state_dict()[key]), key
 
 
+def test_a_deep_copy_trains_like_the_original_and_previews_its_schedule():
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, ord="linf", beta=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=10)
+    run(model, optimizer, 1)
+    scheduler.step()
+    preview = copy.deepcopy(scheduler)  # a schedule previewed on a copy leaves the original alone
+    lr = optimizer.param_groups[0]["lr"]
+    for _ in range(3):
+        preview.step()
+    assert optimizer.param_groups[0]["lr"] == lr != preview.optimizer.param_groups[0]["lr"]
+    twin, twin_optimizer, twin_scheduler = copy.deepcopy((model, optimizer, scheduler))
+    assert twin_optimizer.norm_decay.model is twin and twin_optimizer.param_groups is twin_optimizer.optimizer.param_groups
+    for seed in range(1, 4):
+        for m, o, sch in ((model, optimizer, scheduler), (twin, twin_optimizer, twin_scheduler)):
+            run(m, o, 1, seed=seed)
+            sch.step()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+
 def test_add_param_group_reaches_the_inner_optimizer_and_is_regularized():
     model = small_cnn()
     head = [p for n, p in model.named_parameters() if n.startswith("6.")]

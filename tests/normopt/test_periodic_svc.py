@@ -82,6 +82,7 @@ def test_bad_options_are_refused(kwargs, match):
     [
         ("0", TypeError, r"not the string '0'; did you mean exclude=\('0',\)"),
         (("nope",), ValueError, r"exclude names \['nope'\]"),
+        (("",), ValueError, r"exclude names the whole model"),
     ],
 )
 def test_bad_exclude_is_refused_by_name(exclude, error, match):

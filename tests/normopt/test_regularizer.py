@@ -465,6 +465,27 @@ def test_a_weight_frozen_after_construction_gets_no_decay_and_no_projection(caps
         assert normopt.layer_norm(model.state_dict(), normopt.module_spec(model[3], "3", (8, 8)), 1) <= 0.5 * (1 + 1e-5)
 
 
+@pytest.mark.parametrize("example", [True, False], ids=["example input", "lazy"])
+def test_a_layer_frozen_when_layers_are_chosen_is_regularized_once_unfrozen(example):
+    model = small_cnn()
+    model[0].weight.requires_grad_(False)  # a frozen backbone, unfrozen later for fine-tuning
+    options = {"example_input": DATA[0][:1]} if example else {}
+    optimizer = wrapped(model, beta=0.1, **options)
+    one_step(model, optimizer)
+    assert "0" not in optimizer.norm_decay.last_norms and "frozen" in optimizer.norm_decay.skipped["0"]
+    h = optimizer.norm_decay.decay_buffers()["3"]
+    spec = optimizer.norm_decay.decayed["3"]
+    # At the weights the next step's decay reads:
+    subgradient = normopt.norm_subgradient(model.state_dict(), spec, 1).dense(model[3].weight)
+    model[0].weight.requires_grad_(True)
+    one_step(model, optimizer, 1)
+    assert "0" in optimizer.norm_decay.last_norms and "0" not in optimizer.norm_decay.skipped
+    assert optimizer.norm_decay.decay_buffers()["0"].abs().sum() > 0
+    # Layer 3 kept its h through the re-selection: h <- gamma h + (1 - gamma) p, gamma 0.5.
+    assert h.abs().sum() > 0
+    assert_close(optimizer.norm_decay.decay_buffers()["3"], 0.5 * h + 0.5 * subgradient, rtol=1e-6, atol=1e-9)
+
+
 def test_exclude_leaves_every_layer_inside_a_named_block_alone():
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -479,6 +500,25 @@ def test_exclude_leaves_every_layer_inside_a_named_block_alone():
         torch.optim.SGD(model.parameters(), lr=0.1), model, exclude=("0.2", "3"), example_input=DATA[0][:1]
     )
     assert list(alone.norm_decay.decayed) == ["0.0", "1"]
+
+
+def test_exclude_takes_the_names_a_wrapped_or_shared_module_has():
+    torch.manual_seed(0)
+    shared = nn.Conv2d(4, 4, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), shared, shared, nn.Flatten(), nn.Linear(256, 10))
+    example = DATA[0][:1]
+
+    def decayed(module, exclude):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return list(NormDecayOptimizer(optimizer, module, exclude=exclude, example_input=example).norm_decay.decayed)
+
+    assert decayed(model, ("2",)) == ["0", "4"]  # "2" is the module named "1"
+    assert decayed(nn.DataParallel(model), ("module.0",)) == ["1", "4"]
+    assert decayed(torch.compile(model, backend="eager"), ("_orig_mod.4",)) == ["0", "1"]
+    with pytest.raises(ValueError, match=r"exclude names the whole model"):
+        decayed(model, ("",))
+    with pytest.raises(ValueError, match=r"exclude names \['module.9'\]"):
+        decayed(model, ("module.9",))
 
 
 def test_max_norm_skips_a_layer_with_non_finite_weights():
