@@ -88,6 +88,16 @@ def _check_recent(recent, name: str, spec, ord: float) -> None:
         raise ValueError(f"recent slices of layer {name!r} must be a 1-D integer tensor of channels in [{DENSE}, {channels})")
 
 
+def _scaled(betas: dict, scale: torch.Tensor) -> dict:
+    """``{layer: beta * scale}``, one product per distinct beta (layers that shared a beta share the product)."""
+    products: dict = {}
+    key = lambda b: ("tensor", id(b)) if isinstance(b, torch.Tensor) else ("float", b)
+    for b in betas.values():
+        if key(b) not in products:
+            products[key(b)] = scale * b
+    return {name: products[key(b)] for name, b in betas.items()}
+
+
 class _NonFiniteReporter:
     """Warns once per layer whose weights were non-finite, without synchronising a CUDA device.
 
@@ -351,6 +361,12 @@ class NormDecay:
             (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
         if self._transform is not None:
             betas, gammas = self._hyper()
+            # GradScaler hands an optimizer that unscales inside its own step (fused ones) the
+            # gradients still scaled, and their scale as ``grad_scale`` for that step: the decay
+            # is scaled alike, so that the kernel's unscaling gives beta * h.
+            grad_scale = getattr(self.optimizer, "grad_scale", None)
+            if isinstance(grad_scale, torch.Tensor):
+                betas = _scaled(betas, grad_scale)
             # A weight frozen since the layers were chosen gets no decay, even with a gradient
             # that zero_grad(set_to_none=False) kept: the optimizer would step it.
             weights = [self._tensors[spec.weight] for spec in self.decayed.values()]

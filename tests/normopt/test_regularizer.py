@@ -486,6 +486,29 @@ def test_a_layer_frozen_when_layers_are_chosen_is_regularized_once_unfrozen(exam
     assert_close(optimizer.norm_decay.decay_buffers()["3"], 0.5 * h + 0.5 * subgradient, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("make", [torch.optim.SGD, torch.optim.Adam], ids=["SGD", "Adam"])
+def test_a_fused_optimizer_under_grad_scaler_gets_the_same_decay_through_the_hooks(make):
+    """A fused optimizer unscales inside its own step: GradScaler hands it scaled gradients."""
+
+    def run(decay: bool, **kernel):
+        model = small_cnn()
+        optimizer = make(model.parameters(), lr=0.01, **kernel)
+        if decay:
+            attach_norm_decay(optimizer, model, beta=0.5, ord=math.inf)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        for inputs, labels in batches(*DATA, 4, 16):
+            optimizer.zero_grad()
+            scaler.scale(F.cross_entropy(model(inputs), labels)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        return model
+
+    fused, unfused, plain = run(True, fused=True), run(True, foreach=False), run(False, foreach=False)
+    for name, value in unfused.state_dict().items():
+        assert_close(fused.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    assert max((a - b).abs().max() for a, b in zip(unfused.parameters(), plain.parameters())) > 1e-3
+
+
 def test_exclude_leaves_every_layer_inside_a_named_block_alone():
     torch.manual_seed(0)
     model = nn.Sequential(
