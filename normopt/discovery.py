@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 
@@ -52,14 +53,13 @@ def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
     bad = [v for v in names if not isinstance(v, str)]
     if bad:
         raise TypeError(f"{what} must hold module names (strings), got {bad}")
-    if "" in names:
-        raise ValueError(f"{what} names the whole model (''), which would leave no layer")
     canonical = {id(module): name for name, module in model.named_modules()}
     known = {name: canonical[id(module)] for name, module in model.named_modules(remove_duplicate=False)}
 
     def resolve(name: str) -> str | None:
         while name not in known:
-            prefix = next((p for p in WRAPPER_PREFIXES if name.startswith(p)), None)
+            # "module" alone is the wrapper's name for the whole model, like "module." + "".
+            prefix = next((p for p in WRAPPER_PREFIXES if (name + ".").startswith(p)), None)
             if prefix is None:
                 return None
             name = name[len(prefix) :]
@@ -69,6 +69,9 @@ def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
     missing = sorted(name for name, found in resolved.items() if found is None)
     if missing:
         raise ValueError(f"{what} names {missing} are not modules of the model")
+    whole = sorted(name for name, found in resolved.items() if found == "")
+    if whole:
+        raise ValueError(f"{what} names the whole model ({', '.join(map(repr, whole))}), which would leave no layer")
     return frozenset(resolved.values())
 
 
@@ -243,22 +246,20 @@ class InputSizeRecorder:
         self.model = unwrap(model)
         self._seen: dict[str, set[tuple[int, ...]]] = {}
         self._paddings: dict[str, set[tuple[int, ...]]] = {}
+        # Bound methods in partials, not closures: a deep copy (or pickle) of the model and the
+        # recorder gives hooks that write into the copied recorder.
         self._handles = [
-            module.register_forward_hook(self._hook(name, module))
+            module.register_forward_hook(functools.partial(self._record, name))
             for name, module in self.model.named_modules()
             if isinstance(module, _ConvNd)
         ]
 
-    def _hook(self, name: str, module: _ConvNd):
+    def _record(self, name: str, module: _ConvNd, args, output) -> None:
         dims = len(module.kernel_size)
-
-        def record(_module, args, output):
-            size = tuple(int(n) for n in args[0].shape[-dims:])
-            self._seen.setdefault(name, set()).add(size)
-            if module.transposed:
-                self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))
-
-        return record
+        size = tuple(int(n) for n in args[0].shape[-dims:])
+        self._seen.setdefault(name, set()).add(size)
+        if module.transposed:
+            self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))
 
     @property
     def called(self) -> bool:

@@ -112,6 +112,10 @@ class _NonFiniteReporter:
         self._pending: list[tuple[list[str], torch.Tensor, object]] = []
         self.warned: set[str] = set()
 
+    def __getstate__(self) -> dict:
+        # A copy drops the flags in flight: device events cannot be copied or pickled.
+        return {"_pending": [], "warned": set(self.warned)}
+
     def push(self, names: list[str], finite: torch.Tensor) -> None:
         device = finite.device
         if device.type == "cpu":
@@ -231,13 +235,20 @@ class NormDecay:
         # a floating-point weight to the weight's dtype, which rounds channels in bfloat16 or float16
         self._loaded_recent: dict[str, torch.Tensor] = {}
         self._reporter = _NonFiniteReporter()
-        self._handles = [
-            optimizer.register_load_state_dict_pre_hook(self._check_loaded),
-            optimizer.register_load_state_dict_post_hook(self._adopt_loaded),
-            optimizer.register_state_dict_post_hook(self._save_pending),
-        ]
+        self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
+
+    def _hook_optimizer(self) -> list:
+        """Register the checkpoint hooks on the optimizer (load: check, then adopt the decay state;
+        save: add what was loaded before the first step) and return their handles. Called at
+        construction, and again by a copy of :class:`~normopt.NormDecayOptimizer`, whose inner
+        optimizer torch copies without hooks."""
+        return [
+            self.optimizer.register_load_state_dict_pre_hook(self._check_loaded),
+            self.optimizer.register_load_state_dict_post_hook(self._adopt_loaded),
+            self.optimizer.register_state_dict_post_hook(self._save_pending),
+        ]
 
     # -- which layers -----------------------------------------------------------------------------
 

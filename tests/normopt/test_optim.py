@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import math
+import pickle
 import warnings
 
 import pytest
@@ -315,6 +316,30 @@ def test_a_deep_copy_trains_like_the_original_and_previews_its_schedule():
             sch.step()
     for key, value in model.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_before_the_first_step_records_sizes_and_loads_checkpoints_as_the_original(how):
+    torch.manual_seed(0)
+    # A 9x9 kernel on 8x8 inputs: its norm depends on the input size the first forward records.
+    model = nn.Sequential(nn.Conv2d(1, 4, 9, padding=4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, ord="linf", beta=0.1)
+    twin, twin_optimizer = (
+        copy.deepcopy((model, optimizer)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, optimizer)))
+    )
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        run(m, o, 2)
+    assert twin_optimizer.norm_decay.specs["0"].input_size == (8, 8)
+    for name, norm in optimizer.last_norms.items():
+        assert torch.equal(twin_optimizer.last_norms[name], norm), name
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    run(twin, twin_optimizer, 1, seed=3)
+    twin_optimizer.load_state_dict(copy.deepcopy(checkpoint))  # through the copy's own hooks
+    for name, h in optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(twin_optimizer.norm_decay.decay_buffers()[name], h), name
+    checkpoint["state"][0]["norm_decay_buffer"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"decay buffer of layer '0' has shape \(3,\)"):
+        twin_optimizer.load_state_dict(checkpoint)
 
 
 def test_add_param_group_reaches_the_inner_optimizer_and_is_regularized():

@@ -538,8 +538,9 @@ def test_exclude_takes_the_names_a_wrapped_or_shared_module_has():
     assert decayed(model, ("2",)) == ["0", "4"]  # "2" is the module named "1"
     assert decayed(nn.DataParallel(model), ("module.0",)) == ["1", "4"]
     assert decayed(torch.compile(model, backend="eager"), ("_orig_mod.4",)) == ["0", "1"]
-    with pytest.raises(ValueError, match=r"exclude names the whole model"):
-        decayed(model, ("",))
+    for whole in ("", "module", "module.", "_orig_mod."):
+        with pytest.raises(ValueError, match=r"exclude names the whole model"):
+            decayed(nn.DataParallel(model), (whole,))
     with pytest.raises(ValueError, match=r"exclude names \['module.9'\]"):
         decayed(model, ("module.9",))
 
