@@ -98,6 +98,12 @@ def _scaled(betas: dict, scale: torch.Tensor) -> dict:
     return {name: products[key(b)] for name, b in betas.items()}
 
 
+try:
+    from torch.distributed.optim import ZeroRedundancyOptimizer as _ZERO
+except ImportError:  # torch built without distributed
+    _ZERO = ()
+
+
 class _NonFiniteReporter:
     """Warns once per layer whose weights were non-finite, without synchronising a CUDA device.
 
@@ -389,13 +395,25 @@ class NormDecay:
         if self.bn_projection == "released":
             self._project_batchnorms(project_batchnorm_argmax)
 
+    def _state_homes(self):
+        """``weight -> the state mapping whose state_dict() carries its entry``: the optimizer's,
+        or, for ZeRO, its local optimizer's where this rank steps the weight (ZeRO's consolidated
+        checkpoint takes every entry from the rank that steps it, and only from its local state)."""
+        if not isinstance(self.optimizer, _ZERO):
+            return lambda weight: self.optimizer.state
+        local = self.optimizer.optim
+        mine = {id(p) for group in local.param_groups for p in group["params"]}
+        return lambda weight: local.state if id(weight) in mine else self.optimizer.state
+
     @torch.no_grad()
     def after_step(self) -> None:
         """Keep the decay state in ``optimizer.state`` and apply the caps (``max_norm``, exact ``bn_max_norm``)."""
         if self._state is not None:
+            home_of = self._state_homes()
             for name, (buffer, scale) in self._state.views.items():
                 weight = self._modules[name].weight
-                state = self.optimizer.state.get(weight)
+                home = home_of(weight)
+                state = home.get(weight)
                 # In place already: .grad is not read (compiled, a read of a gradient that
                 # zero_grad then freed made dynamo recompile the hook path of attach_norm_decay
                 # at every step).
@@ -404,7 +422,9 @@ class NormDecay:
                 # Only once the optimizer has stepped the weight: a key written earlier would keep
                 # Adam-like optimizers from initialising their own state.
                 if weight.grad is not None:
-                    state = self.optimizer.state[weight]
+                    state = home[weight]
+                    if state is None:  # ZeRO loads None for the parameters another rank steps
+                        state = home[weight] = {}
                     state[BUFFER], state[SCALE] = buffer, scale
                     if name in self._state.recent:
                         state[RECENT] = self._state.recent[name]
@@ -454,7 +474,8 @@ class NormDecay:
         """``{layer: the saved state of its weight}`` for the regularized layers, by the optimizer's numbering."""
         ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        by_param = {id(p): state_dict.get("state", {}).get(i, {}) for i, p in zip(ids, params)}
+        # ZeRO hands a rank None for the parameters another rank steps.
+        by_param = {id(p): state_dict.get("state", {}).get(i) or {} for i, p in zip(ids, params)}
         return {name: by_param.get(id(self._modules[name].weight), {}) for name in self.decayed}
 
     def _check_loaded(self, optimizer, state_dict):
@@ -485,7 +506,7 @@ class NormDecay:
         rings, self._loaded_recent = self._loaded_recent, {}
         for name in self.decayed:
             weight = self._modules[name].weight
-            saved = optimizer.state.get(weight, {})
+            saved = optimizer.state.get(weight) or {}  # ZeRO loads None for another rank's parameters
             buffer = saved.get(BUFFER)
             buffer = buffer if buffer is not None else torch.zeros_like(weight)
             # The integer copy, where the loaded state still holds a ring (a later hook may drop it)
@@ -556,8 +577,14 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
 
     For optimizers that cannot be swapped for :class:`normopt.NormDecayOptimizer` (ZeRO, Accelerate,
     fused). The decay state lives in ``optimizer.state`` and ``beta``/``gamma`` in its param groups,
-    so the optimizer's own ``state_dict()`` carries everything. The pre-hook runs before the
-    optimizer evaluates a closure, so closures are refused. Call ``decay.detach()`` to remove it.
+    so the optimizer's own ``state_dict()`` carries everything (with ``ZeroRedundancyOptimizer``,
+    each weight's decay state lives in the local optimizer of the rank that steps it, so that
+    ``consolidate_state_dict`` gathers it). Under ``GradScaler`` a fused optimizer, which unscales
+    inside its step, gets the decay scaled alike. (A step that such an optimizer then skips for
+    non-finite gradients has already advanced ``h``: an unfused one is not called at all.) The
+    pre-hook runs before the optimizer evaluates a closure, so closures are refused. Call
+    ``decay.detach()`` to remove it. Like every optimizer hook, it is not copied with the
+    optimizer (``copy.deepcopy``): attach it to the copy.
 
     Example:
         >>> import torch

@@ -722,3 +722,17 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key
         assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_zero_checkpoints_carry_the_decay_state_and_resume_bit_for_bit(tmp_path, through):
+    import ddp_worker
+
+    torch.multiprocessing.spawn(ddp_worker.resume_zero, args=(2, str(tmp_path), through), nprocs=2, join=True)
+    saved = torch.load(tmp_path / "optimizer.pt")
+    decayed = {0, 2, 4}  # the weights of small_cnn's three layers
+    assert all({"norm_decay_buffer", "norm_decay_scale"} <= set(saved["state"][i]) for i in decayed)
+    for rank in (0, 1):
+        runs = torch.load(tmp_path / f"rank{rank}.pt")
+        for key, value in runs["continued"].items():
+            assert torch.equal(runs["resumed"][key], value), (rank, key)
