@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -62,31 +64,39 @@ def resume_zero(rank: int, world_size: int, folder: str, through: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
     try:
-        x, y = digits()
-        data = list(batches(x, y, STEPS, BATCH))
-        share = BATCH // world_size
-        part = slice(rank * share, (rank + 1) * share)
-
-        def train(model, optimizer, steps):
-            for inputs, labels in steps:
-                optimizer.zero_grad()
-                F.cross_entropy(model(inputs[part]), labels[part]).backward()
-                optimizer.step()
-
-        model = nn.parallel.DistributedDataParallel(small_cnn())
-        optimizer, zero = _zero(model, through)
-        train(model, optimizer, data[:3])
-        zero.consolidate_state_dict(to=0)
-        if rank == 0:
-            torch.save(optimizer.state_dict(), f"{folder}/optimizer.pt")
+        _resume_zero(rank, world_size, folder, through)
+        # Every DDP model and ZeRO optimizer gone before the group: freed after it, one aborted
+        # the process now and then ("terminate called without an active exception").
+        gc.collect()
         dist.barrier()
-        weights = {k: v.clone() for k, v in model.module.state_dict().items()}
-        train(model, optimizer, data[3:])
-        resumed = nn.parallel.DistributedDataParallel(small_cnn())
-        resumed.module.load_state_dict(weights)
-        resumed_optimizer, _ = _zero(resumed, through)
-        resumed_optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt"))
-        train(resumed, resumed_optimizer, data[3:])
-        torch.save({"continued": model.module.state_dict(), "resumed": resumed.module.state_dict()}, f"{folder}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _resume_zero(rank: int, world_size: int, folder: str, through: str) -> None:
+    x, y = digits()
+    data = list(batches(x, y, STEPS, BATCH))
+    share = BATCH // world_size
+    part = slice(rank * share, (rank + 1) * share)
+
+    def train(model, optimizer, steps):
+        for inputs, labels in steps:
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs[part]), labels[part]).backward()
+            optimizer.step()
+
+    model = nn.parallel.DistributedDataParallel(small_cnn())
+    optimizer, zero = _zero(model, through)
+    train(model, optimizer, data[:3])
+    zero.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save(optimizer.state_dict(), f"{folder}/optimizer.pt")
+    dist.barrier()
+    weights = {k: v.clone() for k, v in model.module.state_dict().items()}
+    train(model, optimizer, data[3:])
+    resumed = nn.parallel.DistributedDataParallel(small_cnn())
+    resumed.module.load_state_dict(weights)
+    resumed_optimizer, _ = _zero(resumed, through)
+    resumed_optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt"))
+    train(resumed, resumed_optimizer, data[3:])
+    torch.save({"continued": model.module.state_dict(), "resumed": resumed.module.state_dict()}, f"{folder}/rank{rank}.pt")
