@@ -157,8 +157,11 @@ class NormDecay:
     applies the optional caps. :class:`normopt.NormDecayOptimizer` and :func:`attach_norm_decay`
     call them; see the former for the options. A frozen weight (``requires_grad=False``) gets
     neither decay nor projection; a layer frozen when the layers are chosen (at construction with
-    ``example_input``, else at the first step, and at ``add_param_group``) is chosen again, with
-    zero ``h``, at the step after it is unfrozen.
+    ``example_input``, else at the first step, and at ``add_param_group``) is chosen again at the
+    step after it is unfrozen (with the ``h`` a checkpoint gave it, else zero), and a layer frozen
+    when they are chosen anew keeps its ``h`` for then. A step compiled with ``torch.compile``
+    does not see ``requires_grad`` change (dynamo does not guard it there): after freezing or
+    unfreezing layers, call :meth:`add_params` once.
 
     Attributes:
         specs: every linear piece of the model (input sizes recorded from the first forward when no
@@ -237,6 +240,8 @@ class NormDecay:
         self._state: NormDecayState | None = None
         # {layer: (buffer, scale, recent)} loaded before the state exists
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
+        # {layer: (buffer, scale, recent)} of frozen layers, kept until they are chosen again
+        self._held_back: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         # {layer: its saved ring}, as integers: torch's load_state_dict casts every state tensor of
         # a floating-point weight to the weight's dtype, which rounds channels in bfloat16 or float16
         self._loaded_recent: dict[str, torch.Tensor] = {}
@@ -272,7 +277,7 @@ class NormDecay:
         self.skipped = dict(getattr(specs, "skipped", {}))
         self.decayed, self.bn_projected = {}, {}
         # Held but frozen now: chosen again once one is unfrozen (fine-tuning unfreezes a backbone).
-        self._frozen: list[torch.Tensor] = []
+        self._frozen: dict[str, torch.Tensor] = {}
         for name, spec in specs.items():
             weight = getattr(self._modules[name], "weight", None)
             if within(name, self.exclude):
@@ -281,7 +286,8 @@ class NormDecay:
                 self.skipped[name] = "no trainable affine weight to regularize"
             elif id(weight) not in held and id(weight) in in_groups:
                 self.skipped[name] = "weight is frozen (requires_grad=False): regularized from the step after it is unfrozen"
-                self._frozen.append(weight)
+                if isinstance(spec, self.kinds) or (isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None):
+                    self._frozen[name] = weight
             elif id(weight) not in held:
                 self.skipped[name] = "weight is not a parameter of the optimizer"
             elif weight.numel() == 0:
@@ -317,9 +323,11 @@ class NormDecay:
             kept = self._pending
         else:  # h itself: the new layout may scale and batch it differently
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
+        kept = {**self._held_back, **kept}
         self._select(specs)
         self._transform = self._state = None
         self._pending = {name: entry for name, entry in kept.items() if name in self.decayed}
+        self._held_back = {name: entry for name, entry in kept.items() if name in self._frozen_decayed()}
 
     def _refresh(self) -> None:
         """Lazy discovery and re-selection, outside the per-step computation (where :meth:`_stale`)."""
@@ -358,7 +366,7 @@ class NormDecay:
 
     def _unfrozen(self) -> bool:
         """Whether a weight that was frozen when the layers were chosen is trainable now."""
-        return any(weight.requires_grad for weight in self._frozen)
+        return any(weight.requires_grad for weight in self._frozen.values())
 
     def _stale(self) -> bool:
         """Whether the layers or the decay state must be set up (anew) before this step."""
@@ -470,13 +478,18 @@ class NormDecay:
             buffer, scale, recent = buffer * scale, None, None  # another layout: keep h itself
         self._state = self._transform.load(self._state, name, buffer, scale, recent)
 
+    def _frozen_decayed(self) -> list[str]:
+        """The frozen layers that are regularized once unfrozen."""
+        return [name for name in self._frozen if isinstance(self.specs[name], self.kinds)]
+
     def _loaded_entries(self, state_dict: Mapping) -> dict[str, dict]:
-        """``{layer: the saved state of its weight}`` for the regularized layers, by the optimizer's numbering."""
+        """``{layer: the saved state of its weight}`` for the regularized layers and the frozen ones
+        that will be, by the optimizer's numbering."""
         ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         # ZeRO hands a rank None for the parameters another rank steps.
         by_param = {id(p): state_dict.get("state", {}).get(i) or {} for i, p in zip(ids, params)}
-        return {name: by_param.get(id(self._modules[name].weight), {}) for name in self.decayed}
+        return {name: by_param.get(id(self._modules[name].weight), {}) for name in (*self.decayed, *self._frozen_decayed())}
 
     def _check_loaded(self, optimizer, state_dict):
         """Before the optimizer loads anything: refuse decay buffers that do not fit, naming the layer."""
@@ -485,7 +498,7 @@ class NormDecay:
             weight = self._modules[name].weight
             buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
             if recent is not None:
-                _check_recent(recent, name, self.decayed[name], self.ord)
+                _check_recent(recent, name, self.specs[name], self.ord)
                 rings[name] = recent.detach().clone()
             if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
                 raise ValueError(
@@ -504,6 +517,13 @@ class NormDecay:
     def _adopt_loaded(self, optimizer) -> None:
         """After the optimizer loaded a state dict: take its decay buffers (zero when it had none)."""
         rings, self._loaded_recent = self._loaded_recent, {}
+        copy = lambda t: None if t is None else t.detach().clone()
+        self._held_back = {}
+        for name in self._frozen_decayed():  # out of optimizer.state, where Adam would take it for its own
+            saved = optimizer.state.get(self._modules[name].weight) or {}
+            buffer, scale, recent = saved.pop(BUFFER, None), saved.pop(SCALE, None), saved.pop(RECENT, None)
+            if buffer is not None:
+                self._held_back[name] = (copy(buffer), copy(scale), copy(rings.get(name) if recent is not None else None))
         for name in self.decayed:
             weight = self._modules[name].weight
             saved = optimizer.state.get(weight) or {}  # ZeRO loads None for another rank's parameters
@@ -512,7 +532,6 @@ class NormDecay:
             # The integer copy, where the loaded state still holds a ring (a later hook may drop it)
             scale, recent = saved.get(SCALE), rings.get(name) if saved.get(RECENT) is not None else None
             if self._state is None:
-                copy = lambda t: None if t is None else t.detach().clone()
                 self._pending[name] = (buffer.detach().clone(), copy(scale), copy(recent))
                 saved.pop(BUFFER, None), saved.pop(SCALE, None), saved.pop(RECENT, None)
                 continue
@@ -526,11 +545,11 @@ class NormDecay:
     def _save_pending(self, optimizer, state_dict):
         """Put the decay state loaded before the first step, held back from ``optimizer.state``
         (where it would keep Adam-like optimizers from initialising theirs), into ``state_dict``."""
-        if not self._pending:
+        if not self._pending and not self._held_back:
             return state_dict
         params = [p for group in optimizer.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(params)}
-        for name, (buffer, scale, recent) in self._pending.items():
+        for name, (buffer, scale, recent) in {**self._held_back, **self._pending}.items():
             i = index.get(id(self._modules[name].weight))
             if i is None:
                 continue

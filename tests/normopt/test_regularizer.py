@@ -509,6 +509,38 @@ def test_a_fused_optimizer_under_grad_scaler_gets_the_same_decay_through_the_hoo
     assert max((a - b).abs().max() for a, b in zip(unfused.parameters(), plain.parameters())) > 1e-3
 
 
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_a_run_that_unfreezes_a_layer_resumes_bit_for_bit_into_a_model_built_frozen(rule):
+    """A script freezes its backbone when it builds the model and unfreezes it in its loop: a
+    checkpoint taken after the unfreezing resumes exactly in a wrapper built with the layer frozen."""
+
+    def build():
+        model = small_cnn()
+        model[0].weight.requires_grad_(False)
+        return model, wrapped(model, beta=0.1, rule=rule, example_input=DATA[0][:1])
+
+    model, optimizer = build()
+    for seed in range(4):
+        if seed == 2:
+            model[0].weight.requires_grad_(True)
+        one_step(model, optimizer, seed)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    twin, twin_optimizer = build()
+    twin.load_state_dict(checkpoint[0])
+    bad = copy.deepcopy(checkpoint[1])
+    bad["state"][0]["norm_decay_buffer"] = torch.zeros(7)  # checked though the layer is frozen
+    with pytest.raises(ValueError, match=r"decay buffer of layer '0' has shape \(7,\)"):
+        twin_optimizer.load_state_dict(bad)
+    twin_optimizer.load_state_dict(checkpoint[1])
+    resaved = twin_optimizer.state_dict()  # saved again while frozen, the layer's h goes with it
+    assert torch.equal(resaved["state"][0]["norm_decay_buffer"], checkpoint[1]["state"][0]["norm_decay_buffer"])
+    twin[0].weight.requires_grad_(True)
+    for seed in (4, 5):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin)
+
+
 def test_exclude_leaves_every_layer_inside_a_named_block_alone():
     torch.manual_seed(0)
     model = nn.Sequential(
