@@ -403,24 +403,23 @@ class NormDecay:
         if self.bn_projection == "released":
             self._project_batchnorms(project_batchnorm_argmax)
 
-    def _state_homes(self):
-        """``weight -> the state mapping whose state_dict() carries its entry``: the optimizer's,
-        or, for ZeRO, its local optimizer's where this rank steps the weight (ZeRO's consolidated
-        checkpoint takes every entry from the rank that steps it, and only from its local state)."""
+    def _zero_local(self) -> tuple[dict, set[int]] | None:
+        """For ZeRO, its local optimizer's state and the ids of the weights this rank steps: the
+        decay state of those lives there (ZeRO's consolidated checkpoint takes every entry from
+        the rank that steps it, and only from its local state); None for any other optimizer."""
         if not isinstance(self.optimizer, _ZERO):
-            return lambda weight: self.optimizer.state
+            return None
         local = self.optimizer.optim
-        mine = {id(p) for group in local.param_groups for p in group["params"]}
-        return lambda weight: local.state if id(weight) in mine else self.optimizer.state
+        return local.state, {id(p) for group in local.param_groups for p in group["params"]}
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Keep the decay state in ``optimizer.state`` and apply the caps (``max_norm``, exact ``bn_max_norm``)."""
         if self._state is not None:
-            home_of = self._state_homes()
+            zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
                 weight = self._modules[name].weight
-                home = home_of(weight)
+                home = self.optimizer.state if zero_local is None or id(weight) not in zero_local[1] else zero_local[0]
                 state = home.get(weight)
                 # In place already: .grad is not read (compiled, a read of a gradient that
                 # zero_grad then freed made dynamo recompile the hook path of attach_norm_decay
