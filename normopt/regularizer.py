@@ -33,6 +33,7 @@ from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
 BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
+DECAY_KEYS = (BUFFER, SCALE, RECENT)
 BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
 
 
@@ -155,13 +156,13 @@ class NormDecay:
     :meth:`before_step` adds to each regularized weight's gradient the decayed subgradient of the
     layer's l1 or l_inf norm; :meth:`after_step` keeps the decay state in ``optimizer.state`` and
     applies the optional caps. :class:`normopt.NormDecayOptimizer` and :func:`attach_norm_decay`
-    call them; see the former for the options. A frozen weight (``requires_grad=False``) gets
-    neither decay nor projection; a layer frozen when the layers are chosen (at construction with
-    ``example_input``, else at the first step, and at ``add_param_group``) is chosen again at the
-    step after it is unfrozen (with the ``h`` a checkpoint gave it, else zero), and a layer frozen
-    when they are chosen anew keeps its ``h`` for then. A step compiled with ``torch.compile``
-    does not see ``requires_grad`` change (dynamo does not guard it there): after freezing or
-    unfreezing layers, call :meth:`add_params` once.
+    call them; see the former for the options. A frozen weight (``requires_grad=False``) is left
+    alone: its layer is not chosen (at construction with ``example_input``, else at the first
+    step, and at ``add_param_group``), and freezing or unfreezing a weight chooses the layers anew
+    at the next step. A frozen layer keeps its ``h`` (from the run, or from a checkpoint, which
+    carries it) unchanged until it is unfrozen. A step compiled with ``torch.compile`` does not
+    see ``requires_grad`` change (dynamo does not guard it there): after freezing or unfreezing
+    layers, call :meth:`add_params` once.
 
     Attributes:
         specs: every linear piece of the model (input sizes recorded from the first forward when no
@@ -217,6 +218,11 @@ class NormDecay:
             raise ValueError(f"unknown bn_projection {bn_projection!r}; expected one of {list(BN_PROJECTIONS)}")
         self.model = unwrap(model)
         _refuse_sharded(self.model)
+        if isinstance(optimizer, _ZERO) and getattr(optimizer, "_overlap_with_ddp", False):
+            raise ValueError(
+                "ZeroRedundancyOptimizer(overlap_with_ddp=True) steps inside DDP's communication hook, where no "
+                "optimizer step hook runs: norm decay cannot join it (use overlap_with_ddp=False)"
+            )
         self.exclude = module_names(exclude, "exclude", self.model)
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not held & {id(p) for p in self.model.parameters()}:
@@ -245,6 +251,8 @@ class NormDecay:
         # {layer: its saved ring}, as integers: torch's load_state_dict casts every state tensor of
         # a floating-point weight to the weight's dtype, which rounds channels in bfloat16 or float16
         self._loaded_recent: dict[str, torch.Tensor] = {}
+        # {layer: (buffer, scale, recent)} of the state dict being loaded, taken out of it by the pre-hook
+        self._loaded_decay: dict[str, tuple] = {}
         self._reporter = _NonFiniteReporter()
         self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
@@ -301,6 +309,7 @@ class NormDecay:
                     self.decayed[name] = spec
                 if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
                     self.bn_projected[name] = spec
+        self._chosen = tuple(self._modules[name].weight for name in (*self.decayed, *self.bn_projected))
         # Groups keep their order (load_state_dict replaces the dicts, not their order).
         self._group_of = {name: held[id(self._modules[name].weight)] for name in self.decayed}
         self._tensors = {}
@@ -324,8 +333,17 @@ class NormDecay:
         else:  # h itself: the new layout may scale and batch it differently
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
         kept = {**self._held_back, **kept}
+        before = set(self.decayed)
         self._select(specs)
         self._transform = self._state = None
+        zero_local = self._zero_local()
+        for name in before - set(self.decayed):  # its state entry would keep the old buffers alive
+            weight = self._modules[name].weight
+            for home in (self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])):
+                entry = home.get(weight)
+                if isinstance(entry, dict):
+                    for key in DECAY_KEYS:
+                        entry.pop(key, None)
         self._pending = {name: entry for name, entry in kept.items() if name in self.decayed}
         self._held_back = {name: entry for name, entry in kept.items() if name in self._frozen_decayed()}
 
@@ -365,8 +383,11 @@ class NormDecay:
         )
 
     def _unfrozen(self) -> bool:
-        """Whether a weight that was frozen when the layers were chosen is trainable now."""
-        return any(weight.requires_grad for weight in self._frozen.values())
+        """Whether a weight that was frozen when the layers were chosen is trainable now, or a
+        chosen one is frozen now (it then keeps its h, unchanged, until it is unfrozen)."""
+        return any(weight.requires_grad for weight in self._frozen.values()) or not all(
+            weight.requires_grad for weight in self._chosen
+        )
 
     def _stale(self) -> bool:
         """Whether the layers or the decay state must be set up (anew) before this step."""
@@ -491,9 +512,11 @@ class NormDecay:
         return {name: by_param.get(id(self._modules[name].weight), {}) for name in (*self.decayed, *self._frozen_decayed())}
 
     def _check_loaded(self, optimizer, state_dict):
-        """Before the optimizer loads anything: refuse decay buffers that do not fit, naming the layer."""
-        rings = {}
-        for name, saved in self._loaded_entries(state_dict).items():
+        """Before the optimizer loads anything: refuse decay state that does not fit, naming the
+        layer, and take the decay keys out of what the optimizer loads (an entry holding only them,
+        of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
+        rings, entries = {}, self._loaded_entries(state_dict)
+        for name, saved in entries.items():
             weight = self._modules[name].weight
             buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
             if recent is not None:
@@ -511,32 +534,46 @@ class NormDecay:
                         f"decay scale of layer {name!r} has shape {tuple(scale.shape)}, not one for {tuple(weight.shape)}"
                     ) from None
         self._loaded_recent = rings
-        return None
+        self._loaded_decay = {name: tuple(saved.get(key) for key in DECAY_KEYS) for name, saved in entries.items()}
+        stripped = {**state_dict, "state": {}}  # never the caller's checkpoint
+        for index, entry in state_dict.get("state", {}).items():
+            if isinstance(entry, Mapping):
+                entry = {key: value for key, value in entry.items() if key not in DECAY_KEYS}
+                if not entry:
+                    continue
+            stripped["state"][index] = entry
+        return stripped
 
     def _adopt_loaded(self, optimizer) -> None:
-        """After the optimizer loaded a state dict: take its decay buffers (zero when it had none)."""
+        """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
+        loaded, self._loaded_decay = self._loaded_decay, {}
         rings, self._loaded_recent = self._loaded_recent, {}
-        copy = lambda t: None if t is None else t.detach().clone()
+        zero_local = self._zero_local()
+        if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
+            for weight, entry in list(zero_local[0].items()):
+                if isinstance(entry, dict):
+                    for key in DECAY_KEYS:
+                        entry.pop(key, None)
+                    if not entry:
+                        del zero_local[0][weight]
         self._held_back = {}
-        for name in self._frozen_decayed():  # out of optimizer.state, where Adam would take it for its own
-            saved = optimizer.state.get(self._modules[name].weight) or {}
-            buffer, scale, recent = saved.pop(BUFFER, None), saved.pop(SCALE, None), saved.pop(RECENT, None)
-            if buffer is not None:
-                self._held_back[name] = (copy(buffer), copy(scale), copy(rings.get(name) if recent is not None else None))
-        for name in self.decayed:
+        for name in (*self._frozen_decayed(), *self.decayed):
             weight = self._modules[name].weight
-            saved = optimizer.state.get(weight) or {}  # ZeRO loads None for another rank's parameters
-            buffer = saved.get(BUFFER)
-            buffer = buffer if buffer is not None else torch.zeros_like(weight)
-            # The integer copy, where the loaded state still holds a ring (a later hook may drop it)
-            scale, recent = saved.get(SCALE), rings.get(name) if saved.get(RECENT) is not None else None
-            if self._state is None:
-                self._pending[name] = (buffer.detach().clone(), copy(scale), copy(recent))
-                saved.pop(BUFFER, None), saved.pop(SCALE, None), saved.pop(RECENT, None)
+            as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
+            buffer, scale, recent = loaded.get(name, (None, None, None))
+            recent = rings.get(name) if recent is not None else None  # the integer copy
+            if name not in self.decayed:
+                if buffer is not None:
+                    self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
                 continue
-            self._write(name, buffer, scale, recent)
-            saved.pop(RECENT, None)
-            if BUFFER in saved:
+            buffer = as_weight(buffer) if buffer is not None else torch.zeros_like(weight)
+            if self._state is None:
+                self._pending[name] = (buffer, as_weight(scale), recent)
+                continue
+            self._write(name, buffer, as_weight(scale), recent)
+            home = zero_local[0] if zero_local is not None and id(weight) in zero_local[1] else optimizer.state
+            saved = home.get(weight)
+            if saved:  # the optimizer's own state of the weight came back: the decay's joins it now
                 saved[BUFFER], saved[SCALE] = self._state.views[name]
                 if name in self._state.recent:
                     saved[RECENT] = self._state.recent[name]
@@ -552,7 +589,7 @@ class NormDecay:
             i = index.get(id(self._modules[name].weight))
             if i is None:
                 continue
-            entry = dict(state_dict["state"].get(i, {}))  # never the optimizer's own dict
+            entry = dict(state_dict["state"].get(i) or {})  # never the optimizer's own dict; ZeRO's None
             entry[BUFFER], entry[SCALE] = buffer.clone(), (scale if scale is not None else torch.ones(())).clone()
             if recent is not None:
                 entry[RECENT] = recent.clone()

@@ -541,6 +541,73 @@ def test_a_run_that_unfreezes_a_layer_resumes_bit_for_bit_into_a_model_built_fro
     same_weights(model, twin)
 
 
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_checkpoint_taken_while_a_chosen_layer_is_frozen_resumes_bit_for_bit(through):
+    """A layer frozen after the layers were chosen keeps its h unchanged until it is unfrozen,
+    in the run and in a resume from a checkpoint taken meanwhile."""
+
+    def build(frozen: bool):
+        model = small_cnn()
+        model[0].weight.requires_grad_(not frozen)
+        return model, (wrapped if through == "wrapper" else attached)(model, beta=0.1, example_input=DATA[0][:1])
+
+    model, optimizer = build(False)
+    for seed in range(4):
+        if seed == 2:
+            model[0].weight.requires_grad_(False)
+        one_step(model, optimizer, seed)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    twin, twin_optimizer = build(True)
+    twin.load_state_dict(checkpoint[0])
+    twin_optimizer.load_state_dict(checkpoint[1])
+    for seed in range(4, 8):
+        if seed == 6:
+            model[0].weight.requires_grad_(True)
+            twin[0].weight.requires_grad_(True)
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin)
+    assert "norm_decay_buffer" in optimizer.state[model[0].weight]
+
+
+def test_a_checkpoint_with_decay_state_of_weights_not_stepped_yet_loads_into_adam():
+    """Decay state loaded before the first step is saved again though Adam has no state there
+    yet; loading such a checkpoint leaves Adam to initialise its own (it took the entry for its own)."""
+
+    def build():
+        model = small_cnn()
+        return model, NormDecayOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model, beta=0.1)
+
+    model, optimizer = build()
+    h = {name: torch.full_like(model.get_submodule(name).weight, 0.5) for name in ("0", "3", "6")}
+    optimizer.norm_decay.load_buffers(h)
+    saved = optimizer.state_dict()
+    assert set(saved["state"][0]) == {"norm_decay_buffer", "norm_decay_scale"}  # no Adam state yet
+    twin, twin_optimizer = build()
+    twin_optimizer.load_state_dict(saved)
+    assert twin_optimizer.norm_decay.decay_buffers().keys() == h.keys()
+    for name, value in twin_optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(value, h[name]), name
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        one_step(m, o)
+    same_weights(model, twin)
+    assert {"step", "exp_avg", "norm_decay_buffer"} <= set(twin_optimizer.state[twin[0].weight])
+
+
+def test_zero_overlapping_ddp_is_refused():
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = small_cnn()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1, overlap_with_ddp=True)
+        with pytest.raises(ValueError, match=r"overlap_with_ddp=True\) steps inside DDP's communication hook"):
+            attach_norm_decay(zero, model)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_exclude_leaves_every_layer_inside_a_named_block_alone():
     torch.manual_seed(0)
     model = nn.Sequential(
