@@ -253,6 +253,8 @@ class NormDecay:
         self._loaded_recent: dict[str, torch.Tensor] = {}
         # {layer: (buffer, scale, recent)} of the state dict being loaded, taken out of it by the pre-hook
         self._loaded_decay: dict[str, tuple] = {}
+        # layers whose loaded h is in the decay state but in no optimizer.state entry yet
+        self._loaded_only: set[str] = set()
         self._reporter = _NonFiniteReporter()
         self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
@@ -334,6 +336,7 @@ class NormDecay:
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
         kept = {**self._held_back, **kept}
         before = set(self.decayed)
+        self._loaded_only = set()  # kept, as pending, below
         self._select(specs)
         self._transform = self._state = None
         zero_local = self._zero_local()
@@ -454,6 +457,7 @@ class NormDecay:
                     if state is None:  # ZeRO loads None for the parameters another rank steps
                         state = home[weight] = {}
                     state[BUFFER], state[SCALE] = buffer, scale
+                    self._loaded_only.discard(name)
                     if name in self._state.recent:
                         state[RECENT] = self._state.recent[name]
                     else:  # a ring of an earlier selection, which this layout reads densely
@@ -535,9 +539,14 @@ class NormDecay:
                     ) from None
         self._loaded_recent = rings
         self._loaded_decay = {name: tuple(saved.get(key) for key in DECAY_KEYS) for name, saved in entries.items()}
+        # Only this object's layers: another decay on the same optimizer, or a later hook, sees its own.
+        ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        mine = {id(self._modules[name].weight) for name in entries}
+        own = {i for i, p in zip(ids, params) if id(p) in mine}
         stripped = {**state_dict, "state": {}}  # never the caller's checkpoint
         for index, entry in state_dict.get("state", {}).items():
-            if isinstance(entry, Mapping):
+            if index in own and isinstance(entry, Mapping):
                 entry = {key: value for key, value in entry.items() if key not in DECAY_KEYS}
                 if not entry:
                     continue
@@ -547,6 +556,7 @@ class NormDecay:
     def _adopt_loaded(self, optimizer) -> None:
         """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
         loaded, self._loaded_decay = self._loaded_decay, {}
+        self._loaded_only = set()
         rings, self._loaded_recent = self._loaded_recent, {}
         zero_local = self._zero_local()
         if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
@@ -577,15 +587,22 @@ class NormDecay:
                 saved[BUFFER], saved[SCALE] = self._state.views[name]
                 if name in self._state.recent:
                     saved[RECENT] = self._state.recent[name]
+            else:  # joins at its next step (after_step); until then, saved by _save_pending
+                self._loaded_only.add(name)
 
     def _save_pending(self, optimizer, state_dict):
         """Put the decay state loaded before the first step, held back from ``optimizer.state``
         (where it would keep Adam-like optimizers from initialising theirs), into ``state_dict``."""
-        if not self._pending and not self._held_back:
+        loaded_only = {}
+        if self._state is not None:
+            for name in self._loaded_only & set(self._state.views):
+                buffer, scale = self._state.views[name]
+                loaded_only[name] = (buffer, scale, self._state.recent.get(name))
+        if not self._pending and not self._held_back and not loaded_only:
             return state_dict
         params = [p for group in optimizer.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(params)}
-        for name, (buffer, scale, recent) in {**self._held_back, **self._pending}.items():
+        for name, (buffer, scale, recent) in {**self._held_back, **self._pending, **loaded_only}.items():
             i = index.get(id(self._modules[name].weight))
             if i is None:
                 continue

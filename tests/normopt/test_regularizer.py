@@ -594,6 +594,44 @@ def test_a_checkpoint_with_decay_state_of_weights_not_stepped_yet_loads_into_ada
     assert {"step", "exp_avg", "norm_decay_buffer"} <= set(twin_optimizer.state[twin[0].weight])
 
 
+def test_a_checkpoint_saved_right_after_a_load_carries_every_layers_h():
+    """Plain SGD keeps no state of its own: after a load mid-run, h lives only in the decay state
+    until the next step, and a checkpoint taken meanwhile still carries it."""
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.1)
+    for seed in range(3):
+        one_step(model, optimizer, seed)
+    h = optimizer.norm_decay.decay_buffers()
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    saved = copy.deepcopy(optimizer.state_dict())
+    twin = small_cnn()
+    twin_optimizer = NormDecayOptimizer(torch.optim.SGD(twin.parameters(), lr=0.05), twin, beta=0.1)
+    twin_optimizer.load_state_dict(saved)
+    for name, value in twin_optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(value, h[name]), name
+
+
+def test_two_decays_on_one_optimizer_each_resume_their_own_layers():
+    def build():
+        model = small_cnn()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        attach_norm_decay(optimizer, model, beta=0.1, exclude=("3", "6"))
+        attach_norm_decay(optimizer, model, beta=0.2, ord=math.inf, exclude=("0",))
+        return model, optimizer
+
+    model, optimizer = build()
+    for seed in range(3):
+        one_step(model, optimizer, seed)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    twin, twin_optimizer = build()
+    twin.load_state_dict(checkpoint[0])
+    twin_optimizer.load_state_dict(checkpoint[1])
+    for seed in (3, 4):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin)
+
+
 def test_zero_overlapping_ddp_is_refused():
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
