@@ -264,26 +264,16 @@ class _OwnFrozenBatchNorm(nn.Module):
         return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
 
 
-@pytest.mark.parametrize("ord", [1, math.inf])
-def test_a_module_with_frozen_batchnorm_buffers_is_a_diagonal_map(ord):
-    layer = _OwnFrozenBatchNorm(3, eps=1e-3)
-    with torch.no_grad():
-        layer.weight.copy_(torch.tensor([0.5, -3.0, 1.0]))
-        layer.running_var.copy_(torch.tensor([1.0, 0.5, 4.0]))
-    model = nn.Sequential(nn.Conv2d(2, 3, 1), layer)
-    specs = layer_specs(model)
-    assert isinstance(specs["1"], BatchNormSpec)
-    oracle = explicit_matrix(layer, (3, 2, 2)).abs().sum(0 if ord == 1 else 1).max()
-    assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle, rtol=1e-6)
-    layer.register_parameter("extra", nn.Parameter(torch.ones(3)))  # a learned parameter: not frozen
-    assert "1" not in layer_specs(model)
-
-
-@pytest.mark.parametrize("ord", [1, math.inf])
-def test_frozen_batchnorm_is_a_diagonal_map(ord):
+def _torchvision_frozen_batchnorm(channels: int, eps: float) -> nn.Module:
     from torchvision.ops import FrozenBatchNorm2d
 
-    layer = FrozenBatchNorm2d(3, eps=1e-3)
+    return FrozenBatchNorm2d(channels, eps=eps)
+
+
+@pytest.mark.parametrize("make", [_torchvision_frozen_batchnorm, _OwnFrozenBatchNorm], ids=["torchvision", "by hand"])
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_a_frozen_batchnorm_is_a_diagonal_map(ord, make):
+    layer = make(3, eps=1e-3)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
         layer.running_var.copy_(torch.tensor([1.0, 0.5, 4.0]))
@@ -293,3 +283,5 @@ def test_frozen_batchnorm_is_a_diagonal_map(ord):
     assert isinstance(specs["1"], BatchNormSpec) and "1" not in specs.skipped
     oracle = explicit_matrix(layer, (3, 2, 2)).abs().sum(0 if ord == 1 else 1).max()
     assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle, rtol=1e-6)
+    layer.register_parameter("extra", nn.Parameter(torch.ones(3)))  # a learned parameter: not frozen
+    assert "1" not in layer_specs(model)
