@@ -248,10 +248,9 @@ class NormDecay:
         self._pending: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         # {layer: (buffer, scale, recent)} of frozen layers, kept until they are chosen again
         self._held_back: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
-        # {layer: its saved ring}, as integers: torch's load_state_dict casts every state tensor of
-        # a floating-point weight to the weight's dtype, which rounds channels in bfloat16 or float16
-        self._loaded_recent: dict[str, torch.Tensor] = {}
-        # {layer: (buffer, scale, recent)} of the state dict being loaded, taken out of it by the pre-hook
+        # {layer: (buffer, scale, recent)} of the state dict being loaded, taken out of it by the
+        # pre-hook before torch casts it (its cast to a bfloat16 or float16 weight's dtype would
+        # round the ring's channels)
         self._loaded_decay: dict[str, tuple] = {}
         # layers whose loaded h is in the decay state but in no optimizer.state entry yet
         self._loaded_only: set[str] = set()
@@ -355,7 +354,7 @@ class NormDecay:
         if self._recorder is not None and self._recorder.called:
             specs, self._recorder = self._recorder.specs(), None
             self._reselect(specs)
-        if len(self.optimizer.param_groups) != self._groups_seen or self._unfrozen():
+        if len(self.optimizer.param_groups) != self._groups_seen or self._freezing_changed():
             self.add_params()
         if self._transform is None and self.decayed:
             _, gammas = self._hyper()
@@ -385,7 +384,7 @@ class NormDecay:
             {name: per_group[i][1] for name, i in self._group_of.items()},
         )
 
-    def _unfrozen(self) -> bool:
+    def _freezing_changed(self) -> bool:
         """Whether a weight that was frozen when the layers were chosen is trainable now, or a
         chosen one is frozen now (it then keeps its h, unchanged, until it is unfrozen)."""
         return any(weight.requires_grad for weight in self._frozen.values()) or not all(
@@ -397,7 +396,7 @@ class NormDecay:
         return (
             (self._recorder is not None and self._recorder.called)
             or len(self.optimizer.param_groups) != self._groups_seen
-            or self._unfrozen()
+            or self._freezing_changed()
             or (self._transform is None and bool(self.decayed))
         )
 
@@ -506,26 +505,31 @@ class NormDecay:
         """The frozen layers that are regularized once unfrozen."""
         return [name for name in self._frozen if isinstance(self.specs[name], self.kinds)]
 
-    def _loaded_entries(self, state_dict: Mapping) -> dict[str, dict]:
-        """``{layer: the saved state of its weight}`` for the regularized layers and the frozen ones
-        that will be, by the optimizer's numbering."""
+    def _loaded_entries(self, state_dict: Mapping) -> dict[str, tuple[object, dict]]:
+        """``{layer: (index, the saved state of its weight)}`` for the regularized layers and the
+        frozen ones that will be, by the optimizer's numbering."""
         ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        # ZeRO hands a rank None for the parameters another rank steps.
-        by_param = {id(p): state_dict.get("state", {}).get(i) or {} for i, p in zip(ids, params)}
-        return {name: by_param.get(id(self._modules[name].weight), {}) for name in (*self.decayed, *self._frozen_decayed())}
+        index_of = {id(p): i for i, p in zip(ids, params)}
+        entries = {}
+        for name in (*self.decayed, *self._frozen_decayed()):
+            index = index_of.get(id(self._modules[name].weight))
+            # ZeRO hands a rank None for the parameters another rank steps.
+            entries[name] = (index, state_dict.get("state", {}).get(index) or {})
+        return entries
 
     def _check_loaded(self, optimizer, state_dict):
         """Before the optimizer loads anything: refuse decay state that does not fit, naming the
-        layer, and take the decay keys out of what the optimizer loads (an entry holding only them,
-        of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
-        rings, entries = {}, self._loaded_entries(state_dict)
-        for name, saved in entries.items():
+        layer, and take this decay's keys out of what the optimizer loads (an entry holding only
+        them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
+        entries = self._loaded_entries(state_dict)
+        loaded = {}
+        for name, (_, saved) in entries.items():
             weight = self._modules[name].weight
             buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
             if recent is not None:
                 _check_recent(recent, name, self.specs[name], self.ord)
-                rings[name] = recent.detach().clone()
+                recent = recent.detach().clone()
             if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
                 raise ValueError(
                     f"decay buffer of layer {name!r} has shape {tuple(buffer.shape)}, the weight {tuple(weight.shape)}"
@@ -537,13 +541,9 @@ class NormDecay:
                     raise ValueError(
                         f"decay scale of layer {name!r} has shape {tuple(scale.shape)}, not one for {tuple(weight.shape)}"
                     ) from None
-        self._loaded_recent = rings
-        self._loaded_decay = {name: tuple(saved.get(key) for key in DECAY_KEYS) for name, saved in entries.items()}
-        # Only this object's layers: another decay on the same optimizer, or a later hook, sees its own.
-        ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        mine = {id(self._modules[name].weight) for name in entries}
-        own = {i for i, p in zip(ids, params) if id(p) in mine}
+            loaded[name] = (buffer, scale, recent)
+        self._loaded_decay = loaded
+        own = {index for index, _ in entries.values()}  # another decay on the optimizer keeps its keys
         stripped = {**state_dict, "state": {}}  # never the caller's checkpoint
         for index, entry in state_dict.get("state", {}).items():
             if index in own and isinstance(entry, Mapping):
@@ -557,10 +557,11 @@ class NormDecay:
         """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
         loaded, self._loaded_decay = self._loaded_decay, {}
         self._loaded_only = set()
-        rings, self._loaded_recent = self._loaded_recent, {}
         zero_local = self._zero_local()
         if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
-            for weight, entry in list(zero_local[0].items()):
+            for name in loaded:
+                weight = self._modules[name].weight
+                entry = zero_local[0].get(weight)
                 if isinstance(entry, dict):
                     for key in DECAY_KEYS:
                         entry.pop(key, None)
@@ -571,7 +572,6 @@ class NormDecay:
             weight = self._modules[name].weight
             as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
             buffer, scale, recent = loaded.get(name, (None, None, None))
-            recent = rings.get(name) if recent is not None else None  # the integer copy
             if name not in self.decayed:
                 if buffer is not None:
                     self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
