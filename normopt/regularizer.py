@@ -415,10 +415,7 @@ class NormDecay:
             grad_scale = getattr(self.optimizer, "grad_scale", None)
             if isinstance(grad_scale, torch.Tensor):
                 betas = _scaled(betas, grad_scale)
-            # A weight frozen since the layers were chosen gets no decay, even with a gradient
-            # that zero_grad(set_to_none=False) kept: the optimizer would step it.
-            weights = [self._tensors[spec.weight] for spec in self.decayed.values()]
-            grads = {spec.weight: w.grad if w.requires_grad else None for spec, w in zip(self.decayed.values(), weights)}
+            grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
             _, self._state, norms = self._transform.update(grads, self._state, self._tensors, beta=betas, gamma=gammas)
             self.last_norms = norms
             if not torch.compiler.is_compiling():
@@ -466,8 +463,6 @@ class NormDecay:
                 if isinstance(spec, BatchNormSpec):
                     continue
                 weight = self._modules[name].weight
-                if not weight.requires_grad:  # frozen since the layers were chosen: the user's to keep
-                    continue
                 if weight.device not in self._taps.setdefault(name, {}):
                     self._taps[name][weight.device] = tap_tables(spec, self.ord, weight.device)
                 weight.copy_(project_layer(weight, spec, self.ord, self.max_norm, self._taps[name][weight.device]))
@@ -477,8 +472,6 @@ class NormDecay:
     def _project_batchnorms(self, projection) -> None:
         for name, spec in self.bn_projected.items():
             module = self._modules[name]
-            if not module.weight.requires_grad:
-                continue
             capped = projection(module.weight, module.running_var, spec, self.bn_max_norm)
             module.weight.copy_(torch.where(torch.isfinite(capped), capped, module.weight))
 
