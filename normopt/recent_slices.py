@@ -52,6 +52,25 @@ def horizon(max_gamma: float, dtype: torch.dtype) -> int | None:
     return length if length <= RING_MAX_LENGTH else None
 
 
+def covered(length: int, dtype: torch.dtype) -> float:
+    """The largest gamma for which a ring of ``length`` holds every slice that counts: the largest
+    ``g`` with ``horizon(g, dtype) <= length`` (so ``horizon(covered(K, dtype), dtype) == K``).
+
+    Example:
+        >>> covered(24, torch.float32), horizon(covered(75, torch.float32), torch.float32)
+        (0.5, 75)
+    """
+    if not 0 < length <= RING_MAX_LENGTH:
+        raise ValueError(f"a ring's length must be in [1, {RING_MAX_LENGTH}], got {length}")
+    gamma = (torch.finfo(dtype).eps / 2) ** (1 / length)
+    fits = lambda g: (horizon(g, dtype) or math.inf) <= length
+    while not fits(gamma):  # the power rounds: a few ulps either way
+        gamma = math.nextafter(gamma, 0.0)
+    while fits(math.nextafter(gamma, 1.0)):
+        gamma = math.nextafter(gamma, 1.0)
+    return gamma
+
+
 def ring_layers(plan: BatchPlan, length: int) -> tuple[int, ...]:
     """Positions, in ``plan``, of the layers whose decay gradient is read through a ring of ``length``.
 

@@ -27,6 +27,7 @@ from torch import nn
 from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap, within
 from normopt.lines import line_plan, parse_ord
 from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
+from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay
 
@@ -361,6 +362,19 @@ class NormDecay:
             # Rings sized for the default gamma, or the largest one set now: a scheduler that
             # raises gamma above it makes the steps from then on add h densely.
             max_gamma = max([0.5, *gammas.values()])
+            # Rings loaded from a checkpoint keep their length whatever gamma is now (it may have
+            # changed between the checkpoint and this step), so that the run goes on sparse or turns
+            # dense as the one that wrote them would have. A ring shorter than any this dtype is
+            # sized for came from another dtype: the load rebuilds it from h.
+            loaded = [
+                covered(recent.numel(), dtype)
+                for name, (_, _, recent) in self._pending.items()
+                if recent is not None
+                and horizon(0.5, dtype := self._modules[name].weight.dtype) <= recent.numel() <= RING_MAX_LENGTH
+                and not bool((recent == DENSE).any())
+            ]
+            if loaded:
+                max_gamma = min(loaded)
             self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule, max_gamma=max_gamma)
             self._state = self._transform.init(self._tensors)
             for name, (buffer, scale, recent) in self._pending.items():

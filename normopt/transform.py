@@ -26,8 +26,9 @@ float32. Where the slices are rows (the l_inf norm; the l1 norm of a transposed 
 large layers therefore add to their gradient only the slices written in their last ``K`` steps
 (the terms left out each under half an ulp of the layer's largest entry of ``h``), kept in a ring of channels
 (:mod:`normopt.recent_slices`), instead of a dense pass over ``h``; the other layers share one
-``torch._foreach_addcmul_``. A step whose gamma exceeds ``max_gamma`` turns its batch dense for
-good (its ring filled with ``DENSE``).
+``torch._foreach_addcmul_``. A step whose gamma exceeds what a batch's ring holds (the largest
+gamma whose ``K`` is the ring's length: ``max_gamma``, or a little above it) turns that batch dense
+for good (its ring filled with ``DENSE``).
 
 ``update`` changes the gradient tensors and the state's buffers in place (as torch.optim's
 functional optimizers do) and returns them, so no step allocates a weight-sized tensor.
@@ -53,7 +54,7 @@ from normopt.batched import (
     slice_subgradients,
 )
 from normopt.lines import checked, lookup, parse_ord, weight_shape
-from normopt.recent_slices import RingTables, add_recent, horizon, record, ring_coefficients, ring_layers, ring_tables
+from normopt.recent_slices import RingTables, add_recent, covered, horizon, record, ring_coefficients, ring_layers, ring_tables
 from normopt.specs import BatchNormSpec, Spec
 
 RULES = ("paper", "reference")
@@ -195,8 +196,8 @@ def norm_decay(
         ord: ``1``/``"l1"`` or ``float("inf")``/``"linf"``.
         rule: ``"paper"`` or ``"reference"`` (see the module docstring).
         max_gamma: with ``rule="paper"``, the largest gamma the rings of recent slices are sized for
-            (:mod:`normopt.recent_slices`); a step with a larger gamma adds ``h`` densely, and so do
-            all later steps.
+            (:mod:`normopt.recent_slices`); a step with a gamma above what a ring of that length
+            holds (``normopt.recent_slices.covered``) adds ``h`` densely, and so do all later steps.
         sparse: False adds ``h`` to the gradients in dense passes only.
 
     ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (a
@@ -237,6 +238,8 @@ def norm_decay(
     names = tuple(specs)
     # (layer names in batch order, plan, ring length) per device and dtype, fixed by init from the weights it gets.
     layout: list[tuple[tuple[str, ...], BatchPlan, int | None]] = []
+    # per batch, the largest gamma its ring holds every slice for (a larger one turns it dense)
+    limits: list[float] = []
 
     def init(tensors: Mapping[str, torch.Tensor]) -> NormDecayState:
         by_batch: dict[tuple[torch.device, torch.dtype], list[str]] = {}
@@ -246,6 +249,7 @@ def norm_decay(
                 raise TypeError(f"layer {name!r}: norm decay needs real floating-point weights, not {weight.dtype}")
             by_batch.setdefault((weight.device, weight.dtype), []).append(name)
         layout.clear()
+        limits.clear()
         buffers, scales, tables, scratch, views = [], [], [], [], {}
         rings, all_ring_tables, recent = [], [], {}
         for (device, dtype), members in by_batch.items():
@@ -254,6 +258,7 @@ def norm_decay(
             length = horizon(max_gamma, dtype) if rule == "paper" and sparse else None
             chosen = ring_layers(plan, length) if length is not None else ()
             layout.append((members, plan, length))
+            limits.append(covered(length, dtype) if chosen else max_gamma)
             tables.append(batch_tables(plan, device, dtype))
             buffer = torch.zeros(sum(plan.numels), device=device, dtype=dtype)
             scale = torch.ones(sum(math.prod(s) for s in plan.scale_shapes), device=device, dtype=dtype)
@@ -346,7 +351,7 @@ def norm_decay(
             buffer.put_(found.buffer, new)
             scale.put_(found.scales, tables.ones)
             ring, ring_table = state.rings[batch], state.ring_tables[batch]
-            if sparse_now[batch] and max(decays) > max_gamma:  # the ring no longer holds every slice that counts
+            if sparse_now[batch] and max(decays) > limits[batch]:  # the ring no longer holds every slice that counts
                 sparse_now[batch] = False
                 ring.fill_(DENSE)  # so that a checkpoint says so too
             through_ring = ring_table.layers if sparse_now[batch] else ()

@@ -16,6 +16,7 @@ from torch import nn
 import normopt
 from normopt import norm_decay, norm_subgradient, paper_update, reference_update
 from normopt.lines import line_plan
+from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
 from normopt.transform import DENSE
 
 # h is kept in the weight's dtype; the per-layer rule and the scaled buffer round differently.
@@ -124,6 +125,20 @@ def test_rings_of_recent_slices_add_what_the_dense_buffer_holds_past_their_lengt
     assert all(sparse for sparse, ring in zip(state.sparse, state.rings) if ring is not None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 2, 3, 8, 24, 25, 53, 75, 158, RING_MAX_LENGTH])
+def test_covered_is_the_largest_gamma_whose_horizon_is_the_rings_length(dtype, length):
+    gamma = covered(length, dtype)
+    assert horizon(gamma, dtype) == length
+    assert (horizon(math.nextafter(gamma, 1.0), dtype) or math.inf) > length
+
+
+@pytest.mark.parametrize("length", [0, RING_MAX_LENGTH + 1])
+def test_covered_refuses_a_length_no_ring_has(length):
+    with pytest.raises(ValueError, match=rf"a ring's length must be in \[1, {RING_MAX_LENGTH}\], got {length}"):
+        covered(length, torch.float32)
+
+
 def test_a_gamma_above_the_rings_makes_this_and_every_later_step_dense():
     torch.manual_seed(0)
     layers = {"c": nn.Conv2d(3, 5, 3, padding=1), "fc": nn.Linear(4, 6)}
@@ -139,6 +154,24 @@ def test_a_gamma_above_the_rings_makes_this_and_every_later_step_dense():
     state = _check_against_the_closed_form(transform, state, specs, tensors, math.inf, "paper", gammas, 3)
     assert state.sparse == (False,)
     assert all(bool((ring == DENSE).all()) for ring in state.recent.values())
+
+
+def test_rings_stay_sparse_up_to_the_largest_gamma_their_length_covers():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 5, 3, padding=1)
+    specs = {"c": dataclasses.replace(normopt.module_spec(layer, "c", (6, 6)), weight="c.weight")}
+    tensors = {"c.weight": layer.weight.detach().clone()}
+    with rings_everywhere():
+        transform = norm_decay(specs, ord=math.inf, rule="paper", max_gamma=0.8)
+        state = transform.init(tensors)
+    assert state.recent["c"].shape == (75,)
+    limit = covered(75, torch.float32)  # a little above 0.8: 75 steps still bring it under half an ulp
+    assert 0.8 < limit
+    state = _check_against_the_closed_form(transform, state, specs, tensors, math.inf, "paper", [limit] * 90, 4)
+    assert state.sparse == (True,)
+    gammas = [limit] * 3 + [math.nextafter(limit, 1.0)] * 2
+    state = _check_against_the_closed_form(transform, transform.init(tensors), specs, tensors, math.inf, "paper", gammas, 5)
+    assert state.sparse == (False,)
 
 
 @settings(max_examples=60, deadline=None)
