@@ -253,8 +253,6 @@ class NormDecay:
         # pre-hook before torch casts it (its cast to a bfloat16 or float16 weight's dtype would
         # round the ring's channels)
         self._loaded_decay: dict[str, tuple] = {}
-        # layers whose loaded h is in the decay state but in no optimizer.state entry yet
-        self._loaded_only: set[str] = set()
         self._reporter = _NonFiniteReporter()
         self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
@@ -336,7 +334,6 @@ class NormDecay:
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
         kept = {**self._held_back, **kept}
         before = set(self.decayed)
-        self._loaded_only = set()  # kept, as pending, below
         self._select(specs)
         self._transform = self._state = None
         zero_local = self._zero_local()
@@ -467,7 +464,6 @@ class NormDecay:
                     if state is None:  # ZeRO loads None for the parameters another rank steps
                         state = home[weight] = {}
                     state[BUFFER], state[SCALE] = buffer, scale
-                    self._loaded_only.discard(name)
                     if name in self._state.recent:
                         state[RECENT] = self._state.recent[name]
                     else:  # a ring of an earlier selection, which this layout reads densely
@@ -529,6 +525,8 @@ class NormDecay:
         """Before the optimizer loads anything: refuse decay state that does not fit, naming the
         layer, and take this decay's keys out of what the optimizer loads (an entry holding only
         them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
+        if len(self.optimizer.param_groups) != self._groups_seen or self._freezing_changed():
+            self.add_params()  # groups added or weights (un)frozen since the last step: choose as it will
         entries = self._loaded_entries(state_dict)
         loaded = {}
         for name, (_, saved) in entries.items():
@@ -563,7 +561,6 @@ class NormDecay:
     def _adopt_loaded(self, optimizer) -> None:
         """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
         loaded, self._loaded_decay = self._loaded_decay, {}
-        self._loaded_only = set()
         zero_local = self._zero_local()
         if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
             for name in loaded:
@@ -594,22 +591,29 @@ class NormDecay:
                 saved[BUFFER], saved[SCALE] = self._state.views[name]
                 if name in self._state.recent:
                     saved[RECENT] = self._state.recent[name]
-            else:  # joins at its next step (after_step); until then, saved by _save_pending
-                self._loaded_only.add(name)
+            # else: joins at the weight's next step (after_step); until then, saved by _save_pending
 
     def _save_pending(self, optimizer, state_dict):
-        """Put the decay state loaded before the first step, held back from ``optimizer.state``
-        (where it would keep Adam-like optimizers from initialising theirs), into ``state_dict``."""
-        loaded_only = {}
+        """Put into ``state_dict`` the decay state that is not in ``optimizer.state``: loaded before
+        the first step, of frozen layers, or of weights the optimizer has not stepped yet (no
+        gradient so far, or none since the layers were chosen anew), whose h moves all the same.
+        Until the optimizer steps a weight, its decay state stays out of ``optimizer.state``, where
+        it would keep Adam-like optimizers from initialising theirs."""
+        unsaved = {}
         if self._state is not None:
-            for name in self._loaded_only & set(self._state.views):
-                buffer, scale = self._state.views[name]
-                loaded_only[name] = (buffer, scale, self._state.recent.get(name))
-        if not self._pending and not self._held_back and not loaded_only:
+            zero_local = self._zero_local()
+            for name, (buffer, scale) in self._state.views.items():
+                weight = self._modules[name].weight
+                if zero_local is not None and id(weight) not in zero_local[1]:
+                    continue  # another rank steps it, and its entry in the checkpoint comes from there
+                entry = (zero_local[0] if zero_local is not None else self.optimizer.state).get(weight)
+                if entry is None or entry.get(BUFFER) is not buffer:
+                    unsaved[name] = (buffer, scale, self._state.recent.get(name))
+        if not self._pending and not self._held_back and not unsaved:
             return state_dict
         params = [p for group in optimizer.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(params)}
-        for name, (buffer, scale, recent) in {**self._held_back, **self._pending, **loaded_only}.items():
+        for name, (buffer, scale, recent) in {**self._held_back, **self._pending, **unsaved}.items():
             i = index.get(id(self._modules[name].weight))
             if i is None:
                 continue

@@ -807,3 +807,55 @@ def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes(beta, e
         one_step(model, optimizer, 1)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class TwoBranches(nn.Module):
+    """A trunk, and two heads of which each step uses one (the other's weights get no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x, head="a"):
+        return getattr(self, head)(torch.relu(self.trunk(x)))
+
+
+def branch_step(model, optimizer, seed, head):
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator)
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs, head), labels).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+@pytest.mark.parametrize("make", [NormDecayOptimizer, attach_norm_decay], ids=["wrapper", "hooks"])
+@pytest.mark.parametrize("regroup", [False, True], ids=["one-group", "group-added-mid-run"])
+def test_a_checkpoint_carries_the_h_of_a_layer_that_has_had_no_gradient_yet(inner, make, regroup):
+    """h moves at every step, gradient or not: a head unused so far must still resume bit for bit."""
+
+    def build():
+        model = TwoBranches()
+        first = [*model.trunk.parameters(), *model.a.parameters()]
+        optimizer = inner(first if regroup else model.parameters(), lr=0.05)
+        wrapped = make(optimizer, model, beta=0.3, ord=math.inf)
+        return model, optimizer if make is attach_norm_decay else wrapped
+
+    model, optimizer = build()
+    for seed in range(3):
+        branch_step(model, optimizer, seed, "a")
+    if regroup:  # the layers are chosen anew, and b's h starts then
+        optimizer.add_param_group({"params": list(model.b.parameters())})
+        branch_step(model, optimizer, 3, "a")
+    assert model.b.weight.grad is None and optimizer.state.get(model.b.weight, {}) == {}
+    twin, twin_optimizer = build()
+    if regroup:
+        twin_optimizer.add_param_group({"params": list(twin.b.parameters())})
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for seed in range(4, 8):
+        for pair in ((model, optimizer), (twin, twin_optimizer)):
+            branch_step(*pair, seed, "b")
+    for key, value in model.state_dict().items():
+        assert torch.equal(twin.state_dict()[key], value), key
