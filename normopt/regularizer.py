@@ -90,6 +90,12 @@ def _check_recent(recent, name: str, spec, ord: float) -> None:
         raise ValueError(f"recent slices of layer {name!r} must be a 1-D integer tensor of channels in [{DENSE}, {channels})")
 
 
+def _signed(beta, maximize: bool):
+    """beta as the gradient takes it: a group with ``maximize=True`` steps along its gradient, so the
+    decay is subtracted there, and shrinks the norms as it does elsewhere (as ``weight_decay`` does)."""
+    return -beta if maximize else beta
+
+
 def _scaled(betas: dict, scale: torch.Tensor) -> dict:
     """``{layer: beta * scale}``, one product per distinct beta (layers that shared a beta share the product)."""
     products: dict = {}
@@ -385,7 +391,7 @@ class NormDecay:
         defaults = self.optimizer.defaults
         per_group = [
             (
-                check_beta(group.get(BETA, defaults.get(BETA)), f"param group {BETA}"),
+                _signed(check_beta(group.get(BETA, defaults.get(BETA)), f"param group {BETA}"), group.get("maximize", False)),
                 check_gamma(group.get(GAMMA, defaults.get(GAMMA)), f"param group {GAMMA}"),
             )
             for group in self.optimizer.param_groups

@@ -859,3 +859,29 @@ def test_a_checkpoint_carries_the_h_of_a_layer_that_has_had_no_gradient_yet(inne
             branch_step(*pair, seed, "b")
     for key, value in model.state_dict().items():
         assert torch.equal(twin.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.Adam], ids=["sgd", "adam"])
+@pytest.mark.parametrize("make", [NormDecayOptimizer, attach_norm_decay], ids=["wrapper", "hooks"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.parametrize("kind", [float, torch.tensor], ids=["float", "tensor"])
+def test_a_maximizing_optimizer_gets_a_decay_that_still_shrinks_the_norms(inner, make, ord, kind):
+    """Maximizing L with ``maximize=True`` must step exactly as minimizing -L does, decay included."""
+
+    def run(maximize):
+        model = small_cnn()
+        options = {"lr": 0.05, "maximize": maximize} | ({"momentum": 0.9} if inner is torch.optim.SGD else {})
+        optimizer = inner(model.parameters(), **options)
+        wrapped = make(optimizer, model, beta=kind(0.5), ord=ord)
+        optimizer = optimizer if make is attach_norm_decay else wrapped
+        for seed in range(4):
+            x, y = next(batches(*DATA, 1, 16, seed))
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            (loss if maximize else -loss).backward()
+            optimizer.step()
+        return model
+
+    maximized, minimized = run(True), run(False)
+    for key, value in minimized.state_dict().items():
+        assert torch.equal(maximized.state_dict()[key], value), key
