@@ -145,12 +145,16 @@ def _skip_reason(module: nn.Module) -> str | None:
     for kind, reason in _NOT_LINEAR.items():
         if isinstance(module, kind):
             return f"{type(module).__name__}: {reason}"
-    if isinstance(module, (nn.Linear, _ConvNd)) and parametrize.is_parametrized(module, "weight"):
+    if isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) and parametrize.is_parametrized(module, "weight"):
         return (
             f"{type(module).__name__}: weight is parametrized (torch.nn.utils.parametrize); "
             "compute its norm from the parametrized weight with normopt.layer_norm"
         )
-    if isinstance(module, (nn.Linear, _ConvNd)) and not isinstance(module._parameters.get("weight"), torch.Tensor):
+    # A batch norm without affine weights keeps the key, as None; a hook-computed weight removes it.
+    computed = not isinstance(module._parameters.get("weight"), torch.Tensor)
+    if (isinstance(module, (nn.Linear, _ConvNd)) and computed) or (
+        isinstance(module, _BatchNorm) and "weight" not in module._parameters
+    ):
         return f"{type(module).__name__}: weight is computed by a forward hook (e.g. weight_norm), not a parameter"
     if isinstance(module, _BatchNorm) and module.running_var is None:
         return (
@@ -249,14 +253,14 @@ class InputSizeRecorder:
         # Bound methods in partials, not closures: a deep copy (or pickle) of the model and the
         # recorder gives hooks that write into the copied recorder.
         self._handles = [
-            module.register_forward_hook(functools.partial(self._record, name))
+            module.register_forward_hook(functools.partial(self._record, name), with_kwargs=True)
             for name, module in self.model.named_modules()
             if isinstance(module, _ConvNd)
         ]
 
-    def _record(self, name: str, module: _ConvNd, args, output) -> None:
+    def _record(self, name: str, module: _ConvNd, args, kwargs, output) -> None:
         dims = len(module.kernel_size)
-        size = tuple(int(n) for n in args[0].shape[-dims:])
+        size = tuple(int(n) for n in (args[0] if args else kwargs["input"]).shape[-dims:])  # conv(input=x) is legal
         self._seen.setdefault(name, set()).add(size)
         if module.transposed:
             self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))

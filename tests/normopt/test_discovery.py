@@ -117,6 +117,45 @@ def test_skipped_modules_are_listed_with_a_reason():
     assert "parametrized" in specs.skipped["6"]
 
 
+class _Positive(nn.Module):
+    def forward(self, weight):
+        return weight.abs()
+
+
+@pytest.mark.parametrize(
+    ("reparametrize", "reason"),
+    [
+        (lambda bn: nn.utils.parametrize.register_parametrization(bn, "weight", _Positive()), "parametrized"),
+        (lambda bn: nn.utils.weight_norm(bn, dim=0), "computed by a forward hook"),
+    ],
+    ids=["parametrize", "weight_norm"],
+)
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+def test_a_batch_norm_with_a_computed_weight_is_skipped_and_the_rest_still_has_norms(reparametrize, reason):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.BatchNorm2d(2, affine=False))
+    reparametrize(model[1])
+    specs = layer_specs(model, torch.zeros(1, 1, 5, 5))
+    assert list(specs) == ["0", "2"] and reason in specs.skipped["1"]  # "2": no affine weight, still a diagonal map
+    assert set(normopt.layer_norms(model.state_dict(), specs, ord=1)) == {"0", "2"}
+
+
+def test_a_conv_called_with_its_input_as_a_keyword_gets_its_input_size():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(input=x)
+
+    model = Net()
+    assert layer_specs(model, torch.zeros(1, 1, 5, 7))["conv"].input_size == (5, 7)
+    optimizer = normopt.NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)  # sizes from training
+    model(torch.randn(2, 1, 6, 4)).sum().backward()
+    optimizer.step()
+    assert optimizer.norm_decay.specs["conv"].input_size == (6, 4)
+
+
 def test_module_spec_refuses_unsupported_modules_by_name():
     with pytest.raises(TypeError, match="layer 'norm' is not supported: LayerNorm"):
         normopt.module_spec(nn.LayerNorm(3), "norm")
