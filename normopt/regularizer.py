@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap, within
+from normopt.discovery import InputSizeRecorder, LayerSpecs, _skip_reason, layer_specs, module_names, unwrap, within
 from normopt.lines import line_plan, parse_ord
 from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
@@ -297,7 +297,7 @@ class NormDecay:
             if within(name, self.exclude):
                 continue
             if weight is None or not isinstance(weight, nn.Parameter) or spec.weight is None:
-                self.skipped[name] = "no trainable affine weight to regularize"
+                self.skipped[name] = _skip_reason(self._modules[name]) or "no trainable affine weight to regularize"
             elif id(weight) not in held and id(weight) in in_groups:
                 self.skipped[name] = "weight is frozen (requires_grad=False): regularized from the step after it is unfrozen"
                 if isinstance(spec, self.kinds) or (isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None):
@@ -315,7 +315,10 @@ class NormDecay:
                     self.decayed[name] = spec
                 if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
                     self.bn_projected[name] = spec
-        self._chosen = tuple(self._modules[name].weight for name in (*self.decayed, *self.bn_projected))
+        # What the step checks is still so (_layers_changed): each chosen module's registered weight,
+        # trainable, of the dtype and on the device the decay state was made for.
+        chosen = (self._modules[name] for name in (*self.decayed, *self.bn_projected))
+        self._watched = tuple((m._parameters, m.weight, m.weight.dtype, m.weight.device) for m in chosen)
         # Groups keep their order (load_state_dict replaces the dicts, not their order).
         self._group_of = {name: held[id(self._modules[name].weight)] for name in self.decayed}
         self._tensors = {}
@@ -339,12 +342,17 @@ class NormDecay:
         else:  # h itself: the new layout may scale and batch it differently
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
         kept = {**self._held_back, **kept}
-        before = set(self.decayed)
+        # the weights as they were chosen: a parametrization since moved the parameter away
+        before = dict(zip((*self.decayed, *self.bn_projected), (weight for _, weight, _, _ in self._watched)))
+        decayed_before = set(self.decayed)
         self._select(specs)
         self._transform = self._state = None
+        dropped = [name for name in decayed_before - set(self.decayed) if name not in self._frozen and name in self.skipped]
+        for name in dropped:
+            warnings.warn(f"layer {name!r} is no longer regularized: {self.skipped[name]}", stacklevel=3)
         zero_local = self._zero_local()
-        for name in before - set(self.decayed):  # its state entry would keep the old buffers alive
-            weight = self._modules[name].weight
+        for name in decayed_before - set(self.decayed):  # its state entry would keep the old buffers alive
+            weight = before[name]
             for home in (self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])):
                 entry = home.get(weight)
                 if isinstance(entry, dict):
@@ -358,7 +366,7 @@ class NormDecay:
         if self._recorder is not None and self._recorder.called:
             specs, self._recorder = self._recorder.specs(), None
             self._reselect(specs)
-        if len(self.optimizer.param_groups) != self._groups_seen or self._freezing_changed():
+        if len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed():
             self.add_params()
         if self._transform is None and self.decayed:
             _, gammas = self._hyper()
@@ -401,11 +409,14 @@ class NormDecay:
             {name: per_group[i][1] for name, i in self._group_of.items()},
         )
 
-    def _freezing_changed(self) -> bool:
+    def _layers_changed(self) -> bool:
         """Whether a weight that was frozen when the layers were chosen is trainable now, or a
-        chosen one is frozen now (it then keeps its h, unchanged, until it is unfrozen)."""
+        chosen one is frozen now (it then keeps its h, unchanged, until it is unfrozen), replaced
+        (a parametrization registered on its module, a new ``nn.Parameter``), or cast or moved
+        (``model.double()``, ``model.to(device)``): then the layers are chosen anew."""
         return any(weight.requires_grad for weight in self._frozen.values()) or not all(
-            weight.requires_grad for weight in self._chosen
+            params.get("weight") is weight and weight.requires_grad and weight.dtype is dtype and weight.device == device
+            for params, weight, dtype, device in self._watched
         )
 
     def _stale(self) -> bool:
@@ -413,7 +424,7 @@ class NormDecay:
         return (
             (self._recorder is not None and self._recorder.called)
             or len(self.optimizer.param_groups) != self._groups_seen
-            or self._freezing_changed()
+            or self._layers_changed()
             or (self._transform is None and bool(self.decayed))
         )
 
@@ -531,7 +542,7 @@ class NormDecay:
         """Before the optimizer loads anything: refuse decay state that does not fit, naming the
         layer, and take this decay's keys out of what the optimizer loads (an entry holding only
         them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
-        if len(self.optimizer.param_groups) != self._groups_seen or self._freezing_changed():
+        if len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed():
             self.add_params()  # groups added or weights (un)frozen since the last step: choose as it will
         entries = self._loaded_entries(state_dict)
         loaded = {}

@@ -885,3 +885,64 @@ def test_a_maximizing_optimizer_gets_a_decay_that_still_shrinks_the_norms(inner,
     maximized, minimized = run(True), run(False)
     for key, value in minimized.state_dict().items():
         assert torch.equal(maximized.state_dict()[key], value), key
+
+
+def typed_step(model, optimizer, seed):
+    inputs, labels = next(batches(*DATA, 1, 16, seed))
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs.to(model[0].weight.dtype)).float(), labels).backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_model_cast_after_the_first_steps_goes_on_as_one_resumed_in_that_dtype(make, dtype):
+    def plain_sgd(model, **options):  # SGD with momentum would keep float32 buffers for cast weights
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return NormDecayOptimizer(optimizer, model, **options) if make is wrapped else attach(optimizer, model, **options)
+
+    def attach(optimizer, model, **options):
+        attach_norm_decay(optimizer, model, **options)
+        return optimizer
+
+    model = small_cnn()
+    optimizer = plain_sgd(model, beta=0.3)
+    for seed in range(3):
+        typed_step(model, optimizer, seed)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    model.to(dtype)
+    twin = small_cnn().to(dtype)
+    twin.load_state_dict(saved[0])
+    twin_optimizer = plain_sgd(twin, beta=0.3)
+    twin_optimizer.load_state_dict(saved[1])
+    for seed in range(3, 6):
+        for pair in ((model, optimizer), (twin, twin_optimizer)):
+            typed_step(*pair, seed)
+    assert all(h.dtype == dtype for h in optimizer.norm_decay.decay_buffers().values()) if make is wrapped else True
+    same_weights(model, twin)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda layer: nn.utils.parametrizations.spectral_norm(layer), "weight is parametrized"),
+        (lambda layer: setattr(layer, "weight", nn.Parameter(layer.weight.detach().clone())), "not a parameter of the optimizer"),
+    ],
+    ids=["parametrized", "new-parameter"],
+)
+def test_a_weight_replaced_after_the_first_step_is_no_longer_regularized_and_says_so(change, reason):
+    model = small_cnn()
+    optimizer = wrapped(model, beta=0.3, max_norm=0.5)
+    for seed in range(2):
+        one_step(model, optimizer, seed)
+    old = model[6].weight
+    assert "norm_decay_buffer" in optimizer.state[old]
+    change(model[6])
+    before = old.detach().clone()
+    with pytest.warns(UserWarning, match=rf"layer '6' is no longer regularized: .*{reason}"):
+        one_step(model, optimizer, 2)
+    assert set(optimizer.last_norms) == {"0", "3"}
+    assert not any(key.startswith("norm_decay") for key in optimizer.state[old])
+    if old.grad is not None:  # still stepped by the optimizer (parametrized): plain SGD with momentum, no cap
+        momentum = optimizer.state[old]["momentum_buffer"]
+        assert torch.equal(old.detach(), before.add(momentum, alpha=-0.05))
