@@ -17,6 +17,7 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -281,10 +282,30 @@ class NormDecay:
         """``{id(parameter): group index}`` of the optimizer's trainable parameters."""
         return {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"] if p.requires_grad}
 
+    def _refuse_tied(self, specs: LayerSpecs, modules: dict[str, nn.Module]) -> None:
+        """Refuse layers that share one weight but are different maps (TridentNet's branches of one
+        kernel at several dilations): each has its own h, and the optimizer keeps one state per
+        weight. Layers of one and the same map (tied heads) have equal h, and share it."""
+        by_weight: dict[int, list[str]] = {}
+        for name, spec in specs.items():
+            weight = modules[name]._parameters.get("weight")
+            if isinstance(spec, self.kinds) and isinstance(weight, nn.Parameter) and not within(name, self.exclude):
+                by_weight.setdefault(id(weight), []).append(name)
+        for first, *others in by_weight.values():
+            differ = [name for name in others if dataclasses.replace(specs[name], name=first) != specs[first]]
+            if differ:
+                raise ValueError(
+                    f"layers {[first, *differ]} share one weight but are different maps ({specs[first]} and "
+                    f"{specs[differ[0]]}): norm decay keeps one state per weight, so it regularizes only one of "
+                    f"them; exclude the others (exclude={tuple(differ)!r})"
+                )
+
     def _select(self, specs: LayerSpecs) -> None:
         """Split the model's layers into those decayed, those whose batch norm is projected, and the rest."""
+        modules = dict(self.model.named_modules())
+        self._refuse_tied(specs, modules)  # before anything changes
         self.specs = specs
-        self._modules = dict(self.model.named_modules())
+        self._modules = modules
         self._groups_seen = len(self.optimizer.param_groups)
         held = self._held()
         in_groups = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -364,8 +385,8 @@ class NormDecay:
     def _refresh(self) -> None:
         """Lazy discovery and re-selection, outside the per-step computation (where :meth:`_stale`)."""
         if self._recorder is not None and self._recorder.called:
-            specs, self._recorder = self._recorder.specs(), None
-            self._reselect(specs)
+            self._reselect(self._recorder.specs())
+            self._recorder = None  # only now: a refused selection is refused again at the next step
         if len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed():
             self.add_params()
         if self._transform is None and self.decayed:

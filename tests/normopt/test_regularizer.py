@@ -946,3 +946,72 @@ def test_a_weight_replaced_after_the_first_step_is_no_longer_regularized_and_say
     if old.grad is not None:  # still stepped by the optimizer (parametrized): plain SGD with momentum, no cap
         momentum = optimizer.state[old]["momentum_buffer"]
         assert torch.equal(old.detach(), before.add(momentum, alpha=-0.05))
+
+
+class Tied(nn.Module):
+    """Two layers of one weight: convolutions at two dilations (TridentNet), or of one geometry on
+    inputs of two sizes, or two equal linear heads."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        if kind == "linear":
+            self.p, self.q = nn.Linear(4, 4), nn.Linear(4, 4)
+        else:
+            dilation = 2 if kind == "dilations" else 1
+            self.p, self.q = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=dilation, dilation=dilation)
+        self.q.weight = self.p.weight
+
+    def forward(self, x):
+        if self.kind == "linear":
+            return self.q(torch.tanh(self.p(x)))
+        small = x[..., : x.shape[-1] // 2] if self.kind == "sizes" else x
+        return self.p(x).mean((2, 3)) + self.q(small).mean((2, 3))
+
+
+def tied_step(model, optimizer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, generator=generator) if model.kind == "linear" else torch.randn(2, 2, 6, 6, generator=generator)
+    optimizer.zero_grad()
+    model(x).square().sum().backward()
+    optimizer.step()
+
+
+def test_layers_of_one_weight_that_are_different_maps_are_refused_naming_them():
+    with pytest.raises(ValueError, match=r"layers \['p', 'q'\] share one weight but are different maps .*exclude=\('q',\)"):
+        wrapped(Tied("dilations"), example_input=torch.zeros(1, 2, 6, 6))
+    model = Tied("dilations")
+    optimizer = wrapped(model, exclude=("q",), example_input=torch.zeros(1, 2, 6, 6))
+    tied_step(model, optimizer, 0)
+    assert set(optimizer.last_norms) == {"p"}
+
+
+def test_layers_of_one_weight_found_different_by_the_first_forward_are_refused_at_every_step():
+    model = Tied("sizes")
+    optimizer = wrapped(model)  # input sizes unknown yet: two equal maps
+    before = copy.deepcopy(model.state_dict())
+    for seed in range(2):
+        with pytest.raises(ValueError, match=r"layers \['p', 'q'\] share one weight but are different maps"):
+            tied_step(model, optimizer, seed)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_layers_of_one_weight_that_are_one_map_share_their_h_and_resume_bit_for_bit(ord):
+    model = Tied("linear")
+    optimizer = wrapped(model, beta=0.3, ord=ord)
+    for seed in range(3):
+        tied_step(model, optimizer, seed)
+    h = optimizer.norm_decay.decay_buffers()
+    assert torch.equal(h["p"], h["q"]) and h["p"].abs().sum() > 0
+    twin = Tied("linear")
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = wrapped(twin, beta=0.3, ord=ord)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for seed in range(3, 6):
+        for pair in ((model, optimizer), (twin, twin_optimizer)):
+            tied_step(*pair, seed)
+    for key, value in model.state_dict().items():
+        assert torch.equal(twin.state_dict()[key], value), key
