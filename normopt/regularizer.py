@@ -351,10 +351,29 @@ class NormDecay:
         self._taps = {}
 
     def add_params(self, params: Iterable[torch.Tensor] = ()) -> None:
-        """Re-select the layers after the optimizer got new parameters (``add_param_group``) or a
-        frozen weight was unfrozen (done by the next step itself)."""
+        """Re-select the layers after the optimizer got new parameters (``add_param_group``), a
+        frozen weight was unfrozen or a chosen one replaced or cast (done by the next step itself).
+        Where the model's modules changed (a new head), their layers are described anew: a new
+        convolution joins at the step after the next forward, which gives its input size."""
         del params  # the optimizer's param groups are the source of truth
-        self._reselect(self.specs)
+        modules = dict(self.model.named_modules())
+        if modules.keys() == self._modules.keys() and all(modules[n] is m for n, m in self._modules.items()):
+            self._reselect(self.specs)
+            return
+        # The model's modules changed (a head or a block replaced): their layers are described anew.
+        # A new convolution's input size comes from the next forward (hooks), and until then it is
+        # left out; the convolutions kept keep their sizes (the next forward updates them too).
+        fresh = layer_specs(self.model)
+        specs = {
+            name: self.specs[name] if isinstance(spec, ConvSpec) else spec
+            for name, spec in fresh.items()
+            if not isinstance(spec, ConvSpec) or (modules[name] is self._modules.get(name) and name in self.specs)
+        }
+        if any(isinstance(spec, ConvSpec) for spec in fresh.values()):
+            if self._recorder is not None:
+                self._recorder.remove()
+            self._recorder = InputSizeRecorder(self.model)
+        self._reselect(LayerSpecs(specs, fresh.skipped))
 
     def _reselect(self, specs: LayerSpecs) -> None:
         """Select the layers of ``specs`` anew, keeping the decay state of those still regularized."""
@@ -365,15 +384,20 @@ class NormDecay:
         kept = {**self._held_back, **kept}
         # the weights as they were chosen: a parametrization since moved the parameter away
         before = dict(zip((*self.decayed, *self.bn_projected), (weight for _, weight, _, _ in self._watched)))
+        owners = {**self._frozen, **before}  # the weight each kept h belongs to
         decayed_before = set(self.decayed)
         self._select(specs)
         self._transform = self._state = None
+        now = {name: module._parameters.get("weight") for name, module in self._modules.items()}
+        kept = {name: entry for name, entry in kept.items() if now.get(name) is owners.get(name)}  # not a new module's
         dropped = [name for name in decayed_before - set(self.decayed) if name not in self._frozen and name in self.skipped]
         for name in dropped:
             warnings.warn(f"layer {name!r} is no longer regularized: {self.skipped[name]}", stacklevel=3)
         zero_local = self._zero_local()
-        for name in decayed_before - set(self.decayed):  # its state entry would keep the old buffers alive
+        for name in decayed_before:  # a state entry the layer left would keep the old buffers alive
             weight = before[name]
+            if name in self.decayed and now[name] is weight:
+                continue
             for home in (self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])):
                 entry = home.get(weight)
                 if isinstance(entry, dict):

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, batches, digits, rings_everywhere, small_cnn
+from helpers import assert_close, batches, digits, explicit_matrix, rings_everywhere, small_cnn
 from torch import nn
 
 import normopt
@@ -1015,3 +1015,44 @@ def test_layers_of_one_weight_that_are_one_map_share_their_h_and_resume_bit_for_
             tied_step(*pair, seed)
     for key, value in model.state_dict().items():
         assert torch.equal(twin.state_dict()[key], value), key
+
+
+def _conv_pair():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.LazyLinear(4))
+
+
+def _pair_step(model, optimizer, seed):
+    generator = torch.Generator().manual_seed(seed)
+    optimizer.zero_grad()
+    model(torch.randn(2, 2, 6, 6, generator=generator)).square().sum().backward()
+    optimizer.step()
+
+
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_layer_replaced_and_added_to_the_optimizer_is_described_anew(through):
+    model = _conv_pair()
+    model(torch.zeros(1, 2, 6, 6))  # initialise the lazy head
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if through == "wrapper":
+        optimizer = NormDecayOptimizer(optimizer, model, beta=0.1)
+        decay = optimizer.norm_decay
+    else:
+        decay = attach_norm_decay(optimizer, model, beta=0.1)
+    _pair_step(model, optimizer, 0)
+    replaced = (model[0].weight, model[4].weight)
+    # another map of the same weight shape, which halves the maps after it, and a head of another shape
+    model[0] = nn.Conv2d(2, 3, 3, stride=2, bias=False)
+    model[4] = nn.Linear(8, 5)
+    optimizer.add_param_group({"params": [*model[0].parameters(), *model[4].parameters()]})
+    for seed in range(1, 4):
+        _pair_step(model, optimizer, seed)
+    fresh = normopt.layer_specs(model, torch.zeros(1, 2, 6, 6))
+    assert dict(decay.specs) == dict(fresh)
+    assert set(decay.decayed) == {"0", "2", "4"}
+    for weight in replaced:  # still held by the optimizer, no longer regularized: no decay state left
+        assert not any(key.startswith("norm_decay") for key in optimizer.state[weight])
+    for name, norm in normopt.layer_norms(model.state_dict(), fresh, ord=1).items():
+        layer = model.get_submodule(name)
+        size = (2, 6, 6) if name == "0" else (3, 2, 2) if name == "2" else (8,)
+        assert_close(norm, explicit_matrix(layer, size).abs().sum(0).max(), msg=name)
