@@ -6,12 +6,14 @@ import copy
 import io
 import math
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, batches, digits, explicit_matrix, rings_everywhere, small_cnn
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normopt
 from normopt import NormDecayOptimizer, attach_norm_decay
@@ -1056,3 +1058,65 @@ def test_a_layer_replaced_and_added_to_the_optimizer_is_described_anew(through):
         layer = model.get_submodule(name)
         size = (2, 6, 6) if name == "0" else (3, 2, 2) if name == "2" else (8,)
         assert_close(norm, explicit_matrix(layer, size).abs().sum(0).max(), msg=name)
+
+
+# Operators whose result the host must wait for (on an accelerator, a synchronisation).
+HOST_READS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.masked_select"}
+HOST_READS |= {"aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive"}
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in HOST_READS:
+            self.found.append((str(func), args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"Tensor.{name} reads a tensor back to the host")
+
+    return refuse
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"ord": 1},
+        {"ord": math.inf},
+        {"ord": math.inf, "rule": "reference"},
+        {"ord": 1, "beta": torch.tensor(0.2)},
+        {"ord": 1, "max_norm": 0.5, "layers": ("conv", "linear", "batchnorm"), "bn_max_norm": 1.0},
+        {"ord": math.inf, "max_norm": 0.5, "bn_max_norm": 1.0, "bn_projection": "released"},
+    ],
+    ids=["l1", "linf-rings", "reference", "tensor-beta", "caps", "released-caps"],
+)
+@pytest.mark.parametrize("grad_scale", [False, True], ids=["plain", "fused-under-grad-scaler"])
+def test_a_steady_state_step_reads_nothing_back_to_the_host(rings, options, grad_scale):
+    """The decay's per-step work (before and after the inner step) never waits for a tensor's value."""
+    model = small_cnn(batchnorm=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    beta = options.pop("beta", 0.1)
+    decay = normopt.regularizer.NormDecay(optimizer, model, beta=beta, **options)
+    for seed in range(3):
+        inputs, labels = next(batches(*DATA, 1, 16, seed))
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        if grad_scale and seed == 2:
+            optimizer.grad_scale = torch.tensor(8.0)  # as GradScaler sets it for a fused optimizer
+        if seed < 2:
+            decay.before_step(), optimizer.step(), decay.after_step()
+    # On the CPU the non-finite reporter reads its flags at once (there is no device to wait for);
+    # on an accelerator it reads them steps later, through an event (tested with it).
+    reporter = mock.patch.object(decay._reporter, "push")
+    refused = mock.patch.multiple(torch.Tensor, tolist=_refuse("tolist"), numpy=_refuse("numpy"))
+    with _HostReads() as reads, reporter as push, refused:
+        decay.before_step()
+        decay.after_step()
+    # A tensor beta on the CPU is checked there (no device waits for it): its value is the one read.
+    assert [func for func, tensor in reads.found if tensor is not beta] == []
+    assert push.call_count == 1
