@@ -11,6 +11,7 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normopt
 from normopt import recent_slices
@@ -193,3 +194,34 @@ def graph_recorder():
         return graph.forward
 
     return graphs, backend
+
+
+# Operators whose result the host must wait for (on an accelerator, a synchronisation).
+HOST_READS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.masked_select"}
+HOST_READS |= {"aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive"}
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.found: list[tuple[str, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in HOST_READS:
+            self.found.append((str(func), args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse(name):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"Tensor.{name} reads a tensor back to the host")
+
+    return refuse
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Record, as ``(operator, first argument)`` in ``.found``, each operator whose result the host
+    would wait for, and refuse ``Tensor.tolist`` and ``Tensor.numpy`` (which dispatch no operator)."""
+    with _HostReads() as reads, mock.patch.multiple(torch.Tensor, tolist=_refuse("tolist"), numpy=_refuse("numpy")):
+        yield reads

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix, graph_recorder
+from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix, graph_recorder, host_reads
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -239,6 +239,24 @@ def test_wrapper_prefixes_in_state_dict_keys():
     assert list(specs) == ["0", "1"]
     assert normopt.layer_norms(wrapped.state_dict(), specs, 1).keys() == {"0", "1"}
     assert_close(normopt.layer_norms(wrapped.state_dict(), specs, 1)["0"], normopt.layer_norms(model.state_dict(), specs, 1)["0"])
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.parametrize("grad", [False, True], ids=["logged", "differentiated"])
+def test_layer_norms_read_nothing_back_to_the_host_once_set_up(ord, grad):
+    """Cheap enough to log at every step: no value the host would wait for, after the first call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ConvTranspose2d(6, 4, 3, stride=2), nn.Linear(17, 5)
+    )
+    specs = layer_specs(model, torch.zeros(1, 3, 8, 8))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    normopt.layer_norms(tensors, specs, ord)  # builds the index tables
+    with torch.set_grad_enabled(grad), host_reads() as reads:
+        norms = normopt.layer_norms(tensors, specs, ord)
+        if grad:
+            sum(norms.values()).backward()
+    assert reads.found == []
 
 
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])

@@ -11,9 +11,8 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, batches, digits, explicit_matrix, rings_everywhere, small_cnn
+from helpers import assert_close, batches, digits, explicit_matrix, host_reads, rings_everywhere, small_cnn
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import normopt
 from normopt import NormDecayOptimizer, attach_norm_decay
@@ -1060,29 +1059,6 @@ def test_a_layer_replaced_and_added_to_the_optimizer_is_described_anew(through):
         assert_close(norm, explicit_matrix(layer, size).abs().sum(0).max(), msg=name)
 
 
-# Operators whose result the host must wait for (on an accelerator, a synchronisation).
-HOST_READS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.masked_select"}
-HOST_READS |= {"aten._unique", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive"}
-
-
-class _HostReads(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.found = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func.overloadpacket) in HOST_READS:
-            self.found.append((str(func), args[0]))
-        return func(*args, **(kwargs or {}))
-
-
-def _refuse(name):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"Tensor.{name} reads a tensor back to the host")
-
-    return refuse
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -1113,8 +1089,7 @@ def test_a_steady_state_step_reads_nothing_back_to_the_host(rings, options, grad
     # On the CPU the non-finite reporter reads its flags at once (there is no device to wait for);
     # on an accelerator it reads them steps later, through an event (tested with it).
     reporter = mock.patch.object(decay._reporter, "push")
-    refused = mock.patch.multiple(torch.Tensor, tolist=_refuse("tolist"), numpy=_refuse("numpy"))
-    with _HostReads() as reads, reporter as push, refused:
+    with host_reads() as reads, reporter as push:
         decay.before_step()
         decay.after_step()
     # A tensor beta on the CPU is checked there (no device waits for it): its value is the one read.
