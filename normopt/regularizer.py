@@ -336,6 +336,10 @@ class NormDecay:
                     self.decayed[name] = spec
                 if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
                     self.bn_projected[name] = spec
+        # Each chosen layer's weight as chosen: what the state is kept under, even once a
+        # parametrization has moved it (until the next step chooses the layers anew).
+        self._weight = {name: self._modules[name].weight for name in (*self.decayed, *self.bn_projected)}
+        self._weight.update(self._frozen)
         # What the step checks is still so (_layers_changed): each chosen module's registered weight,
         # trainable, of the dtype and on the device the decay state was made for.
         chosen = (self._modules[name] for name in (*self.decayed, *self.bn_projected))
@@ -382,9 +386,7 @@ class NormDecay:
         else:  # h itself: the new layout may scale and batch it differently
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
         kept = {**self._held_back, **kept}
-        # the weights as they were chosen: a parametrization since moved the parameter away
-        before = dict(zip((*self.decayed, *self.bn_projected), (weight for _, weight, _, _ in self._watched)))
-        owners = {**self._frozen, **before}  # the weight each kept h belongs to
+        owners = dict(self._weight)  # as chosen, each kept h's weight (a parametrization may have moved it)
         decayed_before = set(self.decayed)
         self._select(specs)
         self._transform = self._state = None
@@ -395,7 +397,7 @@ class NormDecay:
             warnings.warn(f"layer {name!r} is no longer regularized: {self.skipped[name]}", stacklevel=3)
         zero_local = self._zero_local()
         for name in decayed_before:  # a state entry the layer left would keep the old buffers alive
-            weight = before[name]
+            weight = owners[name]
             if name in self.decayed and now[name] is weight:
                 continue
             for home in (self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])):
@@ -426,7 +428,7 @@ class NormDecay:
                 covered(recent.numel(), dtype)
                 for name, (_, _, recent) in self._pending.items()
                 if recent is not None
-                and horizon(0.5, dtype := self._modules[name].weight.dtype) <= recent.numel() <= RING_MAX_LENGTH
+                and horizon(0.5, dtype := self._weight[name].dtype) <= recent.numel() <= RING_MAX_LENGTH
                 and not bool((recent == DENSE).any())
             ]
             if loaded:
@@ -511,7 +513,7 @@ class NormDecay:
         if self._state is not None:
             zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
-                weight = self._modules[name].weight
+                weight = self._weight[name]
                 home = self.optimizer.state if zero_local is None or id(weight) not in zero_local[1] else zero_local[0]
                 state = home.get(weight)
                 # In place already: .grad is not read (compiled, a read of a gradient that
@@ -534,7 +536,7 @@ class NormDecay:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
                     continue
-                weight = self._modules[name].weight
+                weight = self._weight[name]
                 if weight.device not in self._taps.setdefault(name, {}):
                     self._taps[name][weight.device] = tap_tables(spec, self.ord, weight.device)
                 weight.copy_(project_layer(weight, spec, self.ord, self.max_norm, self._taps[name][weight.device]))
@@ -578,7 +580,7 @@ class NormDecay:
         index_of = {id(p): i for i, p in zip(ids, params)}
         entries = {}
         for name in (*self.decayed, *self._frozen_decayed()):
-            index = index_of.get(id(self._modules[name].weight))
+            index = index_of.get(id(self._weight[name]))
             # ZeRO hands a rank None for the parameters another rank steps.
             entries[name] = (index, state_dict.get("state", {}).get(index) or {})
         return entries
@@ -592,7 +594,7 @@ class NormDecay:
         entries = self._loaded_entries(state_dict)
         loaded = {}
         for name, (_, saved) in entries.items():
-            weight = self._modules[name].weight
+            weight = self._weight[name]
             buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
             if recent is not None:
                 _check_recent(recent, name, self.specs[name], self.ord)
@@ -626,7 +628,7 @@ class NormDecay:
         zero_local = self._zero_local()
         if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
             for name in loaded:
-                weight = self._modules[name].weight
+                weight = self._weight[name]
                 entry = zero_local[0].get(weight)
                 if isinstance(entry, dict):
                     for key in DECAY_KEYS:
@@ -635,7 +637,7 @@ class NormDecay:
                         del zero_local[0][weight]
         self._held_back = {}
         for name in (*self._frozen_decayed(), *self.decayed):
-            weight = self._modules[name].weight
+            weight = self._weight[name]
             as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
             buffer, scale, recent = loaded.get(name, (None, None, None))
             if name not in self.decayed:
@@ -665,7 +667,7 @@ class NormDecay:
         if self._state is not None:
             zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
-                weight = self._modules[name].weight
+                weight = self._weight[name]
                 if zero_local is not None and id(weight) not in zero_local[1]:
                     continue  # another rank steps it, and its entry in the checkpoint comes from there
                 entry = (zero_local[0] if zero_local is not None else self.optimizer.state).get(weight)
@@ -676,7 +678,7 @@ class NormDecay:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(params)}
         for name, (buffer, scale, recent) in {**self._held_back, **self._pending, **unsaved}.items():
-            i = index.get(id(self._modules[name].weight))
+            i = index.get(id(self._weight[name]))
             if i is None:
                 continue
             entry = dict(state_dict["state"].get(i) or {})  # never the optimizer's own dict; ZeRO's None
@@ -691,7 +693,7 @@ class NormDecay:
         for name, h in buffers.items():
             if name not in self.decayed:
                 raise ValueError(f"checkpoint has a decay buffer for layer {name!r}, which is not regularized here")
-            weight = self._modules[name].weight
+            weight = self._weight[name]
             if not isinstance(h, torch.Tensor) or not h.is_floating_point():
                 raise TypeError(f"decay buffer of layer {name!r} must be a floating-point tensor, got {type(h).__name__}")
             if tuple(h.shape) != tuple(weight.shape):
@@ -702,7 +704,7 @@ class NormDecay:
         the optimizer); every buffer is checked before any is set."""
         self.check_buffers(buffers)
         for name, h in buffers.items():
-            h = h.detach().to(device=self._modules[name].weight.device, dtype=self._modules[name].weight.dtype)
+            h = h.detach().to(device=self._weight[name].device, dtype=self._weight[name].dtype)
             if self._state is None:
                 self._pending[name] = (h.clone(), None, None)
             else:
