@@ -10,7 +10,10 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
   buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), and ``["norm_decay_recent"]``,
   the channels of its last slices written (large layers whose slices are rows: l_inf norms, l1 of
   transposed convolutions; :mod:`normopt.recent_slices`), so the optimizer's own
-  ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing;
+  ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing. The state
+  of a weight the optimizer has not stepped yet (no gradient so far, frozen, loaded before the
+  first step) is not in ``optimizer.state``, where Adam-like optimizers would take it for theirs:
+  ``state_dict()`` saves it under a key of its own, ``"norm_decay_pending"`` (by parameter index);
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
   changeable between steps by hand or by a scheduler, per group.
 """
@@ -35,6 +38,8 @@ from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
 BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
+# Key, beside "state" in a state dict, of the decay state that is in no optimizer.state entry.
+PENDING = "norm_decay_pending"
 DECAY_KEYS = (BUFFER, SCALE, RECENT)
 BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
 
@@ -582,7 +587,9 @@ class NormDecay:
         for name in (*self.decayed, *self._frozen_decayed()):
             index = index_of.get(id(self._weight[name]))
             # ZeRO hands a rank None for the parameters another rank steps.
-            entries[name] = (index, state_dict.get("state", {}).get(index) or {})
+            saved = state_dict.get("state", {}).get(index) or {}
+            pending = (state_dict.get(PENDING) or {}).get(index)
+            entries[name] = (index, {**saved, **pending} if pending else saved)  # the newer h is pending's
         return entries
 
     def _check_loaded(self, optimizer, state_dict):
@@ -620,6 +627,11 @@ class NormDecay:
                 if not entry:
                     continue
             stripped["state"][index] = entry
+        pending = {index: entry for index, entry in (state_dict.get(PENDING) or {}).items() if index not in own}
+        if pending:
+            stripped[PENDING] = pending
+        else:
+            stripped.pop(PENDING, None)
         return stripped
 
     def _adopt_loaded(self, optimizer) -> None:
@@ -658,35 +670,39 @@ class NormDecay:
             # else: joins at the weight's next step (after_step); until then, saved by _save_pending
 
     def _save_pending(self, optimizer, state_dict):
-        """Put into ``state_dict`` the decay state that is not in ``optimizer.state``: loaded before
-        the first step, of frozen layers, or of weights the optimizer has not stepped yet (no
-        gradient so far, or none since the layers were chosen anew), whose h moves all the same.
-        Until the optimizer steps a weight, its decay state stays out of ``optimizer.state``, where
-        it would keep Adam-like optimizers from initialising theirs."""
+        """Put into ``state_dict[PENDING]`` (by parameter index, as ``state``) the decay state that is
+        not in ``optimizer.state``: loaded before the first step, of frozen layers, or of weights
+        the optimizer has not stepped yet (no gradient so far, or none since the layers were chosen
+        anew), whose h moves all the same. Until the optimizer steps a weight, its decay state
+        stays out of ``optimizer.state``, where it would keep Adam-like optimizers from
+        initialising theirs."""
         unsaved = {}
         if self._state is not None:
             zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
                 weight = self._weight[name]
-                if zero_local is not None and id(weight) not in zero_local[1]:
-                    continue  # another rank steps it, and its entry in the checkpoint comes from there
-                entry = (zero_local[0] if zero_local is not None else self.optimizer.state).get(weight)
+                # Where after_step keeps it: ZeRO's local state for the weights this rank steps, else
+                # the optimizer's (every rank has every layer's h, and the same gradients).
+                owned = zero_local is not None and id(weight) in zero_local[1]
+                entry = (zero_local[0] if owned else self.optimizer.state).get(weight)
                 if entry is None or entry.get(BUFFER) is not buffer:
                     unsaved[name] = (buffer, scale, self._state.recent.get(name))
         if not self._pending and not self._held_back and not unsaved:
             return state_dict
         params = [p for group in optimizer.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(params)}
+        # Beside "state", not in it: an entry holding only these keys would make a plain Adam-like
+        # optimizer that loads the checkpoint take it for its own state (KeyError: 'step').
+        pending = dict(state_dict.get(PENDING) or {})  # another decay on the optimizer may have added some
         for name, (buffer, scale, recent) in {**self._held_back, **self._pending, **unsaved}.items():
             i = index.get(id(self._weight[name]))
             if i is None:
                 continue
-            entry = dict(state_dict["state"].get(i) or {})  # never the optimizer's own dict; ZeRO's None
-            entry[BUFFER], entry[SCALE] = buffer.clone(), (scale if scale is not None else torch.ones(())).clone()
+            entry = {BUFFER: buffer.clone(), SCALE: (scale if scale is not None else torch.ones(())).clone()}
             if recent is not None:
                 entry[RECENT] = recent.clone()
-            state_dict["state"][i] = entry
-        return state_dict
+            pending[i] = entry
+        return {**state_dict, PENDING: pending}
 
     def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""

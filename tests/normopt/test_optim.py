@@ -758,6 +758,8 @@ def test_zero_checkpoints_carry_the_decay_state_and_resume_bit_for_bit(tmp_path,
     saved = torch.load(tmp_path / "optimizer.pt")
     decayed = {0, 2, 4}  # the weights of small_cnn's three layers
     assert all({"norm_decay_buffer", "norm_decay_scale"} <= set(saved["state"][i]) for i in decayed)
+    # the spare head had no gradient yet: its h is beside the state (index 6 of 8, stepped by rank 1)
+    assert 6 not in saved["state"] and {"norm_decay_buffer", "norm_decay_scale"} <= set(saved["norm_decay_pending"][6])
     for rank in (0, 1):
         runs = torch.load(tmp_path / f"rank{rank}.pt")
         for key, value in runs["continued"].items():

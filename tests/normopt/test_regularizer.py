@@ -204,7 +204,8 @@ def test_a_checkpoint_loaded_before_the_first_step_is_saved_again_whole(rings, m
     twin, twin_optimizer = saved_and_reloaded(model, optimizer, make, beta=0.1, ord=math.inf)
     resaved = copy.deepcopy(twin_optimizer.state_dict())  # before the twin's first step
     for key in ("norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"):
-        assert sum(key in entry for entry in resaved["state"].values()) == 3, key  # every layer has a ring here
+        # every layer has a ring here; not in "state" while the layers are not stepped (see the next test)
+        assert sum(key in entry for entry in resaved["norm_decay_pending"].values()) == 3, key
     third = small_cnn()
     third.load_state_dict(model.state_dict())
     third_optimizer = make(third, beta=0.1, ord=math.inf)
@@ -570,7 +571,8 @@ def test_a_run_that_unfreezes_a_layer_resumes_bit_for_bit_into_a_model_built_fro
         twin_optimizer.load_state_dict(bad)
     twin_optimizer.load_state_dict(checkpoint[1])
     resaved = twin_optimizer.state_dict()  # saved again while frozen, the layer's h goes with it
-    assert torch.equal(resaved["state"][0]["norm_decay_buffer"], checkpoint[1]["state"][0]["norm_decay_buffer"])
+    assert "norm_decay_buffer" not in resaved["state"][0]  # no decay key beside SGD's own while frozen
+    assert torch.equal(resaved["norm_decay_pending"][0]["norm_decay_buffer"], checkpoint[1]["state"][0]["norm_decay_buffer"])
     twin[0].weight.requires_grad_(True)
     for seed in (4, 5):
         one_step(model, optimizer, seed)
@@ -619,7 +621,12 @@ def test_a_checkpoint_with_decay_state_of_weights_not_stepped_yet_loads_into_ada
     h = {name: torch.full_like(model.get_submodule(name).weight, 0.5) for name in ("0", "3", "6")}
     optimizer.norm_decay.load_buffers(h)
     saved = optimizer.state_dict()
-    assert set(saved["state"][0]) == {"norm_decay_buffer", "norm_decay_scale"}  # no Adam state yet
+    assert saved["state"] == {}  # no Adam state yet, and no entry Adam would take for its own
+    assert set(saved["norm_decay_pending"][0]) == {"norm_decay_buffer", "norm_decay_scale"}
+    plain = small_cnn()
+    plain_adam = torch.optim.Adam(plain.parameters(), lr=1e-3)
+    plain_adam.load_state_dict(copy.deepcopy(saved))  # a run resumed without norm decay
+    one_step(plain, plain_adam)
     twin, twin_optimizer = build()
     twin_optimizer.load_state_dict(saved)
     assert twin_optimizer.norm_decay.decay_buffers().keys() == h.keys()
