@@ -360,28 +360,39 @@ class NormDecay:
         self._taps = {}
 
     def add_params(self, params: Iterable[torch.Tensor] = ()) -> None:
-        """Re-select the layers after the optimizer got new parameters (``add_param_group``), a
-        frozen weight was unfrozen or a chosen one replaced or cast (done by the next step itself).
-        Where the model's modules changed (a new head), their layers are described anew: a new
-        convolution joins at the step after the next forward, which gives its input size."""
+        """Choose the layers anew after the optimizer got new parameters (``add_param_group``; the
+        wrapper calls this itself, a hooked optimizer should, before the next forward), a frozen
+        weight was unfrozen or a chosen one replaced or cast (the next step sees those itself).
+
+        Where the model's modules changed (a new head, a block of another stride), their layers are
+        described anew: a new convolution first with the large-input limit, then with the input
+        size that the next forward records (for the convolutions kept as well)."""
         del params  # the optimizer's param groups are the source of truth
+        self._choose_anew(during_step=False)
+
+    def _choose_anew(self, during_step: bool) -> None:
         modules = dict(self.model.named_modules())
-        if modules.keys() == self._modules.keys() and all(modules[n] is m for n, m in self._modules.items()):
+        changed = sorted(name for name, module in modules.items() if self._modules.get(name) is not module)
+        if not changed and modules.keys() == self._modules.keys():
             self._reselect(self.specs)
             return
-        # The model's modules changed (a head or a block replaced): their layers are described anew.
-        # A new convolution's input size comes from the next forward (hooks), and until then it is
-        # left out; the convolutions kept keep their sizes (the next forward updates them too).
         fresh = layer_specs(self.model)
         specs = {
-            name: self.specs[name] if isinstance(spec, ConvSpec) else spec
+            name: self.specs[name] if isinstance(spec, ConvSpec) and name not in changed and name in self.specs else spec
             for name, spec in fresh.items()
-            if not isinstance(spec, ConvSpec) or (modules[name] is self._modules.get(name) and name in self.specs)
         }
-        if any(isinstance(spec, ConvSpec) for spec in fresh.values()):
+        if any(isinstance(fresh.get(name), ConvSpec) for name in changed):
             if self._recorder is not None:
                 self._recorder.remove()
             self._recorder = InputSizeRecorder(self.model)
+            if during_step:  # the forward of this step ran before the recorder: its sizes are lost
+                warnings.warn(
+                    f"the model's modules {changed[:4]} changed since the layers were chosen, and this step is the "
+                    "first to see it: its convolutions keep the input sizes recorded before (a new one the "
+                    "large-input limit) until the next forward; call add_params() after add_param_group, before "
+                    "the forward, to have them recorded by it",
+                    stacklevel=4,
+                )
         self._reselect(LayerSpecs(specs, fresh.skipped))
 
     def _reselect(self, specs: LayerSpecs) -> None:
@@ -419,7 +430,7 @@ class NormDecay:
             self._reselect(self._recorder.specs())
             self._recorder = None  # only now: a refused selection is refused again at the next step
         if len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed():
-            self.add_params()
+            self._choose_anew(during_step=True)
         if self._transform is None and self.decayed:
             _, gammas = self._hyper()
             # Rings sized for the default gamma, or the largest one set now: a scheduler that
@@ -745,8 +756,10 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
     ``consolidate_state_dict`` gathers it). Under ``GradScaler`` a fused optimizer, which unscales
     inside its step, gets the decay scaled alike. (A step that such an optimizer then skips for
     non-finite gradients has already advanced ``h``: an unfused one is not called at all.) The
-    pre-hook runs before the optimizer evaluates a closure, so closures are refused. Call
-    ``decay.detach()`` to remove it. Like every optimizer hook, it is not copied with the
+    pre-hook runs before the optimizer evaluates a closure, so closures are refused. After
+    ``optimizer.add_param_group``, call ``decay.add_params()`` before the next forward (the wrapper's
+    ``add_param_group`` does it): a module replaced meanwhile then gets its input size from that
+    forward. Call ``decay.detach()`` to remove it. Like every optimizer hook, it is not copied with the
     optimizer (``copy.deepcopy``): attach it to the copy.
 
     Example:

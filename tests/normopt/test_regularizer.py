@@ -1037,33 +1037,77 @@ def _pair_step(model, optimizer, seed):
     optimizer.step()
 
 
-@pytest.mark.parametrize("through", ["wrapper", "hooks"])
-def test_a_layer_replaced_and_added_to_the_optimizer_is_described_anew(through):
+def _built_to_replace(through, ord=1):
     model = _conv_pair()
     model(torch.zeros(1, 2, 6, 6))  # initialise the lazy head
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if through == "wrapper":
-        optimizer = NormDecayOptimizer(optimizer, model, beta=0.1)
-        decay = optimizer.norm_decay
-    else:
-        decay = attach_norm_decay(optimizer, model, beta=0.1)
-    _pair_step(model, optimizer, 0)
+        optimizer = NormDecayOptimizer(optimizer, model, beta=0.1, ord=ord)
+        return model, optimizer, optimizer.norm_decay
+    return model, optimizer, attach_norm_decay(optimizer, model, beta=0.1, ord=ord)
+
+
+def _replace(model, optimizer, decay, tell=True):
+    """Another map of the first conv's weight shape, which halves the maps after it, and a head of
+    another shape, added to the optimizer; returns the weights they replaced."""
     replaced = (model[0].weight, model[4].weight)
-    # another map of the same weight shape, which halves the maps after it, and a head of another shape
+    torch.manual_seed(1)
     model[0] = nn.Conv2d(2, 3, 3, stride=2, bias=False)
     model[4] = nn.Linear(8, 5)
     optimizer.add_param_group({"params": [*model[0].parameters(), *model[4].parameters()]})
+    if tell and not isinstance(optimizer, NormDecayOptimizer):  # the wrapper's add_param_group does it
+        decay.add_params()
+    return replaced
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_a_layer_replaced_and_added_to_the_optimizer_is_described_anew(ord):
+    runs = {}
+    for through in ("wrapper", "hooks"):
+        model, optimizer, decay = _built_to_replace(through, ord)
+        _pair_step(model, optimizer, 0)
+        replaced = _replace(model, optimizer, decay)
+        for seed in range(1, 4):
+            _pair_step(model, optimizer, seed)
+        fresh = normopt.layer_specs(model, torch.zeros(1, 2, 6, 6))
+        assert dict(decay.specs) == dict(fresh)
+        assert set(decay.decayed) == {"0", "2", "4"}
+        for weight in replaced:  # still held by the optimizer, no longer regularized: no decay state left
+            assert not any(key.startswith("norm_decay") for key in optimizer.state[weight])
+        runs[through] = model.state_dict()
+    for key, value in runs["wrapper"].items():  # the same steps, the first after the change included
+        assert torch.equal(runs["hooks"][key], value), key
+    for name, norm in normopt.layer_norms(model.state_dict(), fresh, ord=1).items():
+        size = (2, 6, 6) if name == "0" else (3, 2, 2) if name == "2" else (8,)
+        assert_close(norm, explicit_matrix(model.get_submodule(name), size).abs().sum(0).max(), msg=name)
+
+
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_run_with_a_replaced_layer_resumes_bit_for_bit(through):
+    model, optimizer, decay = _built_to_replace(through, math.inf)
+    _pair_step(model, optimizer, 0)
+    _replace(model, optimizer, decay)
     for seed in range(1, 4):
         _pair_step(model, optimizer, seed)
-    fresh = normopt.layer_specs(model, torch.zeros(1, 2, 6, 6))
-    assert dict(decay.specs) == dict(fresh)
-    assert set(decay.decayed) == {"0", "2", "4"}
-    for weight in replaced:  # still held by the optimizer, no longer regularized: no decay state left
-        assert not any(key.startswith("norm_decay") for key in optimizer.state[weight])
-    for name, norm in normopt.layer_norms(model.state_dict(), fresh, ord=1).items():
-        layer = model.get_submodule(name)
-        size = (2, 6, 6) if name == "0" else (3, 2, 2) if name == "2" else (8,)
-        assert_close(norm, explicit_matrix(layer, size).abs().sum(0).max(), msg=name)
+    checkpoint = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    twin, twin_optimizer, twin_decay = _built_to_replace(through, math.inf)
+    _replace(twin, twin_optimizer, twin_decay)  # the script's own steps, before it loads the checkpoint
+    twin.load_state_dict(checkpoint[0])
+    twin_optimizer.load_state_dict(checkpoint[1])
+    for seed in range(4, 7):
+        for pair in ((model, optimizer), (twin, twin_optimizer)):
+            _pair_step(*pair, seed)
+    same_weights(model, twin)
+
+
+def test_a_hooked_optimizer_that_sees_a_replaced_conv_only_at_its_step_says_what_to_do():
+    model, optimizer, decay = _built_to_replace("hooks")
+    _pair_step(model, optimizer, 0)
+    _replace(model, optimizer, decay, tell=False)
+    with pytest.warns(UserWarning, match=r"modules \['0', '4'\] changed .* call add_params\(\) after add_param_group"):
+        _pair_step(model, optimizer, 1)
+    _pair_step(model, optimizer, 2)  # the forward before it recorded the sizes
+    assert dict(decay.specs) == dict(normopt.layer_specs(model, torch.zeros(1, 2, 6, 6)))
 
 
 @pytest.mark.parametrize(
