@@ -260,7 +260,9 @@ class InputSizeRecorder:
 
     def _record(self, name: str, module: _ConvNd, args, kwargs, output) -> None:
         dims = len(module.kernel_size)
-        size = tuple(int(n) for n in (args[0] if args else kwargs["input"]).shape[-dims:])  # conv(input=x) is legal
+        # conv(input=x) is legal, and a subclass may name its input otherwise: the first tensor given
+        given = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        size = tuple(int(n) for n in given.shape[-dims:])
         self._seen.setdefault(name, set()).add(size)
         if module.transposed:
             self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))

@@ -139,14 +139,27 @@ def test_a_batch_norm_with_a_computed_weight_is_skipped_and_the_rest_still_has_n
     assert set(normopt.layer_norms(model.state_dict(), specs, ord=1)) == {"0", "2"}
 
 
-def test_a_conv_called_with_its_input_as_a_keyword_gets_its_input_size():
+class _ConvOfImages(nn.Conv2d):
+    def forward(self, images):  # a subclass may name its input otherwise
+        return super().forward(images)
+
+
+@pytest.mark.parametrize(
+    ("make", "call"),
+    [
+        (lambda: nn.Conv2d(1, 2, 3, padding=1), lambda conv, x: conv(input=x)),
+        (lambda: _ConvOfImages(1, 2, 3, padding=1), lambda conv, x: conv(images=x)),
+    ],
+    ids=["input", "images"],
+)
+def test_a_conv_called_with_its_input_as_a_keyword_gets_its_input_size(make, call):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.conv = make()
 
         def forward(self, x):
-            return self.conv(input=x)
+            return call(self.conv, x)
 
     model = Net()
     assert layer_specs(model, torch.zeros(1, 1, 5, 7))["conv"].input_size == (5, 7)

@@ -626,6 +626,32 @@ def test_a_compiled_step_takes_a_layer_unfrozen_after_add_params_as_eager_does()
         assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
+def test_a_compiled_step_drops_a_layer_parametrized_after_add_params_as_eager_does():
+    import torch._dynamo
+
+    def train(compile_step):
+        model = small_cnn()
+        optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, beta=0.1)
+        run(model, optimizer, 1)
+        step = torch.compile(optimizer.step, backend="aot_eager") if compile_step else optimizer.step
+        for seed in range(1, 4):
+            if seed == 2:
+                nn.utils.parametrizations.weight_norm(model[6])
+                with pytest.warns(UserWarning, match="layer '6' is no longer regularized: .*parametrized"):
+                    optimizer.norm_decay.add_params()  # compiled, the step does not see the parametrization
+            for inputs, labels in batches(*DATA, 1, 32, seed):
+                optimizer.zero_grad()
+                F.cross_entropy(model(inputs), labels).backward()
+                step()
+        assert set(optimizer.last_norms) == {"0", "3"}
+        return model
+
+    torch._dynamo.reset()
+    eager, compiled = train(False), train(True)
+    for key, value in eager.state_dict().items():
+        assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
 def test_attach_norm_decay_matches_the_wrapper():
     model, twin = small_cnn(), small_cnn()
     inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
