@@ -371,9 +371,13 @@ class NormDecay:
         self._choose_anew(during_step=False)
 
     def _choose_anew(self, during_step: bool) -> None:
-        modules = dict(self.model.named_modules())
+        # A parametrization's own modules (registered on a layer since) change no map's input size.
+        def layered(modules):
+            return {name: module for name, module in modules.items() if "parametrizations" not in name.split(".")}
+
+        modules = layered(dict(self.model.named_modules()))
         changed = sorted(name for name, module in modules.items() if self._modules.get(name) is not module)
-        if not changed and modules.keys() == self._modules.keys():
+        if not changed and modules.keys() == layered(self._modules).keys():
             self._reselect(self.specs)
             return
         fresh = layer_specs(self.model)
@@ -381,7 +385,8 @@ class NormDecay:
             name: self.specs[name] if isinstance(spec, ConvSpec) and name not in changed and name in self.specs else spec
             for name, spec in fresh.items()
         }
-        if any(isinstance(fresh.get(name), ConvSpec) for name in changed):
+        # Any change may move a convolution's input size (a pooling layer replaced), not only its own.
+        if any(isinstance(spec, ConvSpec) for spec in fresh.values()):
             if self._recorder is not None:
                 self._recorder.remove()
             self._recorder = InputSizeRecorder(self.model)
@@ -632,13 +637,21 @@ class NormDecay:
         self._loaded_decay = loaded
         own = {index for index, _ in entries.values()}  # another decay on the optimizer keeps its keys
         stripped = {**state_dict, "state": {}}  # never the caller's checkpoint
+        moved = {}
         for index, entry in state_dict.get("state", {}).items():
             if index in own and isinstance(entry, Mapping):
                 entry = {key: value for key, value in entry.items() if key not in DECAY_KEYS}
                 if not entry:
                     continue
+            elif isinstance(entry, Mapping) and entry and set(entry) <= set(DECAY_KEYS):
+                # An earlier version's entry of decay keys only, of a layer not regularized here: beside
+                # the state, where another decay on the optimizer still finds it and the optimizer
+                # does not take it for its own (KeyError: 'step' in Adam-like ones, half-way through).
+                moved[index] = entry
+                continue
             stripped["state"][index] = entry
         pending = {index: entry for index, entry in (state_dict.get(PENDING) or {}).items() if index not in own}
+        pending = {**moved, **pending}
         if pending:
             stripped[PENDING] = pending
         else:

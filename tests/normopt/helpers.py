@@ -207,9 +207,20 @@ class _HostReads(TorchDispatchMode):
         self.found: list[tuple[str, object]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if str(func.overloadpacket) in HOST_READS:
+        name = str(func.overloadpacket)
+        if name in HOST_READS or _sized_by_values(name, args, kwargs or {}):
             self.found.append((str(func), args[0]))
         return func(*args, **(kwargs or {}))
+
+
+def _sized_by_values(name: str, args, kwargs) -> bool:
+    """Whether the result's size depends on tensor values: boolean-mask indexing, repeats as a tensor."""
+    if name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"):
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+    # repeat_interleave(x, repeats) reaches the dispatcher as repeat_interleave(repeats): sized by its
+    # values, unless told the output size
+    repeats_only = name == "aten.repeat_interleave" and len(args) == 1 and isinstance(args[0], torch.Tensor)
+    return repeats_only and kwargs.get("output_size") is None
 
 
 def _refuse(name):

@@ -1146,3 +1146,41 @@ def test_a_steady_state_step_reads_nothing_back_to_the_host(rings, options, grad
     # A tensor beta on the CPU is checked there (no device waits for it): its value is the one read.
     assert [func for func, tensor in reads.found if tensor is not beta] == []
     assert push.call_count == 1
+
+
+def test_a_pooling_layer_replaced_with_a_new_head_gives_the_kept_convs_their_new_input_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), nn.Identity(), nn.Conv2d(2, 2, 3, padding=1), nn.Flatten(), nn.Linear(72, 4)
+    )
+    optimizer = wrapped(model, beta=0.1, example_input=torch.zeros(1, 2, 6, 6))
+    _pair_step(model, optimizer, 0)
+    model[1] = nn.MaxPool2d(3)  # no weights of its own, but the conv after it now sees 2x2 maps
+    model[4] = nn.Linear(8, 4)
+    optimizer.add_param_group({"params": list(model[4].parameters())})
+    for seed in (1, 2):
+        _pair_step(model, optimizer, seed)
+    assert optimizer.norm_decay.specs["2"].input_size == (2, 2)
+    assert dict(optimizer.norm_decay.specs) == dict(normopt.layer_specs(model, torch.zeros(1, 2, 6, 6)))
+
+
+def test_an_earlier_versions_entry_of_decay_keys_only_loads_where_its_layer_is_not_regularized():
+    """Before "norm_decay_pending", a head without gradient yet had an entry of decay keys only."""
+
+    def build(**options):
+        model = TwoBranches()
+        return model, NormDecayOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model, beta=0.3, **options)
+
+    model, optimizer = build()
+    for seed in range(2):
+        branch_step(model, optimizer, seed, "a")
+    saved = copy.deepcopy(optimizer.state_dict())
+    earlier = {**saved, "state": {**saved["state"], **saved.pop("norm_decay_pending")}}
+    earlier.pop("norm_decay_pending")
+    assert set(earlier["state"][4]) == {"norm_decay_buffer", "norm_decay_scale"}  # b's weight, as written then
+    twin, twin_optimizer = build(exclude=("b",))
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer.load_state_dict(earlier)  # Adam raised KeyError: 'step' half-way through
+    assert 4 not in twin_optimizer.state_dict()["state"]
+    branch_step(twin, twin_optimizer, 2, "b")
+    assert {"step", "exp_avg"} <= set(twin_optimizer.state[twin.b.weight])
