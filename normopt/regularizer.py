@@ -350,7 +350,7 @@ class NormDecay:
         chosen = (self._modules[name] for name in (*self.decayed, *self.bn_projected))
         self._watched = tuple((m._parameters, m.weight, m.weight.dtype, m.weight.device) for m in chosen)
         # Groups keep their order (load_state_dict replaces the dicts, not their order).
-        self._group_of = {name: held[id(self._modules[name].weight)] for name in self.decayed}
+        self._group_of = {name: held[id(self._weight[name])] for name in self.decayed}
         self._tensors = {}
         for name, spec in {**self.decayed, **self.bn_projected}.items():
             module = self._modules[name]
@@ -434,7 +434,7 @@ class NormDecay:
         if self._recorder is not None and self._recorder.called:
             self._reselect(self._recorder.specs())
             self._recorder = None  # only now: a refused selection is refused again at the next step
-        if len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed():
+        if self._selection_changed():
             self._choose_anew(during_step=True)
         if self._transform is None and self.decayed:
             _, gammas = self._hyper()
@@ -477,6 +477,10 @@ class NormDecay:
             {name: per_group[i][1] for name, i in self._group_of.items()},
         )
 
+    def _selection_changed(self) -> bool:
+        """Whether the layers must be chosen anew: param groups added, or :meth:`_layers_changed`."""
+        return len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed()
+
     def _layers_changed(self) -> bool:
         """Whether a weight that was frozen when the layers were chosen is trainable now, or a
         chosen one is frozen now (it then keeps its h, unchanged, until it is unfrozen), replaced
@@ -491,8 +495,7 @@ class NormDecay:
         """Whether the layers or the decay state must be set up (anew) before this step."""
         return (
             (self._recorder is not None and self._recorder.called)
-            or len(self.optimizer.param_groups) != self._groups_seen
-            or self._layers_changed()
+            or self._selection_changed()
             or (self._transform is None and bool(self.decayed))
         )
 
@@ -612,8 +615,8 @@ class NormDecay:
         """Before the optimizer loads anything: refuse decay state that does not fit, naming the
         layer, and take this decay's keys out of what the optimizer loads (an entry holding only
         them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
-        if len(self.optimizer.param_groups) != self._groups_seen or self._layers_changed():
-            self.add_params()  # groups added or weights (un)frozen since the last step: choose as it will
+        if self._selection_changed():  # since the last step: choose the layers as that step will
+            self.add_params()
         entries = self._loaded_entries(state_dict)
         loaded = {}
         for name, (_, saved) in entries.items():
