@@ -11,7 +11,7 @@ from torch import nn
 
 from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
 from normopt.specs import ConvSpec
-from normopt.svc import INPUT_SIZES, clip_layer_counted, layer_spectral_bound
+from normopt.svc import INPUT_SIZES, _layer_input_size, check_zero_padded, clip_layer_counted, conv_spectral_norm
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class PeriodicSVC:
     ``example_input`` or, without it, from the training forward (hooks). Under
     ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
     same bits whatever its LAPACK does. With ``report=True`` each clip records, in ``last_norms``,
-    every layer's circular spectral norm after the crop (one more SVD per layer), which shows how
+    every layer's circular spectral norm after the crop, at the size it was clipped at (one more
+    SVD per layer), which shows how
     far above ``bound`` the crop to the kernel's support left it. Every clip records a
     :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work.
 
@@ -106,6 +107,8 @@ class PeriodicSVC:
         self.steps = self.clips = 0
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self.specs = layer_specs(self.model, example_input) if example_input is not None else None
+        if self.specs is not None:
+            self._conv_specs()  # refuse now what the first clip would
         self._handle = optimizer.register_step_post_hook(lambda *_: self._after_step())
 
     def _after_step(self) -> None:
@@ -118,7 +121,20 @@ class PeriodicSVC:
             if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
             self.specs = self._recorder.specs()
-        return {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and not within(n, self.exclude)}
+        convs = {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and not within(n, self.exclude)}
+        if self.input_size == "padded":  # before any layer is clipped
+            refused = []
+            for spec in convs.values():
+                try:
+                    check_zero_padded(spec)
+                except ValueError:
+                    refused.append(spec.name)
+            if refused:
+                raise ValueError(
+                    f"layers {refused} pad with copies of their input (circular, reflect or replicate): the circular "
+                    f"convolution on the padded input does not bound them; exclude them (exclude={tuple(refused)!r})"
+                )
+        return convs
 
     @torch.no_grad()
     def clip(self) -> None:
@@ -139,8 +155,11 @@ class PeriodicSVC:
                 dist.broadcast(clipped, src=0)
             if clipped is not None:
                 weight.copy_(clipped)
-            if self.report:
-                self.last_norms[name] = layer_spectral_bound(weight, spec, **self._options)
+            if self.report:  # at the size it was clipped at
+                size = _layer_input_size(spec, self.input_size)
+                self.last_norms[name] = conv_spectral_norm(
+                    weight, size, groups=spec.groups, dilation=spec.dilation, **self._options
+                )
         self.last_report = ClipReport(layers, layers_clipped, frequencies, frequencies_clipped)
         self.clips += 1
 

@@ -102,6 +102,8 @@ def _check_kernel(kernel: torch.Tensor, input_size, groups: int, dilation) -> tu
     """Check the kernel's layout against the input size; return ``(input_size, dilation)`` per axis."""
     if not isinstance(kernel, torch.Tensor) or kernel.dim() < 3:
         raise ValueError(f"kernel must be a torch tensor of layout (out, in/groups, k_1, ..), got shape {tuple(kernel.shape)}")
+    if kernel.is_complex() or not kernel.is_floating_point():  # a complex one's imaginary part was dropped
+        raise TypeError(f"kernel must be real floating-point, got {kernel.dtype}")
     spatial = tuple(kernel.shape[2:])
     if len(spatial) > 3:
         raise ValueError(f"kernel has {len(spatial)} spatial axes; 1, 2 or 3 are supported")

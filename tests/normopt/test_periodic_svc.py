@@ -149,3 +149,36 @@ def test_raw_input_size_clips_as_the_released_code_does():
     for name in ("0", "3"):
         expected = clip_layer(twin.get_submodule(name).weight, specs[name], 0.3, input_size="raw")
         assert torch.equal(model.get_submodule(name).weight, expected)
+
+
+def _reflecting():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Conv2d(2, 2, 3))
+
+
+def test_layers_padded_with_copies_of_their_input_are_refused_before_any_clip():
+    model = _reflecting()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"layers \['0'\] pad with copies of their input .*exclude=\('0',\)"):
+        PeriodicSVC(optimizer, model, bound=0.1, example_input=torch.zeros(1, 1, 6, 6))
+    lazy = PeriodicSVC(optimizer, model, bound=0.1, every=1)  # sizes from the training forward
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    model(torch.randn(2, 1, 6, 6)).sum().backward()
+    with pytest.raises(ValueError, match=r"layers \['0'\] pad with copies"):
+        lazy.clip()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    lazy.remove()
+    PeriodicSVC(optimizer, model, bound=0.1, exclude=("0",), example_input=torch.zeros(1, 1, 6, 6)).clip()
+    assert not torch.equal(model[2].weight, before["2.weight"])
+
+
+def test_report_at_the_raw_input_size_records_the_norm_at_that_size():
+    model = nn.Sequential(nn.Conv1d(1, 1, 3, padding=1, bias=False))  # the kernel covers the raw input: an exact clip
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[[1.0, 0.2, 0.0]]]))  # singular values 1.2 and 0.92 (twice) at size 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    svc = PeriodicSVC(optimizer, model, bound=1.0, input_size="raw", report=True, example_input=torch.zeros(1, 1, 3))
+    svc.clip()
+    assert svc.last_norms["0"] == pytest.approx(1.0, rel=1e-5)  # at the padded size 5 it is 1.032
+    assert normopt.svc.conv_spectral_norm(model[0].weight, (5,)) > 1.03

@@ -87,3 +87,12 @@ def test_concurrent_callers_leave_the_thread_settings_as_they_found_them():
         np.testing.assert_array_equal(values, results[0][1])
     assert torch.get_num_threads() == torch_threads
     assert [(p["filepath"], p["num_threads"]) for p in threadpoolctl.threadpool_info()] == blas
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_a_kernel_that_is_not_real_floating_point_is_refused(dtype):
+    kernel = torch.ones(2, 2, 3, 3, dtype=dtype)
+    with pytest.raises(TypeError, match=r"kernel must be real floating-point"):
+        conv_singular_values(kernel, (4, 4))
+    with pytest.raises(TypeError, match=r"kernel must be real floating-point"):
+        clip_singular_values(kernel, (4, 4), bound=1.0)

@@ -246,3 +246,21 @@ def test_bad_options_are_refused(options, match):
         conv_singular_values(torch.ones(1, 1, 3), 4, **options)
     with pytest.raises(ValueError, match=match):
         clip_singular_values(torch.ones(1, 1, 3), 4, 1.0, **options)
+
+
+@pytest.mark.parametrize(
+    ("mode", "taps"), [("circular", [0.5468, 0.0501, -0.5393]), ("reflect", [1.0, 1.0, 1.0]), ("replicate", [2.0, 0.0, 0.0])]
+)
+def test_a_layer_padded_with_copies_of_its_input_is_refused_where_the_bound_would_not_hold(mode, taps):
+    layer = nn.Conv1d(1, 1, 3, padding=1, padding_mode=mode, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[taps]]))
+    spec = normopt.module_spec(layer, "c", (4,))
+    true = float(torch.linalg.matrix_norm(explicit_matrix(layer, (1, 4)), 2))
+    circular = normopt.svc.conv_spectral_norm(layer.weight, (6,))
+    assert circular < true  # the circular convolution on the padded input is no bound of this layer
+    for call in (lambda: layer_spectral_bound(layer.weight, spec), lambda: clip_layer(layer.weight, spec, 1.0)):
+        with pytest.raises(ValueError, match=rf"layer 'c' pads with '{mode}', which copies input values"):
+            call()
+    unpadded = normopt.module_spec(nn.Conv1d(1, 1, 3, padding_mode=mode), "u", (4,))  # nothing copied
+    assert layer_spectral_bound(layer.weight, unpadded) > 0
