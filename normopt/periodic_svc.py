@@ -11,7 +11,7 @@ from torch import nn
 
 from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
 from normopt.specs import ConvSpec
-from normopt.svc import INPUT_SIZES, _layer_input_size, check_zero_padded, clip_layer_counted, conv_spectral_norm
+from normopt.svc import INPUT_SIZES, _layer_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
 
 
 @dataclass(frozen=True)
@@ -123,12 +123,7 @@ class PeriodicSVC:
             self.specs = self._recorder.specs()
         convs = {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and not within(n, self.exclude)}
         if self.input_size == "padded":  # before any layer is clipped
-            refused = []
-            for spec in convs.values():
-                try:
-                    check_zero_padded(spec)
-                except ValueError:
-                    refused.append(spec.name)
+            refused = [name for name, spec in convs.items() if pads_with_copies(spec)]
             if refused:
                 raise ValueError(
                     f"layers {refused} pad with copies of their input (circular, reflect or replicate): the circular "
