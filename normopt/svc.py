@@ -252,6 +252,15 @@ def _layer_input_size(spec: ConvSpec, input_size: str) -> tuple[int, ...]:
     return padded_input_size(spec) if input_size == "padded" else raw_input_size(spec)
 
 
+def _check_layer(weight: torch.Tensor, spec: ConvSpec) -> None:
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(f"layer {getattr(spec, 'name', spec)!r} is described by a {type(spec).__name__}: SVC clips convolutions")
+    if not (isinstance(spec.groups, int) and spec.groups >= 1):
+        return  # no shape to compare with: the clip refuses the groups by name
+    if tuple(weight.shape) != tuple(spec.weight_shape):
+        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
+
+
 def layer_spectral_bound(weight: torch.Tensor, spec: ConvSpec, **options) -> float:
     """Upper bound of a conv layer's spectral norm: the circular convolution on the padded input.
 
@@ -266,11 +275,20 @@ def layer_spectral_bound(weight: torch.Tensor, spec: ConvSpec, **options) -> flo
         >>> layer_spectral_bound(layer.weight, spec) >= float(power_iteration_norm(layer.weight, spec))
         True
     """
+    _check_layer(weight, spec)
     return conv_spectral_norm(weight, padded_input_size(spec), groups=spec.groups, dilation=spec.dilation, **options)
 
 
 def clip_layer_counted(
-    weight: torch.Tensor, spec: ConvSpec, bound: float, iterations: int = 1, *, input_size: str = "padded", **options
+    weight: torch.Tensor,
+    spec: ConvSpec,
+    bound: float,
+    iterations: int = 1,
+    *,
+    input_size: str = "padded",
+    method: str = "gram",
+    precision: str | None = None,
+    threads: int | None = None,
 ) -> tuple[torch.Tensor | None, int, int]:
     """:func:`clip_layer`, also saying how much work it took.
 
@@ -289,10 +307,9 @@ def clip_layer_counted(
         >>> frequencies, clipped  # input 4: frequencies 0, 1 (and 3 = -1), 2; only 0 (value 2) exceeds
         (3, 1)
     """
-    return _clip(
-        weight, _layer_input_size(spec, input_size), bound, spec.groups, spec.dilation, iterations,
-        options.get("method", "gram"), options.get("precision"), options.get("threads"),
-    )  # fmt: skip
+    _check_layer(weight, spec)
+    size = _layer_input_size(spec, input_size)
+    return _clip(weight, size, bound, spec.groups, spec.dilation, iterations, method, precision, threads)
 
 
 def clip_layer(weight: torch.Tensor, spec: ConvSpec, bound: float, iterations: int = 1, *, input_size: str = "padded", **options):

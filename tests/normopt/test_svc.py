@@ -264,3 +264,21 @@ def test_a_layer_padded_with_copies_of_its_input_is_refused_where_the_bound_woul
             call()
     unpadded = normopt.module_spec(nn.Conv1d(1, 1, 3, padding_mode=mode), "u", (4,))  # nothing copied
     assert layer_spectral_bound(layer.weight, unpadded) > 0
+
+
+def test_a_clip_refuses_a_misspelt_option_another_kind_of_layer_and_a_weight_of_another_shape():
+    layer = nn.Conv2d(2, 2, 3, padding=1)
+    spec = normopt.module_spec(layer, "c", (6, 6))
+    for call in (clip_layer, clip_layer_counted):
+        with pytest.raises(TypeError, match="precison"):
+            call(layer.weight, spec, 1.0, precison="double")
+    linear = normopt.module_spec(nn.Linear(3, 3), "fc")
+    for call in (lambda: clip_layer(torch.ones(3, 3), linear, 1.0), lambda: layer_spectral_bound(torch.ones(3, 3), linear)):
+        with pytest.raises(TypeError, match=r"layer 'fc' is described by a LinearSpec: SVC clips convolutions"):
+            call()
+    for call in (
+        lambda: clip_layer(torch.ones(5, 7, 3, 3), spec, 1.0),
+        lambda: layer_spectral_bound(torch.ones(5, 7, 3, 3), spec),
+    ):
+        with pytest.raises(ValueError, match=r"layer 'c': weight of shape \(5, 7, 3, 3\), its spec's is \(2, 2, 3, 3\)"):
+            call()
