@@ -272,7 +272,7 @@ class NormDecay:
 
     def _hook_optimizer(self) -> list:
         """Register the checkpoint hooks on the optimizer (load: check, then adopt the decay state;
-        save: add what was loaded before the first step) and return their handles. Called at
+        save: add the decay state that is not in ``optimizer.state``) and return their handles. Called at
         construction, and again by a copy of :class:`~normopt.NormDecayOptimizer`, whose inner
         optimizer torch copies without hooks."""
         return [
@@ -347,8 +347,11 @@ class NormDecay:
         self._weight.update(self._frozen)
         # What the step checks is still so (_layers_changed): each chosen module's registered weight,
         # trainable, of the dtype and on the device the decay state was made for.
-        chosen = (self._modules[name] for name in (*self.decayed, *self.bn_projected))
-        self._watched = tuple((m._parameters, m.weight, m.weight.dtype, m.weight.device) for m in chosen)
+        self._watched = tuple(
+            (self._modules[name]._parameters, weight, weight.dtype, weight.device)
+            for name, weight in self._weight.items()
+            if name not in self._frozen
+        )
         # Groups keep their order (load_state_dict replaces the dicts, not their order).
         self._group_of = {name: held[id(self._weight[name])] for name in self.decayed}
         self._tensors = {}
@@ -522,6 +525,11 @@ class NormDecay:
         if self.bn_projection == "released":
             self._project_batchnorms(project_batchnorm_argmax)
 
+    def _home(self, weight: torch.Tensor, zero_local: tuple[dict, set[int]] | None) -> dict:
+        """The state mapping that keeps ``weight``'s decay state: ZeRO's local one for the weights
+        this rank steps (``zero_local``, from :meth:`_zero_local`), else the optimizer's."""
+        return zero_local[0] if zero_local is not None and id(weight) in zero_local[1] else self.optimizer.state
+
     def _zero_local(self) -> tuple[dict, set[int]] | None:
         """For ZeRO, its local optimizer's state and the ids of the weights this rank steps: the
         decay state of those lives there (ZeRO's consolidated checkpoint takes every entry from
@@ -538,7 +546,7 @@ class NormDecay:
             zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
                 weight = self._weight[name]
-                home = self.optimizer.state if zero_local is None or id(weight) not in zero_local[1] else zero_local[0]
+                home = self._home(weight, zero_local)
                 state = home.get(weight)
                 # In place already: .grad is not read (compiled, a read of a gradient that
                 # zero_grad then freed made dynamo recompile the hook path of attach_norm_decay
@@ -688,8 +696,7 @@ class NormDecay:
                 self._pending[name] = (buffer, as_weight(scale), recent)
                 continue
             self._write(name, buffer, as_weight(scale), recent)
-            home = zero_local[0] if zero_local is not None and id(weight) in zero_local[1] else optimizer.state
-            saved = home.get(weight)
+            saved = self._home(weight, zero_local).get(weight)
             if saved:  # the optimizer's own state of the weight came back: the decay's joins it now
                 saved[BUFFER], saved[SCALE] = self._state.views[name]
                 if name in self._state.recent:
@@ -708,10 +715,8 @@ class NormDecay:
             zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
                 weight = self._weight[name]
-                # Where after_step keeps it: ZeRO's local state for the weights this rank steps, else
-                # the optimizer's (every rank has every layer's h, and the same gradients).
-                owned = zero_local is not None and id(weight) in zero_local[1]
-                entry = (zero_local[0] if owned else self.optimizer.state).get(weight)
+                # Where after_step keeps it (under ZeRO every rank has every layer's h, and the same gradients).
+                entry = self._home(weight, zero_local).get(weight)
                 if entry is None or entry.get(BUFFER) is not buffer:
                     unsaved[name] = (buffer, scale, self._state.recent.get(name))
         if not self._pending and not self._held_back and not unsaved:
