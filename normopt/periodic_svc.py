@@ -11,7 +11,7 @@ from torch import nn
 
 from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
 from normopt.specs import ConvSpec
-from normopt.svc import INPUT_SIZES, _layer_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
+from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class PeriodicSVC:
     ``"raw"`` at the input size without padding, as the released code does. ``threads`` sizes the
     thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
     ``precision`` as in :func:`normopt.svc.clip_singular_values`.
-    ``exclude`` names modules to leave alone, each with every conv layer inside it.
+    ``exclude`` names modules to leave alone, each with every conv layer inside it. A conv whose
+    weight ``optimizer`` does not hold, or does not require grad, is not clipped either.
 
     Example:
         >>> import torch
@@ -105,6 +106,7 @@ class PeriodicSVC:
         self.report = report
         self.last_norms: dict[str, float] = {}
         self.steps = self.clips = 0
+        self._optimizer = optimizer
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self.specs = layer_specs(self.model, example_input) if example_input is not None else None
         if self.specs is not None:
@@ -121,7 +123,19 @@ class PeriodicSVC:
             if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
             self.specs = self._recorder.specs()
-        convs = {n: s for n, s in self.specs.items() if isinstance(s, ConvSpec) and not within(n, self.exclude)}
+        # Only the weights the optimizer trains: a frozen backbone, or a layer held by another
+        # optimizer, is left as it is, as the optimizer leaves it (asked at every clip, since a
+        # layer may be frozen or unfrozen between clips).
+        held = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        modules = dict(self.model.named_modules())
+        convs = {
+            n: s
+            for n, s in self.specs.items()
+            if isinstance(s, ConvSpec)
+            and not within(n, self.exclude)
+            and modules[n].weight.requires_grad
+            and id(modules[n].weight) in held
+        }
         if self.input_size == "padded":  # before any layer is clipped
             refused = [name for name, spec in convs.items() if pads_with_copies(spec)]
             if refused:
@@ -151,7 +165,7 @@ class PeriodicSVC:
             if clipped is not None:
                 weight.copy_(clipped)
             if self.report:  # at the size it was clipped at
-                size = _layer_input_size(spec, self.input_size)
+                size = clip_input_size(spec, self.input_size)
                 self.last_norms[name] = conv_spectral_norm(
                     weight, size, groups=spec.groups, dilation=spec.dilation, **self._options
                 )

@@ -53,6 +53,7 @@ from normopt.spectrum import (
 __all__ = [
     "INPUT_SIZES",
     "check_zero_padded",
+    "clip_input_size",
     "clip_layer",
     "clip_layer_counted",
     "clip_singular_values",
@@ -105,9 +106,10 @@ def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tenso
     return out, need
 
 
-def _svd_clip(t: np.ndarray, bound: float) -> np.ndarray:
+def _svd_clip(t: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each matrix with its singular values clipped at ``bound``, and each one's largest value."""
     u, s, vh = _svd(t, compute_uv=True)
-    return (u * np.minimum(s, bound)[..., None, :]) @ vh
+    return (u * np.minimum(s, bound)[..., None, :]) @ vh, s[..., 0]
 
 
 def _check_clip(bound, iterations) -> None:
@@ -117,20 +119,35 @@ def _check_clip(bound, iterations) -> None:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
 
 
-def _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads) -> torch.Tensor:
-    """The first version: full SVD of every frequency, SciPy's FFT there and back (no skipping)."""
+def _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads) -> tuple[torch.Tensor | None, int]:
+    """The first version: full SVD of every frequency, SciPy's FFT there and back.
+
+    Returns ``(kernel or None when no frequency exceeded bound, frequencies of the real-FFT half
+    that exceeded it in the first round)``; as on the Gram path, a layer under the bound is left
+    as it is rather than rewritten with the round-off of a transform there and back.
+    """
     dilated = _dilated_kernel(kernel, groups, dilation)
     spatial = tuple(range(3, dilated.ndim))
     support = (slice(None),) * 3 + tuple(slice(None, r, d) for r, d in zip(dilated.shape[3:], dilation))
-    for _ in range(iterations):
+    limit = bound * (1 + 8 * np.finfo(np.float64).eps)  # round-off of an earlier clip, not work to do
+    clipped_first, changed = 0, False
+    for round_ in range(iterations):
         t = _fft_transfer(dilated, input_size, threads)
-        matrices = _map_blocks(_svd_clip, np.ascontiguousarray(t.reshape(-1, *t.shape[-2:])), threads, bound)
+        matrices, top = _map_blocks(_svd_clip, np.ascontiguousarray(t.reshape(-1, *t.shape[-2:])), threads, bound)
+        exceeded = int((top > limit).sum())
+        if round_ == 0:
+            clipped_first = exceeded
+        if not exceeded:
+            break
+        changed = True
         spectrum = np.moveaxis(matrices.reshape(t.shape), (-2, -1), (1, 2))
         full = scipy.fft.irfftn(spectrum, s=input_size, axes=spatial, workers=threads)
         dilated = np.zeros_like(dilated)
         dilated[support] = full[support]
+    if not changed:
+        return None, clipped_first
     taps = dilated[(slice(None),) * 3 + tuple(slice(None, None, d) for d in dilation)]
-    return torch.from_numpy(np.ascontiguousarray(taps.reshape(kernel.shape)))
+    return torch.from_numpy(np.ascontiguousarray(taps.reshape(kernel.shape))), clipped_first
 
 
 def _clip(kernel, input_size, bound, groups, dilation, iterations, method, precision, threads):
@@ -144,9 +161,11 @@ def _clip(kernel, input_size, bound, groups, dilation, iterations, method, preci
     threads = _check_options(method, precision, threads)
     input_size, dilation = _check_kernel(kernel, input_size, groups, dilation)
     if method == "svd":
-        result = _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads)
+        result, clipped_first = _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads)
         frequencies = groups * int(np.prod(input_size[:-1])) * (input_size[-1] // 2 + 1)  # the real-FFT half
-        return result.to(dtype=kernel.dtype, device=kernel.device), frequencies, frequencies
+        if result is None:
+            return None, frequencies, clipped_first
+        return result.to(dtype=kernel.dtype, device=kernel.device), frequencies, clipped_first
     dtype = _complex_dtype(kernel, precision)
     # A value this close above the bound is round-off of an earlier clip, not work to do.
     limit = bound * (1 + 8 * torch.finfo(dtype).eps)
@@ -190,8 +209,9 @@ def clip_singular_values(
 
     The default ``method="gram"`` needs no SVD: with ``K^H K = V diag(s^2) V^H`` (eigh of the
     smaller Gram matrix) the clipped transfer matrix is ``K V diag(min(1, c/s)) V^H``, and only the
-    frequencies whose largest value exceeds ``bound`` are touched; a kernel with none is returned
-    unchanged. ``method="svd"`` is the first version (a full complex SVD of every frequency).
+    frequencies whose largest value exceeds ``bound`` are touched. ``method="svd"`` is the first
+    version (a full complex SVD of every frequency). Either way a kernel with no frequency above
+    ``bound`` is returned unchanged.
     ``precision`` and ``threads`` as in :func:`conv_singular_values`.
 
     Returns:
@@ -246,7 +266,17 @@ def raw_input_size(spec: ConvSpec) -> tuple[int, ...]:
     return tuple(axis.size for axis in axis_geometries(spec, spec.input_size))
 
 
-def _layer_input_size(spec: ConvSpec, input_size: str) -> tuple[int, ...]:
+def clip_input_size(spec: ConvSpec, input_size: str = "padded") -> tuple[int, ...]:
+    """The input size a layer is clipped at: :func:`padded_input_size` for ``"padded"``,
+    :func:`raw_input_size` for ``"raw"``.
+
+    Example:
+        >>> from torch import nn
+        >>> import normopt
+        >>> spec = normopt.module_spec(nn.Conv2d(1, 1, 3, padding=1), "c", (8, 8))
+        >>> clip_input_size(spec), clip_input_size(spec, "raw")
+        ((10, 10), (8, 8))
+    """
     if input_size not in INPUT_SIZES:
         raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
     return padded_input_size(spec) if input_size == "padded" else raw_input_size(spec)
@@ -308,7 +338,7 @@ def clip_layer_counted(
         (3, 1)
     """
     _check_layer(weight, spec)
-    size = _layer_input_size(spec, input_size)
+    size = clip_input_size(spec, input_size)
     return _clip(weight, size, bound, spec.groups, spec.dilation, iterations, method, precision, threads)
 
 

@@ -122,16 +122,17 @@ def test_bad_clip_options_are_refused_at_construction(kwargs, match):
         PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=1.0, **kwargs)
 
 
-def test_each_clip_reports_the_layers_and_frequencies_that_needed_work():
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_each_clip_reports_the_layers_and_frequencies_that_needed_work(method):
     model = small_cnn()
     specs = normopt.layer_specs(model, DATA[0][:1])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     top = max(layer_spectral_bound(model.get_submodule(n).weight, specs[n]) for n in ("0", "3"))
     low = min(layer_spectral_bound(model.get_submodule(n).weight, specs[n]) for n in ("0", "3"))
-    svc = PeriodicSVC(optimizer, model, bound=top * 1.01, every=1, example_input=DATA[0][:1])
+    svc = PeriodicSVC(optimizer, model, bound=top * 1.01, every=1, example_input=DATA[0][:1], method=method)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     svc.clip()  # every layer is already under the bound: nothing to do, nothing written
-    counts = [clip_layer_counted(model.get_submodule(n).weight, specs[n], 1.0)[1] for n in ("0", "3")]
+    counts = [clip_layer_counted(model.get_submodule(n).weight, specs[n], 1.0, method=method)[1] for n in ("0", "3")]
     assert svc.last_report == ClipReport(layers=2, layers_clipped=0, frequencies=sum(counts), frequencies_clipped=0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     svc.bound = (low + top) / 2  # only the layer with the larger norm exceeds it
@@ -182,3 +183,28 @@ def test_report_at_the_raw_input_size_records_the_norm_at_that_size():
     svc.clip()
     assert svc.last_norms["0"] == pytest.approx(1.0, rel=1e-5)  # at the padded size 5 it is 1.032
     assert normopt.svc.conv_spectral_norm(model[0].weight, (5,)) > 1.03
+
+
+def test_a_conv_the_optimizer_does_not_train_is_not_clipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+    model[0].requires_grad_(False)  # a frozen stem, still held by the optimizer
+    optimizer = torch.optim.SGD([model[0].weight, model[1].weight, model[1].bias], lr=0.0)  # model[2]: another optimizer's
+    svc = PeriodicSVC(optimizer, model, bound=0.1, every=1, example_input=DATA[0][:1])
+    before = [conv.weight.clone() for conv in model]
+    svc.clip()
+    assert svc.last_report.layers == 1
+    assert torch.equal(model[0].weight, before[0]) and torch.equal(model[2].weight, before[2])
+    assert not torch.equal(model[1].weight, before[1])
+    model[0].requires_grad_(True)  # unfrozen between clips: clipped from then on
+    svc.clip()
+    assert svc.last_report.layers == 2 and not torch.equal(model[0].weight, before[0])
+
+
+def test_a_frozen_conv_padded_with_copies_is_not_refused():
+    model = _reflecting()
+    model[0].requires_grad_(False)
+    svc = PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=0.1, example_input=torch.zeros(1, 1, 6, 6))
+    before = model[0].weight.clone()
+    svc.clip()
+    assert svc.last_report.layers == 1 and torch.equal(model[0].weight, before)

@@ -210,6 +210,12 @@ def test_layers_and_frequencies_under_the_bound_are_skipped_and_counted():
     pairs = np.concatenate([per_frequency[:, 0][:4], per_frequency[:, 1:].ravel()])  # column 0: f1 and -f1 share values
     assert frequencies == 25 and clipped == int((pairs > bound).sum()) and 0 < clipped < 25
     torch.testing.assert_close(kernel, clip_singular_values(weight, size, bound, method="svd"), rtol=1e-9, atol=1e-12)
+    # The SVD path counts the real-FFT half (7 x 4) and leaves a layer under the bound as it is.
+    assert clip_layer_counted(weight, spec, top * 1.01, method="svd") == (None, 28, 0)
+    assert torch.equal(clip_layer(weight, spec, top * 1.01, method="svd"), weight)
+    kernel_svd, frequencies, clipped = clip_layer_counted(weight, spec, bound, method="svd")
+    assert frequencies == 28 and clipped == int((per_frequency > bound).sum())
+    torch.testing.assert_close(kernel_svd, kernel, rtol=1e-9, atol=1e-12)
 
 
 def test_raw_input_size_clips_at_the_unpadded_size():
