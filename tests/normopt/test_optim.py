@@ -197,6 +197,36 @@ def test_resume_from_checkpoint_is_bit_for_bit(make, rule):
         assert torch.equal(h, resumed_optimizer.norm_decay.decay_buffers()[name])
 
 
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+@pytest.mark.parametrize("ord", ["l1", "linf"])
+def test_torch_distributed_checkpoints_state_dict_functions_resume_bit_for_bit(through, ord):
+    """torch.distributed.checkpoint keys the state by parameter name and keeps only ``state`` and
+    ``param_groups``; the decay state of stepped weights lives in ``state``, so it comes along."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def fresh():
+        model = small_cnn(batchnorm=True)
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if through == "hooks":
+            normopt.attach_norm_decay(inner, model, ord=ord, beta=0.05)
+            return model, inner
+        return model, NormDecayOptimizer(inner, model, ord=ord, beta=0.05)
+
+    with rings_everywhere():  # so that the l_inf run carries its rings too
+        model, optimizer = fresh()
+        run(model, optimizer, 3, seed=1)
+        checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, optimizer)})
+        run(model, optimizer, 3, seed=2)
+        resumed, resumed_optimizer = fresh()
+    resumed.load_state_dict(checkpoint["model"])
+    set_optimizer_state_dict(resumed, resumed_optimizer, checkpoint["optimizer"])
+    saved = checkpoint["optimizer"]["state"]["0.weight"]
+    assert "norm_decay_buffer" in saved and ("norm_decay_recent" in saved) == (ord == "linf")
+    run(resumed, resumed_optimizer, 3, seed=2)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 def test_a_plain_inner_state_dict_loads():
     model = small_cnn()
     plain = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
