@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from normopt.deterministic import put
 from normopt.lines import checked, line_plan, line_tables, parse_ord, slice_subgradient
 from normopt.norms import _sums
 from normopt.specs import BatchNormSpec, Spec
@@ -191,4 +192,4 @@ def reference_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
         tensor([ 2., -1.])
     """
     new = h * gamma
-    return new.put_(sub.index, torch.where(sub.counts > 0, sub.values, new.take(sub.index)))
+    return put(new, sub.index, torch.where(sub.counts > 0, sub.values, new.take(sub.index)))

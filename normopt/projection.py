@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from normopt.deterministic import put
 from normopt.lines import line_plan, parse_ord
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 
@@ -153,4 +154,4 @@ def project_batchnorm_argmax(gamma: torch.Tensor, running_var: torch.Tensor, spe
     channel = norms.argmax().reshape(1)
     capped = radius * scale.take(channel) * torch.sign(gamma.take(channel))
     new = torch.where(norms.take(channel) > radius, capped, gamma.take(channel))
-    return gamma.clone().put_(channel, new)
+    return put(gamma.clone(), channel, new)

@@ -53,6 +53,7 @@ from normopt.batched import (
     padded_line_sums,
     slice_subgradients,
 )
+from normopt.deterministic import put
 from normopt.lines import checked, lookup, parse_ord, weight_shape
 from normopt.recent_slices import RingTables, add_recent, covered, horizon, record, ring_coefficients, ring_layers, ring_tables
 from normopt.specs import BatchNormSpec, Spec
@@ -348,8 +349,8 @@ def norm_decay(
                 new = current + step
             else:
                 new = torch.where((counts > 0) & finite, values, current)
-            buffer.put_(found.buffer, new)
-            scale.put_(found.scales, tables.ones)
+            put(buffer, found.buffer, new)
+            put(scale, found.scales, tables.ones)
             ring, ring_table = state.rings[batch], state.ring_tables[batch]
             if sparse_now[batch] and max(decays) > limits[batch]:  # the ring no longer holds every slice that counts
                 sparse_now[batch] = False

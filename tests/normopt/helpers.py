@@ -175,6 +175,17 @@ def batches(x: torch.Tensor, y: torch.Tensor, steps: int, size: int, seed: int =
 
 
 @contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` inside the block only."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@contextlib.contextmanager
 def rings_everywhere():
     """Read the decay gradient of every layer a ring can serve through one, however small the layer.
 

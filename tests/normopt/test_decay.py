@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, conv_layers, explicit_matrix
+from helpers import assert_close, conv_layers, deterministic_algorithms, explicit_matrix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -151,6 +151,17 @@ def test_buffer_rules_over_three_steps():
     assert_close(h_paper, torch.tensor([0.125 + 0.5, -0.25]))
     # reference: (1, 0) -> (0.5, -1) -> (1, -0.5)
     assert_close(h_ref, torch.tensor([1.0, -0.5]))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_the_reference_rule_gives_the_same_buffer_under_deterministic_algorithms(memory_format):
+    torch.manual_seed(0)
+    h = torch.randn(3, 2, 2, 2).to(memory_format=memory_format)
+    sub = Subgradient(torch.tensor(1.0), torch.tensor([1, 9, 22]), torch.tensor([1.0, -2.0, 3.0]), torch.tensor([1, 0, 1]))
+    expected = reference_update(h, sub, 0.5)
+    with deterministic_algorithms():  # where torch refuses put_
+        assert torch.equal(reference_update(h, sub, 0.5), expected)
+    assert expected.flatten()[22] == 3.0 and expected.flatten()[9] == h.flatten()[9] * 0.5
 
 
 def test_masked_subgradient_changes_nothing():

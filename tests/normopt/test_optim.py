@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, batches, digits, graph_recorder, rings_everywhere, small_cnn
+from helpers import assert_close, batches, deterministic_algorithms, digits, graph_recorder, rings_everywhere, small_cnn
 from torch import nn
 
 import normopt
@@ -225,6 +225,25 @@ def test_torch_distributed_checkpoints_state_dict_functions_resume_bit_for_bit(t
     run(resumed, resumed_optimizer, 3, seed=2)
     for key, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("bn_projection", ["exact", "released"])
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("ord", ["l1", "linf"])
+def test_a_run_under_deterministic_algorithms_gives_the_weights_of_one_without(ord, rule, bn_projection):
+    def train(deterministic):
+        model = small_cnn(batchnorm=True)
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        options = {"bn_max_norm": 0.5, "bn_projection": bn_projection, "layers": ("conv", "linear", "batchnorm")}
+        optimizer = NormDecayOptimizer(inner, model, ord=ord, rule=rule, beta=0.05, **options)
+        with deterministic_algorithms() if deterministic else contextlib.nullcontext():
+            with rings_everywhere():
+                run(model, optimizer, 3)
+        return model.state_dict()
+
+    expected = train(False)
+    for key, value in train(True).items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_a_plain_inner_state_dict_loads():
