@@ -180,7 +180,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the inner optimizer's state dict; all or nothing.
 
-        Also accepts a plain inner dict (the decay buffers start from zero) and the checkpoints of
+        Also accepts a plain inner dict (the decay buffers start from zero, and each param group
+        keeps the ``norm_decay_beta`` and ``norm_decay_gamma`` it had) and the checkpoints of
         normopt 0.1, which kept the buffers under an extra ``"norm_decay"`` key.
         """
         state_dict = dict(state_dict)  # never change the caller's checkpoint

@@ -265,6 +265,7 @@ class NormDecay:
         # pre-hook before torch casts it (its cast to a bfloat16 or float16 weight's dtype would
         # round the ring's channels)
         self._loaded_decay: dict[str, tuple] = {}
+        self._hyper_before_load: list[tuple] = []  # each group's (beta, gamma) before a load
         self._reporter = _NonFiniteReporter()
         self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
@@ -625,6 +626,9 @@ class NormDecay:
         them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
         if self._selection_changed():  # since the last step: choose the layers as that step will
             self.add_params()
+        # Each group's beta and gamma now: a checkpoint of a plain optimizer has none, and torch
+        # replaces the groups with the saved ones (it fills in its own missing options alike).
+        self._hyper_before_load = [(group.get(BETA), group.get(GAMMA)) for group in optimizer.param_groups]
         entries = self._loaded_entries(state_dict)
         loaded = {}
         for name, (_, saved) in entries.items():
@@ -672,6 +676,9 @@ class NormDecay:
     def _adopt_loaded(self, optimizer) -> None:
         """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
         loaded, self._loaded_decay = self._loaded_decay, {}
+        for group, (beta, gamma) in zip(optimizer.param_groups, self._hyper_before_load):
+            group.setdefault(BETA, beta if beta is not None else optimizer.defaults.get(BETA))
+            group.setdefault(GAMMA, gamma if gamma is not None else optimizer.defaults.get(GAMMA))
         zero_local = self._zero_local()
         if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
             for name in loaded:

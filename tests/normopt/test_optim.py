@@ -257,6 +257,37 @@ def test_a_plain_inner_state_dict_loads():
     assert optimizer.state is optimizer.optimizer.state and optimizer.param_groups is optimizer.optimizer.param_groups
 
 
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_plain_checkpoint_keeps_each_groups_beta_and_gamma(through):
+    """torch replaces the param groups with the checkpoint's, which a plain optimizer wrote without
+    these keys: each group keeps what it had (torch fills in its own missing options alike)."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    groups = lambda m: [{"params": m[0].parameters()}, {"params": [p for n, p in m.named_parameters() if not n.startswith("0.")]}]
+    plain = torch.optim.SGD(groups(model), lr=0.05, momentum=0.9)
+    run(model, plain, 2)
+    checkpoint = copy.deepcopy(plain.state_dict())
+    inner = torch.optim.SGD(groups(model), lr=0.05, momentum=0.9)
+    inner.param_groups[0]["norm_decay_beta"] = 0.0  # no decay for the stem
+    if through == "hooks":
+        normopt.attach_norm_decay(inner, model, beta=0.1, gamma=0.7)
+        optimizer = inner
+    else:
+        optimizer = NormDecayOptimizer(inner, model, beta=0.1, gamma=0.7)
+    optimizer.load_state_dict(checkpoint)
+    assert [(g["norm_decay_beta"], g["norm_decay_gamma"]) for g in optimizer.param_groups] == [(0.0, 0.7), (0.1, 0.7)]
+    for group in optimizer.param_groups:  # a hand-written schedule
+        group["norm_decay_beta"] *= 0.5
+    stem = model[0].weight.detach().clone()
+    twin = copy.deepcopy(model)
+    twin_plain = torch.optim.SGD(groups(twin), lr=0.05, momentum=0.9)
+    twin_plain.load_state_dict(copy.deepcopy(checkpoint))  # torch loads the tensors themselves, not copies
+    run(model, optimizer, 1, seed=3)
+    run(twin, twin_plain, 1, seed=3)
+    assert torch.equal(model[0].weight, twin[0].weight) and not torch.equal(model[0].weight, stem)  # beta 0 there
+    assert not torch.equal(model[3].weight, twin[3].weight)
+
+
 def test_a_bad_checkpoint_is_refused_before_anything_changes():
     model = small_cnn()
     optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
