@@ -174,8 +174,18 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The inner optimizer's state dict, which holds the decay buffers and ``beta``/``gamma``."""
-        return self.optimizer.state_dict()
+        """The inner optimizer's state dict, which holds the decay buffers and ``beta``/``gamma``.
+
+        State-dict hooks registered on the wrapper run around it, as on any torch optimizer.
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            changed = post_hook(self, state_dict)
+            if changed is not None:
+                state_dict = changed
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load the inner optimizer's state dict; all or nothing.
@@ -185,12 +195,18 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         normopt 0.1, which kept the buffers under an extra ``"norm_decay"`` key.
         """
         state_dict = dict(state_dict)  # never change the caller's checkpoint
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # the wrapper's own, as torch runs them
+            changed = pre_hook(self, state_dict)
+            if changed is not None:
+                state_dict = changed
         legacy = state_dict.pop("norm_decay", None)
         buffers = dict((legacy or {}).get("buffers", {}))
         self.norm_decay.check_buffers(buffers)  # before anything changes
         self.optimizer.load_state_dict(state_dict)
         if buffers:
             self.norm_decay.load_buffers(buffers)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __repr__(self) -> str:
         decay = self.norm_decay

@@ -288,6 +288,23 @@ def test_a_plain_checkpoint_keeps_each_groups_beta_and_gamma(through):
     assert not torch.equal(model[3].weight, twin[3].weight)
 
 
+def test_state_dict_hooks_registered_on_the_wrapper_run_as_on_a_torch_optimizer():
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
+    run(model, optimizer, 2)
+    calls = []
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append(("save pre", opt)))
+    optimizer.register_state_dict_post_hook(lambda opt, sd: {**sd, "epoch": 7})
+    optimizer.register_load_state_dict_pre_hook(
+        lambda opt, sd: calls.append(("load pre", opt, sd.get("epoch"))) or {k: v for k, v in sd.items() if k != "epoch"}
+    )
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append(("load post", opt)))
+    saved = optimizer.state_dict()
+    assert saved["epoch"] == 7 and "norm_decay_buffer" in saved["state"][0]
+    optimizer.load_state_dict(saved)  # the inner optimizer never sees "epoch"
+    assert calls == [("save pre", optimizer), ("load pre", optimizer, 7), ("load post", optimizer)]
+
+
 def test_a_bad_checkpoint_is_refused_before_anything_changes():
     model = small_cnn()
     optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
