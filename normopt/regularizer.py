@@ -271,6 +271,18 @@ class NormDecay:
         # Hooks go on the user's model only once nothing can fail any more.
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
 
+    def __getstate__(self) -> dict:
+        # The transformation's functions are closures, which pickle refuses and copy.deepcopy
+        # shares (a copy choosing its layers anew would rebuild the original's layout). A copy
+        # carries the decay state as a checkpoint loaded before the first step does, and its next
+        # step builds the transformation anew from it, as a resumed run does: bit for bit.
+        state = self.__dict__.copy()
+        if self._state is not None:
+            views, recent = self._state.views, self._state.recent
+            state["_pending"] = {name: (buffer, scale, recent.get(name)) for name, (buffer, scale) in views.items()}
+            state["_transform"] = state["_state"] = None
+        return state
+
     def _hook_optimizer(self) -> list:
         """Register the checkpoint hooks on the optimizer (load: check, then adopt the decay state;
         save: add the decay state that is not in ``optimizer.state``) and return their handles. Called at

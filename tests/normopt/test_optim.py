@@ -415,6 +415,30 @@ def test_a_deep_copy_trains_like_the_original_and_previews_its_schedule():
         assert torch.equal(value, twin.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("ord", ["l1", "linf"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_after_steps_trains_like_the_original_and_apart_from_it(how, ord):
+    with rings_everywhere():  # so that the l_inf copy carries rings too
+        model = small_cnn(batchnorm=True)
+        inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+        optimizer = NormDecayOptimizer(inner, model, ord=ord, beta=0.1, layers=("conv", "linear", "batchnorm"))
+        run(model, optimizer, 3)
+    twin, twin_optimizer = (
+        copy.deepcopy((model, optimizer)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, optimizer)))
+    )
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        run(m, o, 3, seed=1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+    for name, h in optimizer.norm_decay.decay_buffers().items():
+        assert torch.equal(twin_optimizer.norm_decay.decay_buffers()[name], h), name
+    twin[6] = nn.Linear(128, 10)  # the copy chooses its layers anew; the original steps as before
+    twin_optimizer.add_param_group({"params": twin[6].parameters()})
+    run(twin, twin_optimizer, 1, seed=2)
+    run(model, optimizer, 1, seed=2)
+    assert sorted(optimizer.last_norms) == ["0", "1", "3", "6"]
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_made_before_the_first_step_records_sizes_and_loads_checkpoints_as_the_original(how):
     torch.manual_seed(0)
