@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -41,6 +42,8 @@ BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_rec
 # Key, beside "state" in a state dict, of the decay state that is in no optimizer.state entry.
 PENDING = "norm_decay_pending"
 DECAY_KEYS = (BUFFER, SCALE, RECENT)
+# Each optimizer's decays whose hooks are on it, to refuse a second decay of one weight.
+_DECAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
 
 
@@ -249,6 +252,7 @@ class NormDecay:
                 f"no layer to regularize: none of the model's {'/'.join(layers)} layers has a trainable weight in "
                 f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
+        self._refuse_shared()
         for group in optimizer.param_groups:
             group.setdefault(BETA, beta)
             group.setdefault(GAMMA, gamma)
@@ -288,11 +292,27 @@ class NormDecay:
         save: add the decay state that is not in ``optimizer.state``) and return their handles. Called at
         construction, and again by a copy of :class:`~normopt.NormDecayOptimizer`, whose inner
         optimizer torch copies without hooks."""
+        _DECAYS.setdefault(self.optimizer, weakref.WeakSet()).add(self)
         return [
             self.optimizer.register_load_state_dict_pre_hook(self._check_loaded),
             self.optimizer.register_load_state_dict_post_hook(self._adopt_loaded),
             self.optimizer.register_state_dict_post_hook(self._save_pending),
         ]
+
+    def _refuse_shared(self) -> None:
+        """Refuse layers that another decay on the optimizer regularizes already: the state of a
+        weight has one place for decay state, so checkpoints would hold one decay's h only."""
+        mine = {id(self._weight[name]): name for name in (*self.decayed, *self._frozen_decayed())}
+        for other in list(_DECAYS.get(self.optimizer, ())):
+            theirs = {id(other._weight[name]) for name in (*other.decayed, *other._frozen_decayed())}
+            shared = [name for key, name in mine.items() if key in theirs]
+            if shared:
+                raise ValueError(
+                    f"layers {shared} have a norm decay on this optimizer already (ord {other.ord}, rule "
+                    f"{other.rule!r}): a weight keeps one decay state, so a checkpoint would hold only one of them; "
+                    f"detach that decay first (its detach(); a NormDecayOptimizer's .norm_decay), or leave these "
+                    f"layers to it (exclude={tuple(shared)!r})"
+                )
 
     # -- which layers -----------------------------------------------------------------------------
 
@@ -782,6 +802,7 @@ class NormDecay:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        _DECAYS.get(self.optimizer, weakref.WeakSet()).discard(self)
         if self._recorder is not None:
             self._recorder.remove()
 
@@ -800,7 +821,9 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
     ``optimizer.add_param_group``, call ``decay.add_params()`` before the next forward (the wrapper's
     ``add_param_group`` does it): a module replaced meanwhile then gets its input size from that
     forward. Call ``decay.detach()`` to remove it. Like every optimizer hook, it is not copied with the
-    optimizer (``copy.deepcopy``): attach it to the copy.
+    optimizer (``copy.deepcopy``): attach it to the copy. Each weight takes one decay per optimizer:
+    decays of other layers may share an optimizer (``exclude`` splits them), one of a layer that
+    another decay on the optimizer regularizes is refused until that one is detached.
 
     Example:
         >>> import torch

@@ -676,6 +676,27 @@ def test_two_decays_on_one_optimizer_each_resume_their_own_layers():
     same_weights(model, twin)
 
 
+def test_a_second_decay_of_the_same_layers_on_one_optimizer_is_refused_until_the_first_is_detached():
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = attach_norm_decay(optimizer, model, beta=0.1, exclude=("0",))
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    hooks = len(optimizer._optimizer_load_state_dict_pre_hooks)
+    with pytest.raises(
+        ValueError, match=r"layers \['3', '6'\] have a norm decay on this optimizer already .*exclude=\('3', '6'\)"
+    ):
+        attach_norm_decay(optimizer, model, ord=math.inf, beta=0.2)
+    with pytest.raises(ValueError, match=r"layers \['3', '6'\] have a norm decay on this optimizer already"):
+        NormDecayOptimizer(optimizer, model)  # a wrapper around a hooked optimizer
+    assert len(optimizer._optimizer_load_state_dict_pre_hooks) == hooks  # nothing was added
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
+    wrapper = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(ValueError, match="have a norm decay on this optimizer already"):
+        NormDecayOptimizer(wrapper.optimizer, model)  # the same inner optimizer wrapped again
+    first.detach()
+    attach_norm_decay(optimizer, model, ord=math.inf, beta=0.2)  # its layers are free now
+
+
 def test_zero_overlapping_ddp_is_refused():
     import torch.distributed as dist
     from torch.distributed.optim import ZeroRedundancyOptimizer
