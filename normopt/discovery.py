@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Mapping
 
@@ -260,8 +261,7 @@ class InputSizeRecorder:
 
     def _record(self, name: str, module: _ConvNd, args, kwargs, output) -> None:
         dims = len(module.kernel_size)
-        # conv(input=x) is legal, and a subclass may name its input otherwise: the first tensor given
-        given = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        given = args[0] if args else _input_keyword(module, kwargs)
         size = tuple(int(n) for n in given.shape[-dims:])
         self._seen.setdefault(name, set()).add(size)
         if module.transposed:
@@ -309,6 +309,19 @@ class InputSizeRecorder:
         """Stop recording and describe the model with the recorded input sizes."""
         self.remove()
         return layer_specs(self.model, input_sizes=self.sizes, output_paddings=self.output_paddings)
+
+
+def _input_keyword(module: nn.Module, kwargs: dict) -> torch.Tensor:
+    """The input of a call that passed it by keyword (``conv(input=x)`` is legal, and a subclass may
+    name it otherwise and take other tensors beside it): the value of ``forward``'s first parameter,
+    else the first tensor given."""
+    try:
+        first = next(iter(inspect.signature(module.forward).parameters))
+    except (StopIteration, TypeError, ValueError):
+        first = None
+    if isinstance(kwargs.get(first), torch.Tensor):
+        return kwargs[first]
+    return next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
 
 
 def _output_padding(module: _ConvNd, input_size: tuple[int, ...], output_size: tuple[int, ...]) -> tuple[int, ...]:

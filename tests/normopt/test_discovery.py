@@ -144,13 +144,19 @@ class _ConvOfImages(nn.Conv2d):
         return super().forward(images)
 
 
+class _MaskedConv(nn.Conv2d):
+    def forward(self, images, mask=None):  # and takes another tensor beside its input
+        return super().forward(images if mask is None else images * mask.mean())
+
+
 @pytest.mark.parametrize(
     ("make", "call"),
     [
         (lambda: nn.Conv2d(1, 2, 3, padding=1), lambda conv, x: conv(input=x)),
         (lambda: _ConvOfImages(1, 2, 3, padding=1), lambda conv, x: conv(images=x)),
+        (lambda: _MaskedConv(1, 2, 3, padding=1), lambda conv, x: conv(mask=torch.ones(3, 3), images=x)),
     ],
-    ids=["input", "images"],
+    ids=["input", "images", "mask-first"],
 )
 def test_a_conv_called_with_its_input_as_a_keyword_gets_its_input_size(make, call):
     class Net(nn.Module):
