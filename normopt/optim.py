@@ -48,10 +48,11 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     ``"norm_decay_recent"``), and ``state_dict()`` is the inner one.
     ``beta`` and ``gamma`` are written into every param group as ``"norm_decay_beta"`` and
     ``"norm_decay_gamma"``, like ``weight_decay``: change them between steps, by hand or by a
-    scheduler, per group. Under ``torch.compile(opt.step)`` the first change of a float beta or
-    gamma recompiles the step once (as torch.optim's float ``lr`` does); a 0-d tensor beta
-    (``beta=torch.tensor(1e-3)``, changed in place with ``fill_``) avoids even that, as
-    torch.optim's tensor ``lr``.
+    scheduler, per group. Under ``torch.compile(opt.step)`` a 0-d tensor beta
+    (``beta=torch.tensor(1e-3)``, changed in place with ``fill_``) never recompiles the step, as
+    torch.optim's tensor ``lr``; a gamma shared by the groups recompiles it once, at its first
+    change; a float beta, or gammas that differ between groups, at every new value (as
+    torch.optim's float ``lr``).
 
     With the default ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021) each step does, for
     each of the N regularized layers with weight W and subgradient p of its norm,

@@ -195,13 +195,19 @@ def rings_everywhere():
         yield
 
 
-def graph_recorder():
-    """``(graphs, backend)``: a ``torch.compile`` backend that runs each graph as traced and appends
-    it to ``graphs``, so that a test can count the graphs (and so the recompiles) of its steps."""
+def graph_recorder(then: str | None = None):
+    """``(graphs, backend)``: a ``torch.compile`` backend that appends each graph to ``graphs``, so
+    that a test can count the graphs (and so the recompiles) of its steps, and runs it as traced,
+    or through the backend named ``then`` (``"aot_eager"``: AOTAutograd specializes some values
+    that dynamo alone keeps symbolic)."""
     graphs = []
 
     def backend(graph, example_inputs):
         graphs.append(graph)
+        if then is not None:
+            import torch._dynamo
+
+            return torch._dynamo.lookup_backend(then)(graph, example_inputs)
         return graph.forward
 
     return graphs, backend

@@ -590,17 +590,19 @@ def test_a_tensor_beta_changed_between_compiled_steps_does_not_recompile(ord, ri
         assert_close(compiled.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_float_beta_and_gamma_changed_between_compiled_steps_recompile_once_without_a_graph_break():
+@pytest.mark.parametrize("then", [None, "aot_eager"], ids=["dynamo", "aot_eager"])
+def test_a_tensor_beta_and_a_shared_gamma_changed_between_compiled_steps_recompile_once_without_a_graph_break(then):
     # After a float's value changes dynamo traces it as a symbol: math.isfinite on it broke the
     # graph inside the step, and a set() of gammas fixed each new value (a recompile per value,
-    # then eager past dynamo's recompile limit). Now the first change recompiles, as torch.optim's
-    # float lr does, and later ones reuse that graph.
+    # then eager past dynamo's recompile limit). Now the first change of gamma recompiles and later
+    # ones reuse that graph, and a tensor beta changed in place never recompiles. (A float beta
+    # recompiles at every new value under AOTAutograd, which fixes it as torch.optim's float lr.)
     import logging
 
     import torch._dynamo
 
     breaks = []
-    graphs, counting = graph_recorder()
+    graphs, counting = graph_recorder(then)
 
     class Collect(logging.Handler):
         def emit(self, record):
@@ -608,14 +610,17 @@ def test_float_beta_and_gamma_changed_between_compiled_steps_recompile_once_with
 
     def train(compile_step):
         model = small_cnn()
-        optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, ord="linf", beta=0.1)
+        groups = [{"params": model[0].parameters()}, {"params": [p for n, p in model.named_parameters() if n[0] != "0"]}]
+        optimizer = NormDecayOptimizer(torch.optim.SGD(groups, lr=0.05), model, ord="linf", beta=torch.tensor(0.1))
+        for group in optimizer.param_groups:  # one tensor per group
+            group["norm_decay_beta"] = torch.tensor(0.1)
         run(model, optimizer, 1)
         if compile_step:
             optimizer.step = torch.compile(optimizer.step, backend=counting)
         counts = []
         for step in range(5):
-            for group in optimizer.param_groups:
-                group["norm_decay_beta"] = 0.1 * (step + 2)
+            for i, group in enumerate(optimizer.param_groups):
+                group["norm_decay_beta"].fill_(0.1 * (step + 2 + i))
                 group["norm_decay_gamma"] = 0.5 - 0.05 * step
             run(model, optimizer, 1, seed=step + 1)
             counts.append(len(graphs))
