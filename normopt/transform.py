@@ -288,6 +288,10 @@ def norm_decay(
             tuple(ring is not None for ring in rings),
         )
 
+    # Under no_grad whatever the caller's mode, as torch.optim's steps: weights that require grad
+    # (model.named_parameters()) would otherwise chain every step's buffers into one autograd
+    # graph, and a compiled update with fullgraph=True would fail.
+    @torch.no_grad()
     def update(grads, state: NormDecayState, tensors, *, beta, gamma):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
@@ -386,6 +390,7 @@ def norm_decay(
             state = state._replace(sparse=tuple(sparse_now))
         return grads, state, {n: norms[n] for n in names}
 
+    @torch.no_grad()
     def load(state: NormDecayState, layer: str, buffer: torch.Tensor, scale=None, recent=None) -> NormDecayState:
         own_buffer, own_scale = state.views[layer]
         own_buffer.copy_(buffer)

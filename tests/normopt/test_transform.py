@@ -248,6 +248,30 @@ def test_compiled_update_equals_eager(ord, rule, ring):
 
 
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_an_update_called_with_grad_mode_on_keeps_no_autograd_history(ord):
+    """With the model's parameters as the weights, as the README builds them, and grad mode on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 10))
+    specs = normopt.layer_specs(model, torch.zeros(1, 1, 8, 8))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    transform = norm_decay(specs, ord=ord)
+    runs = []
+    for update in (transform.update, _aot_eager(transform.update)):  # fullgraph failed to compile
+        state = transform.init(tensors)
+        grads = {spec.weight: torch.ones_like(tensors[spec.weight]) for spec in specs.values()}
+        for _ in range(3):
+            grads, state, norms = update(grads, state, tensors, beta=0.1, gamma=0.5)
+            requiring_grad = tensors["3.weight"] * 0.0 + state.decay_buffer("3")
+            state = transform.load(state, "3", requiring_grad)  # loads without its history too
+        held = [*state.buffers, *state.scales, *grads.values(), *norms.values()]
+        assert not any(t.requires_grad for t in held)
+        runs.append((grads, {name: state.decay_buffer(name) for name in specs}))
+    for a, b in zip(*runs):
+        for key in a:
+            assert_close(b[key], a[key], rtol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
 def test_compiled_update_takes_each_buffer_once_as_an_input(ord):
     # Views of a buffer entering the graph beside it, as inputs aliasing a mutated one, made
     # AOTAutograd copy every buffer and copy it back: 3x the eager step under inductor.
