@@ -139,7 +139,12 @@ def _is_frozen_batchnorm(module: nn.Module) -> bool:
     own = dict(module.named_buffers(recurse=False))
     if not all(isinstance(own.get(name), torch.Tensor) and own[name].dim() == 1 for name in _BATCHNORM_BUFFERS):
         return False
-    return len({own[name].numel() for name in _BATCHNORM_BUFFERS}) == 1 and isinstance(getattr(module, "eps", None), float)
+    eps = getattr(module, "eps", None)  # a number (eps=0 is an int), not a bool
+    return (
+        len({own[name].numel() for name in _BATCHNORM_BUFFERS}) == 1
+        and isinstance(eps, (int, float))
+        and not isinstance(eps, bool)
+    )
 
 
 def _skip_reason(module: nn.Module) -> str | None:

@@ -328,10 +328,11 @@ def _torchvision_frozen_batchnorm(channels: int, eps: float) -> nn.Module:
     return FrozenBatchNorm2d(channels, eps=eps)
 
 
+@pytest.mark.parametrize("eps", [1e-3, 0], ids=["float-eps", "int-eps"])
 @pytest.mark.parametrize("make", [_torchvision_frozen_batchnorm, _OwnFrozenBatchNorm], ids=["torchvision", "by hand"])
 @pytest.mark.parametrize("ord", [1, math.inf])
-def test_a_frozen_batchnorm_is_a_diagonal_map(ord, make):
-    layer = make(3, eps=1e-3)
+def test_a_frozen_batchnorm_is_a_diagonal_map(ord, make, eps):
+    layer = make(3, eps=eps)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([0.5, -2.0, 1.0]))
         layer.running_var.copy_(torch.tensor([1.0, 0.5, 4.0]))
