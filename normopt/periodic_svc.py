@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
 from normopt.specs import ConvSpec
@@ -107,6 +108,13 @@ class PeriodicSVC:
         self.last_norms: dict[str, float] = {}
         self.steps = self.clips = 0
         self._optimizer = optimizer
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        convs = [m for n, m in self.model.named_modules() if isinstance(m, _ConvNd) and not within(n, self.exclude)]
+        if not any(id(conv.weight) in held for conv in convs):  # frozen ones may be unfrozen later; these never
+            raise ValueError(
+                f"the optimizer holds none of the model's {len(convs)} conv layers (excluded: {sorted(self.exclude)}): "
+                "pass model.parameters() to it"
+            )
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self.specs = layer_specs(self.model, example_input) if example_input is not None else None
         if self.specs is not None:

@@ -129,7 +129,8 @@ def _svd_path(kernel, input_size, bound, groups, dilation, iterations, threads) 
     dilated = _dilated_kernel(kernel, groups, dilation)
     spatial = tuple(range(3, dilated.ndim))
     support = (slice(None),) * 3 + tuple(slice(None, r, d) for r, d in zip(dilated.shape[3:], dilation))
-    limit = bound * (1 + 8 * np.finfo(np.float64).eps)  # round-off of an earlier clip, not work to do
+    # Round-off of an earlier clip, not work to do: that clip's kernel was rounded to its dtype.
+    limit = bound * (1 + 8 * torch.finfo(kernel.dtype).eps)
     clipped_first, changed = 0, False
     for round_ in range(iterations):
         t = _fft_transfer(dilated, input_size, threads)
@@ -325,8 +326,9 @@ def clip_layer_counted(
     Returns:
         ``(kernel, frequencies, clipped)``: the clipped kernel, or ``None`` when no frequency's
         largest singular value exceeded ``bound`` (the layer needs no clip); the number of
-        per-group transfer matrices computed (one frequency of each conjugate pair ``f, -f``) and
-        how many of them exceeded ``bound``.
+        per-group transfer matrices computed (one frequency of each conjugate pair ``f, -f``; with
+        ``method="svd"``, every frequency of the real-FFT half) and how many of them exceeded
+        ``bound``.
 
     Example:
         >>> import torch

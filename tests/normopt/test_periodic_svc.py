@@ -201,6 +201,14 @@ def test_a_conv_the_optimizer_does_not_train_is_not_clipped():
     assert svc.last_report.layers == 2 and not torch.equal(model[0].weight, before[0])
 
 
+def test_an_optimizer_that_holds_none_of_the_convs_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 2))
+    with pytest.raises(ValueError, match="the optimizer holds none of the model's 1 conv layers"):
+        PeriodicSVC(torch.optim.SGD(model[2].parameters(), lr=0.1), model, bound=0.1)
+    with pytest.raises(ValueError, match=r"excluded: \['0'\]"):
+        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=0.1, exclude=("0",))
+
+
 def test_a_frozen_conv_padded_with_copies_is_not_refused():
     model = _reflecting()
     model[0].requires_grad_(False)

@@ -218,6 +218,17 @@ def test_layers_and_frequencies_under_the_bound_are_skipped_and_counted():
     torch.testing.assert_close(kernel_svd, kernel, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_svd_path_leaves_a_kernel_it_clipped_as_it_is_at_the_next_clip(dtype):
+    # A 1x1 kernel, whose clip the crop to the support does not change: once clipped, it is at the
+    # bound up to the round-off of its dtype, which is no work to do.
+    conv = nn.Conv2d(16, 16, 1, bias=False).to(dtype)
+    spec = normopt.module_spec(conv, "c", (4, 4))
+    clipped, frequencies, exceeded = clip_layer_counted(conv.weight.detach(), spec, 0.3, method="svd")
+    assert clipped is not None and exceeded > 0
+    assert clip_layer_counted(clipped, spec, 0.3, method="svd") == (None, frequencies, 0)
+
+
 def test_raw_input_size_clips_at_the_unpadded_size():
     layer = nn.Conv2d(2, 3, 3, padding=1, bias=False).double()
     spec = normopt.module_spec(layer, "c", (6, 5))
