@@ -199,6 +199,8 @@ class NormDecay:
         (['0', '2'], 0.1)
     """
 
+    _detached = False  # set by detach(): the steps of a wrapper around it are plain ones from then on
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -247,12 +249,12 @@ class NormDecay:
         self.rule, self.kinds, self.layers = rule, tuple(KINDS[k] for k in layers), layers
         self.max_norm, self.bn_max_norm, self.bn_projection = max_norm, bn_max_norm, bn_projection
         self._select(layer_specs(self.model, example_input))
+        self._refuse_shared()
         if not self.decayed and not self.bn_projected:
             raise ValueError(
                 f"no layer to regularize: none of the model's {'/'.join(layers)} layers has a trainable weight in "
                 f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
-        self._refuse_shared()
         for group in optimizer.param_groups:
             group.setdefault(BETA, beta)
             group.setdefault(GAMMA, gamma)
@@ -292,27 +294,38 @@ class NormDecay:
         save: add the decay state that is not in ``optimizer.state``) and return their handles. Called at
         construction, and again by a copy of :class:`~normopt.NormDecayOptimizer`, whose inner
         optimizer torch copies without hooks."""
-        _DECAYS.setdefault(self.optimizer, weakref.WeakSet()).add(self)
+        _DECAYS.setdefault(self._registry_key(), weakref.WeakSet()).add(self)
         return [
             self.optimizer.register_load_state_dict_pre_hook(self._check_loaded),
             self.optimizer.register_load_state_dict_post_hook(self._adopt_loaded),
             self.optimizer.register_state_dict_post_hook(self._save_pending),
         ]
 
+    def _registry_key(self) -> torch.optim.Optimizer:
+        """The optimizer whose state this decay writes: a NormDecayOptimizer's inner one (a decay
+        attached to a wrapper writes there too)."""
+        return self.optimizer.optimizer if isinstance(getattr(self.optimizer, "norm_decay", None), NormDecay) else self.optimizer
+
+    def _others(self) -> list[NormDecay]:
+        """The other decays whose hooks are on the same optimizer."""
+        return [decay for decay in _DECAYS.get(self._registry_key(), ()) if decay is not self]
+
     def _refuse_shared(self) -> None:
-        """Refuse layers that another decay on the optimizer regularizes already: the state of a
-        weight has one place for decay state, so checkpoints would hold one decay's h only."""
-        mine = {id(self._weight[name]): name for name in (*self.decayed, *self._frozen_decayed())}
-        for other in list(_DECAYS.get(self.optimizer, ())):
-            theirs = {id(other._weight[name]) for name in (*other.decayed, *other._frozen_decayed())}
-            shared = [name for key, name in mine.items() if key in theirs]
-            if shared:
-                raise ValueError(
-                    f"layers {shared} have a norm decay on this optimizer already (ord {other.ord}, rule "
-                    f"{other.rule!r}): a weight keeps one decay state, so a checkpoint would hold only one of them; "
-                    f"detach that decay first (its detach(); a NormDecayOptimizer's .norm_decay), or leave these "
-                    f"layers to it (exclude={tuple(shared)!r})"
-                )
+        """Refuse layers that another decay on the optimizer regularizes already (``_select`` set
+        them aside): the state of a weight has one place for decay state, so checkpoints would
+        hold one decay's h only."""
+        if self._shared:
+            other = next(d for d in self._others() if any(id(w) in d._decayed_weights() for w in self._shared.values()))
+            raise ValueError(
+                f"layers {list(self._shared)} have a norm decay on this optimizer already (ord {other.ord}, rule "
+                f"{other.rule!r}): a weight keeps one decay state, so a checkpoint would hold only one of them; "
+                f"detach that decay first (its detach(); a NormDecayOptimizer's .norm_decay.detach(), after which "
+                f"that wrapper steps as its inner optimizer), or leave these layers to it (exclude={tuple(self._shared)!r})"
+            )
+
+    def _decayed_weights(self) -> set[int]:
+        """Ids of the weights this decay keeps state for (regularized now, or once unfrozen)."""
+        return {id(self._weight[name]) for name in (*self.decayed, *self._frozen_decayed())}
 
     # -- which layers -----------------------------------------------------------------------------
 
@@ -351,12 +364,18 @@ class NormDecay:
         self.decayed, self.bn_projected = {}, {}
         # Held but frozen now: chosen again once one is unfrozen (fine-tuning unfreezes a backbone).
         self._frozen: dict[str, torch.Tensor] = {}
+        # {layer: weight} that another decay on the optimizer has (a layer added since to both).
+        self._shared: dict[str, torch.Tensor] = {}
+        taken = set().union(*(decay._decayed_weights() for decay in self._others()))
         for name, spec in specs.items():
             weight = getattr(self._modules[name], "weight", None)
             if within(name, self.exclude):
                 continue
             if weight is None or not isinstance(weight, nn.Parameter) or spec.weight is None:
                 self.skipped[name] = _skip_reason(self._modules[name]) or "no trainable affine weight to regularize"
+            elif id(weight) in taken and isinstance(spec, self.kinds):
+                self.skipped[name] = "regularized by another norm decay on this optimizer"
+                self._shared[name] = weight
             elif id(weight) not in held and id(weight) in in_groups:
                 self.skipped[name] = "weight is frozen (requires_grad=False): regularized from the step after it is unfrozen"
                 if isinstance(spec, self.kinds) or (isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None):
@@ -444,7 +463,7 @@ class NormDecay:
             kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
         kept = {**self._held_back, **kept}
         owners = dict(self._weight)  # as chosen, each kept h's weight (a parametrization may have moved it)
-        decayed_before = set(self.decayed)
+        decayed_before, shared_before = set(self.decayed), set(self._shared)
         self._select(specs)
         self._transform = self._state = None
         now = {name: module._parameters.get("weight") for name, module in self._modules.items()}
@@ -452,6 +471,8 @@ class NormDecay:
         dropped = [name for name in decayed_before - set(self.decayed) if name not in self._frozen and name in self.skipped]
         for name in dropped:
             warnings.warn(f"layer {name!r} is no longer regularized: {self.skipped[name]}", stacklevel=3)
+        for name in self._shared.keys() - decayed_before - shared_before:  # added since, and another decay took it first
+            warnings.warn(f"layer {name!r} is left to the other norm decay on this optimizer, which regularizes it", stacklevel=3)
         zero_local = self._zero_local()
         for name in decayed_before:  # a state entry the layer left would keep the old buffers alive
             weight = owners[name]
@@ -538,6 +559,8 @@ class NormDecay:
     @torch.no_grad()
     def before_step(self) -> None:
         """Update the decay buffers from the current weights and add them to the gradients."""
+        if self._detached:
+            return
         if self._stale():
             # Compiled, the first step or the first after add_param_group sets up outside the graph
             # (a graph break in that step's trace only; the steps after it trace without one).
@@ -575,6 +598,8 @@ class NormDecay:
     @torch.no_grad()
     def after_step(self) -> None:
         """Keep the decay state in ``optimizer.state`` and apply the caps (``max_norm``, exact ``bn_max_norm``)."""
+        if self._detached:
+            return
         if self._state is not None:
             zero_local = self._zero_local()
             for name, (buffer, scale) in self._state.views.items():
@@ -798,11 +823,15 @@ class NormDecay:
                 self._write(name, h, None)
 
     def detach(self) -> None:
-        """Remove every hook this object installed (optimizer step and load hooks, model forward hooks)."""
+        """Remove every hook this object installed (optimizer step and load hooks, model forward hooks)
+        and stop: :meth:`before_step` and :meth:`after_step` do nothing from then on, so that a
+        :class:`~normopt.NormDecayOptimizer` around it steps as its inner optimizer, and another
+        decay may take its layers."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        _DECAYS.get(self.optimizer, weakref.WeakSet()).discard(self)
+        _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)
+        self._detached = True
         if self._recorder is not None:
             self._recorder.remove()
 
@@ -823,7 +852,8 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
     forward. Call ``decay.detach()`` to remove it. Like every optimizer hook, it is not copied with the
     optimizer (``copy.deepcopy``): attach it to the copy. Each weight takes one decay per optimizer:
     decays of other layers may share an optimizer (``exclude`` splits them), one of a layer that
-    another decay on the optimizer regularizes is refused until that one is detached.
+    another decay on the optimizer regularizes is refused until that one is detached, and a layer
+    added later goes to the first decay that chooses it (the other warns).
 
     Example:
         >>> import torch

@@ -690,11 +690,42 @@ def test_a_second_decay_of_the_same_layers_on_one_optimizer_is_refused_until_the
         NormDecayOptimizer(optimizer, model)  # a wrapper around a hooked optimizer
     assert len(optimizer._optimizer_load_state_dict_pre_hooks) == hooks  # nothing was added
     assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
-    wrapper = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
-    with pytest.raises(ValueError, match="have a norm decay on this optimizer already"):
-        NormDecayOptimizer(wrapper.optimizer, model)  # the same inner optimizer wrapped again
     first.detach()
     attach_norm_decay(optimizer, model, ord=math.inf, beta=0.2)  # its layers are free now
+
+
+def test_a_wrappers_decay_once_detached_leaves_a_plain_optimizer_whose_layers_another_decay_may_take():
+    model, twin = small_cnn(), small_cnn()
+    wrapper = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, beta=0.1)
+    for again in (lambda: NormDecayOptimizer(wrapper.optimizer, model), lambda: attach_norm_decay(wrapper, model)):
+        with pytest.raises(ValueError, match=r"have a norm decay on this optimizer already .*\.norm_decay\.detach\(\)"):
+            again()  # the same inner optimizer wrapped again; a decay attached to the wrapper
+    wrapper.norm_decay.detach()
+    plain = torch.optim.SGD(twin.parameters(), lr=0.1)
+    one_step(model, wrapper)
+    one_step(twin, plain)
+    same_weights(model, twin)  # a plain step
+    decay = attach_norm_decay(wrapper, model, beta=0.1)  # takes the layers
+    one_step(model, wrapper)
+    one_step(twin, plain)
+    assert not torch.equal(model[0].weight, twin[0].weight)
+    entry = wrapper.state[model[0].weight]
+    assert torch.equal(entry["norm_decay_buffer"] * entry["norm_decay_scale"], decay.decay_buffers()["0"])
+
+
+def test_a_layer_added_later_goes_to_the_first_decay_that_chooses_it_with_a_warning_from_the_other():
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    first = attach_norm_decay(optimizer, model, beta=0.1, exclude=("6",))
+    second = attach_norm_decay(optimizer, model, beta=0.1, exclude=("0", "3"))
+    model.add_module("7", nn.Linear(10, 10))
+    optimizer.add_param_group({"params": model[7].parameters()})
+    first.add_params()
+    with pytest.warns(UserWarning, match="layer '7' is left to the other norm decay on this optimizer"):
+        second.add_params()
+    one_step(model, optimizer)
+    assert sorted(first.decayed) == ["0", "3", "7"] and sorted(second.decayed) == ["6"]
+    assert "another norm decay" in second.skipped["7"]
 
 
 def test_zero_overlapping_ddp_is_refused():
