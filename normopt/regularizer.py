@@ -285,6 +285,7 @@ class NormDecay:
         state = self.__dict__.copy()
         if self._state is not None:
             views, recent = self._state.views, self._state.recent
+            # Views, as optimizer.state holds: torch.save and deepcopy keep one copy of their buffer.
             state["_pending"] = {name: (buffer, scale, recent.get(name)) for name, (buffer, scale) in views.items()}
             state["_transform"] = state["_state"] = None
         return state
@@ -773,7 +774,12 @@ class NormDecay:
         the optimizer has not stepped yet (no gradient so far, or none since the layers were chosen
         anew), whose h moves all the same. Until the optimizer steps a weight, its decay state
         stays out of ``optimizer.state``, where it would keep Adam-like optimizers from
-        initialising theirs."""
+        initialising theirs.
+
+        The decay state inside ``state`` is written as compact copies too: ``optimizer.state`` holds
+        views of one flat buffer per batch of layers, and a plain ``pickle`` of the checkpoint would
+        write that whole buffer once per view (``torch.save`` shares it)."""
+        state_dict = self._compacted(optimizer, state_dict)
         unsaved = {}
         if self._state is not None:
             zero_local = self._zero_local()
@@ -799,6 +805,20 @@ class NormDecay:
                 entry[RECENT] = recent.clone()
             pending[i] = entry
         return {**state_dict, PENDING: pending}
+
+    def _compacted(self, optimizer, state_dict):
+        """``state_dict`` with this decay's state in ``state`` as copies, in new entries (torch's
+        ``state_dict`` hands out the optimizer's own entry dicts)."""
+        index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+        saved = state_dict.get("state", {})
+        compact = {}
+        for weight in self._weight.values():
+            i = index.get(id(weight))
+            entry = saved.get(i)
+            if isinstance(entry, Mapping) and any(isinstance(entry.get(key), torch.Tensor) for key in DECAY_KEYS):
+                copies = {key: entry[key].clone() for key in DECAY_KEYS if isinstance(entry.get(key), torch.Tensor)}
+                compact[i] = {**entry, **copies}
+        return {**state_dict, "state": {**saved, **compact}} if compact else state_dict
 
     def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""
