@@ -197,32 +197,36 @@ def test_resume_from_checkpoint_is_bit_for_bit(make, rule):
         assert torch.equal(h, resumed_optimizer.norm_decay.decay_buffers()[name])
 
 
+@pytest.mark.parametrize("bn", ["exact", "released"])
 @pytest.mark.parametrize("through", ["wrapper", "hooks"])
 @pytest.mark.parametrize("ord", ["l1", "linf"])
-def test_torch_distributed_checkpoints_state_dict_functions_resume_bit_for_bit(through, ord):
+def test_torch_distributed_checkpoints_state_dict_functions_resume_bit_for_bit(through, ord, bn):
     """torch.distributed.checkpoint keys the state by parameter name and keeps only ``state`` and
-    ``param_groups``; the decay state of stepped weights lives in ``state``, so it comes along."""
+    ``param_groups``; the decay state of stepped weights lives in ``state``, so it comes along.
+    Its set_optimizer_state_dict first steps a fresh optimizer (zero gradients, lr 0), where the
+    released batch-norm cap acts: the model's state is loaded after it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     def fresh():
         model = small_cnn(batchnorm=True)
         inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        options = {"ord": ord, "beta": 0.05, "bn_max_norm": 0.5, "bn_projection": bn}
         if through == "hooks":
-            normopt.attach_norm_decay(inner, model, ord=ord, beta=0.05)
+            normopt.attach_norm_decay(inner, model, **options)
             return model, inner
-        return model, NormDecayOptimizer(inner, model, ord=ord, beta=0.05)
+        return model, NormDecayOptimizer(inner, model, **options)
 
-    with rings_everywhere():  # so that the l_inf run carries its rings too
+    with rings_everywhere():  # so that the l_inf runs carry their rings too
         model, optimizer = fresh()
         run(model, optimizer, 3, seed=1)
         checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, optimizer)})
         run(model, optimizer, 3, seed=2)
         resumed, resumed_optimizer = fresh()
-    resumed.load_state_dict(checkpoint["model"])
-    set_optimizer_state_dict(resumed, resumed_optimizer, checkpoint["optimizer"])
-    saved = checkpoint["optimizer"]["state"]["0.weight"]
-    assert "norm_decay_buffer" in saved and ("norm_decay_recent" in saved) == (ord == "linf")
-    run(resumed, resumed_optimizer, 3, seed=2)
+        set_optimizer_state_dict(resumed, resumed_optimizer, checkpoint["optimizer"])
+        resumed.load_state_dict(checkpoint["model"])
+        saved = checkpoint["optimizer"]["state"]["0.weight"]
+        assert "norm_decay_buffer" in saved and ("norm_decay_recent" in saved) == (ord == "linf")
+        run(resumed, resumed_optimizer, 3, seed=2)
     for key, value in model.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 
@@ -418,16 +422,17 @@ def test_a_deep_copy_trains_like_the_original_and_previews_its_schedule():
 @pytest.mark.parametrize("ord", ["l1", "linf"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_made_after_steps_trains_like_the_original_and_apart_from_it(how, ord):
-    with rings_everywhere():  # so that the l_inf copy carries rings too
+    with rings_everywhere():  # so that the l_inf run and its copy carry rings
         model = small_cnn(batchnorm=True)
         inner = torch.optim.Adam(model.parameters(), lr=1e-2)
         optimizer = NormDecayOptimizer(inner, model, ord=ord, beta=0.1, layers=("conv", "linear", "batchnorm"))
         run(model, optimizer, 3)
-    twin, twin_optimizer = (
-        copy.deepcopy((model, optimizer)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, optimizer)))
-    )
-    for m, o in ((model, optimizer), (twin, twin_optimizer)):
-        run(m, o, 3, seed=1)
+        twin, twin_optimizer = (
+            copy.deepcopy((model, optimizer)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, optimizer)))
+        )
+        for m, o in ((model, optimizer), (twin, twin_optimizer)):
+            run(m, o, 3, seed=1)
+    assert bool(twin_optimizer.norm_decay._state.recent) == bool(optimizer.norm_decay._state.recent) == (ord == "linf")
     for key, value in model.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
     for name, h in optimizer.norm_decay.decay_buffers().items():
