@@ -250,6 +250,9 @@ def test_compiled_update_equals_eager(ord, rule, ring):
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
 def test_an_update_called_with_grad_mode_on_keeps_no_autograd_history(ord):
     """With the model's parameters as the weights, as the README builds them, and grad mode on."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # a fresh graph, not a recompile with dynamic shapes after the tests before
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 10))
     specs = normopt.layer_specs(model, torch.zeros(1, 1, 8, 8))
