@@ -69,17 +69,33 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return _ACCUMULATION.get(dtype) or torch.promote_types(dtype, torch.float32)
 
 
-def lookup(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> torch.Tensor:
-    """``tensors[key]``, also under a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix."""
+# The prefixes wrappers put before a model's keys, alone or stacked (torch.compile of a DDP model:
+# "_orig_mod.module."), longest first.
+_PREFIXES = tuple(
+    sorted({a + b for a in ("", *WRAPPER_PREFIXES) for b in ("", *WRAPPER_PREFIXES) if a != b}, key=len, reverse=True)
+)
+
+
+def resolve(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> str:
+    """The key under which ``tensors`` holds ``key``: itself, or under a DDP ``module.`` and/or a
+    ``torch.compile`` ``_orig_mod.`` prefix."""
     if key in tensors:
-        return tensors[key]
-    for prefix in WRAPPER_PREFIXES:
+        return key
+    for prefix in _PREFIXES:
         if prefix + key in tensors:
-            return tensors[prefix + key]
+            return prefix + key
     raise KeyError(
         f"layer {spec.name!r}: no tensor {key!r} in the mapping; pass model.state_dict() or "
         "{**dict(model.named_parameters()), **dict(model.named_buffers())}"
     )
+
+
+def lookup(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> torch.Tensor:
+    """``tensors[key]``, also under a DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix (or both)."""
+    tensor = tensors[resolve(tensors, key, spec)]
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"layer {spec.name!r}: {key!r} is a {type(tensor).__name__}, not a tensor")
+    return tensor
 
 
 def checked(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:

@@ -54,7 +54,7 @@ from normopt.batched import (
     slice_subgradients,
 )
 from normopt.deterministic import put
-from normopt.lines import checked, lookup, parse_ord, weight_shape
+from normopt.lines import checked, lookup, parse_ord, resolve, weight_shape
 from normopt.recent_slices import RingTables, add_recent, covered, horizon, record, ring_coefficients, ring_layers, ring_tables
 from normopt.specs import BatchNormSpec, Spec
 
@@ -147,16 +147,22 @@ def check_tensor_beta(beta: torch.Tensor, where: str, device: torch.device | Non
     return beta
 
 
-def _per_layer(value, names, what: str, device_of=None) -> list:
-    """``value`` (a number, or ``{layer: number}``) per layer, as floats; with ``device_of`` (layer
-    name -> its weight's device), 0-d floating-point tensors are kept as they are (never read back to
-    the host)."""
+def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, math.inf)) -> list:
+    """``value`` (a number, or ``{layer: number}``) per layer, as floats, each refused unless in
+    ``interval`` (closed; the default: finite); with ``device_of`` (layer name -> its weight's
+    device), 0-d floating-point tensors are kept as they are (never read back to the host)."""
+    low, high = interval
 
     def one(v, name):
+        where = what if name is None else f"{what} of layer {name!r}"
         if isinstance(v, torch.Tensor):
             if device_of is None:
-                raise TypeError(f"{what} of layer {name!r} must be a number, not a tensor")
-            return check_tensor_beta(v, f"{what} of layer {name!r}", device_of(name))
+                raise TypeError(f"{where} must be a number, not a tensor")
+            return check_tensor_beta(v, where, device_of(name))
+        # Comparisons, not math.isfinite: they refuse NaN too, and a float that dynamo made
+        # symbolic goes through them without a graph break.
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high and -math.inf < v < math.inf):
+            raise ValueError(f"{where} must be a finite number in [{low}, {high}], got {v!r}")
         return float(v)
 
     if isinstance(value, Mapping):
@@ -164,7 +170,9 @@ def _per_layer(value, names, what: str, device_of=None) -> list:
         if missing:
             raise KeyError(f"{what} has no value for layers {missing}")
         return [one(value[n], n) for n in names]
-    return [one(value, n) for n in names]
+    if isinstance(value, torch.Tensor):
+        return [one(value, n) for n in names]
+    return [one(value, None)] * len(names)
 
 
 def _common(values: list):
@@ -187,6 +195,24 @@ def _times(tensors: list[torch.Tensor], values: list) -> list[torch.Tensor]:
     return [t * v for t, v in zip(tensors, values)]
 
 
+def _check_step(members, weights, grads, plan: BatchPlan, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, by layer, a weight that is not what ``init`` made the state for, and a gradient
+    that does not match its weight (host-side metadata only: no value is read)."""
+    for name, weight, grad, p in zip(members, weights, grads, plan.plans):
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"layer {name!r}: its weight is a {type(weight).__name__}, not a tensor")
+        if weight.shape != p.shape or weight.dtype != dtype or weight.device != device:
+            raise ValueError(
+                f"layer {name!r}: weight of shape {tuple(weight.shape)}, {weight.dtype} on {weight.device}; the state was "
+                f"made for {p.shape}, {dtype} on {device} (call init again for new weights)"
+            )
+        if grad is not None and (grad.shape != weight.shape or grad.dtype != weight.dtype or grad.device != weight.device):
+            raise ValueError(
+                f"layer {name!r}: gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device}, its weight's "
+                f"{tuple(weight.shape)}, {weight.dtype} on {weight.device}"
+            )
+
+
 def norm_decay(
     specs: Mapping[str, Spec], *, ord=1, rule: str = "paper", max_gamma: float = 0.5, sparse: bool = True
 ) -> NormDecayTransform:
@@ -201,11 +227,13 @@ def norm_decay(
             holds (``normopt.recent_slices.covered``) adds ``h`` densely, and so do all later steps.
         sparse: False adds ``h`` to the gradients in dense passes only.
 
-    ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (a
-    missing or None gradient is left alone), ``tensors`` holding every weight (and batch norm's
-    running variance), and ``beta``/``gamma`` as numbers or ``{layer: number}`` (``beta``, or its values,
+    ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (or
+    without a DDP or compiled model's prefix; a missing or None gradient is left alone), ``tensors``
+    holding every weight (and batch norm's running variance) as ``init`` saw them (shape, dtype,
+    device), and ``beta``/``gamma`` as numbers or ``{layer: number}``: beta finite (a negative one
+    grows the norms, as a maximizing optimizer needs), gamma in [0, 1]. ``beta``, or its values,
     may also be 0-d floating-point tensors: a compiled ``update`` then takes them as inputs and does
-    not recompile when their values change). It adds the decay to
+    not recompile when their values change. It runs under ``torch.no_grad``. It adds the decay to
     the gradients and updates the state, both in place, and returns ``(grads, state, norms)`` with
     ``norms`` the layers' norms as 0-d tensors (NaN or inf for a layer with non-finite weights,
     which then contributes no new subgradient).
@@ -239,6 +267,7 @@ def norm_decay(
     names = tuple(specs)
     # (layer names in batch order, plan, ring length) per device and dtype, fixed by init from the weights it gets.
     layout: list[tuple[tuple[str, ...], BatchPlan, int | None]] = []
+    homes: list[tuple[torch.device, torch.dtype]] = []  # per batch, its weights' device and dtype
     # per batch, the largest gamma its ring holds every slice for (a larger one turns it dense)
     limits: list[float] = []
 
@@ -251,6 +280,7 @@ def norm_decay(
             by_batch.setdefault((weight.device, weight.dtype), []).append(name)
         layout.clear()
         limits.clear()
+        homes.clear()
         buffers, scales, tables, scratch, views = [], [], [], [], {}
         rings, all_ring_tables, recent = [], [], {}
         for (device, dtype), members in by_batch.items():
@@ -259,6 +289,7 @@ def norm_decay(
             length = horizon(max_gamma, dtype) if rule == "paper" and sparse else None
             chosen = ring_layers(plan, length) if length is not None else ()
             layout.append((members, plan, length))
+            homes.append((device, dtype))
             limits.append(covered(length, dtype) if chosen else max_gamma)
             tables.append(batch_tables(plan, device, dtype))
             buffer = torch.zeros(sum(plan.numels), device=device, dtype=dtype)
@@ -295,8 +326,15 @@ def norm_decay(
     def update(grads, state: NormDecayState, tensors, *, beta, gamma):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
+        if len(state.buffers) != len(layout) or any(
+            b.numel() != sum(plan.numels) for b, (_, plan, _) in zip(state.buffers, layout)
+        ):
+            raise ValueError("norm_decay: this state was not made by this transformation's init (or not by its last one)")
+        # The key each weight has in ``tensors`` (a DDP or compiled model's prefix included): its
+        # gradient has the same one in ``grads``.
+        keys = {n: resolve(tensors, specs[n].weight, specs[n]) for n in names}
         betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: lookup(tensors, specs[n].weight, specs[n]).device)))
-        gammas = dict(zip(names, _per_layer(gamma, names, "gamma")))
+        gammas = dict(zip(names, _per_layer(gamma, names, "gamma", interval=(0, 1))))
         count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
         # beta / count once per beta (a tensor beta shared by the layers stays one tensor, so that
         # its layers keep sharing one operation below).
@@ -326,7 +364,10 @@ def norm_decay(
             zip(layout, state.buffers, state.scales, state.tables, state.scratch)
         ):
             member_specs = [specs[n] for n in members]
-            weights = [lookup(tensors, s.weight, s) for s in member_specs]
+            weights = [tensors[keys[n]] for n in members]
+            # Keyed like ``tensors``, or without the wrapper's prefix.
+            layer_grads = [grads.get(keys[n], grads.get(specs[n].weight)) for n in members]
+            _check_step(members, weights, layer_grads, plan, *homes[batch])
             bn = [lookup(tensors, s.running_var, s) for s in member_specs if isinstance(s, BatchNormSpec)]
             factors = batchnorm_factors(bn, tables) if bn else None
             lines = all_line_sums(weights, factors, plan, tables, scratch)
@@ -363,7 +404,7 @@ def norm_decay(
             if through_ring:
                 record(ring, found.channel, ring_table)
             dense = [i for i in range(len(members)) if i not in through_ring]
-            have = [i for i in dense if grads.get(member_specs[i].weight) is not None]
+            have = [i for i in dense if layer_grads[i] is not None]
             if have:
                 layer_scales = [all_views[members[i]][1] for i in have]
                 values_of = [strengths[members[i]] for i in have]
@@ -373,8 +414,8 @@ def norm_decay(
                     # more than a float beta's
                     layer_scales, value = _times(layer_scales, values_of), 1.0
                 buffers = [all_views[members[i]][0] for i in have]
-                torch._foreach_addcmul_([grads[member_specs[i].weight] for i in have], buffers, layer_scales, value=value)
-            if through_ring and any(grads.get(member_specs[i].weight) is not None for i in through_ring):
+                torch._foreach_addcmul_([layer_grads[i] for i in have], buffers, layer_scales, value=value)
+            if through_ring and any(layer_grads[i] is not None for i in through_ring):
                 coefficients = ring_coefficients(ring, scale, ring_table)
                 values_of = [strengths[members[i]] for i in through_ring]
                 common = _common(values_of)
@@ -382,7 +423,7 @@ def norm_decay(
                     coefficients = coefficients * common
                 else:
                     coefficients = torch.stack(_times(coefficients.unbind(0), values_of))
-                ring_grads = [grads.get(member_specs[i].weight) for i in through_ring]
+                ring_grads = [layer_grads[i] for i in through_ring]
                 ring_buffers = [all_views[members[i]][0] for i in through_ring]
                 add_recent(ring_grads, ring_buffers, ring, coefficients, ring_table)
             norms.update(zip(members, found.norms.unbind(0)))
@@ -392,7 +433,17 @@ def norm_decay(
 
     @torch.no_grad()
     def load(state: NormDecayState, layer: str, buffer: torch.Tensor, scale=None, recent=None) -> NormDecayState:
+        if layer not in state.views:
+            raise KeyError(f"norm_decay.load: no layer {layer!r} here; the layers are {list(names)}")
         own_buffer, own_scale = state.views[layer]
+        for what, given, own in (("buffer", buffer, own_buffer), ("scale", scale, own_scale)):
+            if given is None and what == "scale":
+                continue
+            if not isinstance(given, torch.Tensor) or given.is_complex() or not given.is_floating_point():
+                raise TypeError(f"layer {layer!r}: the decay {what} must be a real floating-point tensor, got {given!r:.60}")
+            if given.shape != own.shape:
+                # h itself (scale=None) for a scale of another layout
+                raise ValueError(f"layer {layer!r}: decay {what} of shape {tuple(given.shape)}, expected {tuple(own.shape)}")
         own_buffer.copy_(buffer)
         own_scale.copy_(scale if scale is not None else torch.ones_like(own_scale))
         own_ring = state.recent.get(layer)

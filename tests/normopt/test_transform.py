@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 
@@ -404,6 +405,90 @@ def test_non_finite_weights_that_no_line_reads_leave_the_decay_buffer_finite(ord
 def test_bad_arguments_are_refused(specs, kwargs, match):
     with pytest.raises(ValueError, match=match):
         norm_decay(specs, **kwargs)
+
+
+def _small_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 10))
+    specs = normopt.layer_specs(model, torch.zeros(1, 1, 8, 8))
+    return model, specs, {key: value.clone() for key, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."], ids=["ddp", "compiled", "compiled-ddp"])
+@pytest.mark.parametrize("grads_prefixed", [True, False], ids=["grads-prefixed", "grads-plain"])
+def test_a_wrapped_models_mapping_gets_the_decay_in_its_gradients(ord, prefix, grads_prefixed):
+    _, specs, tensors = _small_model()
+    transform = norm_decay(specs, ord=ord)
+    grads = {specs[n].weight: torch.zeros_like(tensors[specs[n].weight]) for n in specs}
+    expected, _, _ = transform.update(copy.deepcopy(grads), transform.init(tensors), tensors, beta=0.1, gamma=0.5)
+    wrapped = {prefix + key: value for key, value in tensors.items()}
+    given = {(prefix if grads_prefixed else "") + key: value for key, value in grads.items()}
+    got, _, _ = transform.update(given, transform.init(wrapped), wrapped, beta=0.1, gamma=0.5)
+    for key, value in expected.items():
+        assert value.abs().sum() > 0 and torch.equal(got[(prefix if grads_prefixed else "") + key], value), key
+
+
+def test_update_refuses_by_layer_weights_and_gradients_that_do_not_fit_its_state():
+    _, specs, tensors = _small_model()
+    transform = norm_decay(specs)
+    state = transform.init(tensors)
+    grads = {"0.weight": torch.zeros(4, 1, 3, 3)}
+    for changed, match in (
+        ({"0.weight": torch.zeros(4, 1, 3, 4)}, r"layer '0': weight of shape \(4, 1, 3, 4\)"),
+        ({"3.weight": torch.zeros(10, 256, dtype=torch.float64)}, r"layer '3': weight .*torch.float64.*made for"),
+        ({"3.weight": 0.5}, r"layer '3': its weight is a float"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            transform.update(grads, state, {**tensors, **changed}, beta=0.1, gamma=0.5)
+    for grad, match in (
+        (torch.zeros(36), r"gradient of shape \(36,\)"),
+        (torch.zeros(4, 1, 3, 3, dtype=torch.int64), r"gradient .*torch.int64"),
+    ):
+        with pytest.raises(ValueError, match=rf"layer '0': {match}"):
+            transform.update({"0.weight": grad}, state, tensors, beta=0.1, gamma=0.5)
+    other = norm_decay({"3": specs["3"]})
+    other.init(tensors)
+    with pytest.raises(ValueError, match="not made by this transformation's init"):
+        other.update(grads, state, tensors, beta=0.1, gamma=0.5)
+    assert not grads["0.weight"].any()  # nothing was added before the refusals
+
+
+@pytest.mark.parametrize(
+    ("beta", "gamma", "match"),
+    [
+        (0.1, 2.0, r"gamma must be a finite number in \[0, 1\], got 2.0"),
+        (0.1, -1, "gamma must be"),
+        (0.1, float("nan"), "gamma must be"),
+        (0.1, "0.5", "gamma must be"),
+        (0.1, None, "gamma must be"),
+        (float("nan"), 0.5, "beta must be a finite number"),
+        (float("inf"), 0.5, "beta must be"),
+        (True, 0.5, "beta must be"),
+        ("0.1", 0.5, "beta must be"),
+        ({"0": 0.1, "1": 0.1, "3": float("nan")}, 0.5, "beta of layer '3' must be"),
+    ],
+)
+def test_update_refuses_a_beta_or_gamma_that_is_not_a_finite_number_in_its_range(beta, gamma, match):
+    _, specs, tensors = _small_model()
+    transform = norm_decay(specs)
+    with pytest.raises(ValueError, match=match):
+        transform.update({}, transform.init(tensors), tensors, beta=beta, gamma=gamma)
+
+
+def test_load_refuses_by_layer_what_does_not_fit():
+    _, specs, tensors = _small_model()
+    transform = norm_decay(specs)
+    state = transform.init(tensors)
+    for args, error, match in (
+        (("conv0", torch.zeros(4, 1, 3, 3)), KeyError, r"no layer 'conv0' here; the layers are \['0', '1', '3'\]"),
+        (("0", torch.zeros(1)), ValueError, r"layer '0': decay buffer of shape \(1,\), expected \(4, 1, 3, 3\)"),
+        (("0", torch.zeros(4, 1, 3, 3, dtype=torch.complex64)), TypeError, "layer '0': the decay buffer must be a real"),
+        (("0", torch.zeros(4, 1, 3, 3), torch.ones(2)), ValueError, r"layer '0': decay scale of shape \(2,\)"),
+    ):
+        with pytest.raises(error, match=match):
+            transform.load(state, *args)
+    assert all(not state.decay_buffer(name).any() for name in specs)
 
 
 def test_complex_weights_are_refused_by_name():
