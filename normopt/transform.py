@@ -72,6 +72,36 @@ def _layer_views(buffer: torch.Tensor, scale: torch.Tensor, members, plan: Batch
     return views
 
 
+def _place(view: torch.Tensor, bases) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """Where ``view`` lies in the one of ``bases`` it views: ``(index, offset, shape, stride)``."""
+    index = next(i for i, base in enumerate(bases) if base is not None and view._base is base)
+    return index, view.storage_offset() - bases[index].storage_offset(), tuple(view.shape), tuple(view.stride())
+
+
+def _viewed(bases, place) -> torch.Tensor:
+    index, offset, shape, stride = place
+    return bases[index].as_strided(shape, stride, bases[index].storage_offset() + offset)
+
+
+def _rebuilt(buffers, scales, tables, scratch_shapes, views, rings, ring_tables, recent, sparse) -> NormDecayState:
+    """A :class:`NormDecayState` from its buffers and the places of its views in them."""
+    scratch = []
+    for buffer, shapes in zip(buffers, scratch_shapes):
+        work = torch.empty(max(math.prod(shape) for shape in shapes), device=buffer.device, dtype=buffer.dtype)
+        scratch.append(tuple(work[: math.prod(shape)].view(shape) for shape in shapes))
+    return NormDecayState(
+        buffers,
+        scales,
+        tables,
+        tuple(scratch),
+        {name: (_viewed(buffers, b), _viewed(scales, s)) for name, (b, s) in views.items()},
+        rings,
+        ring_tables,
+        {name: _viewed(rings, row) for name, row in recent.items()},
+        sparse,
+    )
+
+
 class NormDecayState(NamedTuple):
     """Decay state of every batch of layers (one per device and dtype).
 
@@ -105,6 +135,16 @@ class NormDecayState(NamedTuple):
         """The dense decay buffer ``h`` of ``layer`` (a new tensor)."""
         buffer, scale = self.views[layer]
         return buffer * scale
+
+    def __reduce__(self):
+        # The views share their batch's buffers, and an update writes through them: a plain pickle
+        # would give each view a copy of its own, which the next update would read stale. They
+        # travel as places in the buffers (and the scratch, whose content is not state, as shapes).
+        views = {name: (_place(b, self.buffers), _place(s, self.scales)) for name, (b, s) in self.views.items()}
+        recent = {name: _place(row, self.rings) for name, row in self.recent.items()}
+        scratch = tuple(tuple(tuple(t.shape) for t in batch) for batch in self.scratch)
+        args = (self.buffers, self.scales, self.tables, scratch, views, self.rings, self.ring_tables, recent, self.sparse)
+        return _rebuilt, args
 
 
 class NormDecayTransform(NamedTuple):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -489,6 +491,35 @@ def test_load_refuses_by_layer_what_does_not_fit():
         with pytest.raises(error, match=match):
             transform.load(state, *args)
     assert all(not state.decay_buffer(name).any() for name in specs)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+def test_a_state_that_went_through_pickle_updates_as_the_original(how):
+    _, specs, tensors = _small_model()
+    with rings_everywhere():
+        transform = norm_decay(specs, ord=math.inf)
+        state = transform.init(tensors)
+    zeros = lambda: {specs[n].weight: torch.zeros_like(tensors[specs[n].weight]) for n in specs}
+    for _ in range(3):
+        transform.update(zeros(), state, tensors, beta=0.1, gamma=0.5)
+    if how == "pickle":
+        copied = pickle.loads(pickle.dumps(state))
+    elif how == "deepcopy":
+        copied = copy.deepcopy(state)
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    for name, (b, scale) in copied.views.items():  # views of the copy's buffers, as the original's
+        assert any(b._base is flat for flat in copied.buffers) and any(scale._base is flat for flat in copied.scales), name
+    assert copied.recent and all(any(row._base is ring for ring in copied.rings) for row in copied.recent.values())
+    expected, state, _ = transform.update(zeros(), state, tensors, beta=0.1, gamma=0.5)
+    got, copied, _ = transform.update(zeros(), copied, tensors, beta=0.1, gamma=0.5)
+    for key, value in expected.items():
+        assert value.abs().sum() > 0 and torch.equal(got[key], value), key
+    for name in specs:
+        assert torch.equal(copied.decay_buffer(name), state.decay_buffer(name)), name
 
 
 def test_complex_weights_are_refused_by_name():
