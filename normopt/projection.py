@@ -24,6 +24,22 @@ from normopt.lines import line_plan, parse_ord
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 
 
+def _check_radius(radius, where: str = "radius") -> None:
+    """Refuse a radius that is not a positive finite number (NaN included: ``radius <= 0`` lets it
+    through); a 0-d tensor is taken as it is, unread (a read would synchronise an accelerator)."""
+    if isinstance(radius, torch.Tensor) and radius.dim() == 0:
+        return
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius < math.inf:
+        raise ValueError(f"{where} must be a positive finite number, got {radius!r}")
+
+
+def _check_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius) -> None:
+    _check_radius(radius, f"layer {spec.name!r}: radius")
+    for what, t in (("gamma", gamma), ("running_var", running_var)):
+        if tuple(t.shape) != (spec.num_features,):
+            raise ValueError(f"layer {spec.name!r}: {what} of shape {tuple(t.shape)}, expected ({spec.num_features},)")
+
+
 def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     """Project each row of ``v`` (last axis) onto the l1 ball of ``radius``; no host sync.
 
@@ -33,8 +49,9 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
         tensor([[ 1.5000, -0.5000],
                 [ 0.5000,  0.2500]])
     """
-    if radius <= 0:
-        raise ValueError(f"radius must be positive, got {radius}")
+    _check_radius(radius)
+    if v.dim() == 0:
+        raise ValueError("project_l1_ball projects the rows of v (its last axis): v is 0-d")
     if v.shape[-1] == 0:
         return v
     a = v.abs()
@@ -95,9 +112,17 @@ def project_layer(
         tensor([[2.0000, 0.0000],
                 [0.5000, 0.0000]])
     """
+    if not isinstance(spec, (LinearSpec, ConvSpec)):
+        kind = type(spec).__name__
+        raise TypeError(
+            f"layer {getattr(spec, 'name', spec)!r} is described by a {kind}: project_layer caps linear and conv layers"
+        )
     ord = parse_ord(ord)
     if ord not in (1, math.inf):
         raise ValueError(f"layer {spec.name!r}: projection caps the l1 or l_inf norm, not ord={ord}")
+    _check_radius(radius, f"layer {spec.name!r}: radius")
+    if tuple(weight.shape) != tuple(spec.weight_shape):
+        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
     if taps is None:
         taps = tap_tables(spec, ord, weight.device)
     groups = getattr(spec, "groups", 1)
@@ -128,8 +153,7 @@ def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: Batc
         >>> project_batchnorm(torch.tensor([-8.0, 1.0]), torch.tensor([1.0, 1.0]), spec, 5.0)
         tensor([-5.,  1.])
     """
-    if radius <= 0:
-        raise ValueError(f"layer {spec.name!r}: radius must be positive, got {radius}")
+    _check_batchnorm(gamma, running_var, spec, radius)
     bound = radius * torch.sqrt(running_var.to(gamma.dtype) + spec.eps)
     return torch.maximum(torch.minimum(gamma, bound), -bound)
 
@@ -147,8 +171,7 @@ def project_batchnorm_argmax(gamma: torch.Tensor, running_var: torch.Tensor, spe
         >>> project_batchnorm_argmax(torch.tensor([-8.0, 6.0, 1.0]), torch.ones(3), spec, 5.0)
         tensor([-5.,  6.,  1.])
     """
-    if radius <= 0:
-        raise ValueError(f"layer {spec.name!r}: radius must be positive, got {radius}")
+    _check_batchnorm(gamma, running_var, spec, radius)
     scale = torch.sqrt(running_var.to(gamma.dtype) + spec.eps)
     norms = gamma.abs() / scale
     channel = norms.argmax().reshape(1)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import normopt
-from normopt import project_batchnorm, project_l1_ball, project_layer
+from normopt import project_batchnorm, project_batchnorm_argmax, project_l1_ball, project_layer
 
 
 @settings(max_examples=200)
@@ -94,7 +94,29 @@ def test_batchnorm_projection_caps_every_channel():
     assert layer.weight[1] < 0  # the sign is kept
 
 
-@pytest.mark.parametrize("radius", [0.0, -1.0])
-def test_non_positive_radius_is_refused(radius):
-    with pytest.raises(ValueError, match="radius must be positive"):
+@pytest.mark.parametrize("radius", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_a_radius_that_is_not_a_positive_finite_number_is_refused(radius):
+    with pytest.raises(ValueError, match="radius must be a positive finite number"):
         project_l1_ball(torch.ones(2), radius)
+    conv = nn.Conv2d(2, 3, 3)
+    with pytest.raises(ValueError, match=r"layer 'c': radius must be a positive finite number"):
+        project_layer(conv.weight, normopt.module_spec(conv, "c", (5, 5)), 1, radius)
+    bn = normopt.module_spec(nn.BatchNorm2d(3), "bn")
+    for project in (project_batchnorm, project_batchnorm_argmax):
+        with pytest.raises(ValueError, match=r"layer 'bn': radius must be a positive finite number"):
+            project(torch.ones(3), torch.ones(3), bn, radius)
+
+
+def test_a_projection_refuses_by_layer_what_does_not_fit_its_spec():
+    conv = nn.Conv2d(2, 3, 3)
+    spec = normopt.module_spec(conv, "c", (5, 5))
+    with pytest.raises(ValueError, match=r"layer 'c': weight of shape \(3, 2, 3, 4\), its spec's is \(3, 2, 3, 3\)"):
+        project_layer(torch.ones(3, 2, 3, 4), spec, "linf", 1.0)  # one tap was left above the radius
+    bn = normopt.module_spec(nn.BatchNorm2d(3), "bn")
+    with pytest.raises(TypeError, match=r"layer 'bn' is described by a BatchNormSpec: project_layer caps linear and conv"):
+        project_layer(torch.ones(3), bn, 1, 1.0)
+    for project in (project_batchnorm, project_batchnorm_argmax):
+        with pytest.raises(ValueError, match=r"layer 'bn': gamma of shape \(1,\), expected \(3,\)"):
+            project(torch.ones(1), torch.ones(3), bn, 1.0)  # it was broadcast
+    with pytest.raises(ValueError, match="v is 0-d"):
+        project_l1_ball(torch.tensor(2.0), 1.0)
