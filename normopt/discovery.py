@@ -208,6 +208,8 @@ def module_spec(
         LinearSpec(name='fc', weight='fc.weight', in_features=4, out_features=3)
     """
     reason = _skip_reason(module)
+    if reason is None and not (isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module)):
+        reason = f"{type(module).__name__}: holds no weights of a linear layer (Linear, Conv, ConvTranspose, BatchNorm)"
     if reason is not None:
         raise TypeError(f"layer {name!r} is not supported: {reason}")
     _check_initialised(name, module)

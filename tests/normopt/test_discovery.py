@@ -178,6 +178,9 @@ def test_a_conv_called_with_its_input_as_a_keyword_gets_its_input_size(make, cal
 def test_module_spec_refuses_unsupported_modules_by_name():
     with pytest.raises(TypeError, match="layer 'norm' is not supported: LayerNorm"):
         normopt.module_spec(nn.LayerNorm(3), "norm")
+    for module in (nn.Identity(), nn.ReLU(), nn.Sequential(nn.Linear(2, 2))):  # no weights of their own
+        with pytest.raises(TypeError, match=rf"layer 'm' is not supported: {type(module).__name__}: holds no weights"):
+            normopt.module_spec(module, "m")
 
 
 def test_uninitialised_lazy_module_is_refused():
