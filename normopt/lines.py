@@ -95,6 +95,8 @@ def lookup(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> torch.T
     tensor = tensors[resolve(tensors, key, spec)]
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"layer {spec.name!r}: {key!r} is a {type(tensor).__name__}, not a tensor")
+    if tensor.is_complex() or tensor.dtype == torch.bool:  # no norm of these maps here, and no silent cast
+        raise TypeError(f"layer {spec.name!r}: {key!r} is {tensor.dtype}; norms are of real weights")
     return tensor
 
 
@@ -460,6 +462,11 @@ def _channel_sum(x: torch.Tensor, how: _Reduction, acc: torch.dtype) -> torch.Te
     return summed if how.shape is None else summed.reshape(how.shape)
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) is running."""
+    return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+
+
 def _abs(weight: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
     """``|weight|``, written into ``scratch`` (weight-shaped) when one is given and no gradient is wanted.
 
@@ -543,6 +550,8 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
     out there, not dropped.
     """
     acc = accumulation_dtype(weight.dtype)
+    if scratch is not None and not torch.compiler.is_compiling() and _functorch_active():
+        scratch = None  # vmap and grad of torch.func hand in wrapped tensors, which cannot write into a plain buffer
     if plan.membership is not None:
         merged = weight.reshape(-1, plan.taps).to(acc) @ tables.membership  # signed sums of the taps on one sample
         x = merged.abs().reshape(*weight.shape[:2], -1)

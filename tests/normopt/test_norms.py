@@ -295,3 +295,27 @@ def test_compiled_layer_norms_set_up_outside_the_graph_then_reuse_it(ord):
     advice = "call it once eagerly" if "reason" in inspect.signature(torch.compiler.disable).parameters else ""
     with pytest.raises(Exception, match=advice):  # before torch 2.6 dynamo's message cannot say what to do
         torch.compile(lambda: normopt.layer_norms(tensors, fresh, ord), backend="aot_eager", fullgraph=True)()
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # torch's own fallback for segment_reduce
+def test_layer_norms_compose_with_vmap_over_a_batch_of_weights(ord):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 4))
+    specs = layer_specs(model, torch.zeros(1, 2, 4, 4))
+    tensors = model.state_dict()
+    kernels = torch.randn(5, 3, 2, 3, 3)  # five candidate first layers
+    batched = torch.vmap(lambda k: normopt.layer_norms({**tensors, "0.weight": k}, specs, ord)["0"])(kernels)
+    one_by_one = torch.stack([normopt.layer_norms({**tensors, "0.weight": k}, specs, ord)["0"] for k in kernels])
+    assert_close(batched, one_by_one, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf, 2], ids=["l1", "linf", "l2"])
+def test_a_weight_that_is_not_real_is_refused_by_layer(ord):
+    linear = normopt.LinearSpec("fc", "fc.weight", 2, 2)
+    for weight in (torch.ones(2, 2, dtype=torch.bool), torch.ones(2, 2, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=rf"layer 'fc': 'fc.weight' is {weight.dtype}; norms are of real weights"):
+            normopt.layer_norms({"fc.weight": weight}, {"fc": linear}, ord)
+    bn = normopt.BatchNormSpec("bn", "bn.weight", "bn.running_var", 2, 0.0)
+    with pytest.raises(TypeError, match=r"layer 'bn': 'bn.running_var' is torch.complex64"):  # was cut to its real part
+        normopt.layer_norms({"bn.weight": torch.ones(2), "bn.running_var": torch.ones(2, dtype=torch.complex64)}, {"bn": bn}, ord)
