@@ -259,11 +259,14 @@ def layer_argmaxes(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec
 def nonfinite_layers(norms: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the layers whose norm is NaN or infinite (synchronises with the device once).
 
+    Norms on the meta device have no values: they are not named.
+
     Example:
         >>> import torch
         >>> nonfinite_layers({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))})
         ['b']
     """
+    norms = {name: norm for name, norm in norms.items() if norm.device.type != "meta"}
     if not norms:
         return []
     finite = torch.stack([torch.isfinite(n) for n in norms.values()]).tolist()

@@ -317,6 +317,8 @@ def norm_decay(
             weight = checked(tensors, spec.weight, spec, weight_shape(spec))
             if weight.is_complex() or not weight.is_floating_point():
                 raise TypeError(f"layer {name!r}: norm decay needs real floating-point weights, not {weight.dtype}")
+            if weight.numel() == 0:
+                raise ValueError(f"layer {name!r} has an empty weight {tuple(weight.shape)}: it has no norm to regularize")
             by_batch.setdefault((weight.device, weight.dtype), []).append(name)
         layout.clear()
         limits.clear()

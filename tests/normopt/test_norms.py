@@ -319,3 +319,10 @@ def test_a_weight_that_is_not_real_is_refused_by_layer(ord):
     bn = normopt.BatchNormSpec("bn", "bn.weight", "bn.running_var", 2, 0.0)
     with pytest.raises(TypeError, match=r"layer 'bn': 'bn.running_var' is torch.complex64"):  # was cut to its real part
         normopt.layer_norms({"bn.weight": torch.ones(2), "bn.running_var": torch.ones(2, dtype=torch.complex64)}, {"bn": bn}, ord)
+
+
+def test_model_norms_of_a_model_on_the_meta_device_are_meta_tensors():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)).to("meta")
+    norms = normopt.model_norms(model, None, 1)  # its non-finite check read the values
+    assert sorted(norms) == ["0", "2"] and all(n.device.type == "meta" for n in norms.values())
+    assert normopt.nonfinite_layers(norms) == []

@@ -522,6 +522,12 @@ def test_a_state_that_went_through_pickle_updates_as_the_original(how):
         assert torch.equal(copied.decay_buffer(name), state.decay_buffer(name)), name
 
 
+def test_an_empty_weight_is_refused_by_name():
+    transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 0, 3)})
+    with pytest.raises(ValueError, match=r"layer 'fc' has an empty weight \(3, 0\)"):
+        transform.init({"w": torch.zeros(3, 0)})
+
+
 def test_complex_weights_are_refused_by_name():
     transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 2, 2)})
     with pytest.raises(TypeError, match=r"layer 'fc'.*(real floating-point|norms are of real weights)"):
