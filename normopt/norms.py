@@ -208,6 +208,10 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
         {'0': tensor(7.)}
     """
     ord = parse_ord(ord)
+    if not isinstance(specs, Mapping):
+        raise TypeError(
+            f"specs must be a mapping {{layer name: spec}} (normopt.layer_specs gives one), got {type(specs).__name__}"
+        )
     if ord == 2:
         return {name: layer_norm(tensors, spec, ord) for name, spec in specs.items()}
     cache = getattr(specs, "device_tables", {})

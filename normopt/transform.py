@@ -298,8 +298,14 @@ def norm_decay(
         raise ValueError(f"norm decay supports ord 1 ('l1') and inf ('linf'), not {ord!r}")
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
+    if not isinstance(specs, Mapping):
+        raise TypeError(
+            f"specs must be a mapping {{layer name: spec}} (normopt.layer_specs gives one), got {type(specs).__name__}"
+        )
     if not specs:
         raise ValueError("no layer to regularize: specs is empty")
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be True or False, got {sparse!r}")
     if isinstance(max_gamma, bool) or not isinstance(max_gamma, (int, float)) or not 0 <= max_gamma <= 1:
         raise ValueError(f"max_gamma must be a number in [0, 1], got {max_gamma!r}")
     for spec in specs.values():

@@ -326,3 +326,8 @@ def test_model_norms_of_a_model_on_the_meta_device_are_meta_tensors():
     norms = normopt.model_norms(model, None, 1)  # its non-finite check read the values
     assert sorted(norms) == ["0", "2"] and all(n.device.type == "meta" for n in norms.values())
     assert normopt.nonfinite_layers(norms) == []
+
+
+def test_specs_that_are_not_a_mapping_are_refused():
+    with pytest.raises(TypeError, match="specs must be a mapping"):
+        normopt.layer_norms({"w": torch.ones(2, 2)}, [normopt.LinearSpec("fc", "w", 2, 2)], 1)

@@ -402,10 +402,12 @@ def test_non_finite_weights_that_no_line_reads_leave_the_decay_buffer_finite(ord
         ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"ord": 2}, "supports ord 1"),
         ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"rule": "adam"}, "unknown rule"),
         ({"bn": normopt.BatchNormSpec("bn", None, "v", 2, 1e-5)}, {}, "nothing to regularize"),
+        ([normopt.LinearSpec("fc", "w", 2, 2)], {}, "specs must be a mapping"),
+        ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"sparse": "no"}, "sparse must be True or False"),
     ],
 )
 def test_bad_arguments_are_refused(specs, kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         norm_decay(specs, **kwargs)
 
 
