@@ -23,7 +23,16 @@ from typing import NamedTuple
 
 import torch
 
-from normopt.lines import LinePlan, LineTables, accumulation_dtype, flat_line_sums, line_plan, line_tables, slice_subgradient
+from normopt.lines import (
+    LinePlan,
+    LineTables,
+    accumulation_dtype,
+    flat_line_sums,
+    functorch_active,
+    line_plan,
+    line_tables,
+    slice_subgradient,
+)
 from normopt.specs import BatchNormSpec, Spec
 
 
@@ -205,7 +214,9 @@ def all_line_sums(
     Differentiable (without ``scratch``).
     """
     convs = len(plan.plans) - plan.batchnorms
-    scratch = scratch if scratch is not None else [None] * convs
+    # vmap and grad of torch.func hand in wrapped tensors, which cannot be written into a plain buffer
+    if scratch is None or (not torch.compiler.is_compiling() and functorch_active()):
+        scratch = [None] * convs
     flat = [flat_line_sums(w, p, t, s) for w, p, t, s in zip(weights[:convs], plan.plans, tables.lines, scratch)]
     if plan.batchnorms:
         gammas = torch.cat(list(weights[convs:])).to(bn_factors.dtype)

@@ -462,7 +462,7 @@ def _channel_sum(x: torch.Tensor, how: _Reduction, acc: torch.dtype) -> torch.Te
     return summed if how.shape is None else summed.reshape(how.shape)
 
 
-def _functorch_active() -> bool:
+def functorch_active() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, ...) is running."""
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
@@ -550,8 +550,6 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
     out there, not dropped.
     """
     acc = accumulation_dtype(weight.dtype)
-    if scratch is not None and not torch.compiler.is_compiling() and _functorch_active():
-        scratch = None  # vmap and grad of torch.func hand in wrapped tensors, which cannot write into a plain buffer
     if plan.membership is not None:
         merged = weight.reshape(-1, plan.taps).to(acc) @ tables.membership  # signed sums of the taps on one sample
         x = merged.abs().reshape(*weight.shape[:2], -1)

@@ -575,7 +575,11 @@ class NormDecay:
             if isinstance(grad_scale, torch.Tensor):
                 betas = _scaled(betas, grad_scale)
             grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
-            _, self._state, norms = self._transform.update(grads, self._state, self._tensors, beta=betas, gamma=gammas)
+            # Unchecked: _layers_changed has seen to the weights' dtype, device and identity, and
+            # torch keeps each .grad like its parameter.
+            _, self._state, norms = self._transform.update(
+                grads, self._state, self._tensors, beta=betas, gamma=gammas, check=False
+            )
             self.last_norms = norms
             if not torch.compiler.is_compiling():
                 self._reporter.push(list(norms), torch.isfinite(torch.stack(list(norms.values()))))

@@ -37,6 +37,7 @@ functional optimizers do) and returns them, so no step allocates a weight-sized 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -74,7 +75,9 @@ def _layer_views(buffer: torch.Tensor, scale: torch.Tensor, members, plan: Batch
 
 def _place(view: torch.Tensor, bases) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """Where ``view`` lies in the one of ``bases`` it views: ``(index, offset, shape, stride)``."""
-    index = next(i for i, base in enumerate(bases) if base is not None and view._base is base)
+    index = next((i for i, base in enumerate(bases) if base is not None and view._base is base), None)
+    if index is None:
+        raise ValueError("this NormDecayState's views are not views of its buffers (was it copied piece by piece?)")
     return index, view.storage_offset() - bases[index].storage_offset(), tuple(view.shape), tuple(view.stride())
 
 
@@ -152,7 +155,7 @@ class NormDecayTransform(NamedTuple):
 
     Attributes:
         init: ``init(tensors) -> NormDecayState``: zero buffers, and the index tables on the weights' device.
-        update: ``update(grads, state, tensors, *, beta, gamma) -> (grads, state, norms)``.
+        update: ``update(grads, state, tensors, *, beta, gamma, check=True) -> (grads, state, norms)``.
         layers: the regularized layers' names, in order.
         load: ``load(state, layer, buffer, scale=None, recent=None) -> state``: set one layer's
             decay state (from a checkpoint); without ``recent``, or with one of another length, its
@@ -187,6 +190,10 @@ def check_tensor_beta(beta: torch.Tensor, where: str, device: torch.device | Non
     return beta
 
 
+def _where(what: str, name) -> str:
+    return what if name is None else f"{what} of layer {name!r}"
+
+
 def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, math.inf)) -> list:
     """``value`` (a number, or ``{layer: number}``) per layer, as floats, each refused unless in
     ``interval`` (closed; the default: finite); with ``device_of`` (layer name -> its weight's
@@ -194,22 +201,35 @@ def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, mat
     low, high = interval
 
     def one(v, name):
-        where = what if name is None else f"{what} of layer {name!r}"
         if isinstance(v, torch.Tensor):
             if device_of is None:
-                raise TypeError(f"{where} must be a number, not a tensor")
-            return check_tensor_beta(v, where, device_of(name))
+                raise TypeError(f"{_where(what, name)} must be a number, not a tensor")
+            return check_tensor_beta(v, _where(what, name), device_of(name))
+        if not isinstance(v, (int, float)) and isinstance(v, numbers.Real):  # NumPy's scalars
+            v = float(v)
         # Comparisons, not math.isfinite: they refuse NaN too, and a float that dynamo made
         # symbolic goes through them without a graph break.
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high and -math.inf < v < math.inf):
-            raise ValueError(f"{where} must be a finite number in [{low}, {high}], got {v!r}")
+            within = "" if interval == (-math.inf, math.inf) else f" in [{low}, {high}]"
+            raise ValueError(f"{_where(what, name)} must be a finite number{within}, got {v!r}")
         return float(v)
 
     if isinstance(value, Mapping):
         missing = [n for n in names if n not in value]
         if missing:
             raise KeyError(f"{what} has no value for layers {missing}")
-        return [one(value[n], n) for n in names]
+        # Each number once: a param group's value is one object for all its layers.
+        known: dict[int, float] = {}
+        out = []
+        for n in names:
+            v = value[n]
+            if isinstance(v, torch.Tensor):
+                out.append(one(v, n))
+            else:
+                if id(v) not in known:
+                    known[id(v)] = one(v, n)
+                out.append(known[id(v)])
+        return out
     if isinstance(value, torch.Tensor):
         return [one(value, n) for n in names]
     return [one(value, None)] * len(names)
@@ -237,19 +257,20 @@ def _times(tensors: list[torch.Tensor], values: list) -> list[torch.Tensor]:
 
 def _check_step(members, weights, grads, plan: BatchPlan, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, by layer, a weight that is not what ``init`` made the state for, and a gradient
-    that does not match its weight (host-side metadata only: no value is read)."""
+    that does not fit its weight (its dtype may differ: float32 gradients of bfloat16 weights);
+    host-side metadata only, no value is read."""
     for name, weight, grad, p in zip(members, weights, grads, plan.plans):
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"layer {name!r}: its weight is a {type(weight).__name__}, not a tensor")
-        if weight.shape != p.shape or weight.dtype != dtype or weight.device != device:
+        if weight.dtype is not dtype or weight.shape != p.shape or weight.device != device:
             raise ValueError(
                 f"layer {name!r}: weight of shape {tuple(weight.shape)}, {weight.dtype} on {weight.device}; the state was "
                 f"made for {p.shape}, {dtype} on {device} (call init again for new weights)"
             )
-        if grad is not None and (grad.shape != weight.shape or grad.dtype != weight.dtype or grad.device != weight.device):
+        if grad is not None and (grad.shape != weight.shape or grad.device != device or not grad.is_floating_point()):
             raise ValueError(
-                f"layer {name!r}: gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device}, its weight's "
-                f"{tuple(weight.shape)}, {weight.dtype} on {weight.device}"
+                f"layer {name!r}: gradient of shape {tuple(grad.shape)}, {grad.dtype} on {grad.device}, for a weight of "
+                f"shape {tuple(weight.shape)} on {weight.device}"
             )
 
 
@@ -270,7 +291,8 @@ def norm_decay(
     ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (or
     without a DDP or compiled model's prefix; a missing or None gradient is left alone), ``tensors``
     holding every weight (and batch norm's running variance) as ``init`` saw them (shape, dtype,
-    device), and ``beta``/``gamma`` as numbers or ``{layer: number}``: beta finite (a negative one
+    device; ``check=False`` skips that check, about a microsecond per layer, for a caller that
+    watches its weights itself), and ``beta``/``gamma`` as numbers or ``{layer: number}``: beta finite (a negative one
     grows the norms, as a maximizing optimizer needs), gamma in [0, 1]. ``beta``, or its values,
     may also be 0-d floating-point tensors: a compiled ``update`` then takes them as inputs and does
     not recompile when their values change. It runs under ``torch.no_grad``. It adds the decay to
@@ -367,11 +389,17 @@ def norm_decay(
             tuple(ring is not None for ring in rings),
         )
 
-    # Under no_grad whatever the caller's mode, as torch.optim's steps: weights that require grad
-    # (model.named_parameters()) would otherwise chain every step's buffers into one autograd
-    # graph, and a compiled update with fullgraph=True would fail.
-    @torch.no_grad()
-    def update(grads, state: NormDecayState, tensors, *, beta, gamma):
+    def update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool = True):
+        # Under no_grad whatever the caller's mode, as torch.optim's steps: weights that require
+        # grad (model.named_parameters()) would otherwise chain every step's buffers into one
+        # autograd graph, and a compiled update with fullgraph=True would fail. (Entered only when
+        # needed: an optimizer's step is under no_grad already.)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return _update(grads, state, tensors, beta=beta, gamma=gamma, check=check)
+        return _update(grads, state, tensors, beta=beta, gamma=gamma, check=check)
+
+    def _update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
         if len(state.buffers) != len(layout) or any(
@@ -414,8 +442,11 @@ def norm_decay(
             member_specs = [specs[n] for n in members]
             weights = [tensors[keys[n]] for n in members]
             # Keyed like ``tensors``, or without the wrapper's prefix.
-            layer_grads = [grads.get(keys[n], grads.get(specs[n].weight)) for n in members]
-            _check_step(members, weights, layer_grads, plan, *homes[batch])
+            layer_grads = [grads.get(keys[n]) for n in members]
+            if any(keys[n] != specs[n].weight for n in members):
+                layer_grads = [g if g is not None else grads.get(specs[n].weight) for g, n in zip(layer_grads, members)]
+            if check:
+                _check_step(members, weights, layer_grads, plan, *homes[batch])
             bn = [lookup(tensors, s.running_var, s) for s in member_specs if isinstance(s, BatchNormSpec)]
             factors = batchnorm_factors(bn, tables) if bn else None
             lines = all_line_sums(weights, factors, plan, tables, scratch)

@@ -458,6 +458,22 @@ def test_update_refuses_by_layer_weights_and_gradients_that_do_not_fit_its_state
     assert not grads["0.weight"].any()  # nothing was added before the refusals
 
 
+def test_float32_gradients_of_bfloat16_weights_and_numpy_hyperparameters_are_taken():
+    import numpy as np
+
+    _, specs, tensors = _small_model()
+    tensors = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in tensors.items()}
+    transform = norm_decay(specs)
+    added = {}
+    for dtype in (torch.bfloat16, torch.float32):  # float32 accumulation buffers of bfloat16 weights
+        grads = {specs[n].weight: torch.zeros(tensors[specs[n].weight].shape, dtype=dtype) for n in specs}
+        grads, _, _ = transform.update(grads, transform.init(tensors), tensors, beta=np.float32(0.1), gamma=np.float32(0.5))
+        added[dtype] = grads
+    for key, value in added[torch.float32].items():
+        assert value.dtype == torch.float32 and value.abs().sum() > 0
+        assert_close(value, added[torch.bfloat16][key].float(), rtol=1e-2, atol=1e-3, msg=key)
+
+
 @pytest.mark.parametrize(
     ("beta", "gamma", "match"),
     [
