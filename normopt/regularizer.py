@@ -783,7 +783,9 @@ class NormDecay:
         The decay state inside ``state`` is written as compact copies too: ``optimizer.state`` holds
         views of one flat buffer per batch of layers, and a plain ``pickle`` of the checkpoint would
         write that whole buffer once per view (``torch.save`` shares it)."""
-        state_dict = self._compacted(optimizer, state_dict)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        index = {id(p): i for i, p in enumerate(params)}
+        state_dict = self._compacted(index, state_dict)
         unsaved = {}
         if self._state is not None:
             zero_local = self._zero_local()
@@ -795,8 +797,6 @@ class NormDecay:
                     unsaved[name] = (buffer, scale, self._state.recent.get(name))
         if not self._pending and not self._held_back and not unsaved:
             return state_dict
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        index = {id(p): i for i, p in enumerate(params)}
         # Beside "state", not in it: an entry holding only these keys would make a plain Adam-like
         # optimizer that loads the checkpoint take it for its own state (KeyError: 'step').
         pending = dict(state_dict.get(PENDING) or {})  # another decay on the optimizer may have added some
@@ -810,10 +810,10 @@ class NormDecay:
             pending[i] = entry
         return {**state_dict, PENDING: pending}
 
-    def _compacted(self, optimizer, state_dict):
+    def _compacted(self, index: dict[int, int], state_dict):
         """``state_dict`` with this decay's state in ``state`` as copies, in new entries (torch's
-        ``state_dict`` hands out the optimizer's own entry dicts)."""
-        index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+        ``state_dict`` hands out the optimizer's own entry dicts); ``index``: ``{id(parameter):
+        its index in the state dict}``."""
         saved = state_dict.get("state", {})
         compact = {}
         for weight in self._weight.values():
