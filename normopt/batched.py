@@ -226,7 +226,8 @@ def all_line_sums(
 
 def batch_norms(lines: torch.Tensor, tables: BatchTables) -> torch.Tensor:
     """Each layer's norm, the largest of its lines (of :func:`all_line_sums`): ``(L,)``, NaN-propagating."""
-    return torch.segment_reduce(lines, "max", lengths=tables.line_counts)
+    # From 0: a layer without lines (an empty weight) is the zero map, whose norm is 0, not -inf.
+    return torch.segment_reduce(lines, "max", lengths=tables.line_counts, initial=0.0)
 
 
 def padded_line_sums(lines: torch.Tensor, plan: BatchPlan, tables: BatchTables) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 
 from normopt.deterministic import put
 from normopt.lines import checked, line_plan, line_tables, parse_ord, slice_subgradient
-from normopt.norms import _sums
+from normopt.norms import _line_sums_to_search
 from normopt.specs import BatchNormSpec, Spec
 
 
@@ -105,7 +105,7 @@ def autodiff_subgradient(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1)
     """
     ord = _decay_ord(ord, spec)
     weight = _regularized(tensors, spec).detach()
-    line_sums_of = lambda w: _sums({**tensors, spec.weight: w}, spec, ord)
+    line_sums_of = lambda w: _line_sums_to_search({**tensors, spec.weight: w}, spec, ord)
     sums, vjp = torch.func.vjp(line_sums_of, weight)
     one_hot = _one_hot_argmax(sums)
     (grad,) = vjp(one_hot)
@@ -136,7 +136,7 @@ def norm_subgradient(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> 
     """
     ord = _decay_ord(ord, spec)
     weight = _regularized(tensors, spec)
-    sums = _sums(tensors, spec, ord)
+    sums = _line_sums_to_search(tensors, spec, ord)
     if isinstance(spec, BatchNormSpec):
         channel = sums.reshape(-1).argmax().reshape(1)
         var = checked(tensors, spec.running_var, spec, (spec.num_features,))

@@ -75,6 +75,14 @@ def _sums(tensors, spec: Spec, ord: float) -> torch.Tensor:
     return line_sums(weight, plan, line_tables(plan, weight.device, weight.dtype))
 
 
+def _line_sums_to_search(tensors, spec: Spec, ord: float) -> torch.Tensor:
+    """:func:`_sums` of a layer whose arg-max line is wanted: one with lines (a weight not empty)."""
+    sums = _sums(tensors, spec, ord)
+    if not sums.numel() or (not isinstance(spec, BatchNormSpec) and math.prod(spec.weight_shape) == 0):
+        raise ValueError(f"layer {spec.name!r} has an empty weight: the zero map has no line that attains its norm")
+    return sums
+
+
 def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.Tensor:
     r"""Operator norm of one layer as a 0-d tensor.
 
@@ -103,7 +111,8 @@ def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.
     ord = parse_ord(ord)
     if ord == 2:
         return _spectral_norm(tensors, spec)
-    return _sums(tensors, spec, ord).amax()
+    sums = _sums(tensors, spec, ord)
+    return sums.amax() if sums.numel() else sums.new_zeros(())  # an empty weight: the zero map
 
 
 def _spectral_norm(tensors, spec: Spec) -> torch.Tensor:
@@ -137,7 +146,7 @@ def layer_argmax(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> Norm
     ord = parse_ord(ord)
     if ord == 2:
         raise ValueError(f"layer {spec.name!r}: arg-max locations are defined for l1 and l_inf only")
-    sums = _sums(tensors, spec, ord)
+    sums = _line_sums_to_search(tensors, spec, ord)
     channel, pattern = torch.unravel_index(sums.reshape(-1).argmax(), sums.shape)
     device = sums.device
     if isinstance(spec, BatchNormSpec):

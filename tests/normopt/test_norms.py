@@ -331,3 +331,17 @@ def test_model_norms_of_a_model_on_the_meta_device_are_meta_tensors():
 def test_specs_that_are_not_a_mapping_are_refused():
     with pytest.raises(TypeError, match="specs must be a mapping"):
         normopt.layer_norms({"w": torch.ones(2, 2)}, [normopt.LinearSpec("fc", "w", 2, 2)], 1)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")  # torch's, building it
+def test_an_empty_layer_is_the_zero_map_with_no_arg_max_line(ord):
+    model = nn.Sequential(nn.Linear(0, 3), nn.BatchNorm1d(0))
+    specs = layer_specs(model)
+    tensors = model.state_dict()
+    norms = normopt.layer_norms(tensors, specs, ord)  # the l1 norm was -inf, named non-finite
+    assert all(torch.equal(n, torch.tensor(0.0)) for n in norms.values()) and normopt.nonfinite_layers(norms) == []
+    assert torch.equal(layer_norm(tensors, specs["0"], ord), torch.tensor(0.0))  # was torch's amax error
+    for find in (layer_argmax, normopt.norm_subgradient):
+        with pytest.raises(ValueError, match="layer '0' has an empty weight: the zero map has no line"):
+            find(tensors, specs["0"], ord)
