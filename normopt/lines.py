@@ -100,6 +100,13 @@ def lookup(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> torch.T
     return tensor
 
 
+def check_specs(specs) -> None:
+    """Refuse specs that are not a mapping ``{layer name: spec}``."""
+    if not isinstance(specs, Mapping):
+        kind = type(specs).__name__
+        raise TypeError(f"specs must be a mapping {{layer name: spec}} (normopt.layer_specs gives one), got {kind}")
+
+
 def checked(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
     """:func:`lookup`, refusing a tensor of the wrong shape with the layer's name."""
     tensor = lookup(tensors, key, spec)

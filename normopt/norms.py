@@ -30,7 +30,17 @@ from typing import NamedTuple
 import torch
 
 from normopt.batched import all_line_sums, batch_norms, batch_plan, batch_tables, batchnorm_factors
-from normopt.lines import accumulation_dtype, checked, line_plan, line_sums, line_tables, lookup, parse_ord
+from normopt.lines import (
+    accumulation_dtype,
+    check_specs,
+    checked,
+    line_plan,
+    line_sums,
+    line_tables,
+    lookup,
+    parse_ord,
+    weight_shape,
+)
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, Spec
 
 __all__ = [
@@ -78,7 +88,7 @@ def _sums(tensors, spec: Spec, ord: float) -> torch.Tensor:
 def _line_sums_to_search(tensors, spec: Spec, ord: float) -> torch.Tensor:
     """:func:`_sums` of a layer whose arg-max line is wanted: one with lines (a weight not empty)."""
     sums = _sums(tensors, spec, ord)
-    if not sums.numel() or (not isinstance(spec, BatchNormSpec) and math.prod(spec.weight_shape) == 0):
+    if math.prod(weight_shape(spec)) == 0:
         raise ValueError(f"layer {spec.name!r} has an empty weight: the zero map has no line that attains its norm")
     return sums
 
@@ -217,10 +227,7 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
         {'0': tensor(7.)}
     """
     ord = parse_ord(ord)
-    if not isinstance(specs, Mapping):
-        raise TypeError(
-            f"specs must be a mapping {{layer name: spec}} (normopt.layer_specs gives one), got {type(specs).__name__}"
-        )
+    check_specs(specs)
     if ord == 2:
         return {name: layer_norm(tensors, spec, ord) for name, spec in specs.items()}
     cache = getattr(specs, "device_tables", {})

@@ -55,7 +55,7 @@ from normopt.batched import (
     slice_subgradients,
 )
 from normopt.deterministic import put
-from normopt.lines import checked, lookup, parse_ord, resolve, weight_shape
+from normopt.lines import check_specs, checked, lookup, parse_ord, resolve, weight_shape
 from normopt.recent_slices import RingTables, add_recent, covered, horizon, record, ring_coefficients, ring_layers, ring_tables
 from normopt.specs import BatchNormSpec, Spec
 
@@ -320,10 +320,7 @@ def norm_decay(
         raise ValueError(f"norm decay supports ord 1 ('l1') and inf ('linf'), not {ord!r}")
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
-    if not isinstance(specs, Mapping):
-        raise TypeError(
-            f"specs must be a mapping {{layer name: spec}} (normopt.layer_specs gives one), got {type(specs).__name__}"
-        )
+    check_specs(specs)
     if not specs:
         raise ValueError("no layer to regularize: specs is empty")
     if not isinstance(sparse, bool):
@@ -335,7 +332,6 @@ def norm_decay(
     names = tuple(specs)
     # (layer names in batch order, plan, ring length) per device and dtype, fixed by init from the weights it gets.
     layout: list[tuple[tuple[str, ...], BatchPlan, int | None]] = []
-    homes: list[tuple[torch.device, torch.dtype]] = []  # per batch, its weights' device and dtype
     # per batch, the largest gamma its ring holds every slice for (a larger one turns it dense)
     limits: list[float] = []
 
@@ -350,7 +346,6 @@ def norm_decay(
             by_batch.setdefault((weight.device, weight.dtype), []).append(name)
         layout.clear()
         limits.clear()
-        homes.clear()
         buffers, scales, tables, scratch, views = [], [], [], [], {}
         rings, all_ring_tables, recent = [], [], {}
         for (device, dtype), members in by_batch.items():
@@ -359,7 +354,6 @@ def norm_decay(
             length = horizon(max_gamma, dtype) if rule == "paper" and sparse else None
             chosen = ring_layers(plan, length) if length is not None else ()
             layout.append((members, plan, length))
-            homes.append((device, dtype))
             limits.append(covered(length, dtype) if chosen else max_gamma)
             tables.append(batch_tables(plan, device, dtype))
             buffer = torch.zeros(sum(plan.numels), device=device, dtype=dtype)
@@ -409,7 +403,7 @@ def norm_decay(
         # The key each weight has in ``tensors`` (a DDP or compiled model's prefix included): its
         # gradient has the same one in ``grads``.
         keys = {n: resolve(tensors, specs[n].weight, specs[n]) for n in names}
-        betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: lookup(tensors, specs[n].weight, specs[n]).device)))
+        betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: tensors[keys[n]].device)))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma", interval=(0, 1))))
         count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
         # beta / count once per beta (a tensor beta shared by the layers stays one tensor, so that
@@ -446,7 +440,7 @@ def norm_decay(
             if any(keys[n] != specs[n].weight for n in members):
                 layer_grads = [g if g is not None else grads.get(specs[n].weight) for g, n in zip(layer_grads, members)]
             if check:
-                _check_step(members, weights, layer_grads, plan, *homes[batch])
+                _check_step(members, weights, layer_grads, plan, buffer.device, buffer.dtype)  # init made it so
             bn = [lookup(tensors, s.running_var, s) for s in member_specs if isinstance(s, BatchNormSpec)]
             factors = batchnorm_factors(bn, tables) if bn else None
             lines = all_line_sums(weights, factors, plan, tables, scratch)
