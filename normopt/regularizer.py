@@ -29,8 +29,21 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from normopt.decay_state_dict import (
+    BUFFER,
+    DECAY_KEYS,
+    RECENT,
+    SCALE,
+    check_buffers,
+    checked_entry,
+    compacted,
+    saved_entries,
+    with_pending,
+    without_decay_state,
+)
 from normopt.discovery import InputSizeRecorder, LayerSpecs, _skip_reason, layer_specs, module_names, unwrap, within
-from normopt.lines import line_plan, parse_ord
+from normopt.lines import parse_ord
+from normopt.nonfinite import NonFiniteReporter
 from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
@@ -38,10 +51,6 @@ from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, 
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
-BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
-# Key, beside "state" in a state dict, of the decay state that is in no optimizer.state entry.
-PENDING = "norm_decay_pending"
-DECAY_KEYS = (BUFFER, SCALE, RECENT)
 # Each optimizer's decays whose hooks are on it, to refuse a second decay of one weight.
 _DECAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
@@ -91,14 +100,6 @@ def check_gamma(gamma, where: str = "gamma") -> float:
     return float(gamma)
 
 
-def _check_recent(recent, name: str, spec, ord: float) -> None:
-    """Refuse a saved ring of recent slices that is not a 1-D tensor of the layer's channels (or -1)."""
-    channels = line_plan(spec, ord).channels
-    ok = isinstance(recent, torch.Tensor) and recent.dim() == 1 and not (recent.is_floating_point() or recent.is_complex())
-    if not ok or (recent.numel() and not DENSE <= int(recent.min()) <= int(recent.max()) < channels):
-        raise ValueError(f"recent slices of layer {name!r} must be a 1-D integer tensor of channels in [{DENSE}, {channels})")
-
-
 def _signed(beta, maximize: bool):
     """beta as the gradient takes it: a group with ``maximize=True`` steps along its gradient, so the
     decay is subtracted there, and shrinks the norms as it does elsewhere (as ``weight_decay`` does)."""
@@ -121,49 +122,7 @@ except ImportError:  # torch built without distributed
     _ZERO = ()
 
 
-class _NonFiniteReporter:
-    """Warns once per layer whose weights were non-finite, without synchronising a CUDA device.
-
-    CPU flags are read at once; on an accelerator they are copied to the host and read at a later
-    step, once the copy's event has completed: on CUDA without blocking, through pinned memory; on
-    others (MPS, XPU) with a plain copy, which waits for the device (pinning there is untested).
-    Flags that cannot be read (the meta device) are dropped. Under ``torch.compile`` nothing is
-    pushed (see :meth:`NormDecay.nonfinite_layers`).
-    """
-
-    def __init__(self):
-        self._pending: list[tuple[list[str], torch.Tensor, object]] = []
-        self.warned: set[str] = set()
-
-    def __getstate__(self) -> dict:
-        # A copy drops the flags in flight: device events cannot be copied or pickled.
-        return {"_pending": [], "warned": set(self.warned)}
-
-    def push(self, names: list[str], finite: torch.Tensor) -> None:
-        device = finite.device
-        if device.type == "cpu":
-            self._report(names, finite)
-        elif device.type != "meta":
-            pinned = device.type == "cuda"
-            host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=pinned)
-            host.copy_(finite, non_blocking=pinned)
-            event = torch.Event(device=device)
-            event.record()
-            self._pending.append((names, host, event))
-        self._pending = [item for item in self._pending if not self._ready(item)]
-
-    def _ready(self, item) -> bool:
-        names, host, event = item
-        if not event.query():
-            return False
-        self._report(names, host)
-        return True
-
-    def _report(self, names: list[str], finite: torch.Tensor) -> None:
-        bad = [name for name, ok in zip(names, finite.tolist()) if not ok and name not in self.warned]
-        if bad:
-            self.warned.update(bad)
-            warnings.warn(f"norm decay skipped layers {bad}: their weights are not finite (NaN or inf)", stacklevel=5)
+_NonFiniteReporter = NonFiniteReporter  # its name before it had a module: optimizers pickled whole then still load
 
 
 class NormDecay:
@@ -272,7 +231,7 @@ class NormDecay:
         # round the ring's channels)
         self._loaded_decay: dict[str, tuple] = {}
         self._hyper_before_load: list[tuple] = []  # each group's (beta, gamma) before a load
-        self._reporter = _NonFiniteReporter()
+        self._reporter = NonFiniteReporter()
         self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
@@ -667,21 +626,6 @@ class NormDecay:
         """The frozen layers that are regularized once unfrozen."""
         return [name for name in self._frozen if isinstance(self.specs[name], self.kinds)]
 
-    def _loaded_entries(self, state_dict: Mapping) -> dict[str, tuple[object, dict]]:
-        """``{layer: (index, the saved state of its weight)}`` for the regularized layers and the
-        frozen ones that will be, by the optimizer's numbering."""
-        ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        index_of = {id(p): i for i, p in zip(ids, params)}
-        entries = {}
-        for name in (*self.decayed, *self._frozen_decayed()):
-            index = index_of.get(id(self._weight[name]))
-            # ZeRO hands a rank None for the parameters another rank steps.
-            saved = state_dict.get("state", {}).get(index) or {}
-            pending = (state_dict.get(PENDING) or {}).get(index)
-            entries[name] = (index, {**saved, **pending} if pending else saved)  # the newer h is pending's
-        return entries
-
     def _check_loaded(self, optimizer, state_dict):
         """Before the optimizer loads anything: refuse decay state that does not fit, naming the
         layer, and take this decay's keys out of what the optimizer loads (an entry holding only
@@ -691,49 +635,15 @@ class NormDecay:
         # Each group's beta and gamma now: a checkpoint of a plain optimizer has none, and torch
         # replaces the groups with the saved ones (it fills in its own missing options alike).
         self._hyper_before_load = [(group.get(BETA), group.get(GAMMA)) for group in optimizer.param_groups]
-        entries = self._loaded_entries(state_dict)
-        loaded = {}
-        for name, (_, saved) in entries.items():
-            weight = self._weight[name]
-            buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
-            if recent is not None:
-                _check_recent(recent, name, self.specs[name], self.ord)
-                recent = recent.detach().clone()
-            if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
-                raise ValueError(
-                    f"decay buffer of layer {name!r} has shape {tuple(buffer.shape)}, the weight {tuple(weight.shape)}"
-                )
-            if scale is not None:
-                try:
-                    torch.broadcast_shapes(scale.shape, weight.shape)
-                except RuntimeError:
-                    raise ValueError(
-                        f"decay scale of layer {name!r} has shape {tuple(scale.shape)}, not one for {tuple(weight.shape)}"
-                    ) from None
-            loaded[name] = (buffer, scale, recent)
-        self._loaded_decay = loaded
-        own = {index for index, _ in entries.values()}  # another decay on the optimizer keeps its keys
-        stripped = {**state_dict, "state": {}}  # never the caller's checkpoint
-        moved = {}
-        for index, entry in state_dict.get("state", {}).items():
-            if index in own and isinstance(entry, Mapping):
-                entry = {key: value for key, value in entry.items() if key not in DECAY_KEYS}
-                if not entry:
-                    continue
-            elif isinstance(entry, Mapping) and entry and set(entry) <= set(DECAY_KEYS):
-                # An earlier version's entry of decay keys only, of a layer not regularized here: beside
-                # the state, where another decay on the optimizer still finds it and the optimizer
-                # does not take it for its own (KeyError: 'step' in Adam-like ones, half-way through).
-                moved[index] = entry
-                continue
-            stripped["state"][index] = entry
-        pending = {index: entry for index, entry in (state_dict.get(PENDING) or {}).items() if index not in own}
-        pending = {**moved, **pending}
-        if pending:
-            stripped[PENDING] = pending
-        else:
-            stripped.pop(PENDING, None)
-        return stripped
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        ours = {name: self._weight[name] for name in (*self.decayed, *self._frozen_decayed())}
+        entries = saved_entries(state_dict, params, ours)
+        self._loaded_decay = {
+            name: checked_entry(name, saved, self._weight[name], self.specs[name], self.ord)
+            for name, (_, saved) in entries.items()
+        }
+        # Another decay on the optimizer keeps its keys; never the caller's checkpoint changed.
+        return without_decay_state(state_dict, own={index for index, _ in entries.values()})
 
     def _adopt_loaded(self, optimizer) -> None:
         """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
@@ -773,19 +683,14 @@ class NormDecay:
             # else: joins at the weight's next step (after_step); until then, saved by _save_pending
 
     def _save_pending(self, optimizer, state_dict):
-        """Put into ``state_dict[PENDING]`` (by parameter index, as ``state``) the decay state that is
-        not in ``optimizer.state``: loaded before the first step, of frozen layers, or of weights
-        the optimizer has not stepped yet (no gradient so far, or none since the layers were chosen
-        anew), whose h moves all the same. Until the optimizer steps a weight, its decay state
-        stays out of ``optimizer.state``, where it would keep Adam-like optimizers from
-        initialising theirs.
-
-        The decay state inside ``state`` is written as compact copies too: ``optimizer.state`` holds
-        views of one flat buffer per batch of layers, and a plain ``pickle`` of the checkpoint would
-        write that whole buffer once per view (``torch.save`` shares it)."""
+        """Put into the state dict the decay state that is not in ``optimizer.state`` (under
+        :data:`~normopt.decay_state_dict.PENDING`): loaded before the first step, of frozen layers,
+        or of weights the optimizer has not stepped yet (no gradient so far, or none since the
+        layers were chosen anew), whose h moves all the same; and the decay state inside ``state``
+        as compact copies (:func:`~normopt.decay_state_dict.compacted`)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         index = {id(p): i for i, p in enumerate(params)}
-        state_dict = self._compacted(index, state_dict)
+        state_dict = compacted(state_dict, [index[id(w)] for w in self._weight.values() if id(w) in index])
         unsaved = {}
         if self._state is not None:
             zero_local = self._zero_local()
@@ -795,45 +700,14 @@ class NormDecay:
                 entry = self._home(weight, zero_local).get(weight)
                 if entry is None or entry.get(BUFFER) is not buffer:
                     unsaved[name] = (buffer, scale, self._state.recent.get(name))
-        if not self._pending and not self._held_back and not unsaved:
-            return state_dict
-        # Beside "state", not in it: an entry holding only these keys would make a plain Adam-like
-        # optimizer that loads the checkpoint take it for its own state (KeyError: 'step').
-        pending = dict(state_dict.get(PENDING) or {})  # another decay on the optimizer may have added some
-        for name, (buffer, scale, recent) in {**self._held_back, **self._pending, **unsaved}.items():
-            i = index.get(id(self._weight[name]))
-            if i is None:
-                continue
-            entry = {BUFFER: buffer.clone(), SCALE: (scale if scale is not None else torch.ones(())).clone()}
-            if recent is not None:
-                entry[RECENT] = recent.clone()
-            pending[i] = entry
-        return {**state_dict, PENDING: pending}
-
-    def _compacted(self, index: dict[int, int], state_dict):
-        """``state_dict`` with this decay's state in ``state`` as copies, in new entries (torch's
-        ``state_dict`` hands out the optimizer's own entry dicts); ``index``: ``{id(parameter):
-        its index in the state dict}``."""
-        saved = state_dict.get("state", {})
-        compact = {}
-        for weight in self._weight.values():
-            i = index.get(id(weight))
-            entry = saved.get(i)
-            if isinstance(entry, Mapping) and any(isinstance(entry.get(key), torch.Tensor) for key in DECAY_KEYS):
-                copies = {key: entry[key].clone() for key in DECAY_KEYS if isinstance(entry.get(key), torch.Tensor)}
-                compact[i] = {**entry, **copies}
-        return {**state_dict, "state": {**saved, **compact}} if compact else state_dict
+        entries = {**self._held_back, **self._pending, **unsaved}
+        return with_pending(
+            state_dict, {index[id(self._weight[n])]: e for n, e in entries.items() if id(self._weight[n]) in index}
+        )
 
     def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""
-        for name, h in buffers.items():
-            if name not in self.decayed:
-                raise ValueError(f"checkpoint has a decay buffer for layer {name!r}, which is not regularized here")
-            weight = self._weight[name]
-            if not isinstance(h, torch.Tensor) or not h.is_floating_point():
-                raise TypeError(f"decay buffer of layer {name!r} must be a floating-point tensor, got {type(h).__name__}")
-            if tuple(h.shape) != tuple(weight.shape):
-                raise ValueError(f"decay buffer of layer {name!r} has shape {tuple(h.shape)}, the weight {tuple(weight.shape)}")
+        check_buffers(buffers, {name: self._weight[name] for name in self.decayed})
 
     def load_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
         """Set decay buffers ``{layer: h}`` (e.g. from a checkpoint written before the state moved into

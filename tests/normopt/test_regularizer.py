@@ -6,7 +6,6 @@ import copy
 import io
 import math
 import pickle
-import warnings
 from unittest import mock
 
 import pytest
@@ -18,7 +17,6 @@ from torch import nn
 import normopt
 from normopt import NormDecayOptimizer, attach_norm_decay
 from normopt.recent_slices import horizon
-from normopt.regularizer import _NonFiniteReporter
 
 DATA = digits()
 
@@ -826,18 +824,6 @@ def test_the_released_batchnorm_projection_caps_the_argmax_channel_before_the_st
     gamma, var = model[1].weight.detach(), model[1].running_var  # the training forward moved var
     assert_close(gamma[0], 5 * (var[0] + model[1].eps) ** 0.5)
     assert gamma[1] == -8.0  # only the largest channel is capped
-
-
-def test_the_reporter_reads_cpu_flags_at_once_and_never_reads_meta():
-    reporter = _NonFiniteReporter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        reporter.push(["a", "b"], torch.ones(2, dtype=torch.bool, device="meta"))
-    with pytest.warns(UserWarning, match=r"\['b'\]"):
-        reporter.push(["a", "b"], torch.tensor([True, False]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        reporter.push(["a", "b"], torch.tensor([True, False]))  # once per layer
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning", "ignore:Complex modules:UserWarning")

@@ -1,0 +1,168 @@
+"""The decay state in an optimizer's state dict: where it is saved, how a loaded one is checked,
+and what the optimizer itself is handed to load.
+
+A weight's decay state is ``h = buffer * scale`` (:mod:`normopt.transform`) and, for large
+layers whose slices are rows, the channels of its recent slices (:mod:`normopt.recent_slices`).
+Once the optimizer has stepped the weight, it sits in the weight's ``state`` entry under
+:data:`DECAY_KEYS`, so the optimizer's own ``state_dict()`` saves it. Before that (no gradient so
+far, a frozen layer, state loaded before the first step) it sits beside ``"state"``, under
+:data:`PENDING`, by parameter index: an entry holding only decay keys would make an Adam-like
+optimizer that loads the checkpoint take it for its own state (``KeyError: 'step'``).
+
+These are pure functions of state dicts (they never change the one they are given):
+:class:`normopt.NormDecay`'s state-dict hooks are thin callers of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from normopt.lines import line_plan
+from normopt.specs import Spec
+from normopt.transform import DENSE
+
+BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
+DECAY_KEYS = (BUFFER, SCALE, RECENT)
+PENDING = "norm_decay_pending"
+
+Entry = tuple  # (buffer, scale or None, recent or None)
+
+
+def saved_entries(state_dict: Mapping, params: list[torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict:
+    """``{layer: (index, the saved state of its weight)}``: each layer of ``weights`` (``{layer:
+    weight}``) found by the optimizer's numbering (``params``, its parameters in group order), its
+    saved ``state`` entry and its :data:`PENDING` one merged (the newer h is the pending one's).
+
+    Example:
+        >>> w = torch.zeros(2, 2)
+        >>> saved_entries({"param_groups": [{"params": [7]}], "state": {7: {"step": 1}}}, [w], {"fc": w})
+        {'fc': (7, {'step': 1})}
+    """
+    ids = [i for group in state_dict.get("param_groups", []) for i in group["params"]]
+    index_of = {id(p): i for i, p in zip(ids, params)}
+    entries = {}
+    for name, weight in weights.items():
+        index = index_of.get(id(weight))
+        # ZeRO hands a rank None for the parameters another rank steps.
+        saved = state_dict.get("state", {}).get(index) or {}
+        pending = (state_dict.get(PENDING) or {}).get(index)
+        entries[name] = (index, {**saved, **pending} if pending else saved)
+    return entries
+
+
+def check_recent(recent, name: str, spec: Spec, ord: float) -> None:
+    """Refuse a saved ring of recent slices that is not a 1-D tensor of the layer's channels (or a
+    ring's markers, -1 and :data:`DENSE`)."""
+    channels = line_plan(spec, ord).channels
+    ok = isinstance(recent, torch.Tensor) and recent.dim() == 1 and not (recent.is_floating_point() or recent.is_complex())
+    if not ok or (recent.numel() and not DENSE <= int(recent.min()) <= int(recent.max()) < channels):
+        raise ValueError(f"recent slices of layer {name!r} must be a 1-D integer tensor of channels in [{DENSE}, {channels})")
+
+
+def checked_entry(name: str, saved: Mapping, weight: torch.Tensor, spec: Spec, ord: float) -> Entry:
+    """``(buffer, scale, recent)`` of layer ``name``'s saved state (each None where absent; recent a
+    copy), refused with the layer's name where it does not fit ``weight``."""
+    buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
+    if recent is not None:
+        check_recent(recent, name, spec, ord)
+        recent = recent.detach().clone()
+    if buffer is not None and tuple(buffer.shape) != tuple(weight.shape):
+        raise ValueError(f"decay buffer of layer {name!r} has shape {tuple(buffer.shape)}, the weight {tuple(weight.shape)}")
+    if scale is not None:
+        try:
+            torch.broadcast_shapes(scale.shape, weight.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"decay scale of layer {name!r} has shape {tuple(scale.shape)}, not one for {tuple(weight.shape)}"
+            ) from None
+    return buffer, scale, recent
+
+
+def without_decay_state(state_dict: Mapping, own: set) -> dict:
+    """``state_dict`` as the optimizer is to load it: the decay keys of the entries numbered ``own``
+    (taken by the decay) removed, and entries left empty dropped; entries of decay keys only of
+    other weights (an earlier version's, of a layer not regularized here) moved to :data:`PENDING`,
+    where another decay on the optimizer still finds them and the optimizer does not take them
+    for its own (``KeyError: 'step'`` half-way through an Adam-like load).
+
+    Example:
+        >>> saved = {"state": {0: {"step": 1, BUFFER: 0}, 1: {BUFFER: 0}}, "param_groups": []}
+        >>> without_decay_state(saved, own={0})
+        {'state': {0: {'step': 1}}, 'param_groups': [], 'norm_decay_pending': {1: {'norm_decay_buffer': 0}}}
+    """
+    stripped = {**state_dict, "state": {}}
+    moved = {}
+    for index, entry in state_dict.get("state", {}).items():
+        if index in own and isinstance(entry, Mapping):
+            entry = {key: value for key, value in entry.items() if key not in DECAY_KEYS}
+            if not entry:
+                continue
+        elif isinstance(entry, Mapping) and entry and set(entry) <= set(DECAY_KEYS):
+            moved[index] = entry
+            continue
+        stripped["state"][index] = entry
+    pending = {index: entry for index, entry in (state_dict.get(PENDING) or {}).items() if index not in own}
+    pending = {**moved, **pending}
+    if pending:
+        stripped[PENDING] = pending
+    else:
+        stripped.pop(PENDING, None)
+    return stripped
+
+
+def compacted(state_dict: Mapping, indices: Iterable) -> Mapping:
+    """``state_dict`` with the decay state of the entries numbered ``indices`` as copies, in new
+    entries (torch's ``state_dict`` hands out the optimizer's own entry dicts). The optimizer's
+    state holds views of one flat buffer per batch of layers, and a plain ``pickle`` writes a
+    view's whole buffer once per view (``torch.save`` shares it).
+
+    Example:
+        >>> flat = torch.zeros(6)
+        >>> saved = compacted({"state": {0: {BUFFER: flat[:2]}}}, [0])
+        >>> saved["state"][0][BUFFER].untyped_storage().nbytes()
+        8
+    """
+    saved = state_dict.get("state", {})
+    compact = {}
+    for i in indices:
+        entry = saved.get(i)
+        if isinstance(entry, Mapping) and any(isinstance(entry.get(key), torch.Tensor) for key in DECAY_KEYS):
+            copies = {key: entry[key].clone() for key in DECAY_KEYS if isinstance(entry.get(key), torch.Tensor)}
+            compact[i] = {**entry, **copies}
+    return {**state_dict, "state": {**saved, **compact}} if compact else state_dict
+
+
+def with_pending(state_dict: Mapping, entries: Mapping[int, Entry]) -> Mapping:
+    """``state_dict`` with ``entries`` (``{index: (buffer, scale, recent)}``, copied) added under
+    :data:`PENDING`, beside what another decay on the optimizer put there; a scale of None is 1.
+
+    Example:
+        >>> saved = with_pending({"state": {}}, {3: (torch.ones(2), None, None)})
+        >>> sorted(saved[PENDING][3]), float(saved[PENDING][3][SCALE])
+        (['norm_decay_buffer', 'norm_decay_scale'], 1.0)
+    """
+    if not entries:
+        return state_dict
+    pending = dict(state_dict.get(PENDING) or {})
+    for i, (buffer, scale, recent) in entries.items():
+        entry = {BUFFER: buffer.clone(), SCALE: (scale if scale is not None else torch.ones(())).clone()}
+        if recent is not None:
+            entry[RECENT] = recent.clone()
+        pending[i] = entry
+    return {**state_dict, PENDING: pending}
+
+
+def check_buffers(buffers: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:
+    """Refuse decay buffers ``{layer: h}`` that do not fit ``weights`` (``{layer: weight}`` of the
+    regularized layers), naming the layer."""
+    for name, h in buffers.items():
+        if name not in weights:
+            raise ValueError(f"checkpoint has a decay buffer for layer {name!r}, which is not regularized here")
+        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+            raise TypeError(f"decay buffer of layer {name!r} must be a floating-point tensor, got {type(h).__name__}")
+        if tuple(h.shape) != tuple(weights[name].shape):
+            raise ValueError(
+                f"decay buffer of layer {name!r} has shape {tuple(h.shape)}, the weight {tuple(weights[name].shape)}"
+            )
