@@ -20,7 +20,6 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 import weakref
@@ -41,10 +40,11 @@ from normopt.decay_state_dict import (
     with_pending,
     without_decay_state,
 )
-from normopt.discovery import InputSizeRecorder, LayerSpecs, _skip_reason, layer_specs, module_names, unwrap, within
+from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap
+from normopt.layer_choice import choose_layers
 from normopt.lines import parse_ord
 from normopt.nonfinite import NonFiniteReporter
-from normopt.projection import check_projectable, project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
+from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay
@@ -293,66 +293,27 @@ class NormDecay:
         """``{id(parameter): group index}`` of the optimizer's trainable parameters."""
         return {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"] if p.requires_grad}
 
-    def _refuse_tied(self, specs: LayerSpecs, modules: dict[str, nn.Module]) -> None:
-        """Refuse layers that share one weight but are different maps (TridentNet's branches of one
-        kernel at several dilations): each has its own h, and the optimizer keeps one state per
-        weight. Layers of one and the same map (tied heads) have equal h, and share it."""
-        by_weight: dict[int, list[str]] = {}
-        for name, spec in specs.items():
-            weight = modules[name]._parameters.get("weight")
-            if isinstance(spec, self.kinds) and isinstance(weight, nn.Parameter) and not within(name, self.exclude):
-                by_weight.setdefault(id(weight), []).append(name)
-        for first, *others in by_weight.values():
-            differ = [name for name in others if dataclasses.replace(specs[name], name=first) != specs[first]]
-            if differ:
-                raise ValueError(
-                    f"layers {[first, *differ]} share one weight but are different maps ({specs[first]} and "
-                    f"{specs[differ[0]]}): norm decay keeps one state per weight, so it regularizes only one of "
-                    f"them; exclude the others (exclude={tuple(differ)!r})"
-                )
-
     def _select(self, specs: LayerSpecs) -> None:
-        """Split the model's layers into those decayed, those whose batch norm is projected, and the rest."""
+        """Split the model's layers into those decayed, those whose batch norm is projected, and the
+        rest (:func:`~normopt.layer_choice.choose_layers`; a refusal changes nothing here)."""
         modules = dict(self.model.named_modules())
-        self._refuse_tied(specs, modules)  # before anything changes
-        self.specs = specs
-        self._modules = modules
+        choice = choose_layers(
+            specs,
+            modules,
+            self.optimizer.param_groups,
+            kinds=self.kinds,
+            exclude=self.exclude,
+            taken=set().union(*(decay._decayed_weights() for decay in self._others())),
+            ord=self.ord,
+            max_norm=self.max_norm,
+            bn_max_norm=self.bn_max_norm,
+        )
+        self.specs, self._modules = specs, modules
         self._groups_seen = len(self.optimizer.param_groups)
-        held = self._held()
-        in_groups = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        self.skipped = dict(getattr(specs, "skipped", {}))
-        self.decayed, self.bn_projected = {}, {}
-        # Held but frozen now: chosen again once one is unfrozen (fine-tuning unfreezes a backbone).
-        self._frozen: dict[str, torch.Tensor] = {}
-        # {layer: weight} that another decay on the optimizer has (a layer added since to both).
-        self._shared: dict[str, torch.Tensor] = {}
-        taken = set().union(*(decay._decayed_weights() for decay in self._others()))
-        for name, spec in specs.items():
-            weight = getattr(self._modules[name], "weight", None)
-            if within(name, self.exclude):
-                continue
-            if weight is None or not isinstance(weight, nn.Parameter) or spec.weight is None:
-                self.skipped[name] = _skip_reason(self._modules[name]) or "no trainable affine weight to regularize"
-            elif id(weight) in taken and isinstance(spec, self.kinds):
-                self.skipped[name] = "regularized by another norm decay on this optimizer"
-                self._shared[name] = weight
-            elif id(weight) not in held and id(weight) in in_groups:
-                self.skipped[name] = "weight is frozen (requires_grad=False): regularized from the step after it is unfrozen"
-                if isinstance(spec, self.kinds) or (isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None):
-                    self._frozen[name] = weight
-            elif id(weight) not in held:
-                self.skipped[name] = "weight is not a parameter of the optimizer"
-            elif weight.numel() == 0:
-                raise ValueError(f"layer {name!r} has an empty weight {tuple(weight.shape)}: it has no norm to regularize")
-            elif weight.is_complex():
-                raise TypeError(f"layer {name!r} has complex weights ({weight.dtype}); norm decay needs real weights")
-            else:
-                if isinstance(spec, self.kinds):
-                    if self.max_norm is not None and not isinstance(spec, BatchNormSpec):
-                        check_projectable(spec, self.ord)  # refuse now, not half-way through a step
-                    self.decayed[name] = spec
-                if isinstance(spec, BatchNormSpec) and self.bn_max_norm is not None:
-                    self.bn_projected[name] = spec
+        self.decayed, self.bn_projected, self.skipped = choice.decayed, choice.bn_projected, choice.skipped
+        # Held but frozen now, and {layer: weight} that another decay on the optimizer has (a layer
+        # added since to both).
+        self._frozen, self._shared = choice.frozen, choice.shared
         # Each chosen layer's weight as chosen: what the state is kept under, even once a
         # parametrization has moved it (until the next step chooses the layers anew).
         self._weight = {name: self._modules[name].weight for name in (*self.decayed, *self.bn_projected)}
@@ -365,6 +326,7 @@ class NormDecay:
             if name not in self._frozen
         )
         # Groups keep their order (load_state_dict replaces the dicts, not their order).
+        held = self._held()
         self._group_of = {name: held[id(self._weight[name])] for name in self.decayed}
         self._tensors = {}
         for name, spec in {**self.decayed, **self.bn_projected}.items():
