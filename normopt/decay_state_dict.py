@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from normopt.lines import line_plan
+from normopt.recent_slices import DENSE
 from normopt.specs import Spec
-from normopt.transform import DENSE
 
 BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
 DECAY_KEYS = (BUFFER, SCALE, RECENT)

@@ -33,6 +33,7 @@ from normopt.batched import BatchPlan
 RING_SHARE = 8
 RING_MIN_WEIGHTS = 1 << 18
 RING_MAX_LENGTH = 256  # each step compares the K places of a ring pairwise
+DENSE = -2  # the value a ring is filled with once its batch adds h densely
 
 
 def horizon(max_gamma: float, dtype: torch.dtype) -> int | None:

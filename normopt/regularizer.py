@@ -45,9 +45,9 @@ from normopt.layer_choice import choose_layers
 from normopt.lines import parse_ord
 from normopt.nonfinite import NonFiniteReporter
 from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
-from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
+from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
-from normopt.transform import DENSE, RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay
+from normopt.transform import RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")

@@ -56,11 +56,20 @@ from normopt.batched import (
 )
 from normopt.deterministic import put
 from normopt.lines import check_specs, checked, lookup, parse_ord, resolve, weight_shape
-from normopt.recent_slices import RingTables, add_recent, covered, horizon, record, ring_coefficients, ring_layers, ring_tables
+from normopt.recent_slices import (
+    DENSE,
+    RingTables,
+    add_recent,
+    covered,
+    horizon,
+    record,
+    ring_coefficients,
+    ring_layers,
+    ring_tables,
+)
 from normopt.specs import BatchNormSpec, Spec
 
 RULES = ("paper", "reference")
-DENSE = -2  # the value a ring is filled with once its batch adds h densely
 
 
 def _layer_views(buffer: torch.Tensor, scale: torch.Tensor, members, plan: BatchPlan) -> dict:

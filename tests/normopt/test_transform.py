@@ -19,8 +19,7 @@ from torch import nn
 import normopt
 from normopt import norm_decay, norm_subgradient, paper_update, reference_update
 from normopt.lines import line_plan
-from normopt.recent_slices import RING_MAX_LENGTH, covered, horizon
-from normopt.transform import DENSE
+from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
 
 # h is kept in the weight's dtype; the per-layer rule and the scaled buffer round differently.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
