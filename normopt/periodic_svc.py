@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -84,9 +86,9 @@ class PeriodicSVC:
         method: str = "gram",
         precision: str | None = None,
     ):
-        if not bound > 0:
-            raise ValueError(f"bound must be positive, got {bound!r}")
-        if not (isinstance(every, int) and every >= 1):
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < math.inf:
+            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
             raise ValueError(f"every must be a positive int, got {every!r}")
         if not (isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1):
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")

@@ -21,6 +21,7 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -83,6 +84,8 @@ def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
         if beta.device.type == "cpu" and not torch.compiler.is_compiling():
             check_beta(float(beta), where)
         return beta
+    if not isinstance(beta, (int, float)) and isinstance(beta, numbers.Real):  # NumPy's scalars
+        beta = float(beta)
     # Comparisons, not math.isfinite: a float that dynamo turned symbolic (after its value changed)
     # cannot go through math.isfinite without a graph break.
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
@@ -95,6 +98,8 @@ def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
 def check_gamma(gamma, where: str = "gamma") -> float:
     if isinstance(gamma, torch.Tensor):  # the step picks its path (rings or dense) from gamma's value
         raise TypeError(f"{where} must be a number in [0, 1], not a tensor: gamma decides on the host which slices are kept")
+    if not isinstance(gamma, (int, float)) and isinstance(gamma, numbers.Real):  # NumPy's scalars
+        gamma = float(gamma)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
         raise ValueError(f"{where} must be a number in [0, 1], got {gamma!r}")
     return float(gamma)
@@ -189,7 +194,9 @@ class NormDecay:
         if unknown:
             raise ValueError(f"unknown layer kinds {unknown}; expected some of {sorted(KINDS)}")
         for option, value in (("max_norm", max_norm), ("bn_max_norm", bn_max_norm)):
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if value is not None and not (
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            ):
                 raise ValueError(f"{option} must be a positive finite number, got {value!r}")
         if bn_projection not in BN_PROJECTIONS:
             raise ValueError(f"unknown bn_projection {bn_projection!r}; expected one of {list(BN_PROJECTIONS)}")

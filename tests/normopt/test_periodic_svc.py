@@ -114,12 +114,21 @@ def test_bad_iterations_are_refused_at_construction(iterations):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"input_size": "reference"}, "input_size"), ({"threads": 0}, "threads"), ({"method": "qr"}, "method")]
+    ("kwargs", "match"),
+    [
+        ({"input_size": "reference"}, "input_size"),
+        ({"threads": 0}, "threads"),
+        ({"method": "qr"}, "method"),
+        ({"every": True}, "every must be a positive int, got True"),
+        ({"bound": True}, "bound must be a positive finite number, got True"),
+        ({"bound": float("inf")}, "bound must be a positive finite number, got inf"),
+        ({"bound": float("nan")}, "bound must be a positive finite number, got nan"),
+    ],
 )
 def test_bad_clip_options_are_refused_at_construction(kwargs, match):
     model = small_cnn()
     with pytest.raises(ValueError, match=match):
-        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=1.0, **kwargs)
+        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, **{"bound": 1.0, **kwargs})
 
 
 @pytest.mark.parametrize("method", ["gram", "svd"])

@@ -353,6 +353,23 @@ def test_doubling_beta_between_steps_doubles_the_next_added_gradient(rings, kind
     assert all(added[0][f"{i}.weight"].abs().sum() > 0 for i in (0, 3, 6))
 
 
+@pytest.mark.parametrize("where", ["constructor", "param groups"])
+def test_numpy_scalars_as_beta_and_gamma_step_as_the_same_floats(where):
+    np = pytest.importorskip("numpy")
+    model, twin = small_cnn(), small_cnn()
+    if where == "constructor":
+        numpy_optimizer = wrapped(model, beta=np.float32(0.25), gamma=np.float32(0.75))
+    else:  # a schedule computed with NumPy (np.linspace(...)[step])
+        numpy_optimizer = wrapped(model)
+        for group in numpy_optimizer.param_groups:
+            group["norm_decay_beta"], group["norm_decay_gamma"] = np.float32(0.25), np.float32(0.75)
+    optimizer = wrapped(twin, beta=0.25, gamma=0.75)
+    for seed in range(3):
+        one_step(model, numpy_optimizer, seed)
+        one_step(twin, optimizer, seed)
+    same_weights(model, twin)
+
+
 def test_each_param_group_uses_its_own_beta():
     model = small_cnn()
     head = [p for n, p in model.named_parameters() if n.startswith("6.")]
@@ -844,6 +861,8 @@ def test_the_released_batchnorm_projection_caps_the_argmax_channel_before_the_st
         (small_cnn, {"gamma": torch.tensor(0.5)}, TypeError, "gamma must be a number in \\[0, 1\\], not a tensor"),
         (small_cnn, {"bn_projection": "argmax"}, ValueError, "unknown bn_projection"),
         (small_cnn, {"max_norm": float("inf")}, ValueError, "max_norm must be a positive finite number"),
+        (small_cnn, {"max_norm": True}, ValueError, "max_norm must be a positive finite number, got True"),
+        (small_cnn, {"bn_max_norm": True}, ValueError, "bn_max_norm must be a positive finite number, got True"),
     ],
 )
 def test_bad_input_is_refused_at_construction(make_model, kwargs, error, match):
