@@ -61,10 +61,31 @@ def check_recent(recent, name: str, spec: Spec, ord: float) -> None:
         raise ValueError(f"recent slices of layer {name!r} must be a 1-D integer tensor of channels in [{DENSE}, {channels})")
 
 
+def check_state_tensor(value, what: str) -> None:
+    """Refuse decay state that is not a real floating-point tensor, or not finite: a run keeps ``h``
+    finite (a layer with non-finite weights adds no subgradient), so a NaN there is a corrupt
+    checkpoint, which would turn the weights NaN at the next step.
+
+    Example:
+        >>> check_state_tensor(torch.ones(2, dtype=torch.int64), "decay buffer of layer 'fc'")
+        Traceback (most recent call last):
+        ...
+        TypeError: decay buffer of layer 'fc' must be a real floating-point tensor, got torch.int64
+    """
+    if not isinstance(value, torch.Tensor) or value.is_complex() or not value.is_floating_point():
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{what} must be a real floating-point tensor, got {got}")
+    if value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{what} is not finite (NaN or inf): a run keeps it finite, so the checkpoint is corrupt")
+
+
 def checked_entry(name: str, saved: Mapping, weight: torch.Tensor, spec: Spec, ord: float) -> Entry:
     """``(buffer, scale, recent)`` of layer ``name``'s saved state (each None where absent; recent a
     copy), refused with the layer's name where it does not fit ``weight``."""
     buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
+    for what, value in (("buffer", buffer), ("scale", scale)):
+        if value is not None:
+            check_state_tensor(value, f"decay {what} of layer {name!r}")
     if recent is not None:
         check_recent(recent, name, spec, ord)
         recent = recent.detach().clone()
@@ -160,8 +181,7 @@ def check_buffers(buffers: Mapping[str, torch.Tensor], weights: Mapping[str, tor
     for name, h in buffers.items():
         if name not in weights:
             raise ValueError(f"checkpoint has a decay buffer for layer {name!r}, which is not regularized here")
-        if not isinstance(h, torch.Tensor) or not h.is_floating_point():
-            raise TypeError(f"decay buffer of layer {name!r} must be a floating-point tensor, got {type(h).__name__}")
+        check_state_tensor(h, f"decay buffer of layer {name!r}")
         if tuple(h.shape) != tuple(weights[name].shape):
             raise ValueError(
                 f"decay buffer of layer {name!r} has shape {tuple(h.shape)}, the weight {tuple(weights[name].shape)}"

@@ -7,7 +7,7 @@ import inspect
 import torch
 from torch import nn
 
-from normopt.regularizer import NormDecay
+from normopt.regularizer import NormDecay, check_group
 
 
 def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -139,6 +139,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if "optimizer" not in self.__dict__:  # called by Optimizer.__init__
             return super().add_param_group(param_group)
+        check_group(param_group, "the param group added")  # before the inner optimizer takes it
         self.optimizer.add_param_group(param_group)  # fills norm_decay_beta/gamma from the defaults
         self.norm_decay.add_params()
 

@@ -105,6 +105,15 @@ def check_gamma(gamma, where: str = "gamma") -> float:
     return float(gamma)
 
 
+def check_group(group: Mapping, where: str) -> None:
+    """Refuse a param group (one being added, or a checkpoint's) whose ``norm_decay_beta`` or
+    ``norm_decay_gamma`` the step would refuse, before the optimizer takes it."""
+    if BETA in group:
+        check_beta(group[BETA], f"{BETA} of {where}")
+    if GAMMA in group:
+        check_gamma(group[GAMMA], f"{GAMMA} of {where}")
+
+
 def _signed(beta, maximize: bool):
     """beta as the gradient takes it: a group with ``maximize=True`` steps along its gradient, so the
     decay is subtracted there, and shrinks the norms as it does elsewhere (as ``weight_decay`` does)."""
@@ -352,6 +361,8 @@ class NormDecay:
         described anew: a new convolution first with the large-input limit, then with the input
         size that the next forward records (for the convolutions kept as well)."""
         del params  # the optimizer's param groups are the source of truth
+        for i, group in enumerate(self.optimizer.param_groups):  # a group added with a bad beta, named now
+            check_group(group, f"param group {i}")
         self._choose_anew(during_step=False)
 
     def _choose_anew(self, during_step: bool) -> None:
@@ -453,10 +464,12 @@ class NormDecay:
         defaults = self.optimizer.defaults
         per_group = [
             (
-                _signed(check_beta(group.get(BETA, defaults.get(BETA)), f"param group {BETA}"), group.get("maximize", False)),
-                check_gamma(group.get(GAMMA, defaults.get(GAMMA)), f"param group {GAMMA}"),
+                _signed(
+                    check_beta(group.get(BETA, defaults.get(BETA)), f"{BETA} of param group {i}"), group.get("maximize", False)
+                ),
+                check_gamma(group.get(GAMMA, defaults.get(GAMMA)), f"{GAMMA} of param group {i}"),
             )
-            for group in self.optimizer.param_groups
+            for i, group in enumerate(self.optimizer.param_groups)
         ]
         return (
             {name: per_group[i][0] for name, i in self._group_of.items()},
@@ -601,6 +614,8 @@ class NormDecay:
         them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
         if self._selection_changed():  # since the last step: choose the layers as that step will
             self.add_params()
+        for i, group in enumerate(state_dict.get("param_groups", [])):
+            check_group(group, f"param group {i} of the checkpoint")
         # Each group's beta and gamma now: a checkpoint of a plain optimizer has none, and torch
         # replaces the groups with the saved ones (it fills in its own missing options alike).
         self._hyper_before_load = [(group.get(BETA), group.get(GAMMA)) for group in optimizer.param_groups]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -128,8 +129,9 @@ def test_checked_entry_hands_back_what_fits_with_a_copy_of_the_ring():
     ("buffers", "error", "match"),
     [
         ({"conv": torch.zeros(2, 3)}, ValueError, r"layer 'conv', which is not regularized here"),
-        ({"fc": torch.zeros(2, 3, dtype=torch.int64)}, TypeError, r"layer 'fc' must be a floating-point tensor"),
-        ({"fc": [0.0]}, TypeError, r"layer 'fc' must be a floating-point tensor, got list"),
+        ({"fc": torch.zeros(2, 3, dtype=torch.int64)}, TypeError, r"layer 'fc' must be a real floating-point tensor"),
+        ({"fc": [0.0]}, TypeError, r"layer 'fc' must be a real floating-point tensor, got list"),
+        ({"fc": torch.full((2, 3), math.inf)}, ValueError, r"layer 'fc' is not finite"),
         ({"fc": torch.zeros(3, 2)}, ValueError, r"layer 'fc' has shape \(3, 2\), the weight \(2, 3\)"),
     ],
 )

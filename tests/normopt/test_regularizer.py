@@ -408,8 +408,10 @@ def test_buffers_of_a_hooks_checkpoint_from_before_the_state_moved_resume_throug
     twin_optimizer.load_state_dict(old_optimizer)
     with pytest.raises(ValueError, match=r"decay buffer of layer '0' has shape \(4,\)"):
         twin_decay.load_buffers({**old_checkpoint["buffers"], "0": torch.zeros(4)})
-    with pytest.raises(TypeError, match=r"decay buffer of layer '3' must be a floating-point tensor"):
+    with pytest.raises(TypeError, match=r"decay buffer of layer '3' must be a real floating-point tensor, got list"):
         twin_decay.load_buffers({"3": [0.0]})
+    with pytest.raises(ValueError, match=r"decay buffer of layer '3' is not finite"):
+        twin_decay.load_buffers({"3": torch.full_like(old_checkpoint["buffers"]["3"], math.nan)})
     twin_decay.load_buffers(old_checkpoint["buffers"])
     for name, h in twin_decay.decay_buffers().items():
         assert torch.equal(h, old_checkpoint["buffers"][name]), name
@@ -419,7 +421,44 @@ def test_buffers_of_a_hooks_checkpoint_from_before_the_state_moved_resume_throug
     same_weights(model, twin, rtol=1e-6)
 
 
-@pytest.mark.parametrize("refused_by", ["torch", "norm decay"])
+def _corrupt(state_dict: dict, refused_by: str) -> tuple[type, str]:
+    """Spoil a checkpoint (after its first entry's buffers were changed) as ``refused_by`` says; the
+    error expected."""
+    h = state_dict["state"][2]["norm_decay_buffer"]
+    if refused_by == "torch":
+        state_dict["param_groups"].append(dict(state_dict["param_groups"][0]))  # one group too many
+        return ValueError, "parameter groups"
+    spoilt = {
+        "a buffer of another shape": ("norm_decay_buffer", torch.zeros(3), ValueError, r"layer '3' has shape \(3,\)"),
+        "a NaN buffer": ("norm_decay_buffer", torch.full_like(h, math.nan), ValueError, r"layer '3' is not finite"),
+        "an integer buffer": ("norm_decay_buffer", h.long(), TypeError, r"layer '3' must be a real floating-point tensor"),
+        "a complex buffer": ("norm_decay_buffer", h.cfloat(), TypeError, r"layer '3' must be a real .* got torch.complex64"),
+        "a list buffer": ("norm_decay_buffer", h.tolist(), TypeError, r"layer '3' must be a real .* got list"),
+        "a float scale": ("norm_decay_scale", 1.0, TypeError, r"decay scale of layer '3' must be a real .* got float"),
+    }
+    if refused_by in spoilt:
+        key, value, error, match = spoilt[refused_by]
+        state_dict["state"][2][key] = value
+        return error, match
+    key, value = {"a negative beta": ("norm_decay_beta", -1.0), "a gamma above 1": ("norm_decay_gamma", 2.0)}[refused_by]
+    state_dict["param_groups"][0][key] = value
+    return ValueError, f"{key} of param group 0 of the checkpoint"
+
+
+@pytest.mark.parametrize(
+    "refused_by",
+    [
+        "torch",
+        "a buffer of another shape",
+        "a NaN buffer",
+        "an integer buffer",
+        "a complex buffer",
+        "a list buffer",
+        "a float scale",
+        "a negative beta",
+        "a gamma above 1",
+    ],
+)
 @pytest.mark.parametrize("through", ["wrapper", "hooks"])
 def test_a_refused_load_changes_neither_the_optimizer_nor_the_decay_state(through, refused_by):
     model = small_cnn()
@@ -434,14 +473,10 @@ def test_a_refused_load_changes_neither_the_optimizer_nor_the_decay_state(throug
     bad = copy.deepcopy(optimizer.state_dict())
     bad["state"][0]["norm_decay_buffer"] = torch.full_like(bad["state"][0]["norm_decay_buffer"], 5.0)
     bad["state"][0]["momentum_buffer"] = torch.full_like(bad["state"][0]["momentum_buffer"], 5.0)
-    if refused_by == "torch":
-        bad["param_groups"].append(dict(bad["param_groups"][0]))  # one group too many
-        error, match = ValueError, "parameter groups"
-    else:
-        bad["state"][2]["norm_decay_buffer"] = torch.zeros(3)
-        error, match = ValueError, r"layer '3'"
+    error, match = _corrupt(bad, refused_by)
     with pytest.raises(error, match=match):
         optimizer.load_state_dict(bad)
+    assert optimizer.param_groups[0]["norm_decay_beta"] == 0.1 and optimizer.param_groups[0]["norm_decay_gamma"] == 0.5
     for name, h in decay.decay_buffers().items():
         assert torch.equal(h, before[name]), name
     for i, entry in optimizer.state_dict()["state"].items():
@@ -889,10 +924,29 @@ def test_a_bad_beta_set_between_steps_is_refused_before_anything_changes(beta, e
     one_step(model, optimizer)
     optimizer.param_groups[0]["norm_decay_beta"] = beta
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(error, match="param group norm_decay_beta"):
+    with pytest.raises(error, match="norm_decay_beta of param group 0"):
         one_step(model, optimizer, 1)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("key", ["norm_decay_beta", "norm_decay_gamma"])
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_param_group_added_with_a_bad_beta_or_gamma_is_refused_when_added(through, key):
+    model = small_cnn()
+    body = [p for name, p in model.named_parameters() if not name.startswith("6.")]
+    inner = torch.optim.SGD(body, lr=0.1)
+    optimizer = NormDecayOptimizer(inner, model) if through == "wrapper" else inner
+    decay = optimizer.norm_decay if through == "wrapper" else attach_norm_decay(inner, model)
+    group = {"params": list(model[6].parameters()), key: -1.0 if key == "norm_decay_beta" else 2.0}
+    if through == "wrapper":  # before the inner optimizer takes it
+        with pytest.raises(ValueError, match=f"{key} of the param group added"):
+            optimizer.add_param_group(group)
+        assert len(inner.param_groups) == 1
+    else:  # torch's add_param_group checks nothing of ours: add_params, which the docs ask for after it
+        inner.add_param_group(group)
+        with pytest.raises(ValueError, match=f"{key} of param group 1"):
+            decay.add_params()
 
 
 class TwoBranches(nn.Module):
