@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from normopt.deterministic import matmul
 from normopt.discovery import WRAPPER_PREFIXES
 from normopt.geometry import Patterns, axis_patterns
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, Spec, axis_geometries, large_input_geometries
@@ -558,15 +559,15 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
     """
     acc = accumulation_dtype(weight.dtype)
     if plan.membership is not None:
-        merged = weight.reshape(-1, plan.taps).to(acc) @ tables.membership  # signed sums of the taps on one sample
+        merged = matmul(weight.reshape(-1, plan.taps).to(acc), tables.membership)  # signed sums of the taps on one sample
         x = merged.abs().reshape(*weight.shape[:2], -1)
-        return (_channel_sum(x, plan.merged_reduction, acc) @ tables.reduce).reshape(-1)
+        return matmul(_channel_sum(x, plan.merged_reduction, acc), tables.reduce).reshape(-1)
     if plan.read_taps is not None and (plan.read_alone or torch.compiler.is_compiling()):
         box = weight[plan.read_taps]
         if scratch is not None:  # contiguous where the library makes it: a view, not a copy
             scratch = scratch.reshape(-1)[: box.numel()].view(box.shape)
         summed = _channel_sum(_abs(box, scratch), plan.read_reduction, acc)
-        return summed if plan.read_reduction.shape is None else (summed @ tables.read_reduce).reshape(-1)
+        return summed if plan.read_reduction.shape is None else matmul(summed, tables.read_reduce).reshape(-1)
     keep_taps = plan.counts is not None
     if keep_taps and torch.compiler.is_compiling():
         if plan.kind == "rows" and plan.patterns <= MASKED_PATTERNS and not plan.released_order:
@@ -579,8 +580,8 @@ def flat_line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables, scr
         return torch.stack([flat.index_select(2, t).sum((0, 2), dtype=acc) for t in tables.released_taps], 1).reshape(-1)
     summed = chunked if chunked is not None else _channel_sum(_abs(weight, scratch), plan.reduction, acc)
     if tables.read_index is not None:
-        return (summed.index_select(1, tables.read_index) @ tables.read_reduce).reshape(-1)
-    return (summed @ tables.reduce).reshape(-1)
+        return matmul(summed.index_select(1, tables.read_index), tables.read_reduce).reshape(-1)
+    return matmul(summed, tables.reduce).reshape(-1)
 
 
 def line_sums(weight: torch.Tensor, plan: LinePlan, tables: LineTables) -> torch.Tensor:
@@ -616,6 +617,6 @@ def slice_subgradient(slice_weights: torch.Tensor, counts: torch.Tensor, plan: L
     if plan.membership is None:
         return (torch.sign(w) * counts.unsqueeze(-2).to(w.dtype)).flatten(-2)
     acc = tables.membership.dtype
-    merged = w.to(acc) @ tables.membership  # (..., channels, G)
+    merged = matmul(w.to(acc), tables.membership)  # (..., channels, G)
     per_group = torch.sign(merged) * counts.unsqueeze(-2)
-    return (per_group @ tables.membership.T).to(slice_weights.dtype).flatten(-2)
+    return matmul(per_group, tables.membership.T).to(slice_weights.dtype).flatten(-2)

@@ -40,7 +40,12 @@ def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int =
     """
     if spec.input_size is None:
         raise ValueError(f"layer {spec.name!r}: power iteration needs the layer's input size")
-    forward = _forward(spec, weight.detach())
+    # In the weight's dtype inside torch.autocast too (which would run the convolutions in bfloat16).
+    with torch.autocast(weight.device.type, enabled=False):
+        return _iterate(_forward(spec, weight.detach()), spec, weight, iterations, tol, seed)
+
+
+def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol: float, seed: int) -> torch.Tensor:
     channels = spec.in_channels
     generator = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn((1, channels, *spec.input_size), generator=generator, dtype=weight.dtype).to(weight.device)

@@ -41,6 +41,8 @@ import scipy.linalg
 import torch
 from threadpoolctl import ThreadpoolController
 
+from normopt.deterministic import matmul
+
 __all__ = ["METHODS", "PRECISIONS", "conv_singular_values", "conv_spectral_norm"]
 
 METHODS = ("gram", "svd")
@@ -188,7 +190,7 @@ class _Phases:
         kernel = kernel.detach().to("cpu", self.real)
         if self.table:
             taps = kernel.reshape(-1, self.cos.shape[1]).T  # (T, M)
-            spectrum = torch.complex(self.cos @ taps, -(self.sin @ taps)).view(self.frequencies, self.groups, d, c)
+            spectrum = torch.complex(matmul(self.cos, taps), -matmul(self.sin, taps)).view(self.frequencies, self.groups, d, c)
         else:
             grid = kernel.new_zeros(self.groups * d, c, *self.input_size)
             grid[(slice(None),) * 2 + self.support] = kernel
@@ -202,7 +204,7 @@ class _Phases:
         spectrum = matrices.view(self.groups, self.frequencies, d, c).transpose(0, 1)  # (F, g, d, c)
         if self.table:
             spectrum = spectrum.reshape(self.frequencies, -1)
-            taps = self.cos_back @ spectrum.real - self.sin_back @ spectrum.imag  # (T, M)
+            taps = matmul(self.cos_back, spectrum.real) - matmul(self.sin_back, spectrum.imag)  # (T, M)
             return taps.T.reshape(self.groups * d, c, *self.kernel_size)
         full = spectrum.new_zeros(math.prod(self.input_size), self.groups, d, c)
         full[self.partners] = spectrum.conj()  # first the mirror images, then the kept ones over the self-conjugate

@@ -59,6 +59,23 @@ def test_circular_reflect_replicate_match_explicit_matrix(case):
     _check_against_oracle(*case)
 
 
+@settings(max_examples=300)
+@given(st.one_of(conv_layers(modes=("zeros", "circular", "reflect", "replicate")), conv_layers(transposed=True)))
+def test_norms_inside_autocast_are_the_exact_norms(case):
+    """A training step under one ``torch.autocast`` region calls the norms inside it; autocast would
+    run their products with the 0/1 tap tables in bfloat16."""
+    layer, spec, input_shape = case
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _check_against_oracle(layer, spec, input_shape)
+        tensors = {"layer.weight": layer.weight.detach()}
+        inside = [normopt.norm_subgradient(tensors, spec, ord) for ord in (1, math.inf)]
+        batched = [normopt.layer_norms(tensors, {"layer": spec}, ord)["layer"] for ord in (1, math.inf)]
+    outside = [normopt.norm_subgradient(tensors, spec, ord) for ord in (1, math.inf)]
+    for ours, theirs, norm in zip(inside, outside, batched):
+        assert torch.equal(ours.norm, theirs.norm) and torch.equal(norm, theirs.norm)
+        assert torch.equal(ours.values, theirs.values) and torch.equal(ours.index, theirs.index)
+
+
 def _large_sizes(spec, extra):
     """Input sizes n0 + r per axis, r over one period of the stride, n0 past every edge effect."""
     n0 = [

@@ -353,6 +353,41 @@ def test_doubling_beta_between_steps_doubles_the_next_added_gradient(rings, kind
     assert all(added[0][f"{i}.weight"].abs().sum() > 0 for i in (0, 3, 6))
 
 
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_a_step_inside_torch_autocast_gives_the_weights_of_one_outside(ord, rule):
+    """Training loops put forward, backward and step under one autocast region; torch.optim's
+    steps are elementwise, which autocast leaves alone, and so must the decay be."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=2, padding=1),  # several tap patterns
+            nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),  # folds taps on 4x4 maps
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
+
+    model, twin = make(), make()
+    with torch.no_grad():  # two columns of the first layer a hair apart: bfloat16 cannot tell them apart
+        for m in (model, twin):
+            m[0].weight.mul_(0.1)
+            m[0].weight[:, 0, 0, 0] = torch.tensor([0.501, 0.0, 0.0, 0.0])
+            m[0].weight[:, 0, 2, 2] = torch.tensor([0.5, 0.0, 0.0, 0.0])
+    optimizers = [wrapped(m, beta=0.5, ord=ord, rule=rule, example_input=DATA[0][:1]) for m in (model, twin)]
+    for seed in range(4):
+        for m, optimizer, autocast in zip((model, twin), optimizers, (True, False)):
+            inputs, labels = next(batches(*DATA, 1, 16, seed))
+            optimizer.zero_grad()
+            F.cross_entropy(m(inputs), labels).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                optimizer.step()
+        norms = [optimizer.last_norms for optimizer in optimizers]
+        assert norms[0].keys() == {"0", "1", "4"} and all(torch.equal(norms[0][n], norms[1][n]) for n in norms[0])
+    same_weights(model, twin)
+
+
 @pytest.mark.parametrize("where", ["constructor", "param groups"])
 def test_numpy_scalars_as_beta_and_gamma_step_as_the_same_floats(where):
     np = pytest.importorskip("numpy")

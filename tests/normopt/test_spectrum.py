@@ -53,6 +53,19 @@ def test_the_inverse_reads_the_taps_back(table, case):
     torch.testing.assert_close(phases.inverse(phases.forward(weight)), weight, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("table", [True, False])
+def test_singular_values_and_clips_inside_autocast_are_those_outside(table):
+    """The tables of phases multiply float32 kernels: autocast would run that in bfloat16."""
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3)
+    with mock.patch.object(spectrum, "MAX_TABLE_TAPS", 10**9 if table else 0):
+        outside = (conv_singular_values(weight, (6, 6)), clip_singular_values(weight, (6, 6), 0.5))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = (conv_singular_values(weight, (6, 6)), clip_singular_values(weight, (6, 6), 0.5))
+    np.testing.assert_array_equal(inside[0], outside[0])
+    assert torch.equal(inside[1], outside[1])
+
+
 def test_a_kernel_with_many_taps_goes_through_the_fft_and_clips_as_the_svd_path():
     weight = torch.randn(3, 2, 9, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # 81 taps
     assert not spectrum._phases((9, 9), (10, 10), (1, 1), 1, torch.complex128).table

@@ -98,6 +98,16 @@ def test_power_iteration_matches_the_explicit_matrix(case):
     assert_close(ours, oracle, rtol=1e-3, atol=1e-9)
 
 
+def test_power_iteration_inside_autocast_is_the_one_outside():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    spec = normopt.module_spec(layer, "", (9, 9))
+    outside = power_iteration_norm(layer.weight.detach(), spec, iterations=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = power_iteration_norm(layer.weight.detach(), spec, iterations=50)
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+
+
 @settings(max_examples=100)
 @given(conv_layers(transposed=False))
 def test_circular_norm_on_the_padded_input_bounds_the_zero_padded_layer(case):
