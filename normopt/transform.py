@@ -227,6 +227,9 @@ def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, mat
         missing = [n for n in names if n not in value]
         if missing:
             raise KeyError(f"{what} has no value for layers {missing}")
+        if torch.compiler.is_compiling():  # each checked: id() of an input makes dynamo guard on the
+            # object itself, and a dict of the same values built anew recompiled at every call
+            return [one(value[n], n) for n in names]
         # Each number once: a param group's value is one object for all its layers.
         known: dict[int, float] = {}
         out = []

@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import assert_close, conv_layers, explicit_matrix, rings_everywhere
+from helpers import assert_close, conv_layers, explicit_matrix, graph_recorder, rings_everywhere
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -274,6 +274,34 @@ def test_an_update_called_with_grad_mode_on_keeps_no_autograd_history(ord):
     for a, b in zip(*runs):
         for key in a:
             assert_close(b[key], a[key], rtol=1e-6, msg=key)
+
+
+def _filled(specs, tensors, value: float) -> dict:
+    return {spec.weight: torch.full_like(tensors[spec.weight], float(value)) for spec in specs.values()}
+
+
+@pytest.mark.parametrize("per_layer", ["beta", "gamma"])
+def test_a_compiled_update_given_per_layer_floats_compiles_once_for_the_same_values(per_layer):
+    """A schedule builds ``{layer: value}`` anew each step: new float objects, the same values."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 3))
+    specs = normopt.layer_specs(model, torch.zeros(1, 1, 8, 8))
+    tensors = {name: p.detach() for name, p in model.named_parameters()}
+    transform = norm_decay(specs, ord=1)
+    graphs, backend = graph_recorder(then="aot_eager")
+    update = torch.compile(transform.update, fullgraph=True, backend=backend)
+    state, twin = transform.init(tensors), transform.init(tensors)
+    for step in range(torch._dynamo.config.recompile_limit + 2):
+        values = {name: float(f"0.{i + 2}") for i, name in enumerate(specs)}  # new objects every call
+        hyper = {"beta": 0.1, "gamma": 0.5, per_layer: values}
+        grads, state, _ = update(_filled(specs, tensors, step), state, tensors, **hyper)
+        expected, twin, _ = transform.update(_filled(specs, tensors, step), twin, tensors, **hyper)  # eager
+        for key in grads:
+            assert_close(grads[key], expected[key], rtol=1e-6, msg=key)
+    assert len(graphs) == 1
 
 
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
