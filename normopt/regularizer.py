@@ -645,26 +645,24 @@ class NormDecay:
                         entry.pop(key, None)
                     if not entry:
                         del zero_local[0][weight]
-        self._held_back = {}
+        # As a load before the first step: the next step lays the state out anew from what was
+        # loaded. Copied into the live layout, a checkpoint's rings of another length, or a batch
+        # of it that was sparse where the live one had turned dense, would resume otherwise than
+        # the run that wrote it (a rollback after a gamma spike; torch.distributed.checkpoint's
+        # load, which steps first).
+        self._transform = self._state = None
+        self._held_back, self._pending = {}, {}
         for name in (*self._frozen_decayed(), *self.decayed):
             weight = self._weight[name]
             as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
             buffer, scale, recent = loaded.get(name, (None, None, None))
-            if name not in self.decayed:
-                if buffer is not None:
-                    self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
-                continue
-            buffer = as_weight(buffer) if buffer is not None else torch.zeros_like(weight)
-            if self._state is None:
+            if name in self.decayed:
+                buffer = as_weight(buffer) if buffer is not None else torch.zeros_like(weight)
                 self._pending[name] = (buffer, as_weight(scale), recent)
-                continue
-            self._write(name, buffer, as_weight(scale), recent)
-            saved = self._home(weight, zero_local).get(weight)
-            if saved:  # the optimizer's own state of the weight came back: the decay's joins it now
-                saved[BUFFER], saved[SCALE] = self._state.views[name]
-                if name in self._state.recent:
-                    saved[RECENT] = self._state.recent[name]
-            # else: joins at the weight's next step (after_step); until then, saved by _save_pending
+            elif buffer is not None:
+                self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
+        # Until the next step, _save_pending saves it; the state entries of the live layout are gone
+        # with torch's load (it replaced optimizer.state).
 
     def _save_pending(self, optimizer, state_dict):
         """Put into the state dict the decay state that is not in ``optimizer.state`` (under

@@ -16,7 +16,7 @@ from torch import nn
 
 import normopt
 from normopt import NormDecayOptimizer, attach_norm_decay
-from normopt.recent_slices import horizon
+from normopt.recent_slices import DENSE, horizon
 
 DATA = digits()
 
@@ -155,6 +155,45 @@ def test_a_checkpoint_with_longer_rings_keeps_them_as_a_run_sized_for_a_larger_g
     ]
     assert len(recent) == 3 and all(r.shape == (30,) and r.min() >= 0 for r in recent)  # kept, and still sparse
     same_weights(model, twin, rtol=1e-6)  # the longer rings add slices older than 24 steps too
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+@pytest.mark.parametrize("before", ["a gamma spike", "a step at another gamma"])
+def test_a_checkpoint_loaded_into_an_optimizer_that_has_stepped_resumes_as_one_loaded_before_its_first_step(rings, make, before):
+    """A rollback in place after a gamma spike turned the rings dense, or a load after a step of an
+    optimizer built with another gamma (torch.distributed.checkpoint's load steps first)."""
+    model = small_cnn()
+    optimizer = make(model, beta=0.1, ord=math.inf, gamma=0.7)  # rings of 47 steps
+    for seed in range(50):
+        one_step(model, optimizer, seed)
+    saved, weights = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(model.state_dict())
+    fresh = small_cnn()
+    fresh.load_state_dict(weights)
+    fresh_optimizer = make(fresh, beta=0.1, ord=math.inf)  # built with the default gamma 0.5: rings of 24
+    fresh_optimizer.load_state_dict(copy.deepcopy(saved))  # its momentum buffers would be shared
+    if before == "a gamma spike":
+        stepped, stepped_optimizer = model, optimizer
+        for group in optimizer.param_groups:
+            group["norm_decay_gamma"] = 0.99  # above every ring: dense for good
+        one_step(model, optimizer, 99)
+        assert all(bool((ring == DENSE).all()) for ring in _rings(optimizer))
+    else:
+        stepped = small_cnn(seed=1)
+        stepped_optimizer = make(stepped, beta=0.1, ord=math.inf)
+        one_step(stepped, stepped_optimizer, 99)
+    stepped.load_state_dict(weights)
+    stepped_optimizer.load_state_dict(copy.deepcopy(saved))
+    for seed in range(50, 80):
+        one_step(fresh, fresh_optimizer, seed)
+        one_step(stepped, stepped_optimizer, seed)
+    for optimizer in (fresh_optimizer, stepped_optimizer):  # the checkpoint's rings, sparse
+        assert [tuple(ring.shape) for ring in _rings(optimizer)] == [(horizon(0.7, torch.float32),)] * 3
+        assert all(bool((ring >= 0).all()) for ring in _rings(optimizer))
+    same_weights(fresh, stepped)
+
+
+def _rings(optimizer) -> list[torch.Tensor]:
+    return [entry["norm_decay_recent"] for entry in optimizer.state_dict()["state"].values() if "norm_decay_recent" in entry]
 
 
 def half_net(dtype, width):
