@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
+import torch.optim.optimizer as _optimizer_module
 from torch import nn
 
 from normopt.regularizer import NormDecay, check_group
+
+
+@contextlib.contextmanager
+def _global_step_hooks_held_back():
+    """Run the inner optimizer's step without torch's global step hooks
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``): they ran
+    around the wrapper's own step, which ``Optimizer.__init__`` hooks as it hooks every
+    optimizer's, and would run twice per step (a pre-hook that scales the gradients scaled them
+    twice). They see the gradients as the backward left them, before the decay, as a hook of a
+    plain optimizer sees them before its weight decay. (Held back for the inner step of every
+    thread: torch keeps them in module globals.)"""
+    hooks = (_optimizer_module._global_optimizer_pre_hooks, _optimizer_module._global_optimizer_post_hooks)
+    if not (hooks[0] or hooks[1]):
+        yield
+        return
+    saved = [dict(h) for h in hooks]
+    for h in hooks:
+        h.clear()
+    try:
+        yield
+    finally:
+        for h, kept in zip(hooks, saved):
+            h.clear()
+            h.update(kept)
 
 
 def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -160,7 +186,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
                 self.norm_decay.before_step()
                 return loss
 
-            loss = self.optimizer.step(decayed_closure)
+            with _global_step_hooks_held_back():
+                loss = self.optimizer.step(decayed_closure)
         else:
             loss = None
             if closure is not None:
@@ -168,7 +195,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
                     loss = closure()
             self.norm_decay.before_step()
             # Without the closure, so the inner optimizer cannot overwrite the decayed gradients.
-            self.optimizer.step()
+            with _global_step_hooks_held_back():
+                self.optimizer.step()
         self.norm_decay.after_step()
         return loss
 

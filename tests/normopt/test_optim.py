@@ -293,6 +293,45 @@ def test_a_plain_checkpoint_keeps_each_groups_beta_and_gamma(through):
     assert not torch.equal(model[3].weight, twin[3].weight)
 
 
+@pytest.mark.parametrize("inner", ["SGD", "LBFGS"])
+def test_global_step_hooks_run_once_per_step_and_see_the_gradients_as_a_plain_optimizers_do(inner):
+    """torch hooks the wrapper's step as it hooks every optimizer's, and the inner step too."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    calls = []
+
+    def halve(optimizer, args, kwargs):  # a pre-hook that changes the gradients: it must act once
+        calls.append(("pre", type(optimizer).__name__))
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(0.5)
+
+    make = {
+        "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=0.5),
+        "LBFGS": lambda m: torch.optim.LBFGS(m.parameters(), max_iter=1),
+    }
+    model, twin = small_cnn(), small_cnn()
+    optimizer, plain = NormDecayOptimizer(make[inner](model), model, beta=0.0), make[inner](twin)
+    inner_calls = []
+    optimizer.optimizer.register_step_pre_hook(lambda *_: inner_calls.append("inner pre"))  # its own hooks still run
+    handles = [
+        register_optimizer_step_pre_hook(halve),
+        register_optimizer_step_post_hook(lambda o, *_: calls.append(("post", type(o).__name__))),
+    ]
+    try:
+        run(model, optimizer, 2, closure=True)
+        wrapped_calls, calls[:] = list(calls), []
+        run(twin, plain, 2, closure=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert wrapped_calls == [(kind, "NormDecayOptimizer") for kind in ("pre", "post")] * 2
+    assert calls == [(kind, inner) for kind in ("pre", "post")] * 2 and inner_calls == ["inner pre"] * 2
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, twin.state_dict()[key]), key
+
+
 def test_state_dict_hooks_registered_on_the_wrapper_run_as_on_a_torch_optimizer():
     model = small_cnn()
     optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model)
