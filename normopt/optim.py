@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 
 import torch
@@ -12,9 +11,8 @@ from torch import nn
 from normopt.regularizer import NormDecay, check_group
 
 
-@contextlib.contextmanager
-def _global_step_hooks_held_back():
-    """Run the inner optimizer's step without torch's global step hooks
+def _inner_step(optimizer: torch.optim.Optimizer, *args):
+    """``optimizer.step(*args)`` without torch's global step hooks
     (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``): they ran
     around the wrapper's own step, which ``Optimizer.__init__`` hooks as it hooks every
     optimizer's, and would run twice per step (a pre-hook that scales the gradients scaled them
@@ -22,14 +20,13 @@ def _global_step_hooks_held_back():
     plain optimizer sees them before its weight decay. (Held back for the inner step of every
     thread: torch keeps them in module globals.)"""
     hooks = (_optimizer_module._global_optimizer_pre_hooks, _optimizer_module._global_optimizer_post_hooks)
-    if not (hooks[0] or hooks[1]):
-        yield
-        return
+    if not (hooks[0] or hooks[1]):  # no context manager: compiled, it would break the graph
+        return optimizer.step(*args)
     saved = [dict(h) for h in hooks]
     for h in hooks:
         h.clear()
     try:
-        yield
+        return optimizer.step(*args)
     finally:
         for h, kept in zip(hooks, saved):
             h.clear()
@@ -186,8 +183,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
                 self.norm_decay.before_step()
                 return loss
 
-            with _global_step_hooks_held_back():
-                loss = self.optimizer.step(decayed_closure)
+            loss = _inner_step(self.optimizer, decayed_closure)
         else:
             loss = None
             if closure is not None:
@@ -195,8 +191,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
                     loss = closure()
             self.norm_decay.before_step()
             # Without the closure, so the inner optimizer cannot overwrite the decayed gradients.
-            with _global_step_hooks_held_back():
-                self.optimizer.step()
+            _inner_step(self.optimizer)
         self.norm_decay.after_step()
         return loss
 

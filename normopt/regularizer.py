@@ -230,6 +230,7 @@ class NormDecay:
                 f"no layer to regularize: none of the model's {'/'.join(layers)} layers has a trainable weight in "
                 f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
+        self._refuse_other_hyperparameters(beta, gamma)
         for group in optimizer.param_groups:
             group.setdefault(BETA, beta)
             group.setdefault(GAMMA, gamma)
@@ -299,6 +300,27 @@ class NormDecay:
                 f"that wrapper steps as its inner optimizer), or leave these layers to it (exclude={tuple(self._shared)!r})"
             )
 
+    def _refuse_other_hyperparameters(self, beta, gamma) -> None:
+        """Refuse a beta or gamma other than the one that another decay on the optimizer wrote into
+        a param group holding this decay's layers: a group has one of each for all its layers, so
+        this decay would silently take the other's."""
+        if not self._others():
+            return
+        for i in sorted(set(self._group_of.values())):
+            group = self.optimizer.param_groups[i]
+            for key, given in ((BETA, beta), (GAMMA, gamma)):
+                held = group.get(key, given)
+                same = held is given or (
+                    not (isinstance(held, torch.Tensor) or isinstance(given, torch.Tensor)) and held == given
+                )
+                if not same:
+                    raise ValueError(
+                        f"param group {i} holds {key}={held!r}, set by the other norm decay on this optimizer, and "
+                        f"this one was given {given!r}: a param group has one {key} for all its layers. Pass "
+                        f"{key.removeprefix('norm_decay_')}={held!r}, or give this decay's layers param groups of "
+                        f"their own, set their {key!r} to the value you want, and pass that"
+                    )
+
     def _decayed_weights(self) -> set[int]:
         """Ids of the weights this decay keeps state for (regularized now, or once unfrozen)."""
         return {id(self._weight[name]) for name in (*self.decayed, *self._frozen_decayed())}
@@ -361,6 +383,8 @@ class NormDecay:
         described anew: a new convolution first with the large-input limit, then with the input
         size that the next forward records (for the convolutions kept as well)."""
         del params  # the optimizer's param groups are the source of truth
+        if self._detached:
+            return
         for i, group in enumerate(self.optimizer.param_groups):  # a group added with a bad beta, named now
             check_group(group, f"param group {i}")
         self._choose_anew(during_step=False)
@@ -706,10 +730,16 @@ class NormDecay:
         """Remove every hook this object installed (optimizer step and load hooks, model forward hooks)
         and stop: :meth:`before_step` and :meth:`after_step` do nothing from then on, so that a
         :class:`~normopt.NormDecayOptimizer` around it steps as its inner optimizer, and another
-        decay may take its layers."""
+        decay may take its layers. The last decay on an optimizer takes ``norm_decay_beta`` and
+        ``norm_decay_gamma`` out of its param groups and defaults too: a decay attached later sets
+        its own."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if not self._others():  # the last decay here: its options go with it, so that one attached later sets its own
+            for options in (*self.optimizer.param_groups, self.optimizer.defaults):
+                options.pop(BETA, None)
+                options.pop(GAMMA, None)
         _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)
         self._detached = True
         if self._recorder is not None:

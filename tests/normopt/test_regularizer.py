@@ -803,7 +803,9 @@ def test_a_checkpoint_holds_compact_copies_of_the_decay_state(make):
 def test_two_decays_on_one_optimizer_each_resume_their_own_layers():
     def build():
         model = small_cnn()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        first = [p for name, p in model.named_parameters() if name.startswith("0.")]
+        rest = [p for name, p in model.named_parameters() if not name.startswith("0.")]
+        optimizer = torch.optim.Adam([{"params": first}, {"params": rest, "norm_decay_beta": 0.2}], lr=1e-3)
         attach_norm_decay(optimizer, model, beta=0.1, exclude=("3", "6"))
         attach_norm_decay(optimizer, model, beta=0.2, ord=math.inf, exclude=("0",))
         return model, optimizer
@@ -837,6 +839,42 @@ def test_a_second_decay_of_the_same_layers_on_one_optimizer_is_refused_until_the
     assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
     first.detach()
     attach_norm_decay(optimizer, model, ord=math.inf, beta=0.2)  # its layers are free now
+
+
+def test_a_second_decay_given_another_beta_or_gamma_than_its_groups_hold_is_refused_and_groups_of_its_own_take_it():
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    attach_norm_decay(optimizer, model, beta=0.5, exclude=("6",))
+    hooks = len(optimizer._optimizer_step_pre_hooks)
+    for given, key in (({"beta": 0.01}, "norm_decay_beta"), ({"gamma": 0.0}, "norm_decay_gamma")):
+        with pytest.raises(ValueError, match=rf"param group 0 holds {key}=0.5, set by the other norm decay"):
+            attach_norm_decay(optimizer, model, exclude=("0", "3"), **{"beta": 0.5, **given})
+    assert len(optimizer._optimizer_step_pre_hooks) == hooks  # nothing was added
+
+    model = small_cnn()
+    body = [p for name, p in model.named_parameters() if not name.startswith("6.")]
+    groups = [{"params": body}, {"params": list(model[6].parameters()), "norm_decay_beta": 0.01}]
+    optimizer = torch.optim.SGD(groups, lr=0.0)
+    attach_norm_decay(optimizer, model, beta=0.5, exclude=("6",))
+    attach_norm_decay(optimizer, model, beta=0.01, rule="reference", exclude=("0", "3"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # the reference rule from h = 0 adds beta * sign on the arg-max line
+    assert model[6].weight.grad.abs().max() == torch.tensor(0.01)
+
+
+def test_the_last_decay_detached_takes_its_beta_and_gamma_out_of_the_groups_for_one_attached_later():
+    model = small_cnn()
+    wrapper = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, beta=0.5, gamma=0.7)
+    wrapper.norm_decay.detach()
+    options = [wrapper.defaults, *wrapper.param_groups]
+    assert not any(key.startswith("norm_decay") for group in options for key in group)
+    wrapper.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})  # a detached decay chooses nothing
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    decay = attach_norm_decay(wrapper, model, beta=0.01, rule="reference")
+    assert [g["norm_decay_beta"] for g in wrapper.param_groups] == [0.01, 0.01]
+    one_step(model, wrapper)
+    assert decay.decay_buffers()["0"].abs().max() == 1.0  # a sign: h = p from zero with gamma 0.5, reference rule
 
 
 def test_a_wrappers_decay_once_detached_leaves_a_plain_optimizer_whose_layers_another_decay_may_take():
