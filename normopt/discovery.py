@@ -275,6 +275,11 @@ class InputSizeRecorder:
             self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))
 
     @property
+    def watching(self) -> bool:
+        """Whether the model has convolutions whose input sizes it records (and its hooks are on)."""
+        return bool(self._handles)
+
+    @property
     def called(self) -> bool:
         """Whether any convolution has run since the recorder was made."""
         return bool(self._seen)

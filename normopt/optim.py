@@ -5,32 +5,9 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.optim.optimizer as _optimizer_module
 from torch import nn
 
 from normopt.regularizer import NormDecay, check_group
-
-
-def _inner_step(optimizer: torch.optim.Optimizer, *args):
-    """``optimizer.step(*args)`` without torch's global step hooks
-    (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``): they ran
-    around the wrapper's own step, which ``Optimizer.__init__`` hooks as it hooks every
-    optimizer's, and would run twice per step (a pre-hook that scales the gradients scaled them
-    twice). They see the gradients as the backward left them, before the decay, as a hook of a
-    plain optimizer sees them before its weight decay. (Held back for the inner step of every
-    thread: torch keeps them in module globals.)"""
-    hooks = (_optimizer_module._global_optimizer_pre_hooks, _optimizer_module._global_optimizer_post_hooks)
-    if not (hooks[0] or hooks[1]):  # no context manager: compiled, it would break the graph
-        return optimizer.step(*args)
-    saved = [dict(h) for h in hooks]
-    for h in hooks:
-        h.clear()
-    try:
-        return optimizer.step(*args)
-    finally:
-        for h, kept in zip(hooks, saved):
-            h.clear()
-            h.update(kept)
 
 
 def _requires_closure(optimizer: torch.optim.Optimizer) -> bool:
@@ -166,13 +143,35 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         self.optimizer.add_param_group(param_group)  # fills norm_decay_beta/gamma from the defaults
         self.norm_decay.add_params()
 
-    @torch.no_grad()
     def step(self, closure=None):
         """Evaluate ``closure`` once (if given), add norm decay, step the inner optimizer, project.
 
         An inner optimizer that requires a closure and re-evaluates it (LBFGS) gets one that runs
-        ``closure`` and then adds the decay, so no evaluation's gradient lacks it.
+        ``closure`` and then adds the decay, so no evaluation's gradient lacks it. Step hooks
+        registered on the wrapper run around all of it; torch's global step hooks run once, around
+        the inner optimizer's step (so after a closure that the wrapper evaluates itself, and with
+        the decay in the gradients).
         """
+        # torch hooks every optimizer class's step with the instance's and the global step hooks;
+        # the inner step runs the global ones already, so this one runs the wrapper's own only.
+        with torch.autograd.profiler.record_function("Optimizer.step#NormDecayOptimizer.step"):
+            args, kwargs = ((self,) if closure is None else (self, closure)), {}
+            for pre_hook in self._optimizer_step_pre_hooks.values():
+                result = pre_hook(self, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(f"a step pre-hook must return None or (new_args, new_kwargs), got {result}")
+                    args, kwargs = result
+            loss = self._step(*args[1:], **kwargs)
+            self._optimizer_step_code()
+            for post_hook in self._optimizer_step_post_hooks.values():
+                post_hook(self, args, kwargs)
+            return loss
+
+    step.hooked = True  # read by Optimizer.__init__: the class's step is hooked already
+
+    @torch.no_grad()
+    def _step(self, closure=None):
         if self._closure_required:
             if closure is None:
                 raise ValueError(f"{type(self.optimizer).__name__} needs a closure: call step(closure)")
@@ -183,7 +182,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
                 self.norm_decay.before_step()
                 return loss
 
-            loss = _inner_step(self.optimizer, decayed_closure)
+            loss = self.optimizer.step(decayed_closure)
         else:
             loss = None
             if closure is not None:
@@ -191,7 +190,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
                     loss = closure()
             self.norm_decay.before_step()
             # Without the closure, so the inner optimizer cannot overwrite the decayed gradients.
-            _inner_step(self.optimizer)
+            self.optimizer.step()
         self.norm_decay.after_step()
         return loss
 

@@ -458,28 +458,32 @@ class NormDecay:
         if self._selection_changed():
             self._choose_anew(during_step=True)
         if self._transform is None and self.decayed:
-            _, gammas = self._hyper()
-            # Rings sized for the default gamma, or the largest one set now: a scheduler that
-            # raises gamma above it makes the steps from then on add h densely.
-            max_gamma = max([0.5, *gammas.values()])
-            # Rings loaded from a checkpoint keep their length whatever gamma is now (it may have
-            # changed between the checkpoint and this step), so that the run goes on sparse or turns
-            # dense as the one that wrote them would have. A ring shorter than any this dtype is
-            # sized for came from another dtype: the load rebuilds it from h.
-            loaded = [
-                covered(recent.numel(), dtype)
-                for name, (_, _, recent) in self._pending.items()
-                if recent is not None
-                and horizon(0.5, dtype := self._weight[name].dtype) <= recent.numel() <= RING_MAX_LENGTH
-                and not bool((recent == DENSE).any())
-            ]
-            if loaded:
-                max_gamma = min(loaded)
-            self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule, max_gamma=max_gamma)
-            self._state = self._transform.init(self._tensors)
-            for name, (buffer, scale, recent) in self._pending.items():
-                self._write(name, buffer, scale, recent)
-            self._pending = {}
+            self._lay_out()
+
+    def _lay_out(self) -> None:
+        """Build the transformation and its state for the layers chosen, from the decay state pending."""
+        _, gammas = self._hyper()
+        # Rings sized for the default gamma, or the largest one set now: a scheduler that
+        # raises gamma above it makes the steps from then on add h densely.
+        max_gamma = max([0.5, *gammas.values()])
+        # Rings loaded from a checkpoint keep their length whatever gamma is now (it may have
+        # changed between the checkpoint and this step), so that the run goes on sparse or turns
+        # dense as the one that wrote them would have. A ring shorter than any this dtype is
+        # sized for came from another dtype: the load rebuilds it from h.
+        loaded = [
+            covered(recent.numel(), dtype)
+            for name, (_, _, recent) in self._pending.items()
+            if recent is not None
+            and horizon(0.5, dtype := self._weight[name].dtype) <= recent.numel() <= RING_MAX_LENGTH
+            and not bool((recent == DENSE).any())
+        ]
+        if loaded:
+            max_gamma = min(loaded)
+        self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule, max_gamma=max_gamma)
+        self._state = self._transform.init(self._tensors)
+        for name, (buffer, scale, recent) in self._pending.items():
+            self._write(name, buffer, scale, recent)
+        self._pending = {}
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -582,8 +586,9 @@ class NormDecay:
                 if state is not None and state.get(BUFFER) is buffer:
                     continue
                 # Only once the optimizer has stepped the weight: a key written earlier would keep
-                # Adam-like optimizers from initialising their own state.
-                if weight.grad is not None:
+                # Adam-like optimizers from initialising their own state. (An entry that holds the
+                # state of a load, or of an earlier layout, is brought up to date all the same.)
+                if weight.grad is not None or (state is not None and BUFFER in state):
                     state = home[weight]
                     if state is None:  # ZeRO loads None for the parameters another rank steps
                         state = home[weight] = {}
@@ -674,6 +679,7 @@ class NormDecay:
         # of it that was sparse where the live one had turned dense, would resume otherwise than
         # the run that wrote it (a rollback after a gamma spike; torch.distributed.checkpoint's
         # load, which steps first).
+        had_state = self._state is not None
         self._transform = self._state = None
         self._held_back, self._pending = {}, {}
         for name in (*self._frozen_decayed(), *self.decayed):
@@ -685,8 +691,26 @@ class NormDecay:
                 self._pending[name] = (buffer, as_weight(scale), recent)
             elif buffer is not None:
                 self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
-        # Until the next step, _save_pending saves it; the state entries of the live layout are gone
-        # with torch's load (it replaced optimizer.state).
+        if not had_state:
+            return  # the first step lays it out; until then _save_pending saves it
+        # A checkpoint taken before the next step (by a trainer at its resume step, or through
+        # torch.distributed.checkpoint or ZeRO, which read "state" only) carries it in the state
+        # entries, as before the load: laid out now, or, while convolutions wait for the input
+        # sizes that the next forward records (the next step describes them anew, and would drop
+        # the checkpoint's rings with a layout made now), as loaded.
+        if self.decayed and (self._recorder is None or not self._recorder.watching) and not self._selection_changed():
+            self._lay_out()
+            joined = {name: (*views, self._state.recent.get(name)) for name, views in self._state.views.items()}
+        else:
+            ones = lambda scale, like: scale if scale is not None else torch.ones((), dtype=like.dtype, device=like.device)
+            joined = {name: (buffer, ones(scale, buffer), recent) for name, (buffer, scale, recent) in self._pending.items()}
+        zero_local = self._zero_local()
+        for name, (buffer, scale, recent) in joined.items():
+            saved = self._home(self._weight[name], zero_local).get(self._weight[name])
+            if saved:  # the optimizer's own state of the weight came back: the decay's joins it
+                saved[BUFFER], saved[SCALE] = buffer, scale
+                if recent is not None:
+                    saved[RECENT] = recent
 
     def _save_pending(self, optimizer, state_dict):
         """Put into the state dict the decay state that is not in ``optimizer.state`` (under

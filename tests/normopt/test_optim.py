@@ -232,6 +232,35 @@ def test_torch_distributed_checkpoints_state_dict_functions_resume_bit_for_bit(t
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_a_checkpoint_taken_right_after_a_load_into_a_stepped_optimizer_holds_h_in_its_state(through):
+    """A trainer may checkpoint at its resume step, and torch.distributed.checkpoint (whose load
+    steps first) and ZeRO read ``state`` only."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def fresh():
+        model = small_cnn()
+        inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+        if through == "hooks":
+            return model, inner, normopt.attach_norm_decay(inner, model, beta=0.05)
+        optimizer = NormDecayOptimizer(inner, model, beta=0.05)
+        return model, optimizer, optimizer.norm_decay
+
+    model, optimizer, decay = fresh()
+    run(model, optimizer, 3)
+    saved, h = copy.deepcopy(optimizer.state_dict()), decay.decay_buffers()
+    run(model, optimizer, 1)
+    optimizer.load_state_dict(copy.deepcopy(saved))  # a rollback
+    assert all("norm_decay_buffer" in optimizer.state[p] for p in (model[0].weight, model[3].weight, model[6].weight))
+    checkpoint = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    for _ in range(2):  # resume, checkpoint at once, resume from that
+        model, optimizer, decay = fresh()
+        set_optimizer_state_dict(model, optimizer, checkpoint)
+        checkpoint = copy.deepcopy(get_optimizer_state_dict(model, optimizer))
+    for name, value in h.items():
+        assert torch.equal(decay.decay_buffers()[name], value), name
+
+
 @pytest.mark.parametrize("bn_projection", ["exact", "released"])
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 @pytest.mark.parametrize("ord", ["l1", "linf"])
@@ -294,8 +323,9 @@ def test_a_plain_checkpoint_keeps_each_groups_beta_and_gamma(through):
 
 
 @pytest.mark.parametrize("inner", ["SGD", "LBFGS"])
-def test_global_step_hooks_run_once_per_step_and_see_the_gradients_as_a_plain_optimizers_do(inner):
-    """torch hooks the wrapper's step as it hooks every optimizer's, and the inner step too."""
+def test_global_step_hooks_run_once_per_step_and_the_wrappers_own_around_it(inner):
+    """torch hooks every optimizer class's step with the instance's and the global step hooks: the
+    global ones run once, around the inner step; the wrapper's own around the whole step."""
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     calls = []
@@ -313,21 +343,25 @@ def test_global_step_hooks_run_once_per_step_and_see_the_gradients_as_a_plain_op
     }
     model, twin = small_cnn(), small_cnn()
     optimizer, plain = NormDecayOptimizer(make[inner](model), model, beta=0.0), make[inner](twin)
-    inner_calls = []
-    optimizer.optimizer.register_step_pre_hook(lambda *_: inner_calls.append("inner pre"))  # its own hooks still run
+    own = []
+    optimizer.optimizer.register_step_pre_hook(lambda *_: own.append("inner pre"))
+    optimizer.register_step_pre_hook(lambda o, args, kwargs: own.append(("wrapper pre", o is optimizer, len(args))))
+    optimizer.register_step_post_hook(lambda o, args, kwargs: own.append("wrapper post"))
     handles = [
         register_optimizer_step_pre_hook(halve),
         register_optimizer_step_post_hook(lambda o, *_: calls.append(("post", type(o).__name__))),
     ]
     try:
-        run(model, optimizer, 2, closure=True)
+        # (SGD given a closure would run the global hooks after it, where torch runs them before.)
+        run(model, optimizer, 2, closure=inner == "LBFGS")
         wrapped_calls, calls[:] = list(calls), []
-        run(twin, plain, 2, closure=True)
+        run(twin, plain, 2, closure=inner == "LBFGS")
     finally:
         for handle in handles:
             handle.remove()
-    assert wrapped_calls == [(kind, "NormDecayOptimizer") for kind in ("pre", "post")] * 2
-    assert calls == [(kind, inner) for kind in ("pre", "post")] * 2 and inner_calls == ["inner pre"] * 2
+    assert wrapped_calls == calls == [(kind, inner) for kind in ("pre", "post")] * 2
+    with_closure = 2 if inner == "LBFGS" else 1  # (self, closure) or (self,)
+    assert own == [("wrapper pre", True, with_closure), "inner pre", "wrapper post"] * 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, twin.state_dict()[key]), key
 
