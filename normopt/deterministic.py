@@ -28,8 +28,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ...     (a @ a.T).dtype, matmul(a, a.T).dtype
         (torch.bfloat16, torch.float32)
     """
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
+    kind = a.device.type  # autocast has no mode for some (the meta device)
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
             return a @ b
     return a @ b
 

@@ -41,6 +41,8 @@ def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int =
     if spec.input_size is None:
         raise ValueError(f"layer {spec.name!r}: power iteration needs the layer's input size")
     # In the weight's dtype inside torch.autocast too (which would run the convolutions in bfloat16).
+    if not torch.amp.is_autocast_available(weight.device.type):
+        return _iterate(_forward(spec, weight.detach()), spec, weight, iterations, tol, seed)
     with torch.autocast(weight.device.type, enabled=False):
         return _iterate(_forward(spec, weight.detach()), spec, weight, iterations, tol, seed)
 

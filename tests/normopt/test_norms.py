@@ -338,10 +338,13 @@ def test_a_weight_that_is_not_real_is_refused_by_layer(ord):
         normopt.layer_norms({"bn.weight": torch.ones(2), "bn.running_var": torch.ones(2, dtype=torch.complex64)}, {"bn": bn}, ord)
 
 
-def test_model_norms_of_a_model_on_the_meta_device_are_meta_tensors():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)).to("meta")
-    norms = normopt.model_norms(model, None, 1)  # its non-finite check read the values
-    assert sorted(norms) == ["0", "2"] and all(n.device.type == "meta" for n in norms.values())
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_model_norms_of_a_model_on_the_meta_device_are_meta_tensors(ord):
+    # The strided, padded and circular convolutions take products with tap tables, the first none.
+    layers = [nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3, stride=2, padding=1), nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular")]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8, 3)).to("meta")
+    norms = normopt.model_norms(model, torch.zeros(1, 1, 5, 5, device="meta"), ord)  # the non-finite check read values
+    assert sorted(norms) == ["0", "1", "2", "4"] and all(n.device.type == "meta" for n in norms.values())
     assert normopt.nonfinite_layers(norms) == []
 
 
