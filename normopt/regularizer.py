@@ -54,6 +54,9 @@ KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
 # Each optimizer's decays whose hooks are on it, to refuse a second decay of one weight.
 _DECAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Each optimizer's {(param group index, or None for its defaults), key} of the norm_decay_beta and
+# norm_decay_gamma that its decays wrote (not the user): the last decay detached takes them out.
+_INSERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
 
 
@@ -231,11 +234,12 @@ class NormDecay:
                 f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
         self._refuse_other_hyperparameters(beta, gamma)
-        for group in optimizer.param_groups:
-            group.setdefault(BETA, beta)
-            group.setdefault(GAMMA, gamma)
-        optimizer.defaults.setdefault(BETA, beta)
-        optimizer.defaults.setdefault(GAMMA, gamma)
+        inserted = _INSERTED.setdefault(self._registry_key(), set())
+        for i, options in (*enumerate(optimizer.param_groups), (None, optimizer.defaults)):
+            for key, value in ((BETA, beta), (GAMMA, gamma)):
+                if key not in options:  # a value the user set in a group stays: its per-group override
+                    options[key] = value
+                    inserted.add((i, key))
         self.last_norms: dict[str, torch.Tensor] = {}
         self._transform: NormDecayTransform | None = None
         self._state: NormDecayState | None = None
@@ -300,22 +304,31 @@ class NormDecay:
                 f"that wrapper steps as its inner optimizer), or leave these layers to it (exclude={tuple(self._shared)!r})"
             )
 
+    def _layer_groups(self) -> set[int]:
+        """Indices of the param groups that hold this decay's layers (trainable, or frozen ones it
+        regularizes once unfrozen)."""
+        index = {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        weights = [self._weight[name] for name in (*self.decayed, *self._frozen_decayed())]
+        return {index[id(w)] for w in weights if id(w) in index}
+
     def _refuse_other_hyperparameters(self, beta, gamma) -> None:
-        """Refuse a beta or gamma other than the one that another decay on the optimizer wrote into
-        a param group holding this decay's layers: a group has one of each for all its layers, so
-        this decay would silently take the other's."""
-        if not self._others():
+        """Refuse a beta or gamma other than the one that a param group holding this decay's layers
+        has from another decay on the optimizer (it wrote it there, or that decay's layers share the
+        group): a group has one of each for all its layers, so this decay would silently take the
+        other's. A value the user set in a group of this decay's own is its per-group override."""
+        others = self._others()
+        if not others:
             return
-        for i in sorted(set(self._group_of.values())):
+        theirs = set().union(*(decay._layer_groups() for decay in others))
+        inserted = _INSERTED.get(self._registry_key(), set())
+        for i in sorted(self._layer_groups()):
             group = self.optimizer.param_groups[i]
             for key, given in ((BETA, beta), (GAMMA, gamma)):
                 held = group.get(key, given)
-                same = held is given or (
-                    not (isinstance(held, torch.Tensor) or isinstance(given, torch.Tensor)) and held == given
-                )
-                if not same:
+                numbers_alike = not isinstance(held, torch.Tensor) and not isinstance(given, torch.Tensor) and held == given
+                if held is not given and not numbers_alike and (i in theirs or (i, key) in inserted):
                     raise ValueError(
-                        f"param group {i} holds {key}={held!r}, set by the other norm decay on this optimizer, and "
+                        f"param group {i} holds {key}={held!r} from the other norm decay on this optimizer, and "
                         f"this one was given {given!r}: a param group has one {key} for all its layers. Pass "
                         f"{key.removeprefix('norm_decay_')}={held!r}, or give this decay's layers param groups of "
                         f"their own, set their {key!r} to the value you want, and pass that"
@@ -347,6 +360,7 @@ class NormDecay:
             bn_max_norm=self.bn_max_norm,
         )
         self.specs, self._modules = specs, modules
+        self._note_added_groups()
         self._groups_seen = len(self.optimizer.param_groups)
         self.decayed, self.bn_projected, self.skipped = choice.decayed, choice.bn_projected, choice.skipped
         # Held but frozen now, and {layer: weight} that another decay on the optimizer has (a layer
@@ -373,6 +387,16 @@ class NormDecay:
             if isinstance(spec, BatchNormSpec):
                 self._tensors[spec.running_var] = module.running_var
         self._taps = {}
+
+    def _note_added_groups(self) -> None:
+        """Record as the decays' own the beta and gamma that torch copied from the defaults (which a
+        decay wrote) into the param groups added since the layers were chosen."""
+        inserted = _INSERTED.get(self._registry_key(), set())
+        groups, defaults = self.optimizer.param_groups, self.optimizer.defaults
+        for i in range(getattr(self, "_groups_seen", len(groups)), len(groups)):
+            for key in (BETA, GAMMA):
+                if (None, key) in inserted and key in groups[i] and groups[i][key] is defaults.get(key):
+                    inserted.add((i, key))
 
     def add_params(self, params: Iterable[torch.Tensor] = ()) -> None:
         """Choose the layers anew after the optimizer got new parameters (``add_param_group``; the
@@ -760,10 +784,18 @@ class NormDecay:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if not self._others():  # the last decay here: its options go with it, so that one attached later sets its own
-            for options in (*self.optimizer.param_groups, self.optimizer.defaults):
-                options.pop(BETA, None)
-                options.pop(GAMMA, None)
+        # The values decays wrote (never the user's) go with the last one, so that one attached later
+        # sets its own; before, those of the groups that only this decay's layers use.
+        others = self._others()
+        theirs = set().union(*(decay._layer_groups() for decay in others))
+        inserted = _INSERTED.get(self._registry_key(), set())
+        for i, key in list(inserted):
+            if others and (i is None or i in theirs or i not in self._layer_groups()):
+                continue  # still used (a group without any decay's layers keeps them for schedulers)
+            groups = self.optimizer.param_groups
+            options = self.optimizer.defaults if i is None else groups[i] if i < len(groups) else {}
+            options.pop(key, None)
+            inserted.discard((i, key))
         _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)
         self._detached = True
         if self._recorder is not None:

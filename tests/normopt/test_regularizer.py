@@ -847,9 +847,19 @@ def test_a_second_decay_given_another_beta_or_gamma_than_its_groups_hold_is_refu
     attach_norm_decay(optimizer, model, beta=0.5, exclude=("6",))
     hooks = len(optimizer._optimizer_step_pre_hooks)
     for given, key in (({"beta": 0.01}, "norm_decay_beta"), ({"gamma": 0.0}, "norm_decay_gamma")):
-        with pytest.raises(ValueError, match=rf"param group 0 holds {key}=0.5, set by the other norm decay"):
+        with pytest.raises(ValueError, match=rf"param group 0 holds {key}=0.5 from the other norm decay"):
             attach_norm_decay(optimizer, model, exclude=("0", "3"), **{"beta": 0.5, **given})
     assert len(optimizer._optimizer_step_pre_hooks) == hooks  # nothing was added
+
+    # A frozen layer of the second decay in the first's group takes its beta once unfrozen: refused too.
+    linears = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    groups = [{"params": [*linears[0].parameters(), *linears[1].parameters()]}, {"params": linears[2].parameters()}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    attach_norm_decay(optimizer, linears, beta=0.5, exclude=("1", "2"))
+    optimizer.param_groups[1]["norm_decay_beta"] = 0.01
+    linears[1].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"param group 0 holds norm_decay_beta=0.5 from the other norm decay"):
+        attach_norm_decay(optimizer, linears, beta=0.01, exclude=("0",))
 
     model = small_cnn()
     body = [p for name, p in model.named_parameters() if not name.startswith("6.")]
@@ -861,6 +871,23 @@ def test_a_second_decay_given_another_beta_or_gamma_than_its_groups_hold_is_refu
         p.grad = torch.zeros_like(p)
     optimizer.step()  # the reference rule from h = 0 adds beta * sign on the arg-max line
     assert model[6].weight.grad.abs().max() == torch.tensor(0.01)
+
+
+def test_a_decay_detached_takes_out_the_beta_and_gamma_decays_wrote_where_no_other_decay_uses_them():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    groups = [{"params": model[i].parameters()} for i in range(3)]
+    groups[2]["norm_decay_beta"] = 0.0  # the user's: no decay of the head
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    first = attach_norm_decay(optimizer, model, beta=0.01, exclude=("1",))
+    second = attach_norm_decay(optimizer, model, beta=0.01, exclude=("0", "2"))
+    betas = lambda: [g.get("norm_decay_beta") for g in optimizer.param_groups]
+    assert betas() == [0.01, 0.01, 0.0]
+    first.detach()  # group 0 was its own: free for another beta; group 2 is the user's
+    assert betas() == [None, 0.01, 0.0] and "norm_decay_gamma" not in optimizer.param_groups[0]
+    attach_norm_decay(optimizer, model, beta=0.02, exclude=("1",))
+    assert betas() == [0.02, 0.01, 0.0]
+    second.detach()
+    assert betas() == [0.02, None, 0.0] and optimizer.defaults["norm_decay_beta"] == 0.01  # still used
 
 
 def test_the_last_decay_detached_takes_its_beta_and_gamma_out_of_the_groups_for_one_attached_later():
