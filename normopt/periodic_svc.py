@@ -86,6 +86,8 @@ class PeriodicSVC:
         method: str = "gram",
         precision: str | None = None,
     ):
+        if isinstance(bound, torch.Tensor) and bound.dim() == 0 and bound.is_floating_point():
+            bound = float(bound)  # read once: the clips compare it on the host
         if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < math.inf:
             raise ValueError(f"bound must be a positive finite number, got {bound!r}")
         if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
@@ -121,7 +123,12 @@ class PeriodicSVC:
         self.specs = layer_specs(self.model, example_input) if example_input is not None else None
         if self.specs is not None:
             self._conv_specs()  # refuse now what the first clip would
-        self._handle = optimizer.register_step_post_hook(lambda *_: self._after_step())
+        # A bound method, not a closure: a copy of the optimizer (copy.deepcopy of a
+        # NormDecayOptimizer keeps its hooks) clips the copy's model, not this one's.
+        self._handle = optimizer.register_step_post_hook(self._step_hook)
+
+    def _step_hook(self, optimizer, args, kwargs) -> None:
+        self._after_step()
 
     def _after_step(self) -> None:
         self.steps += 1
@@ -155,13 +162,15 @@ class PeriodicSVC:
                 )
         return convs
 
+    @torch.compiler.disable  # host work (SciPy, LAPACK, a loop over frequencies): under a compiled step, dynamo traced it
     @torch.no_grad()
     def clip(self) -> None:
         """Clip every conv layer now (also called by the hook every ``every`` steps)."""
         modules = dict(self.model.named_modules())
         distributed = dist.is_available() and dist.is_initialized()
         layers = layers_clipped = frequencies = frequencies_clipped = 0
-        for name, spec in self._conv_specs().items():
+        clipped_now = self._conv_specs()
+        for name, spec in clipped_now.items():
             weight = modules[name].weight
             clipped, count, exceeded = clip_layer_counted(
                 weight, spec, self.bound, self.iterations, input_size=self.input_size, **self._options
@@ -180,11 +189,15 @@ class PeriodicSVC:
                     weight, size, groups=spec.groups, dilation=spec.dilation, **self._options
                 )
         self.last_report = ClipReport(layers, layers_clipped, frequencies, frequencies_clipped)
+        if self.report:  # the layers of this clip only (one frozen since is not in it)
+            self.last_norms = {name: norm for name, norm in self.last_norms.items() if name in clipped_now}
         self.clips += 1
 
     def remove(self) -> None:
-        """Remove the step hook."""
+        """Remove the step hook, and the forward hooks that record input sizes."""
         self._handle.remove()
+        if self._recorder is not None:
+            self._recorder.remove()
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "clips": self.clips}

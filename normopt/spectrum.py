@@ -106,6 +106,10 @@ def _check_kernel(kernel: torch.Tensor, input_size, groups: int, dilation) -> tu
         raise ValueError(f"kernel must be a torch tensor of layout (out, in/groups, k_1, ..), got shape {tuple(kernel.shape)}")
     if kernel.is_complex() or not kernel.is_floating_point():  # a complex one's imaginary part was dropped
         raise TypeError(f"kernel must be real floating-point, got {kernel.dtype}")
+    if kernel.device.type == "meta":
+        raise ValueError("kernel is on the meta device: its singular values need its values")
+    if kernel.numel() == 0:
+        raise ValueError(f"kernel of shape {tuple(kernel.shape)} is empty: it has no singular values")
     spatial = tuple(kernel.shape[2:])
     if len(spatial) > 3:
         raise ValueError(f"kernel has {len(spatial)} spatial axes; 1, 2 or 3 are supported")

@@ -106,6 +106,61 @@ def test_exclude_leaves_every_conv_inside_a_named_block_alone():
     assert not torch.equal(model[1].weight, before[2])
 
 
+def test_a_copy_of_a_wrapped_optimizer_clips_its_own_model_and_the_original_stays():
+    import copy
+
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, beta=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=0.1, every=1, example_input=DATA[0][:1])
+    original = [p.detach().clone() for p in model.parameters()]
+    twin_model, twin_optimizer = copy.deepcopy((model, optimizer))  # as a checkpointing trainer copies both
+    inputs, labels = next(batches(*DATA, 1, 16, 0))
+    twin_optimizer.zero_grad()
+    F.cross_entropy(twin_model(inputs), labels).backward()
+    twin_optimizer.step()
+    assert svc.steps == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), original))
+    assert not torch.equal(twin_model[0].weight, original[0])  # the copy's own model was clipped
+
+
+def test_report_holds_the_layers_of_the_last_clip_only_and_remove_takes_every_hook_off():
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=torch.tensor(0.1), every=1, report=True)  # sizes from the forward
+    model(DATA[0][:2])
+    svc.clip()
+    assert sorted(svc.last_norms) == ["0", "3"]
+    model[0].weight.requires_grad_(False)
+    svc.clip()
+    assert sorted(svc.last_norms) == ["3"] and svc.last_report.layers == 1
+    fresh = PeriodicSVC(optimizer, model, bound=0.1)
+    assert any(m._forward_hooks for m in model.modules())
+    fresh.remove()
+    svc.remove()
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_a_compiled_step_runs_the_clip_eagerly_in_one_graph_of_its_own():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    PeriodicSVC(optimizer, model, bound=0.1, every=1, example_input=DATA[0][:1])
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    step = torch.compile(optimizer.step, backend=backend)
+    for seed in range(3):
+        inputs, labels = next(batches(*DATA, 1, 16, seed))
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), labels).backward()
+        step()
+    assert len(graphs) == 1  # the SGD step; the clip (SciPy, LAPACK, loops over frequencies) was traced
+
+
 @pytest.mark.parametrize("iterations", [0, -2, 1.5, True])
 def test_bad_iterations_are_refused_at_construction(iterations):
     model = small_cnn()

@@ -82,6 +82,18 @@ def test_clipping_with_a_smaller_kernel_leaves_a_residual_that_iterations_shrink
     assert many <= bound * 1.10  # measured: within 10% after 30 rounds on these shapes
 
 
+@pytest.mark.parametrize("method", ["gram", "svd"])
+@pytest.mark.parametrize(("dtype", "taps"), [(torch.bfloat16, [0.5, 0.25, 0.296875]), (torch.float16, [0.5, 0.25, 0.2568359375])])
+def test_half_precision_kernels_a_little_above_the_bound_are_clipped_and_then_left_alone(method, dtype, taps):
+    """A 3-tap kernel on an input of 3 (covering it: the clip is exact), 4.7% (bfloat16) or 0.7%
+    (float16) above the bound: the SVD path took eight ulps of the dtype (6%) as round-off."""
+    kernel = torch.tensor([[taps]], dtype=dtype)
+    assert conv_spectral_norm(kernel.double(), 3) > 1.005
+    clipped = clip_singular_values(kernel, 3, 1.0, method=method)
+    assert conv_spectral_norm(clipped.double(), 3) <= 1.0 + 2 * torch.finfo(dtype).eps
+    assert clip_layer_counted(clipped, normopt.module_spec(nn.Conv1d(1, 1, 3), "", (3,)), 1.0, method=method)[0] is None
+
+
 def test_clipped_kernel_keeps_shape_dtype_and_device():
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float32)
     clipped = clip_singular_values(weight, 6, 0.1)
@@ -135,16 +147,21 @@ def test_clip_layer_bounds_a_strided_zero_padded_layer():
         (torch.ones(2, 3), 4, "layout"),
         (torch.ones(1, 1, 3, 3), (4,), "spatial axes"),
         (torch.full((1, 1, 3), float("nan")), 4, "non-finite"),
+        (torch.ones(1, 1, 3, device="meta"), 4, "meta device"),  # was: Tensor.item() cannot be called on meta tensors
+        (torch.ones(0, 2, 3), 4, r"kernel of shape \(0, 2, 3\) is empty"),  # was an IndexError in the clip
     ],
 )
 def test_bad_kernels_are_refused(kernel, size, match):
     with pytest.raises(ValueError, match=match):
         conv_singular_values(kernel, size)
+    with pytest.raises(ValueError, match=match):
+        clip_singular_values(kernel, size, 1.0)
 
 
 def test_bad_bound_and_iterations_are_refused():
-    with pytest.raises(ValueError, match="bound must be positive"):
-        clip_singular_values(torch.ones(1, 1, 3), 4, 0.0)
+    for bound in (0.0, True, float("nan")):
+        with pytest.raises(ValueError, match="bound must be positive"):
+            clip_singular_values(torch.ones(1, 1, 3), 4, bound)
     with pytest.raises(ValueError, match="iterations"):
         clip_singular_values(torch.ones(1, 1, 3), 4, 1.0, iterations=0)
 
