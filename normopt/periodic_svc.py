@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -51,7 +52,12 @@ class PeriodicSVC:
     :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work.
 
     ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
-    ``"raw"`` at the input size without padding, as the released code does. ``threads`` sizes the
+    ``"raw"`` at the input size without padding, as the released code does, which also skips a
+    layer whose raw input is smaller than its kernel (VGG's 3x3 convolutions on 2x2 maps): so does
+    this, naming it in ``skipped``. A layer whose input size no forward recorded (a training-only
+    head under ``example_input``'s eval-mode probe) is refused before any clip. Convolutions added
+    or replaced later (``add_param_group``) are described anew once a forward has recorded their
+    input sizes, and left alone until then. ``threads`` sizes the
     thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
     ``precision`` as in :func:`normopt.svc.clip_singular_values`.
     ``exclude`` names modules to leave alone, each with every conv layer inside it. A conv whose
@@ -121,6 +127,10 @@ class PeriodicSVC:
             )
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
         self.specs = layer_specs(self.model, example_input) if example_input is not None else None
+        # {layer: reason} of the conv layers left alone (raw input smaller than the kernel's reach)
+        self.skipped: dict[str, str] = {}
+        self._convs = self._conv_modules()  # as described by self.specs
+        self._warned: set[str] = set()
         if self.specs is not None:
             self._conv_specs()  # refuse now what the first clip would
         # A bound method, not a closure: a copy of the optimizer (copy.deepcopy of a
@@ -135,24 +145,54 @@ class PeriodicSVC:
         if self.steps % self.every == 0:
             self.clip()
 
+    def _conv_modules(self) -> dict[str, _ConvNd]:
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, _ConvNd)}
+
     def _conv_specs(self) -> dict[str, ConvSpec]:
+        """The layers to clip now, each with its spec; refused, before any is clipped, what no clip can take."""
         if self.specs is None:  # then no example input was given, and the recorder runs
             if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
-            self.specs = self._recorder.specs()
+            self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
+        # Convolutions added or replaced since the model was described (a new head given to
+        # add_param_group) are described anew from the input sizes the next forward records;
+        # until then they are left alone.
+        current = self._conv_modules()
+        changed = sorted(name for name, module in current.items() if self._convs.get(name) is not module)
+        if changed and self._recorder is not None and self._recorder.called:
+            self.specs, self._recorder, self._convs, changed = self._recorder.specs(), None, current, []
+        elif changed:
+            if self._recorder is None:
+                self._recorder = InputSizeRecorder(self.model)
+            if set(changed) - self._warned:
+                self._warned.update(changed)
+                warnings.warn(
+                    f"conv layers {changed} were added or replaced since PeriodicSVC described the model: they are "
+                    "clipped from the first clip after a forward has recorded their input sizes",
+                    stacklevel=4,
+                )
         # Only the weights the optimizer trains: a frozen backbone, or a layer held by another
         # optimizer, is left as it is, as the optimizer leaves it (asked at every clip, since a
         # layer may be frozen or unfrozen between clips).
         held = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
-        modules = dict(self.model.named_modules())
         convs = {
             n: s
             for n, s in self.specs.items()
             if isinstance(s, ConvSpec)
+            and n in current
+            and n not in changed
             and not within(n, self.exclude)
-            and modules[n].weight.requires_grad
-            and id(modules[n].weight) in held
+            and current[n].weight.requires_grad
+            and id(current[n].weight) in held
         }
+        unknown = [name for name, spec in convs.items() if spec.input_size is None]
+        if unknown:
+            raise ValueError(
+                f"the input sizes of conv layers {unknown} are not known (not called by the forward that recorded "
+                "them, as a training-only head under example_input's eval-mode probe; or called with several "
+                "sizes): leave example_input out to record them from the training forward, or exclude them "
+                f"(exclude={tuple(unknown)!r})"
+            )
         if self.input_size == "padded":  # before any layer is clipped
             refused = [name for name, spec in convs.items() if pads_with_copies(spec)]
             if refused:
@@ -160,6 +200,12 @@ class PeriodicSVC:
                     f"layers {refused} pad with copies of their input (circular, reflect or replicate): the circular "
                     f"convolution on the padded input does not bound them; exclude them (exclude={tuple(refused)!r})"
                 )
+        else:  # as the released code, which skips a layer whose raw input is smaller than its kernel
+            for name, spec in list(convs.items()):
+                reach = tuple(d * (k - 1) + 1 for d, k in zip(spec.dilation, spec.kernel_size))
+                if any(r > n for r, n in zip(reach, spec.input_size)):
+                    self.skipped[name] = f"kernel reach {reach} is larger than its raw input {spec.input_size}"
+                    del convs[name]
         return convs
 
     @torch.compiler.disable  # host work (SciPy, LAPACK, a loop over frequencies): under a compiled step, dynamo traced it

@@ -161,6 +161,62 @@ def test_a_compiled_step_runs_the_clip_eagerly_in_one_graph_of_its_own():
     assert len(graphs) == 1  # the SGD step; the clip (SciPy, LAPACK, loops over frequencies) was traced
 
 
+def test_raw_input_sizes_smaller_than_the_kernel_are_skipped_as_the_released_code_skips_them():
+    """VGG on 32x32 has 3x3 convs on 2x2 maps: the released protocol (raw sizes) leaves them alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(4), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=0.1, every=1, input_size="raw", example_input=DATA[0][:1])
+    before = model[2].weight.detach().clone()
+    svc.clip()
+    assert svc.last_report.layers == 1 and torch.equal(model[2].weight, before)
+    assert svc.skipped == {"2": "kernel reach (3, 3) is larger than its raw input (2, 2)"}
+    padded = PeriodicSVC(optimizer, model, bound=0.1, every=1, example_input=DATA[0][:1])  # 4x4 padded: clipped
+    padded.clip()
+    assert padded.last_report.layers == 2 and padded.skipped == {}
+
+
+class WithAuxiliaryHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.aux = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return h + self.aux(h).sum() if self.training else h  # the head only trains
+
+
+@pytest.mark.filterwarnings("ignore:layer 'aux' was not called by the recorded forward")
+def test_a_layer_whose_input_size_no_forward_recorded_is_refused_before_any_clip():
+    model = WithAuxiliaryHead()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match=r"input sizes of conv layers \['aux'\] are not known.*exclude=\('aux',\)"):
+        PeriodicSVC(optimizer, model, bound=0.1, example_input=DATA[0][:1])  # its probe runs in eval mode
+    PeriodicSVC(optimizer, model, bound=0.1, example_input=DATA[0][:1], exclude=("aux",))
+    svc = PeriodicSVC(optimizer, model, bound=0.1)  # recorded from the training forward
+    model(DATA[0][:2])
+    svc.clip()
+    assert svc.last_report.layers == 2
+
+
+@pytest.mark.filterwarnings("ignore:layer 'aux' was not called by the recorded forward")
+def test_conv_layers_added_or_replaced_later_are_clipped_once_a_forward_has_recorded_their_sizes():
+    model = WithAuxiliaryHead().eval()
+    optimizer = torch.optim.SGD(model.body.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=0.1, example_input=DATA[0][:1])
+    model.train()
+    model.aux = nn.Conv2d(4, 2, 1)  # a new head of another kernel size
+    optimizer.add_param_group({"params": model.aux.parameters()})
+    with pytest.warns(UserWarning, match=r"conv layers \['aux'\] were added or replaced"):
+        svc.clip()  # left alone: its spec was of the old head
+    assert svc.last_report.layers == 1
+    model(DATA[0][:2])
+    svc.clip()
+    assert svc.last_report.layers == 2 and svc.specs["aux"].kernel_size == (1, 1)
+    assert normopt.svc.conv_spectral_norm(model.aux.weight, (8, 8)) <= 0.1 * (1 + 1e-5)
+
+
 @pytest.mark.parametrize("iterations", [0, -2, 1.5, True])
 def test_bad_iterations_are_refused_at_construction(iterations):
     model = small_cnn()
