@@ -137,6 +137,15 @@ class PeriodicSVC:
         # NormDecayOptimizer keeps its hooks) clips the copy's model, not this one's.
         self._handle = optimizer.register_step_post_hook(self._step_hook)
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # torch copies (and unpickles) a plain optimizer without its hooks: the copy's steps need
+        # this one's. A NormDecayOptimizer's copy keeps them, bound to this copy: it is being
+        # copied through them (its state not set yet) or holds one already.
+        hooks = getattr(self._optimizer, "_optimizer_step_post_hooks", None)
+        if hooks is not None and not any(getattr(hook, "__self__", None) is self for hook in hooks.values()):
+            self._handle = self._optimizer.register_step_post_hook(self._step_hook)
+
     def _step_hook(self, optimizer, args, kwargs) -> None:
         self._after_step()
 

@@ -106,14 +106,22 @@ def test_exclude_leaves_every_conv_inside_a_named_block_alone():
     assert not torch.equal(model[1].weight, before[2])
 
 
-def test_a_copy_of_a_wrapped_optimizer_clips_its_own_model_and_the_original_stays():
+@pytest.mark.parametrize("copied", ["wrapped optimizer", "plain optimizer and svc", "pickled"])
+def test_a_copy_clips_its_own_model_and_the_original_stays(copied):
     import copy
+    import pickle
 
     model = small_cnn()
-    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, beta=0.0)
+    inner = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = NormDecayOptimizer(inner, model, beta=0.0) if copied == "wrapped optimizer" else inner
     svc = PeriodicSVC(optimizer, model, bound=0.1, every=1, example_input=DATA[0][:1])
     original = [p.detach().clone() for p in model.parameters()]
-    twin_model, twin_optimizer = copy.deepcopy((model, optimizer))  # as a checkpointing trainer copies both
+    if copied == "wrapped optimizer":  # it keeps its hooks; as a checkpointing trainer copies both
+        twin_model, twin_optimizer = copy.deepcopy((model, optimizer))
+    elif copied == "pickled":  # torch copies a plain optimizer without its hooks
+        twin_model, twin_optimizer, _ = pickle.loads(pickle.dumps((model, optimizer, svc)))
+    else:
+        twin_model, twin_optimizer, _ = copy.deepcopy((model, optimizer, svc))
     inputs, labels = next(batches(*DATA, 1, 16, 0))
     twin_optimizer.zero_grad()
     F.cross_entropy(twin_model(inputs), labels).backward()
