@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
-from normopt.specs import ConvSpec
+from normopt.specs import ConvSpec, kernel_reach
 from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
 
 
@@ -211,7 +211,7 @@ class PeriodicSVC:
                 )
         else:  # as the released code, which skips a layer whose raw input is smaller than its kernel
             for name, spec in list(convs.items()):
-                reach = tuple(d * (k - 1) + 1 for d, k in zip(spec.dilation, spec.kernel_size))
+                reach = kernel_reach(spec.kernel_size, spec.dilation)  # as the clip would refuse it
                 if any(r > n for r, n in zip(reach, spec.input_size)):
                     self.skipped[name] = f"kernel reach {reach} is larger than its raw input {spec.input_size}"
                     del convs[name]

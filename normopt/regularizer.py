@@ -117,6 +117,16 @@ def check_group(group: Mapping, where: str) -> None:
         check_gamma(group[GAMMA], f"{GAMMA} of {where}")
 
 
+def _put_decay_state(entry: dict, buffer: torch.Tensor, scale: torch.Tensor, recent: torch.Tensor | None) -> None:
+    """Write a weight's decay state into its ``optimizer.state`` entry; without a ring, take out one
+    an earlier selection left there (a layout that reads the layer densely)."""
+    entry[BUFFER], entry[SCALE] = buffer, scale
+    if recent is not None:
+        entry[RECENT] = recent
+    else:
+        entry.pop(RECENT, None)
+
+
 def _signed(beta, maximize: bool):
     """beta as the gradient takes it: a group with ``maximize=True`` steps along its gradient, so the
     decay is subtracted there, and shrinks the norms as it does elsewhere (as ``weight_decay`` does)."""
@@ -616,11 +626,7 @@ class NormDecay:
                     state = home[weight]
                     if state is None:  # ZeRO loads None for the parameters another rank steps
                         state = home[weight] = {}
-                    state[BUFFER], state[SCALE] = buffer, scale
-                    if name in self._state.recent:
-                        state[RECENT] = self._state.recent[name]
-                    else:  # a ring of an earlier selection, which this layout reads densely
-                        state.pop(RECENT, None)
+                    _put_decay_state(state, buffer, scale, self._state.recent.get(name))
         if self.max_norm is not None:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
@@ -732,9 +738,7 @@ class NormDecay:
         for name, (buffer, scale, recent) in joined.items():
             saved = self._home(self._weight[name], zero_local).get(self._weight[name])
             if saved:  # the optimizer's own state of the weight came back: the decay's joins it
-                saved[BUFFER], saved[SCALE] = buffer, scale
-                if recent is not None:
-                    saved[RECENT] = recent
+                _put_decay_state(saved, buffer, scale, recent)
 
     def _save_pending(self, optimizer, state_dict):
         """Put into the state dict the decay state that is not in ``optimizer.state`` (under

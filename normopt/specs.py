@@ -161,6 +161,16 @@ def large_input_geometries(spec: ConvSpec) -> tuple[tuple[AxisGeometry, ...], ..
     return tuple(per_axis)
 
 
+def kernel_reach(kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    """Input samples one output sample spans, per axis: ``d (k - 1) + 1``.
+
+    Example:
+        >>> kernel_reach((3, 3), (1, 2))
+        (3, 5)
+    """
+    return tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))
+
+
 def padding_pairs(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...]:
     if module.padding == "valid":
         return tuple((0, 0) for _ in module.kernel_size)

@@ -42,6 +42,7 @@ import torch
 from threadpoolctl import ThreadpoolController
 
 from normopt.deterministic import matmul
+from normopt.specs import kernel_reach
 
 __all__ = ["METHODS", "PRECISIONS", "conv_singular_values", "conv_spectral_norm"]
 
@@ -121,7 +122,7 @@ def _check_kernel(kernel: torch.Tensor, input_size, groups: int, dilation) -> tu
         raise ValueError(f"kernel has {len(spatial)} spatial axes, input_size {input_size} and dilation {dilation} must match")
     if kernel.shape[0] % groups:
         raise ValueError(f"{kernel.shape[0]} output channels do not split into groups={groups}")
-    reach = tuple(d * (k - 1) + 1 for d, k in zip(dilation, spatial))
+    reach = kernel_reach(spatial, dilation)
     if any(r > n for r, n in zip(reach, input_size)):
         raise ValueError(f"kernel reach {reach} (size {spatial}, dilation {dilation}) is larger than the input {input_size}")
     if not torch.isfinite(kernel).all():
