@@ -48,7 +48,7 @@ from normopt.nonfinite import NonFiniteReporter
 from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
-from normopt.transform import RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay
+from normopt.transform import RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay, plain_number
 
 KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
 BN_PROJECTIONS = ("exact", "released")
@@ -87,8 +87,7 @@ def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
         if beta.device.type == "cpu" and not torch.compiler.is_compiling():
             check_beta(float(beta), where)
         return beta
-    if not isinstance(beta, (int, float)) and isinstance(beta, numbers.Real):  # NumPy's scalars
-        beta = float(beta)
+    beta = plain_number(beta)
     # Comparisons, not math.isfinite: a float that dynamo turned symbolic (after its value changed)
     # cannot go through math.isfinite without a graph break.
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
@@ -101,8 +100,7 @@ def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
 def check_gamma(gamma, where: str = "gamma") -> float:
     if isinstance(gamma, torch.Tensor):  # the step picks its path (rings or dense) from gamma's value
         raise TypeError(f"{where} must be a number in [0, 1], not a tensor: gamma decides on the host which slices are kept")
-    if not isinstance(gamma, (int, float)) and isinstance(gamma, numbers.Real):  # NumPy's scalars
-        gamma = float(gamma)
+    gamma = plain_number(gamma)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
         raise ValueError(f"{where} must be a number in [0, 1], got {gamma!r}")
     return float(gamma)

@@ -199,6 +199,17 @@ def check_tensor_beta(beta: torch.Tensor, where: str, device: torch.device | Non
     return beta
 
 
+def plain_number(value):
+    """A NumPy scalar (a ``numbers.Real`` that is no Python number) as a float; anything else as it is.
+
+    The checks below then refuse bools, tensors and non-numbers alike, whatever array library
+    the value came from.
+    """
+    if not isinstance(value, (int, float)) and isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def _where(what: str, name) -> str:
     return what if name is None else f"{what} of layer {name!r}"
 
@@ -214,8 +225,7 @@ def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, mat
             if device_of is None:
                 raise TypeError(f"{_where(what, name)} must be a number, not a tensor")
             return check_tensor_beta(v, _where(what, name), device_of(name))
-        if not isinstance(v, (int, float)) and isinstance(v, numbers.Real):  # NumPy's scalars
-            v = float(v)
+        v = plain_number(v)
         # Comparisons, not math.isfinite: they refuse NaN too, and a float that dynamo made
         # symbolic goes through them without a graph break.
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low <= v <= high and -math.inf < v < math.inf):
