@@ -28,6 +28,7 @@ from normopt.lines import (
     LineTables,
     accumulation_dtype,
     flat_line_sums,
+    forward_ad_active,
     functorch_active,
     line_plan,
     line_tables,
@@ -214,8 +215,9 @@ def all_line_sums(
     Differentiable (without ``scratch``).
     """
     convs = len(plan.plans) - plan.batchnorms
-    # vmap and grad of torch.func hand in wrapped tensors, which cannot be written into a plain buffer
-    if scratch is None or (not torch.compiler.is_compiling() and functorch_active()):
+    # vmap and grad of torch.func hand in wrapped tensors, and forward AD dual ones, which cannot be
+    # written into a plain buffer
+    if scratch is None or (not torch.compiler.is_compiling() and (functorch_active() or forward_ad_active())):
         scratch = [None] * convs
     flat = [flat_line_sums(w, p, t, s) for w, p, t, s in zip(weights[:convs], plan.plans, tables.lines, scratch)]
     if plan.batchnorms:
@@ -227,6 +229,11 @@ def all_line_sums(
 def batch_norms(lines: torch.Tensor, tables: BatchTables) -> torch.Tensor:
     """Each layer's norm, the largest of its lines (of :func:`all_line_sums`): ``(L,)``, NaN-propagating."""
     # From 0: a layer without lines (an empty weight) is the zero map, whose norm is 0, not -inf.
+    if not torch.compiler.is_compiling() and forward_ad_active():
+        # segment_reduce has no forward-mode derivative: the max of each layer's row of a canvas
+        # padded with -inf instead (clamp_min keeps NaN, as segment_reduce does).
+        canvas = tables.padded_lines.index_put((tables.line_positions,), lines)
+        return canvas.view(tables.line_counts.shape[0], -1).amax(1).clamp_min(0.0)
     return torch.segment_reduce(lines, "max", lengths=tables.line_counts, initial=0.0)
 
 

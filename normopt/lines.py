@@ -475,6 +475,11 @@ def functorch_active() -> bool:
     return getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
 
 
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD is on (``torch.func.jvp``/``jacfwd``, or ``forward_ad.dual_level``)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def _abs(weight: torch.Tensor, scratch: torch.Tensor | None) -> torch.Tensor:
     """``|weight|``, written into ``scratch`` (weight-shaped) when one is given and no gradient is wanted.
 

@@ -194,9 +194,13 @@ def _outside_the_graph(fn):
 @_outside_the_graph
 def _batch_entry(members_specs: tuple[Spec, ...], ord: float, device: torch.device, dtype: torch.dtype) -> tuple:
     order, plan = batch_plan(members_specs, ord)
-    work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
-    scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
-    return members_specs, order, plan, batch_tables(plan, device, dtype), scratch
+    # Normal tensors even when the first call runs under torch.inference_mode (a validation loop's
+    # log): inference tensors kept here would make every later call outside it raise, when it
+    # writes |w| into the scratch or saves a table for backward.
+    with torch.inference_mode(False):
+        work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
+        scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
+        return members_specs, order, plan, batch_tables(plan, device, dtype), scratch
 
 
 def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, torch.Tensor]:

@@ -327,6 +327,50 @@ def test_layer_norms_compose_with_vmap_over_a_batch_of_weights(ord):
     assert_close(batched, one_by_one, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # jacrev's vmap of segment_reduce's backward
+def test_layer_norms_compose_with_forward_mode_ad(ord):
+    """jacfwd equals jacrev, and dual tensors of forward_ad go through (segment_reduce has no
+    forward-mode derivative, and a dual weight cannot be written into the |w| scratch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 4))
+    specs = layer_specs(model, torch.zeros(1, 2, 4, 4))
+    tensors = model.state_dict()
+    normopt.layer_norms(tensors, specs, ord)  # the specs keep their scratch: the cached path is the one taken next
+    norms = lambda k: torch.stack(list(normopt.layer_norms({**tensors, "0.weight": k}, specs, ord).values()))
+    kernel = tensors["0.weight"]
+    forward, reverse = torch.func.jacfwd(norms)(kernel), torch.func.jacrev(norms)(kernel)
+    assert_close(forward, reverse, rtol=1e-6)
+    assert forward[0].abs().sum() > 0
+    tangent = torch.randn_like(kernel)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(kernel, tangent)
+        primal, jvp = torch.autograd.forward_ad.unpack_dual(norms(dual))
+    assert_close(primal, norms(kernel), rtol=1e-6)
+    assert_close(jvp, (reverse * tangent).flatten(1).sum(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_a_first_call_under_inference_mode_leaves_the_specs_usable_outside_it(ord):
+    """The tables and scratch the first call keeps with the specs are normal tensors, even when that
+    call (a validation loop's log) runs under torch.inference_mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, stride=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    specs = layer_specs(model, torch.zeros(1, 3, 8, 8))
+    expected = normopt.layer_norms(model.state_dict(), layer_specs(model, torch.zeros(1, 3, 8, 8)), ord)
+    with torch.inference_mode():
+        logged = normopt.layer_norms(model.state_dict(), specs, ord)
+    with torch.no_grad():
+        again = normopt.layer_norms(model.state_dict(), specs, ord)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    differentiable = normopt.layer_norms(tensors, specs, ord)
+    sum(differentiable.values()).backward()
+    for name in expected:
+        for got in (logged, again, differentiable):
+            assert_close(got[name], expected[name], rtol=1e-6, msg=name)
+    assert model[0].weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("ord", [1, math.inf, 2], ids=["l1", "linf", "l2"])
 def test_a_weight_that_is_not_real_is_refused_by_layer(ord):
     linear = normopt.LinearSpec("fc", "fc.weight", 2, 2)
