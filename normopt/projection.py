@@ -20,7 +20,7 @@ import math
 import torch
 
 from normopt.deterministic import put
-from normopt.lines import line_plan, parse_ord
+from normopt.lines import accumulation_dtype, line_plan, parse_ord
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 
 
@@ -54,13 +54,20 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
         raise ValueError("project_l1_ball projects the rows of v (its last axis): v is 0-d")
     if v.shape[-1] == 0:
         return v
-    a = v.abs()
+    # In at least float32: a bfloat16 cumsum (and arange, inexact past 256) put the threshold, and
+    # the projected row, up to 9% outside the ball.
+    acc = accumulation_dtype(v.dtype)
+    a = v.abs().to(acc)
     u = a.sort(dim=-1, descending=True).values
     css = u.cumsum(-1)
-    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=acc)
     rho = (u * j > css - radius).sum(-1, keepdim=True)  # >= 1 since u_1 > u_1 - radius
     theta = (css.gather(-1, rho - 1) - radius) / rho
-    projected = torch.sign(v) * (a - theta).clamp_min(0)
+    shrunk = (a - theta).clamp_min(0)
+    if acc != v.dtype:  # rounded towards zero, so that no entry grows back past the float32 ball
+        rounded = shrunk.to(v.dtype)
+        shrunk = torch.where(rounded.to(acc) > shrunk, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
+    projected = torch.sign(v) * shrunk
     return torch.where(a.sum(-1, keepdim=True) > radius, projected, v)
 
 
@@ -102,7 +109,9 @@ def project_layer(
     another. A projection only shrinks magnitudes, so slices handled earlier stay inside the ball;
     with disjoint or nested patterns (every zero-padded layer) the result is the exact Euclidean
     projection of each slice. ``taps`` are the layer's :func:`tap_tables` (built here if omitted).
-    Non-finite weights leave the kernel unchanged.
+    Non-finite weights leave the kernel unchanged (a kernel's taps that no line reads are never
+    changed, and do not count). Low-precision kernels are projected in float32 and rounded towards
+    zero, so their norm is at most ``radius`` to float32's round-off.
 
     Example:
         >>> import torch
@@ -128,10 +137,14 @@ def project_layer(
     groups = getattr(spec, "groups", 1)
     rows = (ord == math.inf) != getattr(spec, "transposed", False)
     d, cg = weight.shape[:2]
-    finite = torch.isfinite(weight).all()
-    w = torch.nan_to_num(weight, nan=0.0, posinf=0.0, neginf=0.0).reshape(d, cg, -1)
+    w = weight.reshape(d, cg, -1)
+    # Only the taps some line reads: a kernel larger than its zero-padded input holds others, which
+    # the layer's matrix never reads (its norm is finite whatever they hold); they are kept as they are.
+    if not taps:  # no line reads any tap
+        return weight.clone()
+    finite = torch.stack([torch.isfinite(w.index_select(2, index)).all() for index in taps]).all()
     for index in taps:
-        part = w.index_select(2, index)  # (d, cg, t)
+        part = torch.nan_to_num(w.index_select(2, index), nan=0.0, posinf=0.0, neginf=0.0)  # (d, cg, t)
         if rows:
             new = project_l1_ball(part.reshape(d, -1), radius).reshape(part.shape)
         else:

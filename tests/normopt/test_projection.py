@@ -60,6 +60,50 @@ def test_projected_transposed_conv_norm_is_at_most_the_radius(case, ord):
     assert brute_norms(explicit_matrix(layer, input_shape))[ord] <= radius * (1 + 1e-9)
 
 
+@settings(max_examples=80)
+@given(conv_layers(transposed=False), st.sampled_from([1, math.inf]), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_a_low_precision_kernel_is_projected_inside_the_ball(case, ord, dtype):
+    """Projected in float32 and rounded towards zero: the low-precision kernel's exact norm (its
+    explicit matrix in float64) is inside the ball to float32's round-off, not to its own ulps."""
+    layer, spec, input_shape = case
+    weight = (layer.weight.detach() * 4).to(dtype)
+    radius = 0.25
+    projected = project_layer(weight, spec, ord, radius)
+    assert projected.dtype == dtype
+    with torch.no_grad():
+        layer.weight.copy_(projected.to(layer.weight.dtype))
+    assert brute_norms(explicit_matrix(layer, input_shape))[ord] <= radius * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_l1_ball_projection_is_the_float64_one_rounded_towards_zero(dtype):
+    torch.manual_seed(0)
+    v = torch.randn(16, 1024).to(dtype)
+    projected = project_l1_ball(v, 1.0)
+    exact = project_l1_ball(v.double(), 1.0)
+    assert (projected.double().abs().sum(-1) <= 1.0 + 1e-6).all()
+    assert (projected.double().abs() <= exact.abs() + 1e-6).all()  # no entry rounded away from zero
+    assert_close(projected, exact, rtol=0, atol=2 * torch.finfo(dtype).eps)
+
+
+def test_a_nonfinite_tap_that_no_line_reads_does_not_stop_the_projection():
+    """A 3x3 kernel on a 1x1 map reads its centre tap only: a NaN in a corner leaves the norm finite,
+    so the projection caps it, and leaves the corner as it is."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False).double()
+    spec = normopt.module_spec(conv, "c", (1, 1))
+    weight = conv.weight.detach() * 10
+    weight[0, 0, 0, 0] = float("nan")
+    projected = project_layer(weight, spec, math.inf, 1.0)
+    assert projected[0, 0, 0, 0].isnan()
+    with torch.no_grad():
+        conv.weight.copy_(projected.nan_to_num())  # the tap is never read: any value gives the same matrix
+    assert_close(brute_norms(explicit_matrix(conv, (4, 1, 1)))[math.inf], 1.0, rtol=1e-12)
+    read = weight.clone()
+    read[0, 0, 1, 1] = float("nan")  # the centre tap: read by every row, so nothing is changed
+    assert torch.equal(project_layer(read, spec, math.inf, 1.0).nan_to_num(), read.nan_to_num())
+
+
 def test_projection_is_the_exact_projection_of_a_single_pattern_layer():
     """With one interior pattern per channel each row slice is projected as a whole."""
     torch.manual_seed(1)
