@@ -238,8 +238,10 @@ class InputSizeRecorder:
     """Records the spatial input size of every convolution of ``model`` from forward hooks.
 
     Hooks observe the user's own forward passes (no extra pass, no change to batch-norm
-    statistics) until :meth:`remove` is called. A layer called with several input sizes gets
-    ``None`` (the large-input limit) and a warning. For transposed convolutions the output size
+    statistics) until :meth:`remove` is called. A layer called with several input sizes gets the
+    sorted list of them in :attr:`sizes`; :func:`layer_specs` describes it by the large-input limit
+    (which bounds every size for zero padding) or, where its padding copies samples and the limit
+    bounds no small size, skips it. For transposed convolutions the output size
     is recorded too, because ``forward(x, output_size=...)`` changes the layer's matrix: the padding
     that call really used is in :attr:`output_paddings`.
 
@@ -285,18 +287,9 @@ class InputSizeRecorder:
         return bool(self._seen)
 
     @property
-    def sizes(self) -> dict[str, tuple[int, ...] | None]:
-        sizes = {}
-        for name, found in self._seen.items():
-            if len(found) == 1:
-                sizes[name] = next(iter(found))
-            else:
-                warnings.warn(
-                    f"layer {name!r} was called with input sizes {sorted(found)}; using the large-input limit",
-                    stacklevel=3,
-                )
-                sizes[name] = None
-        return sizes
+    def sizes(self) -> dict[str, tuple[int, ...] | list[tuple[int, ...]]]:
+        """``{conv name: its input size}``, or the sorted list of sizes for a layer called with several."""
+        return {name: next(iter(found)) if len(found) == 1 else sorted(found) for name, found in self._seen.items()}
 
     @property
     def output_paddings(self) -> dict[str, tuple[int, ...]]:
@@ -381,7 +374,11 @@ def layer_specs(
             records each convolution's input size. Without it, convolutions get the large-input
             limit (``input_size=None``).
         input_sizes: ``{conv name: spatial size}`` recorded earlier (e.g. by
-            :class:`InputSizeRecorder`), instead of ``example_input``.
+            :class:`InputSizeRecorder`), instead of ``example_input``. A list of sizes (a layer
+            called at several) gives the large-input limit with zero padding, where it bounds
+            every size, and a warning; with reflect, replicate or circular padding, whose small
+            inputs fold taps together past that limit, the layer is skipped with the reason (no
+            one spec bounds its calls: describe each with :func:`module_spec`).
         output_paddings: ``{transposed conv name: output padding}`` its calls used (with
             ``forward(x, output_size=...)``), recorded likewise; default the modules' own.
 
@@ -419,5 +416,19 @@ def layer_specs(
         elif isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module):
             if probed and isinstance(module, _ConvNd) and name not in sizes:
                 warnings.warn(f"layer {name!r} was not called by the recorded forward; using the large-input limit", stacklevel=2)
-            specs[name] = module_spec(module, name, sizes.get(name), keys, paddings.get(name))
+            size = sizes.get(name)
+            if isinstance(size, list) and size and all(isinstance(one, (tuple, list)) for one in size):
+                size = tuple(size[0]) if len(size) == 1 else size  # a list of sizes, not one size as a list
+            if isinstance(size, list) and isinstance(module, _ConvNd) and isinstance(size[0], (tuple, list)):
+                if module.padding_mode != "zeros":
+                    skipped[name] = (
+                        f"{type(module).__name__}: called with input sizes {size} and {module.padding_mode} padding, "
+                        "whose norm differs per size and exceeds the large-input limit on small ones; "
+                        "describe each call with normopt.module_spec(module, name, input_size)"
+                    )
+                    warnings.warn(f"layer {name!r} is skipped: {skipped[name]}", stacklevel=2)
+                    continue
+                warnings.warn(f"layer {name!r} was called with input sizes {size}; using the large-input limit", stacklevel=2)
+                size = None
+            specs[name] = module_spec(module, name, size, keys, paddings.get(name))
     return LayerSpecs(specs, skipped)

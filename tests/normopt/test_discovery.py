@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_close, explicit_matrix
+from helpers import assert_close, brute_norms, explicit_matrix
 from torch import nn
 
 import normopt
@@ -216,6 +216,42 @@ def test_layer_called_with_two_sizes_warns_and_uses_the_limit():
     with pytest.warns(UserWarning, match="input sizes"):
         specs = layer_specs(Twice(), torch.zeros(1, 1, 9))
     assert specs["conv"].input_size is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "seed", "kernel", "stride", "small"),
+    [("reflect", 0, 3, 1, 3), ("replicate", 1, 5, 3, 1), ("circular", 1, 5, 2, 3)],  # small calls found past the limit
+)
+def test_a_layer_that_copies_samples_called_at_several_sizes_is_skipped_naming_them(mode, seed, kernel, stride, small):
+    """The large-input limit bounds every size with zero padding only: here a small call folds
+    taps together past it (the oracle shows it), so no one spec is right and the layer is skipped."""
+    torch.manual_seed(seed)
+    conv = nn.Conv1d(2, 2, kernel, padding=kernel // 2, stride=stride, padding_mode=mode, bias=False)
+
+    class Pyramid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return self.conv(x), self.conv(x[..., :small])
+
+    with pytest.warns(UserWarning, match=rf"'conv' is skipped.*\[\({small},\), \(16,\)\] and {mode} padding"):
+        specs = layer_specs(Pyramid(), torch.zeros(1, 2, 16))
+    assert "conv" not in specs and "module_spec" in specs.skipped["conv"]
+    limit = normopt.layer_norm({"weight": conv.weight.detach()}, normopt.module_spec(conv, "", None), 1)
+    assert brute_norms(explicit_matrix(conv, (2, small)))[1] > limit * (1 + 1e-6)  # why: the limit bounds no small call
+    recorder = normopt.InputSizeRecorder(Pyramid())
+    Pyramid()(torch.zeros(1, 2, 16))
+    assert recorder.sizes == {"conv": [(small,), (16,)]}
+    with pytest.warns(UserWarning, match="skipped"):
+        assert "conv" in recorder.specs().skipped
+
+
+def test_input_sizes_given_as_lists_are_one_size_each():
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
+    assert layer_specs(model, input_sizes={"0": [5, 6]})["0"].input_size == (5, 6)
+    assert layer_specs(model, input_sizes={"0": [(5, 6)]})["0"].input_size == (5, 6)
 
 
 def test_layer_not_reached_by_the_example_forward_warns():
