@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
 from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pairs
@@ -19,7 +20,7 @@ from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pa
 _NOT_LINEAR = {
     nn.LayerNorm: "normalises each sample by its own statistics: not a linear map",
     nn.GroupNorm: "normalises each sample by its own statistics: not a linear map",
-    nn.modules.instancenorm._InstanceNorm: "normalises each sample by its own statistics: not a linear map",
+    _InstanceNorm: "normalises each sample by its own statistics: not a linear map",
     nn.LocalResponseNorm: "divides by a function of the input: not a linear map",
     nn.MultiheadAttention: "attention is not a linear map of its input",
     nn.Embedding: "a table lookup on integer indices, not a linear map",
@@ -124,6 +125,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
+        elif isinstance(model, torch.jit.ScriptModule):  # its submodules hide their parameters' dicts
+            raise TypeError(
+                f"{type(model).__name__} is a TorchScript module (torch.jit.script or trace): normopt describes "
+                "the nn.Module layers, so pass the model before scripting it (its state_dict keys are the same)"
+            )
         else:
             return model
 
@@ -147,27 +153,49 @@ def _is_frozen_batchnorm(module: nn.Module) -> bool:
     )
 
 
-def _skip_reason(module: nn.Module) -> str | None:
-    for kind, reason in _NOT_LINEAR.items():
-        if isinstance(module, kind):
-            return f"{type(module).__name__}: {reason}"
-    if isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) and parametrize.is_parametrized(module, "weight"):
+def _normalises_by_running_statistics(module: nn.Module) -> bool:
+    """A batch norm, or an instance norm with ``track_running_stats=True``, which in eval mode too
+    divides by its running variance: one fixed diagonal map, like a batch norm's."""
+    return isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats)
+
+
+def _described(module: nn.Module) -> bool:
+    """Whether ``module`` is of a kind that has a spec (if nothing else rules it out)."""
+    return isinstance(module, (nn.Linear, _ConvNd)) or _normalises_by_running_statistics(module) or _is_frozen_batchnorm(module)
+
+
+def _weight_reason(module: nn.Module) -> str | None:
+    """Why the module's weight is not the parameter under its name, or None."""
+    if _described(module) and parametrize.is_parametrized(module, "weight"):
         return (
-            f"{type(module).__name__}: weight is parametrized (torch.nn.utils.parametrize); "
-            "compute its norm from the parametrized weight with normopt.layer_norm"
+            f"{type(module).__name__}: weight is parametrized (torch.nn.utils.parametrize); describe it with "
+            "normopt.module_spec(module, name, input_size) and compute its norm from the weight it computes with "
+            "normopt.layer_norm({name + '.weight': module.weight}, spec)"
         )
     # A batch norm without affine weights keeps the key, as None; a hook-computed weight removes it.
     computed = not isinstance(module._parameters.get("weight"), torch.Tensor)
     if (isinstance(module, (nn.Linear, _ConvNd)) and computed) or (
-        isinstance(module, _BatchNorm) and "weight" not in module._parameters
+        _normalises_by_running_statistics(module) and "weight" not in module._parameters
     ):
         return f"{type(module).__name__}: weight is computed by a forward hook (e.g. weight_norm), not a parameter"
-    if isinstance(module, _BatchNorm) and module.running_var is None:
+    return None
+
+
+def _skip_reason(module: nn.Module, computed_weight: bool = False) -> str | None:
+    """Why ``module`` gets no spec, or None. ``computed_weight``: describe a layer whose weight is
+    parametrized or hook-computed (:func:`module_spec`, given that weight by the caller)."""
+    for kind, reason in _NOT_LINEAR.items():
+        if isinstance(module, kind) and not _normalises_by_running_statistics(module):
+            return f"{type(module).__name__}: {reason}"
+    reason = _weight_reason(module)
+    if reason is not None and not computed_weight:
+        return reason
+    if _normalises_by_running_statistics(module) and module.running_var is None:
         return (
             f"{type(module).__name__}: no running statistics (track_running_stats=False), so the layer "
             "normalises by batch statistics and is not one fixed linear map"
         )
-    if isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module):
+    if _described(module):
         return None
     own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     if own:
@@ -176,7 +204,8 @@ def _skip_reason(module: nn.Module) -> str | None:
 
 
 def _check_initialised(name: str, module: nn.Module) -> None:
-    if isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+    # The running variance too: a lazy batch norm without affine weights has no weight to look at.
+    if any(isinstance(getattr(module, a, None), nn.parameter.UninitializedTensorMixin) for a in ("weight", "running_var")):
         raise ValueError(f"layer {name!r}: lazy module is not initialised yet; run one forward pass first")
 
 
@@ -187,7 +216,13 @@ def module_spec(
     keys: Mapping[int, str] | None = None,
     output_padding: tuple[int, ...] | None = None,
 ) -> Spec:
-    """Spec of one linear module (Linear, Conv*d, ConvTranspose*d, BatchNorm*d, or a frozen batch norm).
+    """Spec of one linear module (Linear, Conv*d, ConvTranspose*d, BatchNorm*d, a frozen batch norm,
+    or an instance norm that tracks running statistics, which in eval mode is a batch norm).
+
+    A layer whose weight is parametrized (``torch.nn.utils.parametrize``, e.g. spectral or weight
+    norm) or computed by a forward hook is described too: its spec's weight key is
+    ``name + ".weight"``, which ``model.state_dict()`` does not hold, so pass the weight it
+    computes, ``{name + ".weight": module.weight}`` (:func:`layer_specs` skips such layers).
 
     Args:
         module: the layer.
@@ -207,8 +242,8 @@ def module_spec(
         >>> module_spec(nn.Linear(4, 3), "fc")
         LinearSpec(name='fc', weight='fc.weight', in_features=4, out_features=3)
     """
-    reason = _skip_reason(module)
-    if reason is None and not (isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module)):
+    reason = _skip_reason(module, computed_weight=True)
+    if reason is None and not _described(module):
         reason = f"{type(module).__name__}: holds no weights of a linear layer (Linear, Conv, ConvTranspose, BatchNorm)"
     if reason is not None:
         raise TypeError(f"layer {name!r} is not supported: {reason}")
@@ -224,7 +259,7 @@ def module_spec(
         return LinearSpec(name, key("weight"), module.in_features, module.out_features)
     if isinstance(module, _ConvNd):
         return conv_spec(module, name, key("weight"), input_size, output_padding)
-    affine = not isinstance(module, _BatchNorm) or module.affine
+    affine = not _normalises_by_running_statistics(module) or module.affine
     return BatchNormSpec(
         name=name,
         weight=key("weight") if affine else None,
@@ -342,10 +377,20 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     """The recorder of one forward pass of ``example_input`` (input sizes, transposed output paddings).
 
     The pass runs in eval mode under ``torch.no_grad()`` so batch-norm running statistics and
-    autograd state are untouched; every module's training flag is restored afterwards.
+    autograd state are untouched; every module's training flag is restored afterwards, and so is
+    every buffer the pass wrote (the observers of quantization-aware training, say, calibrate in
+    eval mode too).
     """
     recorder = InputSizeRecorder(model)
     modes = {module: module.training for module in model.modules()}
+    # A copy of each buffer, put back where the pass changed it in place or replaced it: the probe
+    # is not a step of the user's, whose module state it must leave as it found it.
+    buffers = [
+        (module, key, tensor, tensor.detach().clone())
+        for module in model.modules()
+        for key, tensor in module._buffers.items()
+        if isinstance(tensor, torch.Tensor)
+    ]
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         model.eval()
@@ -355,6 +400,14 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
         recorder.remove()
         for module, mode in modes.items():
             module.training = mode
+        with torch.no_grad():
+            # Every one copied back: fused observer kernels write without bumping the version counter.
+            for module, key, tensor, saved in buffers:
+                module._buffers[key] = tensor
+                if tensor.shape == saved.shape:
+                    tensor.copy_(saved)
+                else:  # resized by the pass
+                    tensor.set_(saved)
     return recorder
 
 
@@ -413,7 +466,7 @@ def layer_specs(
         reason = _skip_reason(module)
         if reason is not None:
             skipped[name] = reason
-        elif isinstance(module, (nn.Linear, _ConvNd, _BatchNorm)) or _is_frozen_batchnorm(module):
+        elif _described(module):
             if probed and isinstance(module, _ConvNd) and name not in sizes:
                 warnings.warn(f"layer {name!r} was not called by the recorded forward; using the large-input limit", stacklevel=2)
             size = sizes.get(name)

@@ -77,14 +77,20 @@ _PREFIXES = tuple(
 )
 
 
+# torch's activation-checkpoint (and CPU-offload) wrapper: named_parameters() keep its name inside
+# the key, and its state_dict hook takes it out.
+_CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module."
+
+
 def resolve(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec) -> str:
     """The key under which ``tensors`` holds ``key``: itself, or under a DDP ``module.`` and/or a
-    ``torch.compile`` ``_orig_mod.`` prefix."""
+    ``torch.compile`` ``_orig_mod.`` prefix, or without an activation-checkpoint wrapper's name."""
     if key in tensors:
         return key
-    for prefix in _PREFIXES:
-        if prefix + key in tensors:
-            return prefix + key
+    for candidate in (key, key.replace(_CHECKPOINT_WRAPPED, "")) if _CHECKPOINT_WRAPPED in key else (key,):
+        for prefix in ("", *_PREFIXES):
+            if prefix + candidate in tensors:
+                return prefix + candidate
     raise KeyError(
         f"layer {spec.name!r}: no tensor {key!r} in the mapping; pass model.state_dict() or "
         "{**dict(model.named_parameters()), **dict(model.named_buffers())}"

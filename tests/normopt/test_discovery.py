@@ -183,9 +183,104 @@ def test_module_spec_refuses_unsupported_modules_by_name():
             normopt.module_spec(module, "m")
 
 
-def test_uninitialised_lazy_module_is_refused():
+@pytest.mark.parametrize(
+    "make", [lambda: nn.LazyConv2d(3, 3), lambda: nn.LazyBatchNorm2d(), lambda: nn.LazyBatchNorm2d(affine=False)]
+)
+def test_uninitialised_lazy_module_is_refused(make):
     with pytest.raises(ValueError, match="layer 'c': lazy module"):
-        normopt.module_spec(nn.LazyConv2d(3, 3), "c")
+        normopt.module_spec(make(), "c")
+
+
+@pytest.mark.parametrize(
+    "parametrize",
+    [
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.parametrizations.weight_norm,
+        lambda m: nn.utils.parametrize.register_parametrization(m, "weight", _Positive()),
+        nn.utils.weight_norm,
+    ],
+    ids=["spectral_norm", "weight_norm", "parametrize", "legacy-weight_norm"],
+)
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+def test_a_layer_with_a_computed_weight_is_skipped_and_module_spec_describes_it_for_the_weight_it_computes(parametrize):
+    """The skip reason's advice works: module_spec gives the spec, and layer_norm of the computed
+    weight is the norm of the map the layer applies (its explicit matrix)."""
+    torch.manual_seed(0)
+    conv = parametrize(nn.Conv2d(2, 3, 3, padding=1, stride=2))
+    model = nn.Sequential(conv)
+    with torch.no_grad():
+        model(torch.zeros(1, 2, 5, 5))  # the legacy hook computes the weight in a forward
+    model.eval()  # spectral_norm's power iteration steps at every access of the weight in training
+    assert "0" in layer_specs(model, torch.zeros(1, 2, 5, 5)).skipped
+    spec = normopt.module_spec(conv, "0", (5, 5))
+    oracle = brute_norms(explicit_matrix(conv, (2, 5, 5)))
+    for ord in (1, math.inf):
+        with torch.no_grad():
+            assert_close(normopt.layer_norm({"0.weight": conv.weight}, spec, ord), oracle[ord], rtol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_an_instance_norm_that_tracks_running_statistics_is_a_batch_norm_in_eval_mode(affine):
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(3, affine=affine, track_running_stats=True)
+    with torch.no_grad():
+        norm.running_var.uniform_(0.1, 2.0)
+        if affine:
+            norm.weight.uniform_(-3.0, 3.0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), norm, nn.InstanceNorm2d(3))
+    specs = layer_specs(model, torch.zeros(1, 1, 5, 5))
+    assert isinstance(specs["1"], BatchNormSpec) and (specs["1"].weight is None) != affine
+    assert "its own statistics" in specs.skipped["2"]  # without running statistics: per sample, not linear
+    oracle = brute_norms(explicit_matrix(norm, (3, 2, 2)))
+    for ord in (1, math.inf):
+        assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle[ord], rtol=1e-5)
+
+
+def test_a_torchscript_model_is_refused_with_what_to_pass_instead():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 2))
+    for scripted in (torch.jit.script(model), torch.jit.trace(model, torch.zeros(1, 1, 5, 5))):
+        with pytest.raises(TypeError, match=r"TorchScript module.*pass the model before scripting"):
+            layer_specs(scripted)
+        with pytest.raises(TypeError, match="TorchScript module"):
+            normopt.NormDecayOptimizer(torch.optim.SGD(scripted.parameters(), lr=0.1), scripted)
+
+
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+def test_the_probe_forward_leaves_every_buffer_as_it_found_it():
+    """Eval mode keeps batch-norm statistics, not a quantization observer's, which calibrates in
+    eval mode too (and writes without bumping the version counter)."""
+    quantization = pytest.importorskip("torch.ao.quantization")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        quantization.QuantStub(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
+    )
+    model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+    model.train()
+    quantization.prepare_qat(model, inplace=True)
+    for _ in range(3):
+        model(torch.randn(8, 3, 8, 8) * 3)  # calibration
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    specs = layer_specs(model, torch.zeros(1, 3, 8, 8))
+    assert specs["1"].input_size == (8, 8)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert [k for k in before if not torch.equal(after[k], before[k])] == []
+    assert model.training
+
+
+@pytest.mark.filterwarnings("ignore:.*use_reentrant.*:UserWarning")
+def test_a_layer_inside_an_activation_checkpoint_wrapper_finds_its_state_dict_key():
+    """named_parameters() keep the wrapper's name in the key, its state_dict hook takes it out."""
+    wrapper = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    torch.manual_seed(0)
+    model = nn.Sequential(wrapper.checkpoint_wrapper(nn.Sequential(nn.Conv2d(1, 2, 3))), nn.Flatten(), nn.Linear(18, 2))
+    specs = layer_specs(model, torch.zeros(1, 1, 5, 5))
+    conv = "0._checkpoint_wrapped_module.0"
+    by_parameters = normopt.layer_norms({**dict(model.named_parameters()), **dict(model.named_buffers())}, specs, 1)
+    by_state_dict = normopt.layer_norms(model.state_dict(), specs, 1)
+    assert "0.0.weight" in model.state_dict()
+    assert_close(by_state_dict[conv], by_parameters[conv])
+    assert_close(by_state_dict[conv], brute_norms(explicit_matrix(model[0], (1, 5, 5)))[1], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
