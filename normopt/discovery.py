@@ -170,7 +170,7 @@ def _weight_reason(module: nn.Module) -> str | None:
         return (
             f"{type(module).__name__}: weight is parametrized (torch.nn.utils.parametrize); describe it with "
             "normopt.module_spec(module, name, input_size) and compute its norm from the weight it computes with "
-            "normopt.layer_norm({name + '.weight': module.weight}, spec)"
+            "normopt.layer_norm({**model.state_dict(), name + '.weight': module.weight}, spec)"
         )
     # A batch norm without affine weights keeps the key, as None; a hook-computed weight removes it.
     computed = not isinstance(module._parameters.get("weight"), torch.Tensor)
@@ -184,6 +184,11 @@ def _weight_reason(module: nn.Module) -> str | None:
 def _skip_reason(module: nn.Module, computed_weight: bool = False) -> str | None:
     """Why ``module`` gets no spec, or None. ``computed_weight``: describe a layer whose weight is
     parametrized or hook-computed (:func:`module_spec`, given that weight by the caller)."""
+    if isinstance(module, torch.jit.ScriptModule):  # its submodules hide their parameters' dicts
+        return (
+            f"{type(module).__name__}: a TorchScript module (torch.jit.script or trace) hides its layers; "
+            "describe the model before scripting its parts"
+        )
     for kind, reason in _NOT_LINEAR.items():
         if isinstance(module, kind) and not _normalises_by_running_statistics(module):
             return f"{type(module).__name__}: {reason}"
@@ -201,6 +206,11 @@ def _skip_reason(module: nn.Module, computed_weight: bool = False) -> str | None
     if own:
         return f"{type(module).__name__}: holds its own weights but has no operator-norm rule here"
     return None
+
+
+def _several_sizes(size) -> bool:
+    """Whether ``size`` is a list of input sizes (of a layer called at several), not one size."""
+    return isinstance(size, list) and len(size) > 0 and all(isinstance(one, (tuple, list)) for one in size)
 
 
 def _check_initialised(name: str, module: nn.Module) -> None:
@@ -222,7 +232,8 @@ def module_spec(
     A layer whose weight is parametrized (``torch.nn.utils.parametrize``, e.g. spectral or weight
     norm) or computed by a forward hook is described too: its spec's weight key is
     ``name + ".weight"``, which ``model.state_dict()`` does not hold, so pass the weight it
-    computes, ``{name + ".weight": module.weight}`` (:func:`layer_specs` skips such layers).
+    computes, ``{**model.state_dict(), name + ".weight": module.weight}`` (:func:`layer_specs`
+    skips such layers).
 
     Args:
         module: the layer.
@@ -242,9 +253,14 @@ def module_spec(
         >>> module_spec(nn.Linear(4, 3), "fc")
         LinearSpec(name='fc', weight='fc.weight', in_features=4, out_features=3)
     """
+    if _several_sizes(input_size):
+        raise TypeError(f"layer {name!r}: input_size {input_size} is several sizes; a spec describes one (one per call)")
     reason = _skip_reason(module, computed_weight=True)
     if reason is None and not _described(module):
-        reason = f"{type(module).__name__}: holds no weights of a linear layer (Linear, Conv, ConvTranspose, BatchNorm)"
+        reason = (
+            f"{type(module).__name__}: holds no weights of a linear layer (Linear, Conv, ConvTranspose, BatchNorm, "
+            "InstanceNorm with running statistics)"
+        )
     if reason is not None:
         raise TypeError(f"layer {name!r} is not supported: {reason}")
     _check_initialised(name, module)
@@ -373,6 +389,17 @@ def _output_padding(module: _ConvNd, input_size: tuple[int, ...], output_size: t
     )
 
 
+def _same_values(tensor: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether ``tensor`` still holds ``saved`` (NaN where NaN was); a meta tensor holds no values."""
+    if tensor.shape != saved.shape:
+        return False
+    if tensor.device.type == "meta":
+        return True
+    if tensor.is_floating_point() or tensor.is_complex():
+        return torch.equal(tensor.isnan(), saved.isnan()) and torch.equal(tensor.nan_to_num(), saved.nan_to_num())
+    return torch.equal(tensor, saved)
+
+
 def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     """The recorder of one forward pass of ``example_input`` (input sizes, transposed output paddings).
 
@@ -389,7 +416,7 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
         (module, key, tensor, tensor.detach().clone())
         for module in model.modules()
         for key, tensor in module._buffers.items()
-        if isinstance(tensor, torch.Tensor)
+        if isinstance(tensor, torch.Tensor) and not isinstance(tensor, nn.parameter.UninitializedTensorMixin)
     ]
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
@@ -401,13 +428,17 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
         for module, mode in modes.items():
             module.training = mode
         with torch.no_grad():
-            # Every one copied back: fused observer kernels write without bumping the version counter.
+            # Compared by value (fused observer kernels write without bumping the version counter),
+            # and only a changed one written: an eval-mode batch norm's running_var may be saved
+            # for the backward of a loss computed before the probe.
             for module, key, tensor, saved in buffers:
                 module._buffers[key] = tensor
-                if tensor.shape == saved.shape:
-                    tensor.copy_(saved)
-                else:  # resized by the pass
-                    tensor.set_(saved)
+                if not _same_values(tensor, saved):
+                    with torch.inference_mode(tensor.is_inference()):
+                        if tensor.shape == saved.shape:
+                            tensor.copy_(saved)
+                        else:  # resized by the pass
+                            tensor.set_(saved)
     return recorder
 
 
@@ -415,10 +446,11 @@ def layer_specs(
     model: nn.Module,
     example_input=None,
     *,
-    input_sizes: Mapping[str, tuple | None] | None = None,
+    input_sizes: Mapping[str, tuple | list[tuple] | None] | None = None,
     output_paddings: Mapping[str, tuple[int, ...]] | None = None,
 ) -> LayerSpecs:
-    """Describe every linear piece of ``model``: Linear, Conv/ConvTranspose 1-3d and BatchNorm.
+    """Describe every linear piece of ``model``: Linear, Conv/ConvTranspose 1-3d and BatchNorm
+    (frozen batch norms, and instance norms with ``track_running_stats=True``, too).
 
     Args:
         model: any module; DDP, DataParallel and ``torch.compile`` wrappers are looked through, so
@@ -460,9 +492,14 @@ def layer_specs(
     keys = {id(t): n for n, t in model.named_parameters()}
     keys.update({id(t): n for n, t in model.named_buffers()})
     specs, skipped = {}, {}
+    scripted: list[str] = []  # TorchScript modules met so far
     for name, module in model.named_modules():
         if "parametrizations" in name.split("."):
             continue  # internals of a parametrized layer, which is listed itself
+        if within(name, scripted):
+            continue  # inside a TorchScript module, which is listed itself
+        if isinstance(module, torch.jit.ScriptModule):
+            scripted.append(name)
         reason = _skip_reason(module)
         if reason is not None:
             skipped[name] = reason
@@ -470,10 +507,10 @@ def layer_specs(
             if probed and isinstance(module, _ConvNd) and name not in sizes:
                 warnings.warn(f"layer {name!r} was not called by the recorded forward; using the large-input limit", stacklevel=2)
             size = sizes.get(name)
-            if isinstance(size, list) and size and all(isinstance(one, (tuple, list)) for one in size):
-                size = tuple(size[0]) if len(size) == 1 else size  # a list of sizes, not one size as a list
-            if isinstance(size, list) and isinstance(module, _ConvNd) and isinstance(size[0], (tuple, list)):
-                if module.padding_mode != "zeros":
+            if _several_sizes(size) and len(size) == 1:
+                size = tuple(size[0])
+            if _several_sizes(size) and isinstance(module, _ConvNd):
+                if module.padding_mode != "zeros" and any(p for pads in padding_pairs(module) for p in pads):
                     skipped[name] = (
                         f"{type(module).__name__}: called with input sizes {size} and {module.padding_mode} padding, "
                         "whose norm differs per size and exceeds the large-input limit on small ones; "

@@ -195,6 +195,20 @@ class PeriodicSVC:
             and id(current[n].weight) in held
         }
         unknown = [name for name, spec in convs.items() if spec.input_size is None]
+        # A trained conv that layer_specs skipped (one padded with copies and called at several
+        # input sizes): no spec describes it, and left out silently it would never be clipped.
+        skipped = [
+            name
+            for name in getattr(self.specs, "skipped", {})
+            if name in current
+            and name not in changed
+            and not within(name, self.exclude)
+            and current[name].weight.requires_grad
+            and id(current[name].weight) in held
+        ]
+        if skipped:
+            reasons = "; ".join(f"{name!r}: {self.specs.skipped[name]}" for name in skipped)
+            raise ValueError(f"conv layers {skipped} cannot be clipped ({reasons}); exclude them (exclude={tuple(skipped)!r})")
         if unknown:
             raise ValueError(
                 f"the input sizes of conv layers {unknown} are not known (not called by the forward that recorded "

@@ -245,6 +245,15 @@ def test_a_torchscript_model_is_refused_with_what_to_pass_instead():
             normopt.NormDecayOptimizer(torch.optim.SGD(scripted.parameters(), lr=0.1), scripted)
 
 
+def test_a_torchscript_part_of_a_model_is_skipped_once_by_name_and_the_rest_described():
+    block = torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
+    model = nn.Sequential(block, nn.Flatten(), nn.Linear(18, 2))
+    specs = layer_specs(model, torch.zeros(1, 1, 5, 5))
+    assert list(specs) == ["2"] and list(specs.skipped) == ["0"] and "TorchScript" in specs.skipped["0"]
+    optimizer = normopt.NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    assert list(optimizer.norm_decay.decayed) == ["2"]
+
+
 @pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
 def test_the_probe_forward_leaves_every_buffer_as_it_found_it():
     """Eval mode keeps batch-norm statistics, not a quantization observer's, which calibrates in
@@ -266,6 +275,25 @@ def test_the_probe_forward_leaves_every_buffer_as_it_found_it():
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(after[k], before[k])] == []
     assert model.training
+
+
+def test_the_probe_forward_writes_no_buffer_it_did_not_change():
+    """An eval-mode batch norm saves running_var for backward: a loss computed before the probe
+    still backpropagates (a copy written back would bump its version). Buffers that are inference
+    tensors, and a lazy module the probe materialises, are fine too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+    loss = model(torch.randn(2, 1, 5, 5)).square().sum()
+    version = model[1].running_var._version
+    layer_specs(model, torch.zeros(1, 1, 5, 5))
+    assert model[1].running_var._version == version
+    loss.backward()
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    assert frozen[1].running_var.is_inference()
+    assert list(layer_specs(frozen, torch.zeros(1, 1, 5, 5))) == ["0", "1"]
+    lazy = nn.Sequential(nn.Conv2d(1, 2, 3), nn.LazyBatchNorm2d())
+    assert list(layer_specs(lazy, torch.zeros(1, 1, 5, 5))) == ["0", "1"]
 
 
 @pytest.mark.filterwarnings("ignore:.*use_reentrant.*:UserWarning")
@@ -341,12 +369,27 @@ def test_a_layer_that_copies_samples_called_at_several_sizes_is_skipped_naming_t
     assert recorder.sizes == {"conv": [(small,), (16,)]}
     with pytest.warns(UserWarning, match="skipped"):
         assert "conv" in recorder.specs().skipped
+    with pytest.warns(UserWarning, match="'conv' is no longer regularized"):  # norm decay leaves it, saying so
+        decay = normopt.NormDecayOptimizer(torch.optim.SGD(conv.parameters(), lr=0.0), Pyramid())
+        torch.cat(Pyramid()(torch.zeros(1, 2, 16)), -1).sum().backward()
+        decay.step()
+    assert "conv" not in decay.norm_decay.decayed
 
 
 def test_input_sizes_given_as_lists_are_one_size_each():
     model = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
     assert layer_specs(model, input_sizes={"0": [5, 6]})["0"].input_size == (5, 6)
     assert layer_specs(model, input_sizes={"0": [(5, 6)]})["0"].input_size == (5, 6)
+    with pytest.raises(TypeError, match=r"layer 'c': input_size \[\(4, 4\), \(8, 8\)\] is several sizes"):
+        normopt.module_spec(model[0], "c", [(4, 4), (8, 8)])
+
+
+def test_a_layer_that_pads_nothing_called_at_several_sizes_gets_the_limit_whatever_its_mode():
+    """With no padding nothing is copied, and the large-input limit bounds every size."""
+    conv = nn.Conv1d(1, 1, 3, padding=0, padding_mode="reflect")
+    with pytest.warns(UserWarning, match="using the large-input limit"):
+        specs = layer_specs(nn.Sequential(conv), input_sizes={"0": [(4,), (16,)]})
+    assert specs["0"].input_size is None
 
 
 def test_layer_not_reached_by_the_example_forward_warns():

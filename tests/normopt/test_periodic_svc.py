@@ -208,6 +208,32 @@ def test_a_layer_whose_input_size_no_forward_recorded_is_refused_before_any_clip
     assert svc.last_report.layers == 2
 
 
+class SharedAtTwoScales(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(1, 2, 3, padding=1, padding_mode=mode), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.conv(x)).mean() + self.conv(x[..., :4, :4]).mean()
+
+
+@pytest.mark.filterwarnings("ignore:layer 'conv' is skipped")
+@pytest.mark.parametrize("example", [True, False], ids=["example_input", "recorded"])
+def test_a_trained_conv_that_layer_specs_skips_is_refused_by_name_not_left_unclipped(example):
+    """A reflect-padded conv called at two sizes has no spec (layer_specs skips it): left out
+    silently, the clip would never touch a layer it trains."""
+    model = SharedAtTwoScales("reflect")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match=r"conv layers \['conv'\] cannot be clipped.*reflect padding.*exclude=\('conv',\)"):
+        svc = PeriodicSVC(optimizer, model, bound=0.1, example_input=DATA[0][:1] if example else None)
+        model(DATA[0][:2])
+        svc.clip()
+    svc = PeriodicSVC(optimizer, model, bound=0.1, example_input=DATA[0][:1], exclude=("conv",))
+    svc.clip()
+    assert svc.last_report.layers == 1
+
+
 @pytest.mark.filterwarnings("ignore:layer 'aux' was not called by the recorded forward")
 def test_conv_layers_added_or_replaced_later_are_clipped_once_a_forward_has_recorded_their_sizes():
     model = WithAuxiliaryHead().eval()
