@@ -171,7 +171,8 @@ def norm_subgradients(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, S
 def paper_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
     r"""Algorithm 1 of the paper: :math:`h \leftarrow \gamma h + (1 - \gamma) p`, as a new tensor.
 
-    ``gamma`` may be a float or a 0-d tensor. One pass over ``h``; any memory layout.
+    ``gamma`` may be a float or a 0-d tensor. One pass over ``h``; any memory layout. The result
+    has ``h``'s dtype (a float32 ``h`` of bfloat16 weights stays float32).
 
     Example:
         >>> import torch
@@ -179,7 +180,8 @@ def paper_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
         >>> paper_update(torch.tensor([1.0, 1.0]), sub, gamma=0.5)
         tensor([0.5000, 0.0000])
     """
-    return (h * gamma).put_(sub.index, (1 - gamma) * sub.values, accumulate=True)
+    new = h * gamma
+    return new.put_(sub.index, ((1 - gamma) * sub.values).to(new.dtype), accumulate=True)
 
 
 def reference_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
@@ -192,4 +194,4 @@ def reference_update(h: torch.Tensor, sub: Subgradient, gamma) -> torch.Tensor:
         tensor([ 2., -1.])
     """
     new = h * gamma
-    return put(new, sub.index, torch.where(sub.counts > 0, sub.values, new.take(sub.index)))
+    return put(new, sub.index, torch.where(sub.counts > 0, sub.values.to(new.dtype), new.take(sub.index)))

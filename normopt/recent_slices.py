@@ -132,8 +132,10 @@ def ring_coefficients(ring: torch.Tensor, scale: torch.Tensor, tables: RingTable
 
 
 def _add_rows(grad: torch.Tensor, channels: torch.Tensor, buffer: torch.Tensor, weights: torch.Tensor) -> None:
-    """``grad[channels] += weights * buffer[channels]``, adding where ``channels`` repeats."""
-    grad.index_add_(0, channels, buffer.index_select(0, channels) * weights.view(-1, *[1] * (buffer.dim() - 1)))
+    """``grad[channels] += weights * buffer[channels]``, adding where ``channels`` repeats; in the
+    gradient's dtype, which may differ from the buffer's (float32 gradients of bfloat16 weights)."""
+    rows = buffer.index_select(0, channels) * weights.view(-1, *[1] * (buffer.dim() - 1))
+    grad.index_add_(0, channels, rows.to(grad.dtype))
 
 
 # Compiled, the same operation as an opaque operator: inductor lowers ``index_add_`` to an atomic

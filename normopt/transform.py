@@ -277,6 +277,16 @@ def _times(tensors: list[torch.Tensor], values: list) -> list[torch.Tensor]:
     return [t * v for t, v in zip(tensors, values)]
 
 
+def _layout_of(state: NormDecayState) -> tuple:
+    """What tells the layout a state was made for: its layers in order (which fixes where each sits
+    in its batch's buffers), the shapes of their buffer and scale views, and which batches have
+    rings. Buffer sizes alone let a state of another transformation over the same layers (in
+    another order, or for the other norm) be taken, each layer then decayed with another's h.
+    Shapes only, no storage offsets: dynamo traces those."""
+    views = tuple((name, tuple(buffer.shape), tuple(scale.shape)) for name, (buffer, scale) in state.views.items())
+    return views, tuple(ring is None for ring in state.rings)
+
+
 def _check_step(members, weights, grads, plan: BatchPlan, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse, by layer, a weight that is not what ``init`` made the state for, and a gradient
     that does not fit its weight (its dtype may differ: float32 gradients of bfloat16 weights);
@@ -356,6 +366,7 @@ def norm_decay(
     layout: list[tuple[tuple[str, ...], BatchPlan, int | None]] = []
     # per batch, the largest gamma its ring holds every slice for (a larger one turns it dense)
     limits: list[float] = []
+    made: list[tuple] = [()]  # the _layout_of the state the last init made, to know it again
 
     def init(tensors: Mapping[str, torch.Tensor]) -> NormDecayState:
         by_batch: dict[tuple[torch.device, torch.dtype], list[str]] = {}
@@ -393,7 +404,7 @@ def norm_decay(
             else:
                 rings.append(None)
                 all_ring_tables.append(None)
-        return NormDecayState(
+        state = NormDecayState(
             tuple(buffers),
             tuple(scales),
             tuple(tables),
@@ -404,6 +415,8 @@ def norm_decay(
             recent,
             tuple(ring is not None for ring in rings),
         )
+        made[0] = _layout_of(state)
+        return state
 
     def update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool = True):
         # Under no_grad whatever the caller's mode, as torch.optim's steps: weights that require
@@ -418,13 +431,28 @@ def norm_decay(
     def _update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
-        if len(state.buffers) != len(layout) or any(
-            b.numel() != sum(plan.numels) for b, (_, plan, _) in zip(state.buffers, layout)
+        if (
+            len(state.buffers) != len(layout)
+            or any(b.numel() != sum(plan.numels) for b, (_, plan, _) in zip(state.buffers, layout))
+            or (check and _layout_of(state) != made[0])
         ):
             raise ValueError("norm_decay: this state was not made by this transformation's init (or not by its last one)")
         # The key each weight has in ``tensors`` (a DDP or compiled model's prefix included): its
         # gradient has the same one in ``grads``.
         keys = {n: resolve(tensors, specs[n].weight, specs[n]) for n in names}
+        # Every batch's weights and gradients, all checked before any is changed: a refusal in a
+        # later batch (another dtype or device) left the earlier ones decayed.
+        batch_weights, batch_grads = [], []
+        for (members, plan, _), buffer in zip(layout, state.buffers):
+            weights = [tensors[keys[n]] for n in members]
+            # Keyed like ``tensors``, or without the wrapper's prefix.
+            layer_grads = [grads.get(keys[n]) for n in members]
+            if any(keys[n] != specs[n].weight for n in members):
+                layer_grads = [g if g is not None else grads.get(specs[n].weight) for g, n in zip(layer_grads, members)]
+            if check:
+                _check_step(members, weights, layer_grads, plan, buffer.device, buffer.dtype)  # init made it so
+            batch_weights.append(weights)
+            batch_grads.append(layer_grads)
         betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: tensors[keys[n]].device)))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma", interval=(0, 1))))
         count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
@@ -456,13 +484,7 @@ def norm_decay(
             zip(layout, state.buffers, state.scales, state.tables, state.scratch)
         ):
             member_specs = [specs[n] for n in members]
-            weights = [tensors[keys[n]] for n in members]
-            # Keyed like ``tensors``, or without the wrapper's prefix.
-            layer_grads = [grads.get(keys[n]) for n in members]
-            if any(keys[n] != specs[n].weight for n in members):
-                layer_grads = [g if g is not None else grads.get(specs[n].weight) for g, n in zip(layer_grads, members)]
-            if check:
-                _check_step(members, weights, layer_grads, plan, buffer.device, buffer.dtype)  # init made it so
+            weights, layer_grads = batch_weights[batch], batch_grads[batch]
             bn = [lookup(tensors, s.running_var, s) for s in member_specs if isinstance(s, BatchNormSpec)]
             factors = batchnorm_factors(bn, tables) if bn else None
             lines = all_line_sums(weights, factors, plan, tables, scratch)

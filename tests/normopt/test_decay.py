@@ -153,6 +153,24 @@ def test_buffer_rules_over_three_steps():
     assert_close(h_ref, torch.tensor([1.0, -0.5]))
 
 
+@pytest.mark.parametrize(
+    ("weights", "buffer"),
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.float32, torch.bfloat16)],
+)
+@pytest.mark.parametrize("update", [paper_update, reference_update])
+def test_both_rules_keep_the_buffers_dtype_whatever_the_weights(update, weights, buffer):
+    """A float32 h of bfloat16 weights (an accumulation buffer) stays float32 and equals the float64
+    computation rounded once; paper_update refused it, reference_update some of the pairs."""
+    torch.manual_seed(0)
+    spec = normopt.LinearSpec("fc", "w", 4, 3)
+    w = torch.randn(3, 4).to(weights)
+    h = torch.randn(3, 4).to(buffer)
+    got = update(h, norm_subgradient({"w": w}, spec, 1), 0.5)
+    exact = update(h.double(), norm_subgradient({"w": w.double()}, spec, 1), 0.5)
+    assert got.dtype == buffer
+    assert_close(got, exact, rtol=torch.finfo(buffer).eps, atol=0)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_the_reference_rule_gives_the_same_buffer_under_deterministic_algorithms(memory_format):
     torch.manual_seed(0)

@@ -485,16 +485,53 @@ def test_update_refuses_by_layer_weights_and_gradients_that_do_not_fit_its_state
     assert not grads["0.weight"].any()  # nothing was added before the refusals
 
 
-def test_float32_gradients_of_bfloat16_weights_and_numpy_hyperparameters_are_taken():
+def test_a_refusal_in_any_batch_changes_no_other_batch():
+    """Batches (one per device and dtype) are all checked before any is decayed."""
+    _, specs, tensors = _small_model()
+    tensors["0.weight"] = tensors["0.weight"].double()  # a batch of its own, decayed first
+    transform = norm_decay(specs)
+    state = transform.init(tensors)
+    grads = {"0.weight": torch.zeros(4, 1, 3, 3, dtype=torch.float64), "3.weight": torch.zeros(7)}
+    with pytest.raises(ValueError, match=r"layer '3': gradient of shape \(7,\)"):
+        transform.update(grads, state, tensors, beta=0.1, gamma=0.5)
+    assert not grads["0.weight"].any() and not state.decay_buffer("0").any()
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda specs: norm_decay({"3": specs["3"], "0": specs["0"], "1": specs["1"]}),  # the same layers in another order
+        lambda specs: norm_decay(specs, ord=math.inf),  # the other norm
+    ],
+    ids=["order", "ord"],
+)
+def test_a_state_made_by_another_transformation_is_refused(other):
+    """Buffers of the same sizes are not the same layout: each layer would be decayed with another's h."""
+    _, specs, tensors = _small_model()
+    transform, foreign = norm_decay(specs), other(specs)
+    state = foreign.init(tensors)
+    transform.init(tensors)
+    with pytest.raises(ValueError, match="not made by this transformation's init"):
+        transform.update({}, state, tensors, beta=0.1, gamma=0.5)
+
+
+@pytest.mark.parametrize("ring", [False, True], ids=["dense", "ring"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_float32_gradients_of_bfloat16_weights_and_numpy_hyperparameters_are_taken(ord, ring):
+    """Through a ring too: its index_add_ needs the gradient's dtype (a large layer's float32
+    gradients of bfloat16 weights raised there, after h was written)."""
     import numpy as np
 
     _, specs, tensors = _small_model()
     tensors = {key: value.to(torch.bfloat16) if value.is_floating_point() else value for key, value in tensors.items()}
-    transform = norm_decay(specs)
+    transform = norm_decay(specs, ord=ord)
     added = {}
     for dtype in (torch.bfloat16, torch.float32):  # float32 accumulation buffers of bfloat16 weights
         grads = {specs[n].weight: torch.zeros(tensors[specs[n].weight].shape, dtype=dtype) for n in specs}
-        grads, _, _ = transform.update(grads, transform.init(tensors), tensors, beta=np.float32(0.1), gamma=np.float32(0.5))
+        with rings_everywhere() if ring else contextlib.nullcontext():
+            state = transform.init(tensors)
+        assert any(r is not None for r in state.rings) == (ring and ord == math.inf)
+        grads, _, _ = transform.update(grads, state, tensors, beta=np.float32(0.1), gamma=np.float32(0.5))
         added[dtype] = grads
     for key, value in added[torch.float32].items():
         assert value.dtype == torch.float32 and value.abs().sum() > 0
