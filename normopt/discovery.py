@@ -14,7 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
-from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pairs
+from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pairs, pads_with_copies
 
 # Modules that hold weights but are not linear maps of their input, with the reason.
 _NOT_LINEAR = {
@@ -510,7 +510,7 @@ def layer_specs(
             if _several_sizes(size) and len(size) == 1:
                 size = tuple(size[0])
             if _several_sizes(size) and isinstance(module, _ConvNd):
-                if module.padding_mode != "zeros" and any(p for pads in padding_pairs(module) for p in pads):
+                if pads_with_copies(module_spec(module, name, None, keys, paddings.get(name))):
                     skipped[name] = (
                         f"{type(module).__name__}: called with input sizes {size} and {module.padding_mode} padding, "
                         "whose norm differs per size and exceeds the large-input limit on small ones; "

@@ -161,6 +161,11 @@ def large_input_geometries(spec: ConvSpec) -> tuple[tuple[AxisGeometry, ...], ..
     return tuple(per_axis)
 
 
+def pads_with_copies(spec: ConvSpec) -> bool:
+    """Whether the layer pads its input with copies of its values (circular, reflect, replicate)."""
+    return spec.padding_mode != "zeros" and any(p for pads in spec.padding for p in pads)
+
+
 def kernel_reach(kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
     """Input samples one output sample spans, per axis: ``d (k - 1) + 1``.
 

@@ -34,7 +34,7 @@ import scipy.fft
 import torch
 
 from normopt.power_iteration import power_iteration_norm
-from normopt.specs import ConvSpec, axis_geometries
+from normopt.specs import ConvSpec, axis_geometries, pads_with_copies
 from normopt.spectrum import (
     _check_kernel,
     _check_options,
@@ -249,11 +249,6 @@ def padded_input_size(spec: ConvSpec) -> tuple[int, ...]:
         raise ValueError(f"layer {spec.name!r}: the input size is unknown; build specs with an example input")
     check_zero_padded(spec)
     return tuple(axis.size + sum(pads) for axis, pads in zip(axis_geometries(spec, spec.input_size), spec.padding))
-
-
-def pads_with_copies(spec: ConvSpec) -> bool:
-    """Whether the layer pads its input with copies of its values (circular, reflect, replicate)."""
-    return spec.padding_mode != "zeros" and any(p for pads in spec.padding for p in pads)
 
 
 def check_zero_padded(spec: ConvSpec) -> None:
