@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from normopt.lines import accumulation_dtype
 from normopt.specs import ConvSpec
 
 
@@ -25,7 +26,9 @@ def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int =
 
     Iterates ``v <- A^T A v / ||A^T A v||`` with the adjoint from ``torch.func.vjp``; stops after
     ``iterations`` or when the estimate changes by less than ``tol`` relative (one host read per
-    iteration: an analysis tool, not a per-step one). Returns a 0-d tensor, ``||A v||``.
+    iteration: an analysis tool, not a per-step one). Returns a 0-d tensor, ``||A v||``, in at
+    least float32: bfloat16 and float16 weights are iterated in float32, where their own precision
+    left the estimate up to 3% below the norm. An empty layer is the zero map, of norm 0.
 
     Example:
         >>> import torch
@@ -38,13 +41,37 @@ def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int =
         >>> round(float(power_iteration_norm(layer.weight.detach(), spec)) ** 2, 4)
         3.0
     """
-    if spec.input_size is None:
-        raise ValueError(f"layer {spec.name!r}: power iteration needs the layer's input size")
+    weight = _checked(weight, spec, iterations, tol)
+    if weight.numel() == 0:
+        return weight.new_zeros(())
     # In the weight's dtype inside torch.autocast too (which would run the convolutions in bfloat16).
     if not torch.amp.is_autocast_available(weight.device.type):
-        return _iterate(_forward(spec, weight.detach()), spec, weight, iterations, tol, seed)
+        return _iterate(_forward(spec, weight), spec, weight, iterations, tol, seed)
     with torch.autocast(weight.device.type, enabled=False):
-        return _iterate(_forward(spec, weight.detach()), spec, weight, iterations, tol, seed)
+        return _iterate(_forward(spec, weight), spec, weight, iterations, tol, seed)
+
+
+def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float) -> torch.Tensor:
+    """The weight to iterate with (detached, in at least float32), or a refusal naming the layer."""
+    if not isinstance(spec, ConvSpec):
+        raise TypeError(
+            f"layer {getattr(spec, 'name', spec)!r} is described by a {type(spec).__name__}: power iteration takes "
+            "conv layers (a linear layer's spectral norm is torch.linalg.matrix_norm(weight, 2))"
+        )
+    if spec.input_size is None:
+        raise ValueError(f"layer {spec.name!r}: power iteration needs the layer's input size")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"layer {spec.name!r}: iterations must be a positive int, got {iterations!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+        raise ValueError(f"layer {spec.name!r}: tol must be a finite number >= 0, got {tol!r}")
+    if not isinstance(weight, torch.Tensor) or weight.is_complex() or not weight.is_floating_point():
+        got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise TypeError(f"layer {spec.name!r}: power iteration needs a real floating-point weight, got {got}")
+    if tuple(weight.shape) != tuple(spec.weight_shape):
+        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
+    if weight.device.type == "meta":
+        raise ValueError(f"layer {spec.name!r}: the weight is on the meta device; its norm needs its values")
+    return weight.detach().to(accumulation_dtype(weight.dtype))
 
 
 def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol: float, seed: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ float32 kernels: about 1e-7 relative).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.fft
 import torch
@@ -113,7 +115,11 @@ def _svd_clip(t: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_clip(bound, iterations) -> None:
-    if isinstance(bound, bool) or not bound > 0:
+    try:  # a number or a 0-d tensor
+        positive = not isinstance(bound, (bool, str)) and bool(bound > 0)
+    except (TypeError, RuntimeError):
+        positive = False
+    if not positive:
         raise ValueError(f"bound must be positive, got {bound!r}")
     if not (isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1):
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
@@ -290,6 +296,17 @@ def clip_input_size(spec: ConvSpec, input_size: str = "padded") -> tuple[int, ..
     return padded_input_size(spec) if input_size == "padded" else raw_input_size(spec)
 
 
+@contextlib.contextmanager
+def _named(spec: ConvSpec):
+    """A refusal of the kernel (empty, meta, not finite, larger than its input) names its layer."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        if str(error).startswith("layer "):
+            raise
+        raise type(error)(f"layer {spec.name!r}: {error}") from error
+
+
 def _check_layer(weight: torch.Tensor, spec: ConvSpec) -> None:
     if not isinstance(spec, ConvSpec):
         raise TypeError(f"layer {getattr(spec, 'name', spec)!r} is described by a {type(spec).__name__}: SVC clips convolutions")
@@ -314,7 +331,8 @@ def layer_spectral_bound(weight: torch.Tensor, spec: ConvSpec, **options) -> flo
         True
     """
     _check_layer(weight, spec)
-    return conv_spectral_norm(weight, padded_input_size(spec), groups=spec.groups, dilation=spec.dilation, **options)
+    with _named(spec):
+        return conv_spectral_norm(weight, padded_input_size(spec), groups=spec.groups, dilation=spec.dilation, **options)
 
 
 def clip_layer_counted(
@@ -348,7 +366,8 @@ def clip_layer_counted(
     """
     _check_layer(weight, spec)
     size = clip_input_size(spec, input_size)
-    return _clip(weight, size, bound, spec.groups, spec.dilation, iterations, method, precision, threads)
+    with _named(spec):
+        return _clip(weight, size, bound, spec.groups, spec.dilation, iterations, method, precision, threads)
 
 
 def clip_layer(weight: torch.Tensor, spec: ConvSpec, bound: float, iterations: int = 1, *, input_size: str = "padded", **options):

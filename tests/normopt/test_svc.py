@@ -1,4 +1,4 @@
-"""Singular values, clipping and power iteration against explicit circular and zero-padded matrices."""
+"""Singular values and clipping against explicit circular and zero-padded matrices."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, brute_norms, circular_cases, conv_layers, explicit_matrix
+from helpers import brute_norms, circular_cases, conv_layers, explicit_matrix
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -21,7 +21,6 @@ from normopt.svc import (
     conv_spectral_norm,
     layer_spectral_bound,
     padded_input_size,
-    power_iteration_norm,
     raw_input_size,
 )
 
@@ -100,26 +99,6 @@ def test_clipped_kernel_keeps_shape_dtype_and_device():
     assert clipped.shape == weight.shape and clipped.dtype == torch.float32 and clipped.device == weight.device
 
 
-@settings(max_examples=140)
-@given(st.one_of(conv_layers(modes=("zeros", "circular", "reflect", "replicate")), conv_layers(transposed=True)))
-def test_power_iteration_matches_the_explicit_matrix(case):
-    layer, spec, input_shape = case
-    layer = layer.double()
-    oracle = brute_norms(explicit_matrix(layer, input_shape))[2]
-    ours = power_iteration_norm(layer.weight.detach(), spec, iterations=2000, tol=1e-12)
-    assert_close(ours, oracle, rtol=1e-3, atol=1e-9)
-
-
-def test_power_iteration_inside_autocast_is_the_one_outside():
-    torch.manual_seed(0)
-    layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
-    spec = normopt.module_spec(layer, "", (9, 9))
-    outside = power_iteration_norm(layer.weight.detach(), spec, iterations=50)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = power_iteration_norm(layer.weight.detach(), spec, iterations=50)
-    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
-
-
 @settings(max_examples=100)
 @given(conv_layers(transposed=False))
 def test_circular_norm_on_the_padded_input_bounds_the_zero_padded_layer(case):
@@ -164,12 +143,6 @@ def test_bad_bound_and_iterations_are_refused():
             clip_singular_values(torch.ones(1, 1, 3), 4, bound)
     with pytest.raises(ValueError, match="iterations"):
         clip_singular_values(torch.ones(1, 1, 3), 4, 1.0, iterations=0)
-
-
-def test_power_iteration_needs_an_input_size():
-    spec = normopt.module_spec(nn.Conv1d(1, 1, 3), "c")
-    with pytest.raises(ValueError, match=r"layer 'c'.*input size"):
-        power_iteration_norm(torch.ones(1, 1, 3), spec)
 
 
 @settings(max_examples=80)
@@ -326,3 +299,23 @@ def test_a_clip_refuses_a_misspelt_option_another_kind_of_layer_and_a_weight_of_
     ):
         with pytest.raises(ValueError, match=r"layer 'c': weight of shape \(5, 7, 3, 3\), its spec's is \(2, 2, 3, 3\)"):
             call()
+
+
+def test_a_refused_kernel_is_named_by_its_layer():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    spec = normopt.module_spec(conv, "c", (2, 2))  # its raw input is smaller than the kernel
+    nan = conv.weight.detach().clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for call, match in (
+        (lambda: layer_spectral_bound(conv.weight.detach().to("meta"), normopt.module_spec(conv, "c", (5, 5))), "meta device"),
+        (lambda: layer_spectral_bound(nan, normopt.module_spec(conv, "c", (5, 5))), "non-finite"),
+        (lambda: clip_layer(conv.weight.detach(), spec, 1.0, input_size="raw"), r"larger than the input \(2, 2\)"),
+    ):
+        with pytest.raises(ValueError, match=rf"layer 'c': .*{match}"):
+            call()
+
+
+@pytest.mark.parametrize("bound", [None, "1", float("nan"), True])
+def test_a_bound_that_is_no_positive_number_is_refused_clearly(bound):
+    with pytest.raises(ValueError, match="bound must be positive"):
+        clip_singular_values(torch.ones(1, 1, 3), 4, bound)

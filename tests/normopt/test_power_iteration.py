@@ -1,0 +1,77 @@
+"""Power iteration: a conv layer's own spectral norm against its explicit matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, brute_norms, conv_layers, explicit_matrix
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import normopt
+from normopt.power_iteration import power_iteration_norm
+
+
+@settings(max_examples=140)
+@given(st.one_of(conv_layers(modes=("zeros", "circular", "reflect", "replicate")), conv_layers(transposed=True)))
+def test_power_iteration_matches_the_explicit_matrix(case):
+    layer, spec, input_shape = case
+    layer = layer.double()
+    oracle = brute_norms(explicit_matrix(layer, input_shape))[2]
+    ours = power_iteration_norm(layer.weight.detach(), spec, iterations=2000, tol=1e-12)
+    assert_close(ours, oracle, rtol=1e-3, atol=1e-9)
+
+
+def test_power_iteration_inside_autocast_is_the_one_outside():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    spec = normopt.module_spec(layer, "", (9, 9))
+    outside = power_iteration_norm(layer.weight.detach(), spec, iterations=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = power_iteration_norm(layer.weight.detach(), spec, iterations=50)
+    assert inside.dtype == torch.float32 and torch.equal(inside, outside)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_weight_is_iterated_in_float32(dtype):
+    """In its own precision the estimate stalled up to 3% below the norm of the weight's values."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    spec = normopt.module_spec(layer, "c", (16, 16))
+    weight = layer.weight.detach().to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.float())
+    oracle = brute_norms(explicit_matrix(layer, (3, 16, 16)))[2]
+    ours = power_iteration_norm(weight, spec, iterations=2000, tol=1e-10)
+    assert ours.dtype == torch.float32
+    assert_close(ours, oracle, rtol=1e-4)
+
+
+def test_power_iteration_needs_an_input_size():
+    spec = normopt.module_spec(nn.Conv1d(1, 1, 3), "c")
+    with pytest.raises(ValueError, match=r"layer 'c'.*input size"):
+        power_iteration_norm(torch.ones(1, 1, 3), spec)
+
+
+def test_power_iteration_refuses_by_layer_what_it_cannot_iterate():
+    conv = nn.Conv2d(3, 4, 3)
+    spec = normopt.module_spec(conv, "c", (5, 5))
+    weight = conv.weight.detach()
+    for call, error, match in (
+        (lambda: power_iteration_norm(torch.ones(4, 3, 5, 5), spec), ValueError, r"weight of shape \(4, 3, 5, 5\), its spec's"),
+        (lambda: power_iteration_norm(weight, spec, iterations=0), ValueError, "iterations must be a positive int"),
+        (lambda: power_iteration_norm(weight, spec, tol=float("nan")), ValueError, "tol must be"),
+        (lambda: power_iteration_norm(weight.long(), spec), TypeError, "real floating-point weight, got torch.int64"),
+        (lambda: power_iteration_norm(weight.to("meta"), spec), ValueError, "meta device"),
+        (lambda: power_iteration_norm(weight[0], normopt.LinearSpec("c", "w", 3, 3)), TypeError, "takes conv layers"),
+    ):
+        with pytest.raises(error, match=rf"layer 'c'.*{match}"):
+            call()
+
+
+@pytest.mark.parametrize(("inputs", "outputs"), [(4, 0), (0, 4)])
+def test_an_empty_layer_is_the_zero_map(inputs, outputs):
+    conv = nn.Conv2d(inputs, outputs, 3)
+    spec = normopt.module_spec(conv, "c", (5, 5))
+    assert power_iteration_norm(conv.weight.detach(), spec) == 0
