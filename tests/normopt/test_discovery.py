@@ -236,6 +236,7 @@ def test_an_instance_norm_that_tracks_running_statistics_is_a_batch_norm_in_eval
         assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle[ord], rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_a_torchscript_model_is_refused_with_what_to_pass_instead():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 2))
     for scripted in (torch.jit.script(model), torch.jit.trace(model, torch.zeros(1, 1, 5, 5))):
@@ -245,6 +246,7 @@ def test_a_torchscript_model_is_refused_with_what_to_pass_instead():
             normopt.NormDecayOptimizer(torch.optim.SGD(scripted.parameters(), lr=0.1), scripted)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_a_torchscript_part_of_a_model_is_skipped_once_by_name_and_the_rest_described():
     block = torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
     model = nn.Sequential(block, nn.Flatten(), nn.Linear(18, 2))
@@ -255,6 +257,7 @@ def test_a_torchscript_part_of_a_model_is_skipped_once_by_name_and_the_rest_desc
 
 
 @pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")
 def test_the_probe_forward_leaves_every_buffer_as_it_found_it():
     """Eval mode keeps batch-norm statistics, not a quantization observer's, which calibrates in
     eval mode too (and writes without bumping the version counter)."""
@@ -345,6 +348,7 @@ def test_layer_called_with_two_sizes_warns_and_uses_the_limit():
     ("mode", "seed", "kernel", "stride", "small"),
     [("reflect", 0, 3, 1, 3), ("replicate", 1, 5, 3, 1), ("circular", 1, 5, 2, 3)],  # small calls found past the limit
 )
+@pytest.mark.filterwarnings("ignore:layer 'conv' is skipped:UserWarning")  # checked once, below; then repeated
 def test_a_layer_that_copies_samples_called_at_several_sizes_is_skipped_naming_them(mode, seed, kernel, stride, small):
     """The large-input limit bounds every size with zero padding only: here a small call folds
     taps together past it (the oracle shows it), so no one spec is right and the layer is skipped."""

@@ -329,6 +329,7 @@ def test_layer_norms_compose_with_vmap_over_a_batch_of_weights(ord):
 
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
 @pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")  # jacrev's vmap of segment_reduce's backward
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch.func's own first use
 def test_layer_norms_compose_with_forward_mode_ad(ord):
     """jacfwd equals jacrev, and dual tensors of forward_ad go through (segment_reduce has no
     forward-mode derivative, and a dual weight cannot be written into the |w| scratch)."""
