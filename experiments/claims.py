@@ -22,12 +22,23 @@ KEYS = ["model", "method", "strength"]
 
 
 def by_run(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation over seeds of every numeric column, one row per (model, method, strength)."""
-    numeric = [c for c in results.columns if c not in [*KEYS, "seed"] and pd.api.types.is_numeric_dtype(results[c])]
-    grouped = results.groupby(KEYS, sort=False)[numeric]
+    """Mean and standard deviation over seeds of every numeric column, one row per (model, method, strength).
+
+    Seeds whose run diverged (``diverged`` column of :func:`experiments.study.summary_table`) are
+    left out: ``seeds`` counts the others, ``diverged`` the left-out ones; a run that diverged in
+    every seed keeps its row, with NaN figures and ``seeds`` 0.
+    """
+    bad = results["diverged"].astype(bool) if "diverged" in results.columns else pd.Series(False, index=results.index)
+    sums = [c for c in ("sum l1", "sum linf") if c in results.columns]
+    bad |= results[sums].isna().any(axis=1)  # only a diverged run has NaN summed norms
+    numeric = [c for c in results.columns if c not in [*KEYS, "seed", "diverged"] and pd.api.types.is_numeric_dtype(results[c])]
+    kept = results[~bad]
+    grouped = kept.groupby(KEYS, sort=False)[numeric]
     mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
-    out = pd.concat([mean, std.add_suffix(" sd")], axis=1)
-    out["seeds"] = results.groupby(KEYS, sort=False).seed.nunique()
+    runs = pd.MultiIndex.from_frame(results[KEYS].drop_duplicates())
+    out = pd.concat([mean, std.add_suffix(" sd")], axis=1).reindex(runs)
+    out["seeds"] = kept.groupby(KEYS).seed.nunique().reindex(runs).fillna(0).astype(int)
+    out["diverged"] = results[bad].groupby(KEYS).seed.nunique().reindex(runs).fillna(0).astype(int)
     return out.reset_index()
 
 
@@ -41,11 +52,36 @@ def sweep_table(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, run in runs.iterrows():
         row = {"model": run.model, "run": REGISTRY[run.method].run_label(run.strength), "seeds": int(run.seeds)}
-        row["clean"] = f"{run['clean acc']:.3f} ± {run['clean acc sd']:.3f}"
+        if runs.diverged.any():  # the seeds left out, named only when there are some
+            row["diverged"] = int(run.diverged)
+        row["clean"] = _spread(run, "clean acc")
         for r in radii(results):
-            row[f"eps {r}/255"] = f"{run[f'robust@{r}']:.3f} ± {run[f'robust@{r} sd']:.3f}"
+            row[f"eps {r}/255"] = _spread(run, f"robust@{r}")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _spread(run: pd.Series, column: str) -> str:
+    return f"{run[column]:.3f} ± {run[f'{column} sd']:.3f}" if run.seeds else "diverged"
+
+
+def _label(run: pd.Series) -> str:
+    return REGISTRY[run.method].run_label(run.strength)
+
+
+def _divergence(row: dict) -> dict:
+    """``row`` with the runs it used (``row["used"]``) checked for divergence: a claim that needs a
+    run that diverged in every seed is not decided (NaN figures decide nothing); seeds that diverged
+    in the other runs were left out of the figures, said in ``measured``."""
+    used = row.pop("used")
+    dead = [_label(r) for r in used if r.seeds == 0]
+    partial = [f"{_label(r)} ({int(r.diverged)} of {int(r.diverged + r.seeds)} seeds)" for r in used if r.seeds and r.diverged]
+    if dead:
+        row["holds"] = None
+        row["measured"] += f"; not decided: {', '.join(dead)} diverged in every seed"
+    if partial:
+        row["measured"] += f"; diverged seeds left out: {', '.join(partial)}"
+    return row
 
 
 def _strongest(runs: pd.DataFrame, method: str) -> pd.Series | None:
@@ -61,11 +97,12 @@ def _plain(runs: pd.DataFrame) -> pd.Series | None:
 def norm_decay_lowers_norms(runs: pd.DataFrame) -> dict | None:
     """Claim 1: at its largest beta, each norm decay's summed norm over plain training's (< 1 holds)."""
     plain = _plain(runs)
-    ratios = {}
+    ratios, used = {}, [plain]
     for method, column in (("nd-l1", "sum l1"), ("nd-linf", "sum linf")):
         nd = _strongest(runs, method)
         if nd is not None and plain is not None:
             ratios[f"{method} {nd.strength:g}"] = (nd[column] / plain[column], nd[f"{column} sd"] / plain[column])
+            used.append(nd)
     if not ratios:
         return None
     worst = max(ratios, key=lambda k: ratios[k][0])
@@ -75,6 +112,7 @@ def norm_decay_lowers_norms(runs: pd.DataFrame) -> dict | None:
         "measured": f"summed norm / plain's: {figure}",
         "holds": all(v + s < 1 for v, s in ratios.values()),
         "worst": worst,
+        "used": used,
     }
 
 
@@ -105,6 +143,7 @@ def regularizers_do_not_raise_robustness(runs: pd.DataFrame, results: pd.DataFra
         else f"largest gain over plain: {gain:+.3f} ({label}, eps {r}/255; seed spread ±{spread:.3f})",
         "holds": verdict,
         "worst": label,
+        "used": [plain, *(run for _, run in candidates.iterrows())],
     }
 
 
@@ -130,6 +169,7 @@ def adversarial_norms_no_smaller(runs: pd.DataFrame) -> dict | None:
         + ", ".join(f"{k} {v:.2f}" for k, (v, _) in ratios.items()),
         "holds": verdict,
         "worst": smallest,
+        "used": [plain, *(run for _, run in trained.iterrows())],
     }
 
 
@@ -137,11 +177,14 @@ def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
     """Claim 4: at the largest beta, norm decay (without projection) lowers the largest batch-norm
     norm less than the conv/linear norms it regularizes (ratio to plain closer to 1)."""
     plain = _plain(runs)
-    pairs = {}
+    pairs, used = {}, [plain]
     for method, column in (("nd-l1", "sum l1"), ("nd-linf", "sum linf")):
         nd = _strongest(runs, method)
-        if nd is not None and plain is not None and not math.isnan(plain["max bn"]):
+        # A plain run with no batch norm has NaN "max bn" with seeds counted; one that diverged
+        # in every seed has NaN too, and the claim is then not decided rather than left out.
+        if nd is not None and plain is not None and (plain.seeds == 0 or not math.isnan(plain["max bn"])):
             pairs[f"{method} {nd.strength:g}"] = (nd["max bn"] / plain["max bn"], nd[column] / plain[column])
+            used.append(nd)
     if not pairs:
         return None
     return {
@@ -149,12 +192,15 @@ def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
         "measured": "; ".join(f"{k}: BN {b:.2f} vs conv/linear {c:.2f} of plain's" for k, (b, c) in pairs.items()),
         "holds": all(b > c for b, c in pairs.values()),
         "worst": min(pairs, key=lambda k: pairs[k][0] - pairs[k][1]),
+        "used": used,
     }
 
 
 def claims_table(regularization: pd.DataFrame | None, adversarial: pd.DataFrame | None) -> pd.DataFrame:
     """The four claims, from the regularization and adversarial studies' ``results.csv`` tables
-    (one model: the first). A claim whose runs are missing is left out."""
+    (one model: the first). A claim whose runs are missing is left out; one that needs a run that
+    diverged in every seed is ``not decided``, and seeds that diverged are left out of the figures,
+    both said in ``measured``."""
     rows = []
     if regularization is not None and not regularization.empty:
         model = regularization.model.iloc[0]
@@ -165,7 +211,7 @@ def claims_table(regularization: pd.DataFrame | None, adversarial: pd.DataFrame 
     if adversarial is not None and not adversarial.empty:
         model = adversarial.model.iloc[0]
         rows.append(adversarial_norms_no_smaller(by_run(adversarial[adversarial.model == model])))
-    table = pd.DataFrame([r for r in rows if r is not None])
+    table = pd.DataFrame([_divergence(r) for r in rows if r is not None])
     if not table.empty:
-        table["holds"] = table.holds.map({True: "holds", False: "does not hold"})
+        table["holds"] = [{True: "holds", False: "does not hold"}.get(v, "not decided") for v in table.holds]
     return table

@@ -13,7 +13,7 @@ from experiments import checkpoints, cli
 from experiments.config import UserError, describe, differences
 from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
-from experiments.train import RunConfig, train
+from experiments.train import RunConfig, divergence, train
 
 
 def run_label(config: RunConfig) -> str:
@@ -83,19 +83,28 @@ def claim_study(out: str, study: dict) -> None:
 
 
 def summary_table(results: list[dict]) -> pd.DataFrame:
-    """One row per run: accuracies and the final summed norms."""
+    """One row per run: accuracies, the final summed norms, and whether the run diverged.
+
+    A diverged run (:func:`experiments.train.divergence`; also found in a result.json written before
+    runs were marked) has NaN accuracies and NaN sums, never a sum that skipped its NaN norms, and
+    ``diverged`` True: :func:`experiments.claims.by_run` leaves it out of means and seed counts.
+    """
     rows = []
     for result in results:
         config, norms = result["config"], pd.DataFrame(result["norms"])
         last = norms[norms.epoch == norms.epoch.max()]
         linear = last[last.kind.isin(["conv", "linear"])]
+        diverged = bool(result.get("diverged") or divergence(result["history"], result["norms"]))
         row = {"model": config["model"], "method": config["method"], "strength": config["strength"], "seed": config["seed"]}
-        row.update({f"{k} acc": v for k, v in result["accuracy"].items() if k != "sweep"})
-        row.update({f"robust@{r}": v for r, v in result["accuracy"].get("sweep", {}).items()})
-        row["sum l1"] = linear[linear.ord == "l1"].norm.sum()
-        row["sum linf"] = linear[linear.ord == "linf"].norm.sum()
+        # A NaN model's accuracies are chance or worse, not a measurement.
+        row.update({f"{k} acc": math.nan if diverged else v for k, v in result["accuracy"].items() if k != "sweep"})
+        row.update({f"robust@{r}": math.nan if diverged else v for r, v in result["accuracy"].get("sweep", {}).items()})
+        # skipna=False: pandas' sum skips NaN, which wrote a diverged run's summed norm as 0.
+        row["sum l1"] = linear[linear.ord == "l1"].norm.sum(skipna=False)
+        row["sum linf"] = linear[linear.ord == "linf"].norm.sum(skipna=False)
         bn = last[last.kind == "batchnorm"]
-        row["max bn"] = bn[bn.ord == "l1"].norm.max() if len(bn) else math.nan
+        row["max bn"] = bn[bn.ord == "l1"].norm.max(skipna=False) if len(bn) else math.nan
+        row["diverged"] = diverged
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -119,10 +128,15 @@ def _tex(label: str) -> str:
     return label.replace("&", "\\&").replace("%", "\\%")
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}" if math.isfinite(value) else "diverged"
+
+
 def paper_latex(results: pd.DataFrame) -> str:
     """The paper's accuracy table in LaTeX: per model, one column per run (plain first, then each
     method's strengths under a spanning method header), a ``Clean`` and a ``Robust`` row of
-    accuracies in percent (one decimal, mean over seeds)."""
+    accuracies in percent (one decimal, mean over the seeds that did not diverge; ``diverged``
+    where every seed did)."""
     runs = results.groupby(["model", "method", "strength"], sort=False)[["clean acc", "robust acc"]].mean().reset_index()
     order = {name: i for i, name in enumerate(REGISTRY)}
     blocks = []
@@ -132,8 +146,8 @@ def paper_latex(results: pd.DataFrame) -> str:
         spans = [(REGISTRY[m].label, len(rows[rows.method == m])) for m in methods]
         header = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(label)}}}" for label, n in spans)
         strengths = " & ".join(f"{s:g}" if REGISTRY[m].strength else "-" for m, s in zip(rows.method, rows.strength))
-        clean = " & ".join(f"{100 * v:.1f}" for v in rows["clean acc"])
-        robust = " & ".join(f"{100 * v:.1f}" for v in rows["robust acc"])
+        clean = " & ".join(_percent(v) for v in rows["clean acc"])
+        robust = " & ".join(_percent(v) for v in rows["robust acc"])
         blocks.append(
             "\n".join(
                 [

@@ -8,7 +8,9 @@ Runs on the GPU when one is present, otherwise on the CPU. --protocol released (
 resolves the run's values (experiments/protocol.py). The run folder holds config.json (the
 resolved configuration and its fingerprint), the last two checkpoints and result.json (per-epoch
 history and norms, every layer's norms every --norms-every steps, accuracies); --resume refuses a
-folder whose configuration differs from the command line's.
+folder whose configuration differs from the command line's. A run whose loss or layer norms end up
+NaN or infinite is marked "diverged" in result.json (with the first epoch it happened), is not
+attacked (its accuracies are NaN), and the studies' tables leave it out.
 """
 
 from __future__ import annotations
@@ -61,6 +63,36 @@ def layer_norm_rows(model: nn.Module, specs, epoch: int) -> list[dict]:
                 kind = type(specs[name]).__name__.removesuffix("Spec").lower()
                 rows.append({"epoch": epoch, "layer": name, "index": index, "kind": kind, "ord": ord_name, "norm": float(norm)})
     return rows
+
+
+def divergence(history: list[dict], norms: list[dict]) -> str | None:
+    """Why a run diverged, or None: the first epoch whose mean loss or any recorded layer norm is not
+    finite. Such a model's accuracies and summed norms mean nothing (a NaN model predicts one class),
+    so the run is marked, not evaluated, and the studies' tables leave it out.
+    """
+    reasons = {}
+    for row in history:
+        if not math.isfinite(row["loss"]):
+            reasons.setdefault(row["epoch"], f"loss {row['loss']} in epoch {row['epoch']}")
+    for row in norms:
+        if not math.isfinite(row["norm"]):
+            reasons.setdefault(row["epoch"], f"{row['ord']} norm of {row['layer']} is {row['norm']} after epoch {row['epoch']}")
+    return reasons[min(reasons)] if reasons else None
+
+
+def not_evaluated(config: RunConfig) -> dict:
+    """The accuracies of a diverged run: the keys :func:`robust_evaluation` writes, every value NaN."""
+    result = {"clean": math.nan, **dict.fromkeys(config.attacks, math.nan), "robust": math.nan, "clean subset": math.nan}
+    if config.sweep:
+        result["sweep"] = {f"{r:g}": math.nan for r in sorted({*config.sweep, config.eval_eps})}
+    return result
+
+
+def _report_divergence(result: dict) -> None:
+    if result.get("diverged"):
+        checkpoints.eprint(
+            f"  run diverged ({result['diverged']}): accuracies not measured (NaN); the studies' tables leave it out"
+        )
 
 
 def claim_folder(config: RunConfig, out: str, resume: bool) -> None:
@@ -221,6 +253,9 @@ def robust_evaluation(config: RunConfig, run: SimpleNamespace, where: torch.devi
 def train(config: RunConfig, out: str, resume: bool = True, progress: bool = True) -> dict:
     """Train (or resume), evaluate, and write ``out/result.json``; returns the result.
 
+    ``result["diverged"]`` is None, or why the run diverged (:func:`divergence`); a diverged run is
+    not attacked, its accuracies are NaN.
+
     Raises:
         UserError: ``out`` is not writable, is locked by another process, or holds another configuration.
     """
@@ -231,7 +266,10 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
         if _is_main():
             claim_folder(config, out, resume)
         if resume and os.path.exists(result_path):
-            return checkpoints.read_json(result_path)
+            result = checkpoints.read_json(result_path)
+            if progress:
+                _report_divergence(result)
+            return result
         where = device()
         run = build(config, where)
         if resume:
@@ -249,9 +287,12 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
         # The JSON form, so a fresh run returns exactly what a finished run reads back.
         result = {"config": config.as_dict(), "fingerprint": config.fingerprint(), "history": run.history, "norms": run.norms}
         result["step_norms"] = run.step_norms
+        result["diverged"] = divergence(run.history, run.norms)
         if _is_main():
-            result["accuracy"] = robust_evaluation(config, run, where)
+            result["accuracy"] = not_evaluated(config) if result["diverged"] else robust_evaluation(config, run, where)
             checkpoints.write_json(result_path, result)
+            if progress:
+                _report_divergence(result)
         if dist.is_initialized():
             dist.barrier()
         return checkpoints.read_json(result_path) if _is_main() else result

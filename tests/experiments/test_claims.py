@@ -94,3 +94,38 @@ def test_latex_table_in_the_papers_layout():
     assert lines[4] == "strength & - & 0.01 & 0.01 & 0.1 & 0.1 \\\\"
     assert lines[6] == "Clean & 98.0 & 98.0 & 98.0 & 98.0 & 98.0 \\\\"
     assert lines[7] == "Robust & 80.0 & 79.0 & 80.0 & 78.0 & 79.0 \\\\"
+
+
+def diverge(frame: pd.DataFrame, method: str, seeds) -> pd.DataFrame:
+    """``frame`` with the runs of ``method`` at ``seeds`` diverged, as summary_table writes them."""
+    frame = frame.assign(diverged=False)
+    hit = (frame.method == method) & frame.seed.isin(seeds)
+    frame.loc[hit, ["robust@1", "robust@4", "clean acc", "sum l1", "sum linf", "max bn"]] = float("nan")
+    frame.loc[hit, "diverged"] = True
+    return frame
+
+
+def test_a_run_diverged_in_every_seed_leaves_its_claims_not_decided():
+    """A NaN run's sums were written 0, which made claim 1 hold; NaN figures must decide nothing."""
+    table = claims_table(diverge(results(REGULARIZATION), "nd-l1", (0, 1)), None)
+    verdicts = dict(zip(table.claim, table.holds))
+    assert verdicts["norm decay lowers the norms"] == "not decided"
+    assert verdicts["batch-norm norms resist norm decay"] == "not decided"
+    assert verdicts["norm decay, weight decay and SVC do not raise robust accuracy"] == "not decided"
+    assert all("ND l1 0.1 diverged in every seed" in m for m in table.measured)
+
+
+def test_diverged_seeds_are_left_out_of_means_and_seed_counts_with_a_note():
+    """by_run skipped the NaN of a diverged seed and still counted it: '0.400 ± 0.000, seeds 2'."""
+    frame = diverge(results(REGULARIZATION), "nd-l1", (1,))
+    runs = by_run(frame)
+    nd = runs[(runs.method == "nd-l1") & (runs.strength == 0.1)].iloc[0]
+    assert (nd.seeds, nd.diverged) == (1, 1) and nd["sum l1"] == pytest.approx(10.0 * 0.99)
+    sweep = sweep_table(frame)
+    assert list(sweep.columns) == ["model", "run", "seeds", "diverged", "clean", "eps 1/255", "eps 4/255"]
+    assert sweep.loc[sweep.run == "ND l1 0.1", ["seeds", "diverged"]].values.tolist() == [[1, 1]]
+    every = sweep_table(diverge(results(REGULARIZATION), "nd-l1", (0, 1)))
+    assert every.loc[every.run == "ND l1 0.1", "eps 4/255"].tolist() == ["diverged"]
+    table = claims_table(frame, None)
+    row = table[table.claim == "norm decay lowers the norms"].iloc[0]
+    assert row.holds == "holds" and "diverged seeds left out: ND l1 0.1 (1 of 2 seeds)" in row.measured

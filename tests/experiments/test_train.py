@@ -124,3 +124,30 @@ def test_the_evaluation_subset_is_random_and_drawn_with_the_seed():
     _, other = _subset(data, 100, seed=1)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert len(set(first.tolist())) == 100 and first.max() > 200  # not the first 100 images
+
+
+def test_a_diverged_run_is_marked_not_evaluated_and_never_sums_to_zero(tmp_path, capsys):
+    """lr 1e30 turns every weight NaN in the first epoch: pandas' sum skipped the NaN norms and
+    wrote ``sum l1 = 0.0``, and the NaN model's chance accuracies were recorded as measured."""
+    import math
+
+    from experiments.study import summary_table
+
+    config = RunConfig(method="nd-l1", strength=0.1, lr=1e30, sweep=(4.0,), **{**TINY, "epochs": 1})
+    result = train(config, str(tmp_path / "nan"), progress=True)
+    assert result["diverged"] and "epoch 1" in result["diverged"]
+    assert "run diverged" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "nan" / "result.json"))["diverged"] == result["diverged"]
+    assert set(result["accuracy"]) == {"clean", "clean subset", "apgd-ce", "apgd-t", "robust", "sweep"}
+    assert all(math.isnan(v) for k, v in result["accuracy"].items() if k != "sweep")
+    fine = train(RunConfig(**{**TINY, "epochs": 1}), str(tmp_path / "fine"), progress=False)
+    assert fine["diverged"] is None
+    result["label"], fine["label"] = "ND l1 0.1", "plain"
+    table = summary_table([result, fine])
+    assert table.diverged.tolist() == [True, False]
+    nan_row, fine_row = table.iloc[0], table.iloc[1]
+    assert math.isnan(nan_row["sum l1"]) and math.isnan(nan_row["sum linf"]) and math.isnan(nan_row["robust acc"])
+    assert fine_row["sum l1"] > 0 and fine_row["robust acc"] >= 0
+    # A result.json written before runs were marked: found diverged from its NaN norms all the same.
+    old = {k: v for k, v in result.items() if k != "diverged"}
+    assert summary_table([old]).diverged.tolist() == [True]
