@@ -133,14 +133,20 @@ def colours() -> dict[str, str]:
 
 class CosineLinear(nn.Linear):
     """Hypersphere embedding's last layer: ``scale * cos(angle(x, w_j))``, features and weight rows
-    normalized (Pang et al., 2020); no bias. Still a ``nn.Linear``, so its norms are tracked."""
+    normalized (Pang et al., 2020); no bias. Still a ``nn.Linear``, so its norms are tracked: those
+    of :meth:`applied_weight`, the matrix it applies to the normalized features (the raw ``weight``'s
+    scale changes nothing the layer computes)."""
 
     def __init__(self, in_features: int, out_features: int, scale: float):
         super().__init__(in_features, out_features, bias=False)
         self.scale = scale
 
+    def applied_weight(self) -> torch.Tensor:
+        """``scale * W`` with unit rows: the linear map from the normalized features to the logits."""
+        return self.scale * F.normalize(self.weight, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        return F.linear(F.normalize(x, dim=1), self.applied_weight())
 
 
 def hypersphere(model: nn.Module, scale: float = P.HE_SCALE) -> nn.Module:

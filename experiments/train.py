@@ -33,7 +33,7 @@ from experiments import checkpoints, cli
 from experiments.attacks import robust_accuracy
 from experiments.config import RunConfig, UserError, describe, differences
 from experiments.data import dataset, loader, shape_of
-from experiments.methods import METHODS, REGISTRY, hypersphere, loss_of, make_optimizer
+from experiments.methods import METHODS, REGISTRY, CosineLinear, hypersphere, loss_of, make_optimizer
 from experiments.models import MODELS, build_model
 
 __all__ = ["RunConfig", "evaluate", "train"]
@@ -53,11 +53,23 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def layer_norm_rows(model: nn.Module, specs, epoch: int) -> list[dict]:
-    """Every layer's l1 and l_inf norm as table rows."""
+def applied_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers by name, as :func:`normopt.layer_norms` reads them, with the
+    weight of each hypersphere-embedding layer (:class:`~experiments.methods.CosineLinear`) replaced
+    by the one it applies, ``scale * normalize(W)``: the raw ``W`` can be scaled at will without
+    changing the model, so its norm says nothing about it."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, module in model.named_modules():
+        if isinstance(module, CosineLinear):
+            tensors[f"{name}.weight" if name else "weight"] = module.applied_weight()
+    return tensors
+
+
+def layer_norm_rows(model: nn.Module, specs, epoch: int) -> list[dict]:
+    """Every layer's l1 and l_inf norm as table rows (of the applied weight for HE: :func:`applied_tensors`)."""
     rows = []
     with torch.no_grad():
+        tensors = applied_tensors(model)
         for ord_name, ord in (("l1", 1), ("linf", math.inf)):
             for index, (name, norm) in enumerate(normopt.layer_norms(tensors, specs, ord).items()):
                 kind = type(specs[name]).__name__.removesuffix("Spec").lower()
@@ -147,9 +159,9 @@ def scheduler_milestones(config: RunConfig) -> list[int]:
 
 
 def step_norms(model: nn.Module, specs) -> torch.Tensor:
-    """Every layer's l1 and l_inf norm now, as a (2, layers) tensor (no host sync)."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    """Every layer's l1 and l_inf norm now, as a (2, layers) tensor (no host sync; HE: :func:`applied_tensors`)."""
     with torch.no_grad():
+        tensors = applied_tensors(model)
         return torch.stack(
             [torch.stack(list(normopt.layer_norms(tensors, specs, ord).values())).float() for ord in (1, math.inf)]
         )

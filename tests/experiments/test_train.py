@@ -151,3 +151,37 @@ def test_a_diverged_run_is_marked_not_evaluated_and_never_sums_to_zero(tmp_path,
     # A result.json written before runs were marked: found diverged from its NaN norms all the same.
     old = {k: v for k, v in result.items() if k != "diverged"}
     assert summary_table([old]).diverged.tolist() == [True]
+
+
+def test_he_layer_norms_are_those_of_the_matrix_it_applies():
+    """A CosineLinear applies scale * normalize(W) to unit features: scaling W by 7 changed no output
+    but multiplied the logged fc norms by 7, as they were the raw W's."""
+    import math
+
+    import normopt
+    from experiments.methods import hypersphere
+    from experiments.models import build_model
+    from experiments.train import layer_norm_rows, step_norms
+
+    torch.manual_seed(0)
+    model = hypersphere(build_model("small", 10, 1), 15.0).eval()
+    specs = normopt.layer_specs(model, torch.zeros(1, 1, 8, 8))
+    with torch.no_grad():
+        # On the unit vectors e_i the layer's input normalization is the identity: column i of the
+        # applied matrix is fc(e_i).
+        matrix = model.fc(torch.eye(model.fc.in_features)).T
+    explicit = {"l1": float(matrix.abs().sum(0).max()), "linf": float(matrix.abs().sum(1).max())}
+
+    def fc_norms():
+        return {r["ord"]: r["norm"] for r in layer_norm_rows(model, specs, 0) if r["layer"] == "fc"}
+
+    assert fc_norms() == pytest.approx(explicit, rel=1e-5)
+    column = list(specs).index("fc")
+    assert step_norms(model, specs)[:, column].tolist() == pytest.approx([explicit["l1"], explicit["linf"]], rel=1e-5)
+    x = torch.rand(4, 1, 8, 8)
+    before = model(x)
+    with torch.no_grad():
+        model.fc.weight.mul_(7.0)
+    assert torch.allclose(model(x), before, atol=1e-5)
+    assert fc_norms() == pytest.approx(explicit, rel=1e-5)
+    assert explicit["linf"] <= 15.0 * math.sqrt(model.fc.in_features) + 1e-3  # unit rows: at most s * sqrt(n)
