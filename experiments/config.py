@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 from dataclasses import dataclass
 
 from experiments import protocol as P
@@ -135,6 +136,10 @@ def check(config: RunConfig) -> str | None:
     for name in non_negative:
         if not getattr(config, name) >= 0:  # also refuses NaN
             return f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}"
+    # inf passed every check above, then --eval-eps inf crashed inside ART after training.
+    for name in ("lr", "momentum", "he_scale", *non_negative):
+        if not math.isfinite(getattr(config, name)):
+            return f"--{name.replace('_', '-')} must be finite, got {getattr(config, name)}"
     if config.method == "svc" and config.strength <= 0:
         return f"--strength (the SVC bound) must be > 0, got {config.strength}"
     choices = {
@@ -155,13 +160,27 @@ def check(config: RunConfig) -> str | None:
         return f"--attacks must be a non-empty list from {list(ATTACKS)}, got {list(config.attacks)}"
     if "autoattack" in config.attacks and importlib.util.find_spec("torchattacks") is None:
         return "--attacks autoattack needs torchattacks (pip install -e '.[autoattack]'); it is not installed"
-    if any(not r >= 0 for r in config.sweep):
-        return f"--sweep radii must be >= 0, got {list(config.sweep)}"
+    if any(not 0 <= r < math.inf for r in config.sweep):
+        return f"--sweep radii must be finite and >= 0, got {list(config.sweep)}"
     if not 0 <= config.norm_decay_gamma <= 1:
         return f"--norm-decay-gamma must be in [0, 1], got {config.norm_decay_gamma}"
     if config.eval_targets > 9:
         return f"--eval-targets must be at most 9 (10 classes), got {config.eval_targets}"
     return None
+
+
+def unit_warnings(config: RunConfig) -> list[str]:
+    """Warnings, one sentence each, for attack radii below 1 (but not 0): they are in 1/255 units,
+    so ``--eval-eps 0.031`` attacks at 0.031/255, almost no attack at all, most likely meant as the
+    pixel-unit 8/255; still a valid choice, so not refused."""
+    named = [("--eval-eps", config.eval_eps)] + [("--sweep radius", r) for r in config.sweep]
+    return [
+        f"{option} {r:g} is below 1, and attack radii are in 1/255 units: this attacks at {r:g}/255 = "
+        f"{r / 255:.2g} in pixel units (the paper's radii are 1/255 and 8/255: 1 and 8 here); "
+        f"if you meant {r:g} in pixel units, pass {r * 255:.3g}"
+        for option, r in named
+        if 0 < r < 1
+    ]
 
 
 def fingerprint(options: dict) -> str:

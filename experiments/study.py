@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 
 from experiments import checkpoints, cli
-from experiments.config import UserError, describe, differences
+from experiments.config import UserError, describe, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
 from experiments.train import RunConfig, divergence, train
@@ -273,6 +273,8 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
     mine = configs[shard[0] - 1 :: shard[1]] if shard else configs
     eprint = checkpoints.eprint
     eprint(f"{name} study, shared configuration: {describe(configs[0])}")
+    for warning in unit_warnings(configs[0]):  # the radii every run of the study shares
+        eprint(f"warning: {warning}")
     eprint(f"runs ({len(mine)} of {len(configs)}{f', shard {shard[0]}/{shard[1]}' if shard else ''}):")
     for config in mine:
         eprint(f"  {config.model} {run_label(config)} seed {config.seed} [{config.fingerprint()}]")

@@ -31,7 +31,7 @@ from torch import nn
 import normopt
 from experiments import checkpoints, cli
 from experiments.attacks import robust_accuracy
-from experiments.config import RunConfig, UserError, describe, differences
+from experiments.config import RunConfig, UserError, describe, differences, unit_warnings
 from experiments.data import dataset, loader, shape_of
 from experiments.methods import METHODS, REGISTRY, CosineLinear, hypersphere, loss_of, make_optimizer
 from experiments.models import MODELS, build_model
@@ -339,7 +339,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, help="test images attacked")
     p.add_argument("--eval-iterations", type=int, help="APGD iterations")
     p.add_argument("--eval-targets", type=int, help="APGD-T target classes (1-9)")
-    p.add_argument("--eval-eps", type=float, help="attack radius in 1/255 units")
+    p.add_argument("--eval-eps", type=float, help="attack radius in 1/255 units (8 means 8/255; the paper: 1 or 8)")
     cli.evaluation_options(p)
     p.add_argument("--bn-radius", type=float, help="batch-norm projection radius (nd-*+bn)")
     p.add_argument("--amp", action="store_true", help="mixed precision (GPU only)")
@@ -368,6 +368,8 @@ def main(argv=None) -> None:
     if _is_main():
         checkpoints.eprint(f"configuration: {describe(config)}")
         checkpoints.eprint(f"run folder: {os.path.abspath(args.out)}")
+        for warning in unit_warnings(config):
+            checkpoints.eprint(f"warning: {warning}")
     resume_command = cli.command_line("experiments.train", argv, "--resume")
     if args.dry_run:
         cli.or_exit(lambda: cli.dry_run([(config, args.out)]))

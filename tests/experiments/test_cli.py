@@ -98,6 +98,9 @@ BAD = [
     ("experiments.adversarial", ["--eval-images", "-5"], "--eval-images"),
     ("experiments.speed", ["--iterations", "0"], "--iterations"),
     ("experiments.speed", ["--repeats", "-1"], "--repeats"),
+    ("experiments.train", ["--eval-eps", "inf"], "--eval-eps"),
+    ("experiments.adversarial", ["--eval-eps", "inf"], "--eval-eps"),
+    ("experiments.regularize", ["--sweep", "4,inf"], "--sweep"),
 ]
 
 
@@ -136,6 +139,22 @@ def test_a_second_writer_and_a_file_as_output_folder_are_refused(tmp_path):
     (tmp_path / "file").write_text("")
     done = run("experiments.train", "--epochs", "1", *TINY, "--out", str(tmp_path / "file"))
     assert done.returncode == 2 and "is a file" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "arguments", "named"),
+    [
+        ("experiments.train", ["--eval-eps", "0.031"], "--eval-eps 0.031 is below 1"),
+        ("experiments.adversarial", ["--eval-eps", "0.031", "--methods", "plain"], "--eval-eps 0.031 is below 1"),
+        ("experiments.regularize", ["--sweep", "4,0.5", "--methods", "plain"], "--sweep radius 0.5 is below 1"),
+    ],
+)
+def test_an_attack_radius_below_one_warns_that_the_unit_is_1_over_255(module, arguments, named, tmp_path, capsys):
+    """--eval-eps 0.031 (meant as 8/255) attacked at 0.031/255 without a word."""
+    importlib.import_module(module).main([*arguments, "--threads", "1", "--out", str(tmp_path / "out"), "--dry-run"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and named in warnings[0] and "1/255 units" in warnings[0]
+    assert "pass 7.9" in warnings[0] or "pass 128" in warnings[0]
 
 
 def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path):
