@@ -36,7 +36,7 @@ def report(results: list[dict], out: str) -> None:
 def main(argv=None) -> str | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common_arguments(parser, default_models="small")
+    common_arguments(parser)
     parser.add_argument("--eval-eps", type=float, default=P.EVAL_EPS_ADVERSARIAL, help="attack radius in 1/255 (paper: 8)")
     parser.add_argument("--lr", type=float, help="learning rate (released: 0.1 for every run of this study on cifar10)")
     parser.add_argument(

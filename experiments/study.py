@@ -187,9 +187,12 @@ def write_tables(frame: pd.DataFrame, out: str, name: str) -> str:
     return markdown
 
 
-def common_arguments(parser: argparse.ArgumentParser, default_models: str) -> None:
+def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
-    parser.add_argument("--models", default=default_models, help=f"comma-separated, from {', '.join(sorted(MODELS))}")
+    parser.add_argument(
+        "--models",
+        help=f"comma-separated, from {', '.join(sorted(MODELS))} (default: the protocol's, small on digits, resnet18 on cifar10)",
+    )
     parser.add_argument("--epochs", type=int, help="default: 15 (digits) or 120 (cifar10, the paper)")
     parser.add_argument("--eval-images", type=int, help="test images attacked (default 256 digits, 1024 cifar10)")
     parser.add_argument("--eval-iterations", type=int, help="APGD iterations (default 50 digits, 100 cifar10)")
@@ -233,7 +236,9 @@ def shard_of(text: str | None) -> tuple[int, int] | None:
 
 def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[RunConfig]:
     """The study's grid as configs, with the command line's choices; bad names and numbers end in exit code 2."""
-    models = [m for m in args.models.split(",") if m]
+    # No --models: the protocol's model on this data set (cifar10 trained the digits CNN before).
+    text = args.models if args.models is not None else RunConfig.resolve(args.protocol, args.dataset).model
+    models = [m for m in text.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")

@@ -328,7 +328,7 @@ def evaluate(model: nn.Module, data, where: torch.device) -> float:
 def parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
-    p.add_argument("--model", default="small", choices=sorted(MODELS))
+    p.add_argument("--model", choices=sorted(MODELS), help="default: small (digits) or resnet18 (cifar10, the released protocol)")
     p.add_argument("--method", default="plain", choices=list(METHODS))
     cli.protocol_options(p)
     p.add_argument("--strength", type=float, default=0.0, help="beta (norm decay), weight decay, or SVC bound (>= 0)")

@@ -71,6 +71,22 @@ def test_released_regularization_study_resolves_to_the_released_scripts(tmp_path
     assert {(r["norm_decay_rule"], r["bn_projection"]) for r in paper} == {("paper", "exact")}
 
 
+@pytest.mark.parametrize(
+    ("module", "arguments"),
+    [
+        ("experiments.train", []),
+        ("experiments.regularize", ["--methods", "plain"]),
+        ("experiments.adversarial", ["--methods", "plain"]),
+    ],
+)
+def test_cifar10_trains_the_released_model_by_default(module, arguments, tmp_path):
+    """--dataset cifar10 switched every default to the released protocol but the model: it trained
+    the digits CNN ``small``."""
+    runs = dry_run(module, tmp_path, *arguments)
+    assert [r["model"] for r in runs] == ["resnet18"]
+    assert dry_run(module, tmp_path, *arguments, "--protocol", "paper")[0]["model"] == "resnet18"
+
+
 def test_released_adversarial_study_resolves_to_the_released_scripts(tmp_path):
     runs = dry_run("experiments.adversarial", tmp_path, "--models", "resnet18")
     assert [r["method"] for r in runs] == ["plain", "pgd-at", "trades", "alp"]
