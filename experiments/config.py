@@ -142,6 +142,9 @@ def check(config: RunConfig) -> str | None:
             return f"--{name.replace('_', '-')} must be finite, got {getattr(config, name)}"
     if config.method == "svc" and config.strength <= 0:
         return f"--strength (the SVC bound) must be > 0, got {config.strength}"
+    problem = unused(config)
+    if problem:
+        return problem
     choices = {
         "protocol": P.PROTOCOLS,
         "norm_decay_rule": ("reference", "paper"),
@@ -166,6 +169,27 @@ def check(config: RunConfig) -> str | None:
         return f"--norm-decay-gamma must be in [0, 1], got {config.norm_decay_gamma}"
     if config.eval_targets > 9:
         return f"--eval-targets must be at most 9 (10 classes), got {config.eval_targets}"
+    return None
+
+
+def unused(config: RunConfig) -> str | None:
+    """An option set to what the method never reads, or a regularizer without its strength, as a
+    sentence; None if there is none.
+
+    Such options were ignored yet changed the run's fingerprint, so ``--method pgd-at --strength
+    0.5`` trained exactly as strength 0 under another name, and ``--method nd-linf`` without
+    ``--strength`` ran norm decay with beta 0, plain training by another name.
+    """
+    method = REGISTRY[config.method]
+    if not method.strength and config.strength != 0:
+        return f"--strength is not used by --method {config.method} (it has no strength); leave it out"
+    if method.strength and config.strength <= 0:
+        return f"--method {config.method} needs --strength > 0 (its {method.strength}), got {config.strength}"
+    if not method.bn and config.bn_radius != P.BN_RADIUS:
+        bn = [n for n, m in REGISTRY.items() if m.bn]
+        return f"--bn-radius is not used by --method {config.method} (only by {', '.join(bn)}); leave it out"
+    if method.optimizer != "nd" and config.skip_layers != "none":
+        return f"--released-skips is not used by --method {config.method} (only by norm decay); leave it out"
     return None
 
 

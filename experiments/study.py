@@ -255,9 +255,16 @@ def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[Run
         if getattr(args, option) is not None:
             common[option] = getattr(args, option)
     seeds = cli.or_exit(lambda: seeds_of(args.seeds))
+    # --released-skips is study-wide, but only norm decay reads it: the other runs of the study
+    # (plain among them) stay the runs they are, and a study with no norm decay refuses it.
+    skips = common.pop("skip_layers", "none")
+    if skips != "none" and not any(REGISTRY[m].optimizer == "nd" for m in grid):
+        parser.error(f"--released-skips is used only by norm decay, and no method of this study ({', '.join(grid)}) is one")
 
     def make(model, method, strength, seed):
         seeded = common if seed is None else {**common, "seed": seed}
+        if REGISTRY[method].optimizer == "nd":
+            seeded = {**seeded, "skip_layers": skips}
         return RunConfig.resolve(args.protocol, args.dataset, model=model, method=method, strength=strength, **seeded)
 
     return cli.or_exit(

@@ -331,7 +331,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODELS), help="default: small (digits) or resnet18 (cifar10, the released protocol)")
     p.add_argument("--method", default="plain", choices=list(METHODS))
     cli.protocol_options(p)
-    p.add_argument("--strength", type=float, default=0.0, help="beta (norm decay), weight decay, or SVC bound (>= 0)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.0,
+        help="beta (norm decay), weight decay, or SVC bound (> 0); needed by those methods, refused by the others",
+    )
     p.add_argument("--epochs", type=int, help="default: 15 (digits) or 120 (cifar10)")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
@@ -341,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-targets", type=int, help="APGD-T target classes (1-9)")
     p.add_argument("--eval-eps", type=float, help="attack radius in 1/255 units (8 means 8/255; the paper: 1 or 8)")
     cli.evaluation_options(p)
-    p.add_argument("--bn-radius", type=float, help="batch-norm projection radius (nd-*+bn)")
+    p.add_argument("--bn-radius", type=float, help="batch-norm projection radius (nd-*+bn only)")
     p.add_argument("--amp", action="store_true", help="mixed precision (GPU only)")
     p.add_argument("--out", default="runs/train")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (its configuration must match)")

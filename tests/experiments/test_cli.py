@@ -101,6 +101,11 @@ BAD = [
     ("experiments.train", ["--eval-eps", "inf"], "--eval-eps"),
     ("experiments.adversarial", ["--eval-eps", "inf"], "--eval-eps"),
     ("experiments.regularize", ["--sweep", "4,inf"], "--sweep"),
+    ("experiments.train", ["--method", "pgd-at", "--strength", "0.5"], "--strength is not used by --method pgd-at"),
+    ("experiments.train", ["--method", "nd-linf"], "--method nd-linf needs --strength > 0"),
+    ("experiments.train", ["--bn-radius", "2"], "--bn-radius is not used by --method plain"),
+    ("experiments.train", ["--method", "wd", "--strength", "0.1", "--released-skips"], "--released-skips is not used"),
+    ("experiments.adversarial", ["--released-skips"], "--released-skips is used only by norm decay"),
 ]
 
 
@@ -155,6 +160,18 @@ def test_an_attack_radius_below_one_warns_that_the_unit_is_1_over_255(module, ar
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and named in warnings[0] and "1/255 units" in warnings[0]
     assert "pass 7.9" in warnings[0] or "pass 128" in warnings[0]
+
+
+def test_released_skips_in_a_study_reach_only_its_norm_decay_runs(tmp_path, capsys):
+    from experiments import regularize
+
+    out = str(tmp_path / "s")
+    regularize.main(["--methods", "plain,wd,nd-l1", "--released-skips", "--threads", "1", "--out", out, "--dry-run"])
+    resolved = [
+        json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("resolved ")
+    ]
+    skips = {r["method"]: r["skip_layers"] for r in resolved}
+    assert skips == {"plain": "none", "wd": "none", "nd-l1": "released"}
 
 
 def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path):

@@ -38,10 +38,36 @@ def test_impossible_options_are_refused_naming_the_option(option, value):
         RunConfig(**{option: value})
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"method": "pgd-at", "strength": 0.5}, "--strength is not used by --method pgd-at"),
+        ({"method": "plain", "strength": 0.1}, "--strength is not used by --method plain"),
+        ({"method": "nd-linf"}, "--method nd-linf needs --strength > 0"),
+        ({"method": "wd", "strength": 0.0}, "--method wd needs --strength > 0"),
+        ({"method": "at+nd", "strength": 0.0}, "--method at\\+nd needs --strength > 0"),
+        ({"method": "nd-l1", "strength": 0.1, "bn_radius": 2.0}, "--bn-radius is not used by --method nd-l1"),
+        ({"method": "trades", "bn_radius": 2.0}, "--bn-radius is not used by --method trades"),
+        ({"method": "svc", "strength": 1.0, "skip_layers": "released"}, "--released-skips is not used by --method svc"),
+    ],
+)
+def test_an_option_the_method_ignores_or_a_missing_strength_is_refused(changes, message):
+    """They were ignored yet changed the fingerprint: pgd-at at strength 0.5 trained as at 0, and
+    nd-linf without --strength ran norm decay with beta 0."""
+    with pytest.raises(UserError, match=message):
+        RunConfig(**changes)
+
+
+def test_options_a_method_uses_are_accepted():
+    RunConfig(method="nd-l1+bn", strength=0.1, bn_radius=2.0, skip_layers="released")
+    RunConfig(method="at+nd", strength=0.01, skip_layers="released")
+    RunConfig(method="pgd-at", bn_radius=5.0)  # the protocol's own value: nothing set
+
+
 def test_fingerprint_follows_results_not_paths():
     config = RunConfig()
     assert config.fingerprint() == RunConfig(data_dir="elsewhere", download=True).fingerprint()
-    for change in ({"seed": 1}, {"epochs": 3, "milestones": (1,)}, {"eval_iterations": 7}, {"strength": 0.5}):
+    for change in ({"seed": 1}, {"epochs": 3, "milestones": (1,)}, {"eval_iterations": 7}, {"method": "wd", "strength": 0.5}):
         assert RunConfig(**change).fingerprint() != config.fingerprint(), change
     assert fingerprint({**config.as_dict(), "definition": config.definition()}) == config.fingerprint()
 

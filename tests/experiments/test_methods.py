@@ -224,7 +224,7 @@ def test_bn_projection_follows_the_protocol(protocol):
     model = bn_model()
     with torch.no_grad():
         model[1].weight.copy_(torch.tensor([30.0, 20.0, 1.0]))
-    config = RunConfig.resolve(protocol, "digits", method="nd-l1+bn", strength=0.0, bn_radius=5.0, lr=1e-9)
+    config = RunConfig.resolve(protocol, "digits", method="nd-l1+bn", strength=1e-3, bn_radius=5.0, lr=1e-9)
     optimizer, _ = make_optimizer(config, model, torch.zeros(1, 1, 4, 4))
     model(torch.randn(8, 1, 4, 4)).sum().backward()
     optimizer.step()

@@ -12,7 +12,7 @@ import torch
 
 import experiments.train as training
 from experiments import checkpoints
-from experiments.methods import METHODS
+from experiments.methods import METHODS, REGISTRY
 from experiments.train import RunConfig, train
 
 TINY = {"epochs": 2, "milestones": (1,), "eval_images": 16, "eval_iterations": 2, "eval_targets": 1}
@@ -20,7 +20,7 @@ TINY = {"epochs": 2, "milestones": (1,), "eval_images": 16, "eval_iterations": 2
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_trains_and_reports(method, tmp_path):
-    strength = {"wd": 1e-3, "svc": 1.0}.get(method, 0.05)
+    strength = {"wd": 1e-3, "svc": 1.0}.get(method, 0.05 if REGISTRY[method].strength else 0.0)
     config = RunConfig(method=method, strength=strength, svc_every=10, adv_steps=2, **{**TINY, "epochs": 1})
     result = train(config, str(tmp_path), progress=False)
     assert set(result["accuracy"]) == {"clean", "clean subset", "apgd-ce", "apgd-t", "robust"}
