@@ -17,6 +17,9 @@ from experiments.models import MODELS
 # FAB-T, Square, through ART); "pgd" is 20-step PGD.
 ATTACKS = ("apgd-ce", "apgd-t", "pgd", "autoattack")
 
+# Largest seed: NumPy's seeds are 32-bit (the attacks seed it with the run's seed).
+MAX_SEED = 2**32 - 1
+
 # Where data lives and whether to fetch it change no result: they stay out of the fingerprint.
 NOT_RESULT = ("data_dir", "download", "verify_data")
 
@@ -167,6 +170,11 @@ def check(config: RunConfig) -> str | None:
         return f"--sweep radii must be finite and >= 0, got {list(config.sweep)}"
     if not 0 <= config.norm_decay_gamma <= 1:
         return f"--norm-decay-gamma must be in [0, 1], got {config.norm_decay_gamma}"
+    # Seeds are mixed into per-epoch seeds (seed * 100_003 + epoch, an int64 in torch) and into
+    # NumPy's 32-bit seed: past 2**32 the attacks' seeds repeat, and past ~9.2e13 training crashed
+    # with an int64 overflow when its first epoch began, after the data and model were built.
+    if not 0 <= config.seed <= MAX_SEED:
+        return f"--seed must be an integer in [0, {MAX_SEED}], got {config.seed}"
     if config.eval_targets > 9:
         return f"--eval-targets must be at most 9 (10 classes), got {config.eval_targets}"
     return None

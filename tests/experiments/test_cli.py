@@ -106,6 +106,8 @@ BAD = [
     ("experiments.train", ["--bn-radius", "2"], "--bn-radius is not used by --method plain"),
     ("experiments.train", ["--method", "wd", "--strength", "0.1", "--released-skips"], "--released-skips is not used"),
     ("experiments.adversarial", ["--released-skips"], "--released-skips is used only by norm decay"),
+    ("experiments.train", ["--seed", "100000000000000000"], "--seed"),
+    ("experiments.regularize", ["--seeds", "0,4294967296"], "--seed"),
 ]
 
 
