@@ -82,6 +82,9 @@ def main(argv=None) -> str:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     measured = min(20, args.iterations) if args.quick else args.iterations
     shapes = [s for s in SHAPES if args.max_channels is None or max(s[1:]) <= args.max_channels]
+    if not shapes:  # an empty table would overwrite an earlier speed.* in --out and exit 0
+        smallest = min(max(s[1:]) for s in SHAPES)
+        parser.error(f"--max-channels {args.max_channels} leaves no shape to time (the smallest has {smallest} channels)")
     svd = not args.no_svd
     print(f"writing to {os.path.abspath(args.out)}; shapes (kernel, in, out): {shapes}", file=sys.stderr, flush=True)
     if args.dry_run:

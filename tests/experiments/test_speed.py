@@ -23,3 +23,14 @@ def test_bad_iterations_exit_with_code_two(tmp_path):
     with pytest.raises(SystemExit) as exit:
         speed.main(["--iterations", "0", "--out", str(tmp_path)])
     assert exit.value.code == 2
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_max_channels_that_leave_no_shape_exit_2_and_keep_an_earlier_table(dry_run, tmp_path, capsys):
+    """--max-channels 8 wrote an empty table over the earlier speed.* in --out and exited 0."""
+    (tmp_path / "speed.csv").write_text("earlier table\n")
+    with pytest.raises(SystemExit) as exit:
+        speed.main(["--max-channels", "8", "--threads", "1", "--out", str(tmp_path), *dry_run])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--max-channels 8 leaves no shape" in err and "32 channels" in err
+    assert (tmp_path / "speed.csv").read_text() == "earlier table\n"
