@@ -20,6 +20,9 @@ ATTACKS = ("apgd-ce", "apgd-t", "pgd", "autoattack")
 # Largest seed: NumPy's seeds are 32-bit (the attacks seed it with the run's seed).
 MAX_SEED = 2**32 - 1
 
+# What an HE run's logged last-layer norms are of (experiments.train.applied_tensors): part of its definition.
+HE_LAST_LAYER_NORMS = "applied weight scale * normalize(W)"
+
 # Where data lives and whether to fetch it change no result: they stay out of the fingerprint.
 NOT_RESULT = ("data_dir", "download", "verify_data")
 
@@ -116,7 +119,14 @@ class RunConfig:
         """What the method does, from the registry (optimizer, loss, norm, projection, HE): part of
         the fingerprint, so a run of a method whose definition changed is another run."""
         method = REGISTRY[self.method]
-        return {"optimizer": method.optimizer, "loss": method.loss, "ord": str(method.ord), "bn": method.bn, "he": method.he}
+        definition = {"optimizer": method.optimizer, "loss": method.loss, "ord": str(method.ord), "bn": method.bn}
+        definition["he"] = method.he
+        if method.he:
+            # HE runs logged the raw last-layer W until they logged the weight the layer applies;
+            # naming it makes those runs new runs (old ones rerun, never read back with raw-W
+            # norms), while every other method keeps its fingerprint and its finished runs.
+            definition["last_layer_norms"] = HE_LAST_LAYER_NORMS
+        return definition
 
     def fingerprint(self) -> str:
         """sha256 (first 12 hex digits) of every option that changes a result, and of the method's definition."""

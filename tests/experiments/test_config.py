@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from experiments import checkpoints
 from experiments.config import RunConfig, UserError, differences, fingerprint
 
 
@@ -87,6 +88,37 @@ def test_a_changed_method_definition_is_another_run(monkeypatch, tmp_path):
     monkeypatch.setattr(experiments.config, "REGISTRY", changed)
     assert config.fingerprint() != before and config.definition()["loss"] == "pgd-at"
     with pytest.raises(UserError, match="definition of 'at\\+nd'"):
+        claim_folder(config, str(tmp_path), resume=True)
+
+
+# Fingerprints before HE runs logged the applied last-layer weight (commit f0baa51 left them as they were).
+FINGERPRINTS_BEFORE_APPLIED_HE_NORMS = {
+    "plain": ({}, "747579c2c520"),
+    "pgd-at": ({"method": "pgd-at"}, "f4b4cba536fc"),
+    "nd-l1": ({"method": "nd-l1", "strength": 0.1}, "6f0b13293029"),
+    "pgd-at-he": ({"method": "pgd-at-he"}, "9bd4719cf48f"),
+    "trades-he": ({"method": "trades-he"}, "ddbd50de4677"),
+    "alp-he": ({"method": "alp-he"}, "292992c86b85"),
+}
+
+
+@pytest.mark.parametrize("name", FINGERPRINTS_BEFORE_APPLIED_HE_NORMS)
+def test_he_runs_that_logged_the_raw_last_layer_weight_are_other_runs(name, tmp_path):
+    """A study resumed after HE runs started logging scale * normalize(W) read back their finished
+    runs, whose fc norms were the raw W's; only HE runs may change identity, the others keep theirs."""
+    from experiments.methods import REGISTRY
+    from experiments.study import run_folder
+    from experiments.train import claim_folder
+
+    changes, before = FINGERPRINTS_BEFORE_APPLIED_HE_NORMS[name]
+    config = RunConfig(**changes)
+    if not REGISTRY[config.method].he:
+        assert config.fingerprint() == before and "last_layer_norms" not in config.definition()
+        return
+    assert config.fingerprint() != before and not run_folder(config, "out").endswith(before)
+    old = {key: value for key, value in config.definition().items() if key != "last_layer_norms"}
+    checkpoints.write_json(str(tmp_path / "config.json"), {"config": config.as_dict(), "definition": old})
+    with pytest.raises(UserError, match="last_layer_norms"):
         claim_folder(config, str(tmp_path), resume=True)
 
 
