@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 
 from experiments import checkpoints, cli
-from experiments.config import UserError, describe, differences, unit_warnings
+from experiments.config import UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
 from experiments.train import RunConfig, divergence, train
@@ -53,9 +53,21 @@ def finished(configs: list[RunConfig], out: str) -> tuple[list[dict], list[RunCo
     return results, missing
 
 
-def identity(name: str, configs: list[RunConfig]) -> dict:
-    """What makes a study: its name, the options its runs share, and its runs."""
+def shared_options(configs: list[RunConfig]) -> dict:
+    """The options a study's runs share, as the study was asked for them.
+
+    ``skip_layers`` is the study-wide ``--released-skips``, which only the norm-decay runs carry:
+    read off the first run (plain), a study with the switch was recorded and echoed as one
+    without it, so the same command could not resume its folder and the other one could.
+    """
     shared = {k: v for k, v in configs[0].as_dict().items() if k not in ("model", "method", "strength", "seed")}
+    shared["skip_layers"] = "released" if any(c.skip_layers == "released" for c in configs) else "none"
+    return shared
+
+
+def identity(name: str, configs: list[RunConfig]) -> dict:
+    """What makes a study: its name, the options its runs share (:func:`shared_options`), and its runs."""
+    shared = shared_options(configs)
     shared["seeds"] = sorted({c.seed for c in configs})
     runs = sorted(f"{c.model} {c.method} {c.strength:g} seed {c.seed}" for c in configs)
     return {"study": name, "options": shared, "runs": runs, "fingerprints": sorted(c.fingerprint() for c in configs)}
@@ -284,7 +296,10 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
         cli.fail("--collect gathers every shard's runs; use it without --shard")
     mine = configs[shard[0] - 1 :: shard[1]] if shard else configs
     eprint = checkpoints.eprint
-    eprint(f"{name} study, shared configuration: {describe(configs[0])}")
+    # The first run's options with the study's --released-skips (that run, plain, has none); each
+    # run's fingerprint is listed below.
+    echoed = {**configs[0].as_dict(), "skip_layers": shared_options(configs)["skip_layers"]}
+    eprint(f"{name} study, shared configuration: {' '.join(f'{k}={v}' for k, v in echoed.items())}")
     for warning in unit_warnings(configs[0]):  # the radii every run of the study shares
         eprint(f"warning: {warning}")
     eprint(f"runs ({len(mine)} of {len(configs)}{f', shard {shard[0]}/{shard[1]}' if shard else ''}):")

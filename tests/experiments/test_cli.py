@@ -176,6 +176,56 @@ def test_released_skips_in_a_study_reach_only_its_norm_decay_runs(tmp_path, caps
     assert skips == {"plain": "none", "wd": "none", "nd-l1": "released"}
 
 
+def _skips_study(skips: bool):
+    from experiments.config import RunConfig
+
+    nd = {"method": "nd-l1", "strength": 0.1, "skip_layers": "released" if skips else "none"}
+    return [RunConfig(), RunConfig(**nd)]
+
+
+@pytest.mark.parametrize(
+    ("saved", "skips", "refused"),
+    [
+        ("old", True, None),  # a folder the old code made with --released-skips: the same command resumes it
+        ("old", False, "skip_layers: 'released' -> 'none'"),
+        (True, True, None),
+        (True, False, "skip_layers: 'released' -> 'none'"),  # was accepted as the same study
+        (False, True, "skip_layers: 'none' -> 'released'"),  # was accepted as the same study
+        (False, False, None),
+    ],
+)
+def test_released_skips_are_part_of_the_study(tmp_path, saved, skips, refused):
+    """identity() read the options off the first run (plain, without skips): a folder made with
+    --released-skips by the old code could not be resumed by the same command, and the same --out
+    took the study with and without the switch as one study."""
+    from experiments.config import UserError
+    from experiments.study import claim_study, identity
+
+    out = str(tmp_path / "s")
+    if saved == "old":  # what the old code wrote: every run, plain included, carried the switch
+        study = identity("regularize", _skips_study(False))
+        study["options"]["skip_layers"] = "released"
+        os.makedirs(out)
+        checkpoints.write_json(os.path.join(out, "study.json"), study)
+    else:
+        claim_study(out, identity("regularize", _skips_study(saved)))
+    if refused is None:
+        claim_study(out, identity("regularize", _skips_study(skips)))
+    else:
+        with pytest.raises(UserError, match=refused):
+            claim_study(out, identity("regularize", _skips_study(skips)))
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_a_study_echoes_its_released_skips(tmp_path, capsys, skips):
+    from experiments import regularize
+
+    switch = ["--released-skips"] if skips else []
+    regularize.main(["--methods", "plain,nd-l1", *switch, "--threads", "1", "--out", str(tmp_path / "s"), "--dry-run"])
+    echoed = [line for line in capsys.readouterr().err.splitlines() if "shared configuration" in line]
+    assert len(echoed) == 1 and f"skip_layers={'released' if skips else 'none'} " in echoed[0]
+
+
 def test_dry_run_prints_the_runs_and_trains_nothing(tmp_path):
     done = run("experiments.regularize", "--methods", "plain,nd-l1", "--dry-run", "--out", str(tmp_path / "s"))
     assert done.returncode == 0 and "dry run: 3 run(s)" in done.stderr and "seed=0" in done.stderr
