@@ -19,6 +19,9 @@ import pandas as pd
 from experiments.methods import REGISTRY
 
 KEYS = ["model", "method", "strength"]
+CLAIM_2 = "norm decay, weight decay and SVC do not raise robust accuracy"
+# The "worst" of a claim none of whose runs has a finite seed: there is no figure to rank.
+NO_FIGURE = "-"
 
 
 def by_run(results: pd.DataFrame) -> pd.DataFrame:
@@ -69,14 +72,22 @@ def _label(run: pd.Series) -> str:
     return REGISTRY[run.method].run_label(run.strength)
 
 
+def _live(run: pd.Series | None) -> bool:
+    """Whether ``run`` has a seed that did not diverge (its figures are numbers, not NaN)."""
+    return run is not None and run.seeds > 0
+
+
 def _divergence(row: dict) -> dict:
-    """``row`` with the runs it used (``row["used"]``) checked for divergence: a claim that needs a
-    run that diverged in every seed is not decided (NaN figures decide nothing); seeds that diverged
-    in the other runs were left out of the figures, said in ``measured``."""
+    """``row`` with the runs it used (``row["used"]``) checked for divergence. Its verdict comes from
+    the runs with a finite seed alone; one that diverged in every seed (NaN figures decide nothing)
+    makes the claim not decided, unless the finite runs already refute it (then it is named as
+    left out). Seeds that diverged in the other runs were left out of the figures, said in ``measured``."""
     used = row.pop("used")
     dead = [_label(r) for r in used if r.seeds == 0]
     partial = [f"{_label(r)} ({int(r.diverged)} of {int(r.diverged + r.seeds)} seeds)" for r in used if r.seeds and r.diverged]
-    if dead:
+    if dead and not bool(row["holds"]):
+        row["measured"] += f"; left out: {', '.join(dead)} diverged in every seed"
+    elif dead:
         row["holds"] = None
         row["measured"] += f"; not decided: {', '.join(dead)} diverged in every seed"
     if partial:
@@ -101,17 +112,18 @@ def norm_decay_lowers_norms(runs: pd.DataFrame) -> dict | None:
     for method, column in (("nd-l1", "sum l1"), ("nd-linf", "sum linf")):
         nd = _strongest(runs, method)
         if nd is not None and plain is not None:
-            ratios[f"{method} {nd.strength:g}"] = (nd[column] / plain[column], nd[f"{column} sd"] / plain[column])
+            live = _live(nd) and _live(plain)
+            ratios[f"{method} {nd.strength:g}"] = (nd[column] / plain[column], nd[f"{column} sd"] / plain[column], live)
             used.append(nd)
     if not ratios:
         return None
-    worst = max(ratios, key=lambda k: ratios[k][0])
-    figure = "; ".join(f"{k}: {v:.2f} ± {s:.2f}" for k, (v, s) in ratios.items())
+    finite = {k: (v, s) for k, (v, s, live) in ratios.items() if live}
+    figure = "; ".join(f"{k}: {v:.2f} ± {s:.2f}" if live else f"{k}: diverged" for k, (v, s, live) in ratios.items())
     return {
         "claim": "norm decay lowers the norms",
         "measured": f"summed norm / plain's: {figure}",
-        "holds": all(v + s < 1 for v, s in ratios.values()),
-        "worst": worst,
+        "holds": all(v + s < 1 for v, s in finite.values()),
+        "worst": max(finite, key=lambda k: finite[k][0]) if finite else NO_FIGURE,
         "used": used,
     }
 
@@ -127,23 +139,29 @@ def regularizers_do_not_raise_robustness(runs: pd.DataFrame, results: pd.DataFra
     for r in radii(results):
         column = f"robust@{r}"
         for _, run in candidates.iterrows():
+            if not (_live(run) and _live(plain)):
+                continue  # NaN figures: decided by _divergence, never the worst
             gain = run[column] - plain[column]
             spread = 2 * math.hypot(run[f"{column} sd"], plain[f"{column} sd"])
             if worst is None or gain > worst[0]:
                 worst = (gain, spread, REGISTRY[run.method].run_label(run.strength), r)
             verdict &= gain <= spread
+    used = [plain, *(run for _, run in candidates.iterrows())]
     if worst is None:
-        return None
+        if all(_live(run) for run in used) or not radii(results):
+            return None
+        measured = "largest gain over plain: no run with a finite seed to compare"
+        return {"claim": CLAIM_2, "measured": measured, "holds": True, "worst": NO_FIGURE, "used": used}
     gain, spread, label, r = worst
     return {
-        "claim": "norm decay, weight decay and SVC do not raise robust accuracy",
+        "claim": CLAIM_2,
         "measured": f"largest gain over plain: {gain:+.3f} ({label}, eps {r}/255; seed spread ±{spread:.3f}); "
         "every gain within its spread"
         if verdict
         else f"largest gain over plain: {gain:+.3f} ({label}, eps {r}/255; seed spread ±{spread:.3f})",
         "holds": verdict,
         "worst": label,
-        "used": [plain, *(run for _, run in candidates.iterrows())],
+        "used": used,
     }
 
 
@@ -157,16 +175,25 @@ def adversarial_norms_no_smaller(runs: pd.DataFrame) -> dict | None:
     ratios, verdict = {}, True
     for _, run in trained.iterrows():
         for column in ("sum l1", "sum linf"):
+            name = f"{REGISTRY[run.method].label} {column[4:]}"
+            if not (_live(run) and _live(plain)):
+                ratios[name] = None  # NaN figures: decided by _divergence, never the smallest
+                continue
             spread = 2 * math.hypot(run[f"{column} sd"], plain[f"{column} sd"]) / plain[column]
             ratio = run[column] / plain[column]
-            ratios[f"{REGISTRY[run.method].label} {column[4:]}"] = (ratio, spread)
+            ratios[name] = (ratio, spread)
             verdict &= ratio >= 1 - spread  # smaller than plain's by more than the seed spread: fails
-    smallest = min(ratios, key=lambda k: ratios[k][0])
-    ratio, spread = ratios[smallest]
+    finite = {k: v for k, v in ratios.items() if v is not None}
+    each = ", ".join(f"{k} {v[0]:.2f}" if v else f"{k} diverged" for k, v in ratios.items())
+    if finite:
+        smallest = min(finite, key=lambda k: finite[k][0])
+        ratio, spread = finite[smallest]
+        measured = f"smallest summed norm / plain's: {ratio:.2f} ± {spread:.2f} ({smallest}); {each}"
+    else:
+        smallest, measured = NO_FIGURE, f"smallest summed norm / plain's: no run with a finite seed to compare; {each}"
     return {
         "claim": "adversarially trained models have norms no smaller than plain ones",
-        "measured": f"smallest summed norm / plain's: {ratio:.2f} ± {spread:.2f} ({smallest}); "
-        + ", ".join(f"{k} {v:.2f}" for k, (v, _) in ratios.items()),
+        "measured": measured,
         "holds": verdict,
         "worst": smallest,
         "used": [plain, *(run for _, run in trained.iterrows())],
@@ -183,24 +210,29 @@ def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
         # A plain run with no batch norm has NaN "max bn" with seeds counted; one that diverged
         # in every seed has NaN too, and the claim is then not decided rather than left out.
         if nd is not None and plain is not None and (plain.seeds == 0 or not math.isnan(plain["max bn"])):
-            pairs[f"{method} {nd.strength:g}"] = (nd["max bn"] / plain["max bn"], nd[column] / plain[column])
+            live = _live(nd) and _live(plain)
+            pairs[f"{method} {nd.strength:g}"] = (nd["max bn"] / plain["max bn"], nd[column] / plain[column]) if live else None
             used.append(nd)
     if not pairs:
         return None
+    finite = {k: v for k, v in pairs.items() if v is not None}
     return {
         "claim": "batch-norm norms resist norm decay",
-        "measured": "; ".join(f"{k}: BN {b:.2f} vs conv/linear {c:.2f} of plain's" for k, (b, c) in pairs.items()),
-        "holds": all(b > c for b, c in pairs.values()),
-        "worst": min(pairs, key=lambda k: pairs[k][0] - pairs[k][1]),
+        "measured": "; ".join(
+            f"{k}: BN {v[0]:.2f} vs conv/linear {v[1]:.2f} of plain's" if v else f"{k}: diverged" for k, v in pairs.items()
+        ),
+        "holds": all(b > c for b, c in finite.values()),
+        "worst": min(finite, key=lambda k: finite[k][0] - finite[k][1]) if finite else NO_FIGURE,
         "used": used,
     }
 
 
 def claims_table(regularization: pd.DataFrame | None, adversarial: pd.DataFrame | None) -> pd.DataFrame:
     """The four claims, from the regularization and adversarial studies' ``results.csv`` tables
-    (one model: the first). A claim whose runs are missing is left out; one that needs a run that
-    diverged in every seed is ``not decided``, and seeds that diverged are left out of the figures,
-    both said in ``measured``."""
+    (one model: the first). A claim whose runs are missing is left out. A claim is decided on the
+    runs with a finite seed; one that needs a run that diverged in every seed is ``not decided``
+    unless those runs already refute it; seeds that diverged are left out of the figures, all said
+    in ``measured``."""
     rows = []
     if regularization is not None and not regularization.empty:
         model = regularization.model.iloc[0]

@@ -115,6 +115,55 @@ def test_a_run_diverged_in_every_seed_leaves_its_claims_not_decided():
     assert all("ND l1 0.1 diverged in every seed" in m for m in table.measured)
 
 
+CLAIM_2 = "norm decay, weight decay and SVC do not raise robust accuracy"
+ROBUST_WD = ("wd", 0.01), (0.95, 30.0, 25.0, 9.0)
+
+
+@pytest.mark.parametrize(
+    ("regularization", "adversarial", "dead", "claim", "worst"),
+    [
+        (
+            {**REGULARIZATION, ("nd-linf", 0.1): (0.79, 25.0, 45.0, 9.5)},
+            None,
+            "nd-l1",
+            "norm decay lowers the norms",
+            "nd-linf 0.1",
+        ),
+        (dict([*REGULARIZATION.items(), ROBUST_WD]), None, "nd-l1", CLAIM_2, "weight decay 0.01"),
+        # the dead run first among the candidates: max() with NaN keys picked it, '+nan ± nan'
+        (
+            dict([(("plain", 0.0), REGULARIZATION[("plain", 0.0)]), (("nd-l1", 0.1), (0.78, 10.0, 20.0, 9.0)), ROBUST_WD]),
+            None,
+            "nd-l1",
+            CLAIM_2,
+            "weight decay 0.01",
+        ),
+        (
+            {**REGULARIZATION, ("nd-linf", 0.1): (0.79, 25.0, 8.0, 1.0)},
+            None,
+            "nd-l1",
+            "batch-norm norms resist norm decay",
+            "nd-linf 0.1",
+        ),
+        (
+            None,
+            {**ADVERSARIAL, ("trades", 0.0): (0.7, 10.0, 5.0, 12.0)},
+            "pgd-at",
+            "adversarially trained models have norms no smaller than plain ones",
+            "TRADES linf",
+        ),
+    ],
+)
+def test_a_dead_run_does_not_hide_a_refutation_by_the_finite_runs(regularization, adversarial, dead, claim, worst):
+    """A run diverged in every seed made every claim using it 'not decided', even where the finite
+    runs refuted it, and min/max over NaN figures picked the dead run as the worst ('nan ± nan')."""
+    tables = [None if rows is None else diverge(results(rows), dead, (0, 1)) for rows in (regularization, adversarial)]
+    table = claims_table(*tables)
+    row = table[table.claim == claim].iloc[0]
+    assert row.holds == "does not hold" and row.worst == worst
+    assert "nan" not in row.measured and "diverged in every seed" in row.measured
+
+
 def test_diverged_seeds_are_left_out_of_means_and_seed_counts_with_a_note():
     """by_run skipped the NaN of a diverged seed and still counted it: '0.400 ± 0.000, seeds 2'."""
     frame = diverge(results(REGULARIZATION), "nd-l1", (1,))
