@@ -17,20 +17,24 @@ import sys
 from experiments import cli, figures
 from experiments import protocol as P
 from experiments.methods import METHODS, grid
-from experiments.study import common_arguments, configs_for, norms_table, run_study, summary_table, write_tables
+from experiments.study import common_arguments, configs_for, draw_figures, norms_table, run_study, summary_table, write_tables
 
 
 def report(results: list[dict], out: str) -> None:
     """results.{csv,md,tex}, norms.csv and the figures of the adversarial-training study."""
     print(write_tables(summary_table(results), out, "results"), flush=True)
-    norms = norms_table(results)
-    norms.to_csv(os.path.join(out, "norms.csv"), index=False)
-    paths = [
-        figures.summed_norms_over_steps(results, out, "conv_linear_norms_steps.png", "Conv and linear layer norms at every step"),
-        figures.norm_densities(norms, out, "norm_density.png", "Layer norms of robust and non-robust models"),
-        *figures.robust_vs_plain_bars(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
-    ]
-    print("figures:", *[p for p in paths if p], sep="\n  ", flush=True)
+    norms_table(results).to_csv(os.path.join(out, "norms.csv"), index=False)
+
+    def draw(results: list[dict], norms) -> list[str | None]:
+        return [
+            figures.summed_norms_over_steps(
+                results, out, "conv_linear_norms_steps.png", "Conv and linear layer norms at every step"
+            ),
+            figures.norm_densities(norms, out, "norm_density.png", "Layer norms of robust and non-robust models"),
+            *figures.robust_vs_plain_bars(norms, out, "layer_norms.png", "Norm of every layer: robust vs non-robust training"),
+        ]
+
+    draw_figures(results, draw)
 
 
 def main(argv=None) -> str | None:

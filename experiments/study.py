@@ -94,6 +94,28 @@ def claim_study(out: str, study: dict) -> None:
             checkpoints.write_json(path, study)
 
 
+def diverged(result: dict) -> bool:
+    """Whether a run diverged: marked so by train, or (a result.json written before runs were
+    marked) with a non-finite loss or norm."""
+    return bool(result.get("diverged") or divergence(result["history"], result["norms"]))
+
+
+def draw_figures(results: list[dict], draw) -> None:
+    """Print the paths of ``draw(results, norms)``'s figures, drawn from the runs that did not diverge.
+
+    A diverged run's norms are NaN (or its model is): a study whose every run diverged ended in a
+    traceback (a log axis of NaN norms); the figures leave such runs out, as the tables do, and say
+    in one line when nothing is left to plot.
+    """
+    kept = [result for result in results if not diverged(result)]
+    if not kept:
+        print(f"figures: none drawn, every run ({len(results)}) diverged: nothing is left to plot", flush=True)
+        return
+    paths = [path for path in draw(kept, norms_table(kept)) if path]
+    left = f" (leaving out {len(results) - len(kept)} diverged run(s))" if len(kept) < len(results) else ""
+    print(f"figures{left}:", *paths, sep="\n  ", flush=True)
+
+
 def summary_table(results: list[dict]) -> pd.DataFrame:
     """One row per run: accuracies, the final summed norms, and whether the run diverged.
 
@@ -106,17 +128,17 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
         config, norms = result["config"], pd.DataFrame(result["norms"])
         last = norms[norms.epoch == norms.epoch.max()]
         linear = last[last.kind.isin(["conv", "linear"])]
-        diverged = bool(result.get("diverged") or divergence(result["history"], result["norms"]))
+        dead = diverged(result)
         row = {"model": config["model"], "method": config["method"], "strength": config["strength"], "seed": config["seed"]}
         # A NaN model's accuracies are chance or worse, not a measurement.
-        row.update({f"{k} acc": math.nan if diverged else v for k, v in result["accuracy"].items() if k != "sweep"})
-        row.update({f"robust@{r}": math.nan if diverged else v for r, v in result["accuracy"].get("sweep", {}).items()})
+        row.update({f"{k} acc": math.nan if dead else v for k, v in result["accuracy"].items() if k != "sweep"})
+        row.update({f"robust@{r}": math.nan if dead else v for r, v in result["accuracy"].get("sweep", {}).items()})
         # skipna=False: pandas' sum skips NaN, which wrote a diverged run's summed norm as 0.
         row["sum l1"] = linear[linear.ord == "l1"].norm.sum(skipna=False)
         row["sum linf"] = linear[linear.ord == "linf"].norm.sum(skipna=False)
         bn = last[last.kind == "batchnorm"]
         row["max bn"] = bn[bn.ord == "l1"].norm.max(skipna=False) if len(bn) else math.nan
-        row["diverged"] = diverged
+        row["diverged"] = dead
         rows.append(row)
     return pd.DataFrame(rows)
 
