@@ -8,9 +8,10 @@ Runs on the GPU when one is present, otherwise on the CPU. --protocol released (
 resolves the run's values (experiments/protocol.py). The run folder holds config.json (the
 resolved configuration and its fingerprint), the last two checkpoints and result.json (per-epoch
 history and norms, every layer's norms every --norms-every steps, accuracies); --resume refuses a
-folder whose configuration differs from the command line's. A run whose loss or layer norms end up
-NaN or infinite is marked "diverged" in result.json (with the first epoch it happened), is not
-attacked (its accuracies are NaN), and the studies' tables leave it out.
+folder whose configuration differs from the command line's. A run whose loss, layer norms, or any
+parameter or buffer after an epoch end up NaN or infinite is marked "diverged" in result.json (with
+the first epoch it happened), is not attacked (its accuracies are NaN), and the studies' tables
+and figures leave it out.
 """
 
 from __future__ import annotations
@@ -77,10 +78,26 @@ def layer_norm_rows(model: nn.Module, specs, epoch: int) -> list[dict]:
     return rows
 
 
+def non_finite(model: nn.Module) -> list[str]:
+    """The names of the model's parameters and buffers holding a NaN or an infinity (one host sync).
+
+    The loss and layer norms miss some: a NaN only in ``fc.bias`` or a batch-norm ``running_mean``
+    changed no norm and no training loss, and the run was attacked and tabulated as measured.
+    """
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors = {name: t for name, t in tensors.items() if t.is_floating_point() or t.is_complex()}
+    if not tensors:
+        return []
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).cpu().tolist()
+    return [name for name, ok in zip(tensors, finite) if not ok]
+
+
 def divergence(history: list[dict], norms: list[dict]) -> str | None:
-    """Why a run diverged, or None: the first epoch whose mean loss or any recorded layer norm is not
-    finite. Such a model's accuracies and summed norms mean nothing (a NaN model predicts one class),
-    so the run is marked, not evaluated, and the studies' tables leave it out.
+    """Why a run diverged, or None: the first epoch whose mean loss, any recorded layer norm, or any
+    parameter or buffer at its end (``non-finite`` in the history, :func:`non_finite`) is not finite.
+    Such a model's accuracies and summed norms mean nothing (a NaN model predicts one class), so the
+    run is marked, not evaluated, and the studies' tables leave it out.
     """
     reasons = {}
     for row in history:
@@ -89,6 +106,11 @@ def divergence(history: list[dict], norms: list[dict]) -> str | None:
     for row in norms:
         if not math.isfinite(row["norm"]):
             reasons.setdefault(row["epoch"], f"{row['ord']} norm of {row['layer']} is {row['norm']} after epoch {row['epoch']}")
+    for row in history:
+        names = row.get("non-finite")  # absent in the history of a run checkpointed before it was recorded
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            reasons.setdefault(row["epoch"], f"non-finite {shown} after epoch {row['epoch']}")
     return reasons[min(reasons)] if reasons else None
 
 
@@ -287,7 +309,9 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
         if resume:
             restore(run, out, where)
         for epoch in range(run.start, config.epochs + 1):
-            run.history.append(train_epoch(config, run, epoch, where))
+            row = train_epoch(config, run, epoch, where)
+            row["non-finite"] = non_finite(run.model)  # every parameter and buffer, once per epoch
+            run.history.append(row)
             run.norms += layer_norm_rows(run.model, run.specs, epoch)
             if _is_main():
                 save(run, out, epoch)

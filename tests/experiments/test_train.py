@@ -185,3 +185,28 @@ def test_he_layer_norms_are_those_of_the_matrix_it_applies():
     assert torch.allclose(model(x), before, atol=1e-5)
     assert fc_norms() == pytest.approx(explicit, rel=1e-5)
     assert explicit["linf"] <= 15.0 * math.sqrt(model.fc.in_features) + 1e-3  # unit rows: at most s * sqrt(n)
+
+
+@pytest.mark.parametrize("tensor", ["conv2.weight", "fc.bias", "bn2.running_mean", "bn2.running_var"])
+def test_a_nan_in_any_parameter_or_buffer_marks_the_run_diverged(tensor, tmp_path, monkeypatch):
+    """Only the loss and the layer norms were checked: a NaN in fc.bias or in a batch-norm
+    running_mean after the last epoch changed neither, and the run was attacked and tabulated."""
+    import math
+
+    from experiments.study import summary_table
+
+    original = training.train_epoch
+
+    def nan_after_the_last_epoch(config, run, epoch, where):
+        row = original(config, run, epoch, where)
+        if epoch == config.epochs:  # after the last step: the epoch's loss is finite
+            tensors = {**dict(run.model.named_parameters()), **dict(run.model.named_buffers())}
+            with torch.no_grad():
+                tensors[tensor].view(-1)[0] = math.nan
+        return row
+
+    monkeypatch.setattr(training, "train_epoch", nan_after_the_last_epoch)
+    result = train(RunConfig(**TINY), str(tmp_path / "run"), progress=False)
+    assert result["diverged"] and "epoch 2" in result["diverged"]
+    assert math.isnan(result["accuracy"]["clean"]) and summary_table([result]).diverged.tolist() == [True]
+    assert [row["non-finite"] for row in result["history"]] == [[], [tensor]]
