@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 
 from experiments import checkpoints, cli
-from experiments.config import UserError, differences, unit_warnings
+from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
 from experiments.train import RunConfig, divergence, train
@@ -252,6 +252,10 @@ def seeds_of(text: str | None) -> list[int | None]:
         raise UserError(f"--seeds takes comma-separated integers, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds needs distinct integers, got {text!r}")
+    # Checked here, not by each run's RunConfig, whose message names --seed, an option studies lack.
+    bad = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+    if bad:
+        raise UserError(f"--seeds must be integers in [0, {MAX_SEED}], got {', '.join(map(str, bad))} in {text!r}")
     return seeds
 
 

@@ -107,7 +107,9 @@ BAD = [
     ("experiments.train", ["--method", "wd", "--strength", "0.1", "--released-skips"], "--released-skips is not used"),
     ("experiments.adversarial", ["--released-skips"], "--released-skips is used only by norm decay"),
     ("experiments.train", ["--seed", "100000000000000000"], "--seed"),
-    ("experiments.regularize", ["--seeds", "0,4294967296"], "--seed"),
+    # A study's seeds were reported as "--seed must be ...", an option the studies do not have.
+    ("experiments.regularize", ["--seeds", "0,4294967296"], "--seeds must be integers in [0, 4294967295], got 4294967296"),
+    ("experiments.adversarial", ["--seeds", "0,-1"], "--seeds must be integers in [0, 4294967295], got -1"),
 ]
 
 
