@@ -71,6 +71,7 @@ def test_power_iteration_refuses_by_layer_what_it_cannot_iterate():
 
 
 @pytest.mark.parametrize(("inputs", "outputs"), [(4, 0), (0, 4)])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
 def test_an_empty_layer_is_the_zero_map(inputs, outputs):
     conv = nn.Conv2d(inputs, outputs, 3)
     spec = normopt.module_spec(conv, "c", (5, 5))
