@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from normopt.lines import accumulation_dtype
-from normopt.specs import ConvSpec
+from normopt.specs import ConvSpec, check_weight_shape
 
 
 def _forward(spec: ConvSpec, weight: torch.Tensor):
@@ -67,8 +67,7 @@ def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float) 
     if not isinstance(weight, torch.Tensor) or weight.is_complex() or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise TypeError(f"layer {spec.name!r}: power iteration needs a real floating-point weight, got {got}")
-    if tuple(weight.shape) != tuple(spec.weight_shape):
-        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
+    check_weight_shape(weight, spec)
     if weight.device.type == "meta":
         raise ValueError(f"layer {spec.name!r}: the weight is on the meta device; its norm needs its values")
     return weight.detach().to(accumulation_dtype(weight.dtype))

@@ -21,7 +21,7 @@ import torch
 
 from normopt.deterministic import put
 from normopt.lines import accumulation_dtype, line_plan, parse_ord
-from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
+from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, check_weight_shape
 
 
 def _check_radius(radius, where: str = "radius") -> None:
@@ -145,8 +145,7 @@ def project_layer(
     if ord not in (1, math.inf):
         raise ValueError(f"layer {spec.name!r}: projection caps the l1 or l_inf norm, not ord={ord}")
     _check_radius(radius, f"layer {spec.name!r}: radius")
-    if tuple(weight.shape) != tuple(spec.weight_shape):
-        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
+    check_weight_shape(weight, spec)
     if taps is None:
         taps = tap_tables(spec, ord, weight.device)
     groups = getattr(spec, "groups", 1)

@@ -161,6 +161,12 @@ def large_input_geometries(spec: ConvSpec) -> tuple[tuple[AxisGeometry, ...], ..
     return tuple(per_axis)
 
 
+def check_weight_shape(weight, spec: LinearSpec | ConvSpec) -> None:
+    """Refuse, naming the layer, a weight whose shape is not its spec's (another layer's weight)."""
+    if tuple(weight.shape) != tuple(spec.weight_shape):
+        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
+
+
 def pads_with_copies(spec: ConvSpec) -> bool:
     """Whether the layer pads its input with copies of its values (circular, reflect, replicate)."""
     return spec.padding_mode != "zeros" and any(p for pads in spec.padding for p in pads)

@@ -36,7 +36,7 @@ import scipy.fft
 import torch
 
 from normopt.power_iteration import power_iteration_norm
-from normopt.specs import ConvSpec, axis_geometries, pads_with_copies
+from normopt.specs import ConvSpec, axis_geometries, check_weight_shape, pads_with_copies
 from normopt.spectrum import (
     _check_kernel,
     _check_options,
@@ -312,8 +312,7 @@ def _check_layer(weight: torch.Tensor, spec: ConvSpec) -> None:
         raise TypeError(f"layer {getattr(spec, 'name', spec)!r} is described by a {type(spec).__name__}: SVC clips convolutions")
     if not (isinstance(spec.groups, int) and spec.groups >= 1):
         return  # no shape to compare with: the clip refuses the groups by name
-    if tuple(weight.shape) != tuple(spec.weight_shape):
-        raise ValueError(f"layer {spec.name!r}: weight of shape {tuple(weight.shape)}, its spec's is {tuple(spec.weight_shape)}")
+    check_weight_shape(weight, spec)
 
 
 def layer_spectral_bound(weight: torch.Tensor, spec: ConvSpec, **options) -> float:
