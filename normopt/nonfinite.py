@@ -24,7 +24,7 @@ class NonFiniteReporter:
         ...     reporter.push(["conv1", "fc"], torch.tensor([True, False]))
         ...     reporter.push(["conv1", "fc"], torch.tensor([True, False]))  # once per layer
         >>> [str(w.message) for w in caught]
-        ["norm decay skipped layers ['fc']: their weights are not finite (NaN or inf)"]
+        ["norm decay took no new subgradient of layers ['fc']: their weights are not finite (NaN or inf)"]
     """
 
     def __init__(self):
@@ -59,4 +59,5 @@ class NonFiniteReporter:
         bad = [name for name, ok in zip(names, finite.tolist()) if not ok and name not in self.warned]
         if bad:
             self.warned.update(bad)
-            warnings.warn(f"norm decay skipped layers {bad}: their weights are not finite (NaN or inf)", stacklevel=5)
+            message = f"norm decay took no new subgradient of layers {bad}: their weights are not finite (NaN or inf)"
+            warnings.warn(message, stacklevel=5)

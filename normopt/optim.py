@@ -43,8 +43,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     ``opt = NormDecayOptimizer(SGD(model.parameters(), ...), model)`` and change nothing else:
     ``param_groups`` and ``state`` *are* the inner optimizer's (so LR schedulers, GradScaler and
     ``add_param_group`` act on it), the decay buffers live in ``state[weight]`` under
-    ``"norm_decay_buffer"`` and ``"norm_decay_scale"`` (and, where a large layer's slices are rows — l_inf
-    norms, l1 of transposed convolutions — the channels of its recent slices under
+    ``"norm_decay_buffer"`` and ``"norm_decay_scale"`` (and, with ``rule="paper"``, where a large layer's slices
+    are rows — l_inf norms, l1 of transposed convolutions — the channels of its recent slices under
     ``"norm_decay_recent"``), and ``state_dict()`` is the inner one.
     ``beta`` and ``gamma`` are written into every param group as ``"norm_decay_beta"`` and
     ``"norm_decay_gamma"``, like ``weight_decay``: change them between steps, by hand or by a
@@ -82,7 +82,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
             they are recorded from the first training forward (hooks, no extra pass).
 
     Attributes:
-        last_norms: ``{layer name: norm}`` computed at the last step (0-d tensors, no host sync).
+        last_norms: ``{layer name: norm}`` computed at the last step, of the weights it started from
+            (0-d tensors, no host sync).
         norm_decay: the :class:`normopt.NormDecay` that does the work.
 
     Example:

@@ -169,7 +169,8 @@ class NormDecay:
             ``example_input`` was given).
         decayed: ``{layer: spec}`` of the regularized layers.
         skipped: ``{module: reason}`` for the layers left alone.
-        last_norms: ``{layer: norm}`` from the last step, 0-d tensors (no host sync).
+        last_norms: ``{layer: norm}`` from the last step, of the weights it started from (before
+            its update and any cap), 0-d tensors (no host sync).
 
     Example:
         >>> import torch

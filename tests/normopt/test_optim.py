@@ -876,7 +876,7 @@ def test_non_finite_weights_skip_the_layer_with_one_warning():
     """A layer whose weights hold a NaN gets no decay (so none is written), with one warning."""
     model = small_cnn()
     optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, beta=0.1)
-    with pytest.warns(UserWarning, match=r"skipped layers \['3'\]") as record:
+    with pytest.warns(UserWarning, match=r"no new subgradient of layers \['3'\]") as record:
         for inputs, labels in batches(*DATA, 3, 16):
             optimizer.zero_grad()
             F.cross_entropy(model(inputs), labels).backward()
@@ -886,10 +886,31 @@ def test_non_finite_weights_skip_the_layer_with_one_warning():
             assert torch.isnan(model[3].weight).sum() == 1  # the decay wrote no further NaN
             with torch.no_grad():
                 model[3].weight[0, 0, 0, 0] = 0.0
-    assert sum("skipped layers" in str(w.message) for w in record) == 1
+    assert sum("no new subgradient of layers" in str(w.message) for w in record) == 1
     buffers = optimizer.norm_decay.decay_buffers()
     assert torch.equal(buffers["3"], torch.zeros_like(model[3].weight))
     assert buffers["0"].abs().sum() > 0  # the other layers were decayed
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_a_layer_gone_non_finite_keeps_decaying_its_h_as_the_docs_say(rule):
+    """No new subgradient for that layer, but its finite h still decays by gamma and is added."""
+    model, beta, gamma = small_cnn(), 0.1, 0.5
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, beta=beta, gamma=gamma, rule=rule)
+    run(model, optimizer, 1)
+    before = optimizer.norm_decay.decay_buffers()["3"].clone()
+    assert before.abs().sum() > 0
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(UserWarning, match=r"no new subgradient of layers \['3'\]"):
+        optimizer.step()
+    after = optimizer.norm_decay.decay_buffers()["3"]
+    assert_close(after, gamma * before)
+    strength = beta / len(optimizer.norm_decay.decayed) if rule == "paper" else beta
+    assert_close(model[3].weight.grad, strength * after)
+    assert torch.isfinite(after).all() and torch.isfinite(model[3].weight.grad).all()
 
 
 @pytest.mark.parametrize(
