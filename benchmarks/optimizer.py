@@ -29,6 +29,7 @@ import contextlib
 import copy
 import io
 import math
+import os
 import platform
 import shutil
 import sys
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 import torchvision
 
 import normopt
-from benchmarks.timing import count_operators, interleaved_medians, set_threads
+from benchmarks.timing import count, count_operators, interleaved_medians, positive_int, set_threads
 from experiments.models import regnetx_200mf, resnet18
 
 MODELS = {"ResNet-18": resnet18, "RegNetX-200MF": regnetx_200mf}
@@ -221,14 +222,16 @@ def training_steps(repeats: int, batch: int, compile_backend: str | None = None,
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch and BLAS threads (set once)")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--batch", type=int, default=128, help="batch of the whole training step")
-    parser.add_argument("--train-repeats", type=int, default=5, help="repeats of the whole training step (0: skip)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch and BLAS threads (set once)")
+    parser.add_argument("--repeats", type=positive_int, default=15)
+    parser.add_argument("--batch", type=positive_int, default=128, help="batch of the whole training step")
+    parser.add_argument("--train-repeats", type=count, default=5, help="repeats of the whole training step (0: skip)")
     parser.add_argument("--released", help="checkout of youweiliang/norm_robustness, to run their step beside ours")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     parser.add_argument("--device", default="cpu", help="where the models and steps run (e.g. cuda)")
     args = parser.parse_args(argv)
+    if args.released and not os.path.isfile(os.path.join(args.released, "lip", "add_lip.py")):
+        parser.error(f"--released {args.released!r}: no lip/add_lip.py there; pass a checkout of youweiliang/norm_robustness")
     set_threads(args.threads)
     if args.released:
         sys.path.insert(0, args.released)

@@ -27,7 +27,7 @@ import torch
 
 import normopt
 from benchmarks.norms import PAPER_SHAPES
-from benchmarks.timing import interleaved_medians, set_threads
+from benchmarks.timing import count, interleaved_medians, positive_int, set_threads
 from experiments.models import resnet18
 from normopt.svc import clip_layer, clip_layer_counted, clip_singular_values, conv_singular_values, padded_input_size
 
@@ -81,9 +81,9 @@ def _busy_ratio(clip_all, processes: int, repeats: int) -> tuple[float, float]:
 
 def main(argv=None) -> list[tuple]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch, BLAS and pool threads, set once (default 2)")
-    parser.add_argument("--busy", type=int, default=0, help="also time the ResNet-18 clip beside N busy processes")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch, BLAS and pool threads, set once (default 2)")
+    parser.add_argument("--busy", type=count, default=0, help="also time the ResNet-18 clip beside N busy processes")
     parser.add_argument("--skip-shapes", action="store_true", help="only ResNet-18")
     args = parser.parse_args(argv)
     set_threads(args.threads)

@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def positive_int(text: str) -> int:
+    """An ``argparse`` type: a whole number of at least 1 (repeats, threads, a batch), refused at
+    parse time, before any model is built or timed.
+
+    Example:
+        >>> positive_int("3")
+        3
+    """
+    return _at_least(text, 1)
+
+
+def count(text: str) -> int:
+    """An ``argparse`` type: a whole number of at least 0 (0 skips that part).
+
+    Example:
+        >>> count("0")
+        0
+    """
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {value}")
+    return value
 
 
 def set_threads(threads: int) -> None:

@@ -10,8 +10,8 @@ The closed form is checked against autodiff (:func:`autodiff_subgradient`: the v
 product of the layer's line sums with the one-hot vector of the arg-max line). These per-layer
 functions are the reference that :func:`normopt.norm_decay`, which computes every layer at once,
 is tested against. Ties go to the first line in
-``torch.argmax`` order, as in :func:`normopt.layer_argmax`: deterministic, so data-parallel
-replicas agree. (Differentiating :func:`normopt.layer_norm` itself spreads the gradient evenly
+a fixed order, as in :func:`normopt.layer_argmax`: deterministic, so data-parallel replicas
+agree. (Differentiating :func:`normopt.layer_norm` itself spreads the gradient evenly
 over tied lines instead, also a valid subgradient.)
 
 Two rules turn subgradients ``p`` into the decay buffer ``h`` that is added to the gradient:

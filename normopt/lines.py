@@ -50,6 +50,8 @@ def parse_ord(ord) -> float:
         inf
     """
     try:
+        if isinstance(ord, bool):  # True == 1 would be taken as the l1 norm
+            raise TypeError
         return _ORDS[ord.lower() if isinstance(ord, str) else ord]
     except (KeyError, TypeError):
         raise ValueError(f"unknown norm order {ord!r}; use 1 or 'l1', float('inf') or 'linf', 2 or 'l2'") from None

@@ -24,6 +24,7 @@ count: the norm is exact and finite without it.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -60,7 +61,9 @@ class NormArgMax(NamedTuple):
     ``channel`` is the output channel / row of the arg-max row (l_inf) or the input channel /
     column of the arg-max column (l1); ``position`` holds one spatial index per axis, into the
     output (l_inf) or the input (l1), of a row or column that attains the norm; ``-1`` where the
-    input size is unknown. Both are integer tensors; ties go to the first index.
+    input size is unknown. Both are integer tensors. Ties go to the first maximal line of a fixed order: among lines
+    that read the same taps the first position; lines that read different taps (at a border) are
+    ordered by how many taps they read, not by position.
     """
 
     channel: torch.Tensor
@@ -126,8 +129,9 @@ def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.
 
 
 def _spectral_norm(tensors, spec: Spec) -> torch.Tensor:
-    if isinstance(spec, BatchNormSpec):
-        return _batchnorm_sums(tensors, spec).amax()
+    if isinstance(spec, BatchNormSpec):  # diagonal: every p-norm is the largest |entry|
+        sums = _batchnorm_sums(tensors, spec)
+        return sums.amax() if sums.numel() else sums.new_zeros(())  # an empty weight: the zero map
     if isinstance(spec, LinearSpec):
         weight = checked(tensors, spec.weight, spec, spec.weight_shape)
         return torch.linalg.matrix_norm(weight.to(accumulation_dtype(weight.dtype)), ord=2)
@@ -281,17 +285,27 @@ def layer_argmaxes(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec
 
 
 def nonfinite_layers(norms: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the layers whose norm is NaN or infinite (synchronises with the device once).
+    """Names of the layers whose norm is NaN or infinite (synchronises once with each device).
 
-    Norms on the meta device have no values: they are not named.
+    A norm may also be a plain number (a logged ``float(norm)``), or a tensor of several values
+    (named if any is not finite). Norms on the meta device have no values: they are not named.
 
     Example:
         >>> import torch
-        >>> nonfinite_layers({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))})
-        ['b']
+        >>> nonfinite_layers({"a": torch.tensor(1.0), "b": torch.tensor(float("nan")), "c": float("inf")})
+        ['b', 'c']
     """
-    norms = {name: norm for name, norm in norms.items() if norm.device.type != "meta"}
-    if not norms:
-        return []
-    finite = torch.stack([torch.isfinite(n) for n in norms.values()]).tolist()
-    return [name for name, ok in zip(norms, finite) if not ok]
+    bad, on_device = set(), {}
+    for name, norm in norms.items():
+        if isinstance(norm, torch.Tensor):
+            if norm.device.type != "meta":
+                on_device.setdefault(norm.device, []).append(name)
+        elif isinstance(norm, numbers.Real) and not isinstance(norm, bool):
+            if not math.isfinite(norm):
+                bad.add(name)
+        else:
+            raise TypeError(f"layer {name!r}: a norm must be a tensor or a real number, got {type(norm).__name__}")
+    for names in on_device.values():  # one stack per device: a model may span several
+        finite = torch.stack([torch.isfinite(norms[n]).all() for n in names]).tolist()
+        bad.update(name for name, ok in zip(names, finite) if not ok)
+    return [name for name in norms if name in bad]

@@ -43,11 +43,15 @@ class NetworkNorms(NamedTuple):
 
     Attributes:
         norms: ``{layer name: norm}``.
-        total: sum of the layer norms (what norm decay pushes down).
+        total: sum of the norms of every layer in ``specs``, batch norms included (norm decay
+            pushes down the sum over the layers it regularizes: convolutions and linear layers by
+            default; pass ``{n: specs[n] for n in decay.decayed}`` for that sum).
         product: product of the layer norms, in float64. For a plain chain of these layers with
-            1-Lipschitz activations (ReLU, max pooling) in between, it bounds the network's
-            Lipschitz constant in the same norm; with skip connections or attention it is no
-            such bound.
+            activations 1-Lipschitz in that norm in between (ReLU; max pooling for l_inf, and for
+            l1 or l2 only where its windows do not overlap: an input in ``m`` windows moves ``m``
+            outputs, so ``MaxPool2d(3, stride=2)`` can scale l1 distances by 4), it bounds the
+            network's Lipschitz constant in the same norm; with skip connections or attention it
+            is no such bound.
     """
 
     norms: dict[str, torch.Tensor]

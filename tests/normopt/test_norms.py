@@ -6,6 +6,7 @@ import inspect
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix, graph_recorder, host_reads
@@ -204,6 +205,15 @@ def test_nonfinite_weights_give_nonfinite_norm_for_that_layer_only():
         normopt.model_norms(model)
 
 
+def test_nonfinite_layers_takes_logged_numbers_and_tensors_of_several_values():
+    """A float (a logged ``float(norm)``) raised AttributeError; a tensor of several values with a
+    NaN was silently called finite."""
+    norms = {"a": 1.0, "b": float("nan"), "c": torch.tensor([1.0, float("inf")]), "d": torch.ones(2), "e": np.float32(np.inf)}
+    assert normopt.nonfinite_layers(norms) == ["b", "c", "e"]
+    with pytest.raises(TypeError, match=r"layer 'x': a norm must be a tensor or a real number, got str"):
+        normopt.nonfinite_layers({"x": "1.0"})
+
+
 def test_infinite_weight_gives_infinite_norm():
     model = nn.Sequential(nn.Conv1d(1, 1, 3))
     with torch.no_grad():
@@ -211,7 +221,7 @@ def test_infinite_weight_gives_infinite_norm():
     assert normopt.layer_norms(model.state_dict(), layer_specs(model), math.inf)["0"] == math.inf
 
 
-@pytest.mark.parametrize("bad", [0, 3, "l3", None, "fro"])
+@pytest.mark.parametrize("bad", [0, 3, "l3", None, "fro", True])  # True == 1 was taken as l1
 def test_unknown_norm_order_is_refused(bad):
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown norm order"):
@@ -398,7 +408,7 @@ def test_specs_that_are_not_a_mapping_are_refused():
         normopt.layer_norms({"w": torch.ones(2, 2)}, [normopt.LinearSpec("fc", "w", 2, 2)], 1)
 
 
-@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.parametrize("ord", [1, math.inf, 2], ids=["l1", "linf", "l2"])
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")  # torch's, building it
 def test_an_empty_layer_is_the_zero_map_with_no_arg_max_line(ord):
     model = nn.Sequential(nn.Linear(0, 3), nn.BatchNorm1d(0))
@@ -407,6 +417,9 @@ def test_an_empty_layer_is_the_zero_map_with_no_arg_max_line(ord):
     norms = normopt.layer_norms(tensors, specs, ord)  # the l1 norm was -inf, named non-finite
     assert all(torch.equal(n, torch.tensor(0.0)) for n in norms.values()) and normopt.nonfinite_layers(norms) == []
     assert torch.equal(layer_norm(tensors, specs["0"], ord), torch.tensor(0.0))  # was torch's amax error
+    assert torch.equal(layer_norm(tensors, specs["1"], ord), torch.tensor(0.0))  # l2 was torch's amax error
+    if ord == 2:
+        return  # no arg-max line for the l2 norm at all
     for find in (layer_argmax, normopt.norm_subgradient):
         with pytest.raises(ValueError, match="layer '0' has an empty weight: the zero map has no line"):
             find(tensors, specs["0"], ord)

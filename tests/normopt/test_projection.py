@@ -154,6 +154,32 @@ def test_batchnorm_projection_caps_every_channel():
     assert layer.weight[1] < 0  # the sign is kept
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("project", [project_batchnorm, project_batchnorm_argmax])
+def test_a_low_precision_batchnorm_is_capped_inside_the_radius(dtype, project):
+    """The cap in float32, rounded towards zero: in gamma's own dtype it rounded up as often as
+    down (10 on a variance of 3 capped at 1 came out 1.0013 in bfloat16)."""
+    torch.manual_seed(0)
+    gamma = (torch.randn(64) * 10).to(dtype)
+    gamma[0] = 10.0
+    running_var = torch.rand(64) * 4 + 0.01
+    running_var[0] = 3.0
+    spec = normopt.BatchNormSpec("bn", "bn.weight", "bn.running_var", num_features=64, eps=1e-5)
+    radius = 1.0
+    projected = project(gamma, running_var, spec, radius)
+    assert projected.dtype == dtype
+    scale = torch.sqrt(running_var.double() + spec.eps)
+    norms = projected.double().abs() / scale
+    before = gamma.double().abs() / scale
+    touched = projected != gamma
+    assert touched.any() and (norms[touched] <= radius * (1 + 1e-6)).all()
+    assert (norms[touched] >= radius * (1 - 2 * torch.finfo(dtype).eps)).all()  # rounded by one ulp at most
+    assert torch.equal(projected[before <= radius], gamma[before <= radius])  # inside: untouched
+    assert torch.equal(projected.sign(), gamma.sign())
+    if project is project_batchnorm:
+        assert (norms <= radius * (1 + 1e-6)).all()
+
+
 @pytest.mark.parametrize("radius", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_a_radius_that_is_not_a_positive_finite_number_is_refused(radius):
     with pytest.raises(ValueError, match="radius must be a positive finite number"):

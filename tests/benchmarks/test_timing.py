@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from benchmarks import norms, optimizer, svc
+from benchmarks.timing import count, positive_int
+
+
+@pytest.mark.parametrize(("parse", "text", "value"), [(positive_int, "1", 1), (positive_int, "15", 15), (count, "0", 0)])
+def test_whole_numbers_in_range_are_taken(parse, text, value):
+    assert parse(text) == value
+
+
+@pytest.mark.parametrize(
+    ("parse", "text"), [(positive_int, "0"), (positive_int, "-1"), (count, "-1"), (count, "1.5"), (count, "x")]
+)
+def test_other_numbers_are_refused(parse, text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a whole number"):
+        parse(text)
+
+
+@pytest.mark.parametrize(
+    ("main", "argv", "named"),
+    [
+        (norms.main, ["--repeats", "0"], "--repeats"),
+        (norms.main, ["--threads", "0"], "--threads"),
+        (optimizer.main, ["--train-repeats", "-1"], "--train-repeats"),
+        (optimizer.main, ["--batch", "0"], "--batch"),
+        (optimizer.main, ["--repeats", "0"], "--repeats"),
+        (optimizer.main, ["--released", "/nonexistent"], "--released"),
+        (svc.main, ["--busy", "-2"], "--busy"),
+        (svc.main, ["--repeats", "0"], "--repeats"),
+    ],
+)
+def test_a_bad_option_is_refused_by_name_before_any_work(main, argv, named, capsys):
+    """They crashed after minutes of timing (no median of no repeats) or timed an empty batch."""
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert named in capsys.readouterr().err
