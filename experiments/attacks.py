@@ -2,7 +2,13 @@
 
 Evaluation uses the Adversarial Robustness Toolbox (a maintained library): APGD with the
 cross-entropy loss, and targeted APGD with the DLR loss against the most likely wrong classes, as
-in AutoAttack's APGD-T. The training-time attacks (PGD, TRADES' KL attack) are written here because
+AutoAttack's APGD-T does, though not quite as it: ART's targeted loss is
+``-(z_t - max_{j != t} z_j) / (z_pi1 - z_pi3)`` where AutoAttack's is
+``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``, and ART returns the last iterate where AutoAttack
+keeps any that fooled the model. Measured beside the released AutoAttack on a digits CNN (450
+images): APGD-T alone left 2.2-2.7 points more images robust at 16/255 and 24/255, and the worst of
+both attacks, the figure reported, was within one image. ``--attacks autoattack`` runs AutoAttack's
+own (through torchattacks). The training-time attacks (PGD, TRADES' KL attack) are written here because
 they run inside every training step, on the device, through autograd; ART's NumPy round trips
 would dominate training time.
 """

@@ -14,7 +14,7 @@ from experiments.methods import METHODS, REGISTRY
 from experiments.models import MODELS
 
 # Attacks of the robust evaluation: "autoattack" is the full standard AutoAttack (APGD-CE, APGD-T,
-# FAB-T, Square, through ART); "pgd" is 20-step PGD.
+# FAB-T, Square, through torchattacks; the others run through ART); "pgd" is 20-step PGD.
 ATTACKS = ("apgd-ce", "apgd-t", "pgd", "autoattack")
 
 # Largest seed: NumPy's seeds are 32-bit (the attacks seed it with the run's seed).
@@ -29,6 +29,23 @@ NOT_RESULT = ("data_dir", "download", "verify_data")
 
 class UserError(Exception):
     """A mistake in the command line or the files it names; reported in one line, exit code 2."""
+
+
+def adversarial_defaults(method: str | None, dataset: str) -> dict:
+    """What an adversarial-training method changes in a run's defaults, as the adversarial study
+    sets them (the released ``train_adv_cifar10.py``): eval eps 8/255 and, on CIFAR-10, lr 0.1.
+
+    A single run launched with ``experiments.train`` got the regularization study's lr 0.01 and
+    eps 1/255, so the same run differed (and had another fingerprint) alone and in the study.
+
+    Example:
+        >>> adversarial_defaults("pgd-at", "cifar10"), adversarial_defaults("nd-l1", "cifar10")
+        ({'eval_eps': 8.0, 'lr': 0.1}, {})
+    """
+    definition = REGISTRY.get(method) if isinstance(method, str) else None
+    if definition is None or definition.loss == "ce":
+        return {}
+    return {"eval_eps": P.EVAL_EPS_ADVERSARIAL} | ({"lr": P.ADV_LR} if dataset == "cifar10" else {})
 
 
 @dataclass(frozen=True)
@@ -110,7 +127,7 @@ class RunConfig:
         except ValueError as error:
             raise UserError(str(error)) from None
         make = cls.paper_cifar10 if dataset == "cifar10" else cls
-        return make(**{**options, "dataset": dataset, **changes})
+        return make(**{**options, "dataset": dataset, **adversarial_defaults(changes.get("method"), dataset), **changes})
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -217,7 +217,9 @@ def _pairing(config, method: Method, logits: torch.Tensor, logits_adv: torch.Ten
 
 
 def loss_of(config, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training loss and the logits on clean inputs, for the run's method."""
+    """Training loss and the logits it was computed on, for the run's method: of the clean inputs
+    for plain training, TRADES and ALP; of the adversarial ones for PGD-AT, whose loss sees no clean
+    input (its ``train_accuracy`` is the accuracy on the adversarial training batches)."""
     method = REGISTRY[config.method]
     if method.he:
 

@@ -214,7 +214,10 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
     if dist.is_initialized():
         batches.sampler.set_epoch(epoch)
     run.net.train()
-    total = correct = seen = steps = 0
+    # Summed on the device and read once per epoch: a float() of the loss every step waited for
+    # the device at every step.
+    total = correct = torch.zeros((), dtype=torch.float64, device=where)
+    seen = steps = 0
     first = sum(row["steps"] for row in run.history)  # steps before this epoch
     recorded, at = [], []
     for x, y in batches:
@@ -230,8 +233,8 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
             run.svc.clip()  # the released scripts clip after backward, before the step
         run.scaler.step(run.optimizer)
         run.scaler.update()
-        total += float(loss.detach()) * len(y)
-        correct += int((logits.argmax(1) == y).sum())
+        total = total + loss.detach().to(total.dtype) * len(y)
+        correct = correct + (logits.argmax(1) == y).sum()
         seen += len(y)
         steps += 1
     run.scheduler.step()
@@ -242,6 +245,7 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
         run.step_norms["linf"] += [v[1] for v in values]
     world = dist.get_world_size() if dist.is_initialized() else 1
     test_accuracy = evaluate(run.model, run.test_set, where)
+    total, correct = torch.stack([total, correct]).tolist()
     return {"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen, "test_accuracy": test_accuracy} | {
         "steps": steps,
         "world_size": world,
@@ -362,13 +366,13 @@ def parser() -> argparse.ArgumentParser:
         help="beta (norm decay), weight decay, or SVC bound (> 0); needed by those methods, refused by the others",
     )
     p.add_argument("--epochs", type=int, help="default: 15 (digits) or 120 (cifar10)")
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="default: the dataset's (cifar10: 0.01, or 0.1 for adversarial training)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, help="seeds training, the evaluation subset and the attacks (default 0; 1 cifar10)")
     p.add_argument("--eval-images", type=int, help="test images attacked")
     p.add_argument("--eval-iterations", type=int, help="APGD iterations")
     p.add_argument("--eval-targets", type=int, help="APGD-T target classes (1-9)")
-    p.add_argument("--eval-eps", type=float, help="attack radius in 1/255 units (8 means 8/255; the paper: 1 or 8)")
+    p.add_argument("--eval-eps", type=float, help="attack radius in 1/255 (8 means 8/255; default 1, 8 for adversarial training)")
     cli.evaluation_options(p)
     p.add_argument("--bn-radius", type=float, help="batch-norm projection radius (nd-*+bn only)")
     p.add_argument("--amp", action="store_true", help="mixed precision (GPU only)")

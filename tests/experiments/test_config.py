@@ -138,3 +138,23 @@ def test_autoattack_without_torchattacks_is_refused_at_construction(monkeypatch)
         RunConfig(attacks=("apgd-ce", "autoattack"))
     with pytest.raises(UserError, match="--attacks must be"):
         RunConfig(attacks=("cw",))
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "trades", "alp", "pgd-at-he"])
+def test_a_single_adversarial_run_gets_the_adversarial_studys_defaults(method):
+    """Launched alone, a CIFAR-10 PGD-AT run trained at the regularization study's lr 0.01 and was
+    evaluated at 1/255, so it differed from (and was another run than) the study's one."""
+    alone = RunConfig.resolve("released", "cifar10", method=method)
+    as_in_the_study = RunConfig.resolve("released", "cifar10", method=method, lr=0.1, eval_eps=8.0)
+    assert (alone.lr, alone.eval_eps) == (0.1, 8.0)
+    assert alone.fingerprint() == as_in_the_study.fingerprint()
+    digits = RunConfig.resolve("released", "digits", method=method)
+    assert digits.eval_eps == 8.0 and digits.lr == RunConfig.resolve("released", "digits").lr
+    chosen = RunConfig.resolve("released", "cifar10", method=method, lr=0.05, eval_eps=2.0)
+    assert (chosen.lr, chosen.eval_eps) == (0.05, 2.0)  # the command line wins
+
+
+@pytest.mark.parametrize("method", ["plain", "nd-l1", "wd"])
+def test_other_methods_keep_the_regularization_defaults(method):
+    config = RunConfig.resolve("released", "cifar10", method=method, strength=0.0 if method == "plain" else 1e-3)
+    assert (config.lr, config.eval_eps) == (0.01, 1.0)

@@ -211,3 +211,33 @@ def test_a_nan_in_any_parameter_or_buffer_marks_the_run_diverged(tensor, tmp_pat
     assert result["diverged"] and "epoch 2" in result["diverged"]
     assert math.isnan(result["accuracy"]["clean"]) and summary_table([result]).diverged.tolist() == [True]
     assert [row["non-finite"] for row in result["history"]] == [[], [tensor]]
+
+
+class _ScalarReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (``float``, ``int``, ``item``, ``bool``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in ("aten._local_scalar_dense", "aten.is_nonzero"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["nd-linf", "pgd-at"])
+def test_a_training_epoch_reads_nothing_back_per_step(method, monkeypatch):
+    """The epoch summed its loss and correct count with float() and int() at every step, which
+    waits for an accelerator each time; they are summed on the device and read once an epoch."""
+    monkeypatch.setattr(training, "evaluate", lambda *args, **kwargs: 0.0)
+    reads = {}
+    for batch_size in (64, 16):  # about 20 and 80 steps
+        strength = 0.1 if method == "nd-linf" else 0.0
+        config = RunConfig(method=method, strength=strength, batch_size=batch_size, adv_steps=1, **TINY)
+        run = training.build(config, torch.device("cpu"))
+        with _ScalarReads() as counter:
+            row = training.train_epoch(config, run, 1, torch.device("cpu"))
+        reads[batch_size] = counter.count
+        assert row["steps"] > 10 and 0 <= row["train_accuracy"] <= 1
+    assert reads[64] == reads[16]
