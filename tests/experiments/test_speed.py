@@ -10,12 +10,22 @@ import pytest
 from experiments import speed
 
 
-def test_speed_table_has_every_method_column(tmp_path):
-    out = speed.main(["--quick", "--repeats", "1", "--iterations", "40", "--max-channels", "32", "--out", str(tmp_path)])
+def test_speed_table_has_every_method_column(tmp_path, monkeypatch):
+    timed = {"svd": [], "power": []}
+    svd, power = speed.conv_singular_values, speed.power_iteration_norm
+    monkeypatch.setattr(speed, "conv_singular_values", lambda *a, **k: timed["svd"].append(k) or svd(*a, **k))
+    monkeypatch.setattr(speed, "power_iteration_norm", lambda *a, **k: timed["power"].append(k) or power(*a, **k))
+    out = speed.main(
+        ["--quick", "--repeats", "1", "--iterations", "40", "--threads", "1", "--max-channels", "32", "--out", str(tmp_path)]
+    )
     table = pd.read_csv(os.path.join(out, "speed.csv"))
-    assert len(table) == 1 and table.device[0] == "cpu"
-    columns = ["power iteration (40 it.) s", "SVD of FFT (SciPy) s", "exact l1 ms", "exact l_inf ms"]
+    assert len(table) == 1 and table.device[0] == "cpu" and table.threads[0] == 1
+    columns = ["power iteration (40 it.) s", "SVD of FFT (SciPy, one call) s", "exact l1 ms", "exact l_inf ms"]
     assert table[columns].gt(0).all(axis=None)
+    # What the columns name: SciPy's SVD (the default Gram eigenvalues were timed), and exactly
+    # the iterations asked (tol=0 stopped at two equal estimates).
+    assert [k.get("method") for k in timed["svd"]] == ["svd"]
+    assert timed["power"] == [{"iterations": 20, "tol": None}]
     assert os.path.exists(os.path.join(out, "speed.md")) and os.path.exists(os.path.join(out, "speed.tex"))
 
 

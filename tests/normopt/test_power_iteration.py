@@ -62,6 +62,7 @@ def test_power_iteration_refuses_by_layer_what_it_cannot_iterate():
         (lambda: power_iteration_norm(torch.ones(4, 3, 5, 5), spec), ValueError, r"weight of shape \(4, 3, 5, 5\), its spec's"),
         (lambda: power_iteration_norm(weight, spec, iterations=0), ValueError, "iterations must be a positive int"),
         (lambda: power_iteration_norm(weight, spec, tol=float("nan")), ValueError, "tol must be"),
+        (lambda: power_iteration_norm(weight, spec, tol=-1.0), ValueError, "tol must be a finite number >= 0 or None"),
         (lambda: power_iteration_norm(weight.long(), spec), TypeError, "real floating-point weight, got torch.int64"),
         (lambda: power_iteration_norm(weight.to("meta"), spec), ValueError, "meta device"),
         (lambda: power_iteration_norm(weight[0], normopt.LinearSpec("c", "w", 3, 3)), TypeError, "takes conv layers"),
@@ -76,3 +77,30 @@ def test_an_empty_layer_is_the_zero_map(inputs, outputs):
     conv = nn.Conv2d(inputs, outputs, 3)
     spec = normopt.module_spec(conv, "c", (5, 5))
     assert power_iteration_norm(conv.weight.detach(), spec) == 0
+
+
+def test_without_a_tolerance_exactly_the_iterations_asked_run_reading_nothing_back(monkeypatch):
+    """The timing study asked for tol=0 to run all 500 iterations; equal estimates stopped it
+    after 293 (and every iteration read the estimate back)."""
+    from helpers import host_reads
+
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+    spec = normopt.module_spec(conv, "c", (6, 6))
+    weight = conv.weight.detach().double()
+    calls = []
+    vjp = torch.func.vjp
+    monkeypatch.setattr(torch.func, "vjp", lambda *args: calls.append(1) or vjp(*args))
+    with host_reads() as reads:
+        timed = power_iteration_norm(weight, spec, iterations=3000, tol=None)
+    assert len(calls) == 3000 and reads.found == []
+    calls.clear()
+    power_iteration_norm(weight, spec, iterations=3000, tol=0.0)
+    assert 0 < len(calls) < 3000  # tol=0 stops at equal estimates
+    assert_close(timed, power_iteration_norm(weight, spec, iterations=3000, tol=1e-14), rtol=1e-10)
+
+
+def test_the_zero_map_has_norm_zero_with_or_without_a_tolerance():
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    spec = normopt.module_spec(conv, "c", (5, 5))
+    for tol in (1e-7, 0.0, None):
+        assert power_iteration_norm(torch.zeros_like(conv.weight), spec, iterations=5, tol=tol) == 0
