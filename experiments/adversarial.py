@@ -16,6 +16,7 @@ import sys
 
 from experiments import cli, figures
 from experiments import protocol as P
+from experiments.config import adversarial_study_defaults
 from experiments.methods import METHODS, grid
 from experiments.study import common_arguments, configs_for, draw_figures, norms_table, run_study, summary_table, write_tables
 
@@ -52,9 +53,9 @@ def main(argv=None) -> str | None:
     unknown = [m for m in names or [] if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    fixed = {"eval_eps": args.eval_eps}
-    if args.lr is not None or args.dataset == "cifar10":
-        fixed["lr"] = P.ADV_LR if args.lr is None else args.lr
+    fixed = {**adversarial_study_defaults(args.dataset), "eval_eps": args.eval_eps}
+    if args.lr is not None:
+        fixed["lr"] = args.lr
     out = args.out or os.path.join("runs", f"adversarial-{args.dataset}")
     study = grid("adversarial", args.dataset != "cifar10", names)
     configs = configs_for(args, parser, study, **fixed)

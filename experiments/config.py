@@ -31,21 +31,31 @@ class UserError(Exception):
     """A mistake in the command line or the files it names; reported in one line, exit code 2."""
 
 
-def adversarial_defaults(method: str | None, dataset: str) -> dict:
-    """What an adversarial-training method changes in a run's defaults, as the adversarial study
-    sets them (the released ``train_adv_cifar10.py``): eval eps 8/255 and, on CIFAR-10, lr 0.1.
-
-    A single run launched with ``experiments.train`` got the regularization study's lr 0.01 and
-    eps 1/255, so the same run differed (and had another fingerprint) alone and in the study.
+def adversarial_study_defaults(dataset: str) -> dict:
+    """What the adversarial study sets in every run's defaults (the released
+    ``train_adv_cifar10.py``): eval eps 8/255 and, on CIFAR-10, lr 0.1.
 
     Example:
-        >>> adversarial_defaults("pgd-at", "cifar10"), adversarial_defaults("nd-l1", "cifar10")
+        >>> adversarial_study_defaults("cifar10"), adversarial_study_defaults("digits")
+        ({'eval_eps': 8.0, 'lr': 0.1}, {'eval_eps': 8.0})
+    """
+    return {"eval_eps": P.EVAL_EPS_ADVERSARIAL} | ({"lr": P.ADV_LR} if dataset == "cifar10" else {})
+
+
+def single_run_defaults(method: str | None, dataset: str) -> dict:
+    """Defaults of one run launched alone (``experiments.train``): an adversarial-training method
+    gets the adversarial study's (:func:`adversarial_study_defaults`), other methods none.
+
+    Alone, a CIFAR-10 PGD-AT run got the regularization study's lr 0.01 and eps 1/255, so the same
+    run differed (and had another fingerprint) alone and in its study. (The studies set their own:
+    ``experiments.regularize --methods pgd-at`` keeps the regularization protocol.)
+
+    Example:
+        >>> single_run_defaults("pgd-at", "cifar10"), single_run_defaults("nd-l1", "cifar10")
         ({'eval_eps': 8.0, 'lr': 0.1}, {})
     """
     definition = REGISTRY.get(method) if isinstance(method, str) else None
-    if definition is None or definition.loss == "ce":
-        return {}
-    return {"eval_eps": P.EVAL_EPS_ADVERSARIAL} | ({"lr": P.ADV_LR} if dataset == "cifar10" else {})
+    return {} if definition is None or definition.loss == "ce" else adversarial_study_defaults(dataset)
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ class RunConfig:
         except ValueError as error:
             raise UserError(str(error)) from None
         make = cls.paper_cifar10 if dataset == "cifar10" else cls
-        return make(**{**options, "dataset": dataset, **adversarial_defaults(changes.get("method"), dataset), **changes})
+        return make(**{**options, "dataset": dataset, **changes})
 
     def as_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))

@@ -105,9 +105,11 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
 
 
 def _final(norms: pd.DataFrame) -> pd.DataFrame:
-    """Each method's last epoch at its largest strength (one point per method and layer)."""
+    """Each method's last epoch at its strongest setting (one point per method and layer): the
+    largest beta or weight decay, the smallest SVC bound (the largest bound, 2.0, was drawn)."""
     data = labelled(norms)
-    data = data[data.strength == data.groupby(["model", "method"]).strength.transform("max")]
+    how_strong = pd.Series([REGISTRY[m].regularizes(s) for m, s in zip(data.method, data.strength)], index=data.index)
+    data = data[how_strong == how_strong.groupby([data.model, data.method]).transform("max")]
     return data[data.epoch == data.groupby(["model", "method", "strength"]).epoch.transform("max")]
 
 
@@ -145,8 +147,8 @@ def _layer_grids(norms: pd.DataFrame, out: str, name: str, caption, kind: str, *
 
 def per_layer_norms(norms: pd.DataFrame, out: str, name: str, title: str) -> list[str]:
     """Final norm of every layer, named on the x axis in network order; one figure per model,
-    one panel per norm (batch norm once), one colour per method (at its largest strength)."""
-    caption = lambda model: f"{title} ({model}; each method at its largest strength, mean over seeds)"
+    one panel per norm (batch norm once), one colour per method (at its strongest setting)."""
+    caption = lambda model: f"{title} ({model}; each method at its strongest setting, mean over seeds)"
     return _layer_grids(norms, out, name, caption, "point", markersize=4, linewidth=1)
 
 

@@ -55,6 +55,16 @@ class Method:
     def adversarial(self) -> bool:
         return self.loss != "ce"
 
+    def regularizes(self, strength: float) -> float:
+        """How strongly ``strength`` regularizes, larger meaning stronger: the strength itself
+        (beta, weight decay), but minus the bound for SVC, whose smaller bounds clip harder.
+
+        Example:
+            >>> REGISTRY["svc"].regularizes(0.1) > REGISTRY["svc"].regularizes(2.0)
+            True
+        """
+        return -strength if self.optimizer == "svc" else strength
+
     def run_label(self, strength: float) -> str:
         """``label`` and, for a method with a strength, its value."""
         return f"{self.label} {strength:g}" if self.strength else self.label

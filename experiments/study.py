@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 
 import pandas as pd
@@ -156,10 +157,20 @@ def norms_table(results: list[dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+_TEX_SPECIALS = {c: "\\" + c for c in "&%$#_{}"} | {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\^{}"}
+
+
 def _tex(label: str) -> str:
-    """A method label in LaTeX: l1 and l_inf as ell norms, other specials escaped."""
-    label = label.replace("l_inf", "$\\ell_\\infty$").replace("l1", "$\\ell_1$")
-    return label.replace("&", "\\&").replace("%", "\\%")
+    """Text in LaTeX: l1 and l_inf as ell norms, every other special character escaped (a bare
+    ``_``, as in ``regnetx_200mf``, stops LaTeX with "Missing $ inserted").
+
+    Example:
+        >>> print(_tex("ND l_inf+bn, regnetx_200mf"))
+        ND $\\ell_\\infty$+bn, regnetx\\_200mf
+    """
+    pieces = re.split(r"(?<![A-Za-z0-9])(l_inf|l1)(?![A-Za-z0-9])", label)  # as words: not in "cell1"
+    norms = {"l_inf": "$\\ell_\\infty$", "l1": "$\\ell_1$"}
+    return "".join(norms.get(p) or "".join(_TEX_SPECIALS.get(c, c) for c in p) for p in pieces)
 
 
 def _percent(value: float) -> str:
@@ -185,10 +196,10 @@ def paper_latex(results: pd.DataFrame) -> str:
         blocks.append(
             "\n".join(
                 [
-                    f"% {model}",
+                    f"% {_tex(model)}",
                     f"\\begin{{tabular}}{{l{'c' * len(rows)}}}",
                     "\\toprule",
-                    f"{model} & {header} \\\\",
+                    f"{_tex(model)} & {header} \\\\",
                     f"strength & {strengths} \\\\",
                     "\\midrule",
                     f"Clean & {clean} \\\\",
@@ -214,7 +225,8 @@ def write_tables(frame: pd.DataFrame, out: str, name: str) -> str:
     markdown = _markdown(frame)
     with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(markdown)
-    frame.to_latex(os.path.join(out, f"{name}.tex"), index=False, float_format="%.4g")
+    # Escaped: pandas leaves "_" in names (regnetx_200mf, "exact l_inf ms") as LaTeX errors.
+    frame.to_latex(os.path.join(out, f"{name}.tex"), index=False, float_format="%.4g", escape=True)
     if {"model", "method", "strength", "clean acc", "robust acc"} <= set(frame.columns):
         with open(os.path.join(out, f"{name}_paper.tex"), "w") as f:
             f.write(paper_latex(frame))

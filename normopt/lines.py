@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,7 +51,7 @@ def parse_ord(ord) -> float:
         inf
     """
     try:
-        if isinstance(ord, bool):  # True == 1 would be taken as the l1 norm
+        if not isinstance(ord, (str, numbers.Real)) or isinstance(ord, bool):  # True == 1 (NumPy's too) read as l1
             raise TypeError
         return _ORDS[ord.lower() if isinstance(ord, str) else ord]
     except (KeyError, TypeError):

@@ -301,10 +301,10 @@ def nonfinite_layers(norms: Mapping[str, torch.Tensor]) -> list[str]:
             if norm.device.type != "meta":
                 on_device.setdefault(norm.device, []).append(name)
         elif isinstance(norm, numbers.Real) and not isinstance(norm, bool):
-            if not math.isfinite(norm):
+            if not isinstance(norm, numbers.Integral) and not math.isfinite(norm):  # math.isfinite(10**400) overflows
                 bad.add(name)
         else:
-            raise TypeError(f"layer {name!r}: a norm must be a tensor or a real number, got {type(norm).__name__}")
+            raise TypeError(f"layer {name!r}: a norm must be a tensor or a real number (not a bool), got {norm!r:.40}")
     for names in on_device.values():  # one stack per device: a model may span several
         finite = torch.stack([torch.isfinite(norms[n]).all() for n in names]).tolist()
         bad.update(name for name, ok in zip(names, finite) if not ok)

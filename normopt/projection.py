@@ -173,6 +173,9 @@ def project_layer(
 def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius: float) -> torch.Tensor:
     r"""``gamma`` with :math:`|\gamma_c| / \sqrt{\sigma^2_c + \epsilon} \le r` for every channel.
 
+    A bfloat16 or float16 ``gamma`` is capped in float32 and rounded towards zero: inside the
+    radius to float32's round-off (not to its own dtype's, 0.13% over in bfloat16 before).
+
     Example:
         >>> import torch
         >>> from normopt.specs import BatchNormSpec
@@ -182,8 +185,8 @@ def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: Batc
     """
     _check_batchnorm(gamma, running_var, spec, radius)
     bound = radius * _bn_scale(gamma, running_var, spec)
-    if bound.dtype != gamma.dtype:
-        return _towards_zero(torch.minimum(gamma.abs().to(bound.dtype), bound), gamma.dtype) * gamma.sign()
+    if bound.dtype != gamma.dtype:  # copysign keeps a -0.0 (a product with sign() did not)
+        return torch.copysign(_towards_zero(torch.minimum(gamma.abs().to(bound.dtype), bound), gamma.dtype), gamma)
     return torch.maximum(torch.minimum(gamma, bound), -bound)
 
 

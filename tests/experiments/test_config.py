@@ -144,17 +144,28 @@ def test_autoattack_without_torchattacks_is_refused_at_construction(monkeypatch)
 def test_a_single_adversarial_run_gets_the_adversarial_studys_defaults(method):
     """Launched alone, a CIFAR-10 PGD-AT run trained at the regularization study's lr 0.01 and was
     evaluated at 1/255, so it differed from (and was another run than) the study's one."""
-    alone = RunConfig.resolve("released", "cifar10", method=method)
-    as_in_the_study = RunConfig.resolve("released", "cifar10", method=method, lr=0.1, eval_eps=8.0)
+    from experiments.train import parse_args
+
+    alone, _ = parse_args(["--dataset", "cifar10", "--method", method])
+    in_the_study = RunConfig.resolve("released", "cifar10", method=method, lr=0.1, eval_eps=8.0)
     assert (alone.lr, alone.eval_eps) == (0.1, 8.0)
-    assert alone.fingerprint() == as_in_the_study.fingerprint()
-    digits = RunConfig.resolve("released", "digits", method=method)
+    assert alone.fingerprint() == in_the_study.fingerprint()
+    digits, _ = parse_args(["--method", method])
     assert digits.eval_eps == 8.0 and digits.lr == RunConfig.resolve("released", "digits").lr
-    chosen = RunConfig.resolve("released", "cifar10", method=method, lr=0.05, eval_eps=2.0)
+    chosen, _ = parse_args(["--dataset", "cifar10", "--method", method, "--lr", "0.05", "--eval-eps", "2"])
     assert (chosen.lr, chosen.eval_eps) == (0.05, 2.0)  # the command line wins
+
+
+def test_a_study_sets_its_own_defaults_whatever_the_method():
+    """The regularization study keeps its protocol for an adversarial method picked with
+    --methods (a first version gave those runs lr 0.1 there: neither study's run)."""
+    regularization = RunConfig.resolve("released", "cifar10", method="pgd-at", eval_eps=1.0)
+    assert (regularization.lr, regularization.eval_eps) == (0.01, 1.0)
 
 
 @pytest.mark.parametrize("method", ["plain", "nd-l1", "wd"])
 def test_other_methods_keep_the_regularization_defaults(method):
-    config = RunConfig.resolve("released", "cifar10", method=method, strength=0.0 if method == "plain" else 1e-3)
+    from experiments.train import parse_args
+
+    config, _ = parse_args(["--dataset", "cifar10", "--method", method] + (["--strength", "0.001"] if method != "plain" else []))
     assert (config.lr, config.eval_eps) == (0.01, 1.0)

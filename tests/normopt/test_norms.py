@@ -210,8 +210,10 @@ def test_nonfinite_layers_takes_logged_numbers_and_tensors_of_several_values():
     NaN was silently called finite."""
     norms = {"a": 1.0, "b": float("nan"), "c": torch.tensor([1.0, float("inf")]), "d": torch.ones(2), "e": np.float32(np.inf)}
     assert normopt.nonfinite_layers(norms) == ["b", "c", "e"]
-    with pytest.raises(TypeError, match=r"layer 'x': a norm must be a tensor or a real number, got str"):
-        normopt.nonfinite_layers({"x": "1.0"})
+    for bad in ("1.0", True, np.True_):
+        with pytest.raises(TypeError, match=r"layer 'x': a norm must be a tensor or a real number \(not a bool\)"):
+            normopt.nonfinite_layers({"x": bad})
+    assert normopt.nonfinite_layers({"huge": 10**400}) == []  # a finite int, too large for a float
 
 
 def test_infinite_weight_gives_infinite_norm():
@@ -221,7 +223,7 @@ def test_infinite_weight_gives_infinite_norm():
     assert normopt.layer_norms(model.state_dict(), layer_specs(model), math.inf)["0"] == math.inf
 
 
-@pytest.mark.parametrize("bad", [0, 3, "l3", None, "fro", True])  # True == 1 was taken as l1
+@pytest.mark.parametrize("bad", [0, 3, "l3", None, "fro", True, np.True_])  # True == 1 was taken as l1
 def test_unknown_norm_order_is_refused(bad):
     model = nn.Sequential(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown norm order"):

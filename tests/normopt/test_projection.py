@@ -178,6 +178,13 @@ def test_a_low_precision_batchnorm_is_capped_inside_the_radius(dtype, project):
     assert torch.equal(projected.sign(), gamma.sign())
     if project is project_batchnorm:
         assert (norms <= radius * (1 + 1e-6)).all()
+    # One channel, 10 on a variance of 3: the arg-max cap alone (1.734375 before, in bfloat16).
+    one = normopt.BatchNormSpec("bn", "bn.weight", "bn.running_var", num_features=1, eps=0.0)
+    single = project(torch.tensor([-10.0], dtype=dtype), torch.tensor([3.0]), one, radius)
+    assert -radius * 3**0.5 <= single.double().item() < 0
+    two = normopt.BatchNormSpec("bn", "bn.weight", "bn.running_var", num_features=2, eps=0.0)
+    zero = project(torch.tensor([-0.0, 20.0], dtype=dtype), torch.ones(2), two, radius)
+    assert torch.signbit(zero[0])  # -0.0 stays -0.0
 
 
 @pytest.mark.parametrize("radius", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
