@@ -357,6 +357,7 @@ class InputSizeRecorder:
         return paddings
 
     def remove(self) -> None:
+        """Remove the forward hooks: sizes recorded so far stay in :attr:`sizes`."""
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -135,9 +135,11 @@ class NormDecayOptimizer(torch.optim.Optimizer):
 
     @property
     def last_norms(self) -> dict[str, torch.Tensor]:
-        return self.norm_decay.last_norms
+        return self.norm_decay.last_norms  # documented under the class's Attributes
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the inner optimizer (with ``norm_decay_beta``/``gamma`` from the defaults
+        unless it sets them) and describe its layers for norm decay."""
         if "optimizer" not in self.__dict__:  # called by Optimizer.__init__
             return super().add_param_group(param_group)
         check_group(param_group, "the param group added")  # before the inner optimizer takes it
@@ -196,6 +198,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:

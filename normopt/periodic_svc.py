@@ -269,7 +269,14 @@ class PeriodicSVC:
             self._recorder.remove()
 
     def state_dict(self) -> dict:
+        """``{"steps": ..., "clips": ...}``: the optimizer steps counted and the clips done, so that a
+        resumed run clips at the same steps."""
         return {"steps": self.steps, "clips": self.clips}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.clips = int(state["steps"]), int(state["clips"])
+        """Restore what :meth:`state_dict` saved (both counts, or neither)."""
+        counts = {key: state.get(key) if isinstance(state, dict) else None for key in ("steps", "clips")}
+        bad = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0}
+        if bad:
+            raise ValueError(f"PeriodicSVC.load_state_dict: steps and clips must be whole numbers >= 0, got {bad}")
+        self.steps, self.clips = int(counts["steps"]), int(counts["clips"])

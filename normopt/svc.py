@@ -68,6 +68,9 @@ __all__ = [
     "raw_input_size",
 ]
 
+#: The ``input_size`` choices of the clip: ``"padded"`` (the input with the layer's padding, whose
+#: circular convolution bounds the layer's norm) and ``"raw"`` (the input itself, as the released
+#: code clips; see :func:`clip_input_size`).
 INPUT_SIZES = ("padded", "raw")
 
 

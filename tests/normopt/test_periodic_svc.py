@@ -47,6 +47,20 @@ def test_clips_exactly_every_n_steps(wrap):
         assert layer_spectral_bound(model.get_submodule(name).weight, specs[name]) < 2.0
 
 
+@pytest.mark.parametrize(
+    "state", [{"steps": 3}, {"steps": -1, "clips": 0}, {"steps": 2.5, "clips": 1}, {"steps": True, "clips": 0}, None]
+)
+def test_a_bad_checkpoint_of_the_counts_is_refused_and_changes_nothing(state):
+    """A missing key raised a bare KeyError; a negative or fractional count was taken."""
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    svc = PeriodicSVC(optimizer, model, bound=1.0, every=3, example_input=DATA[0][:1])
+    svc.load_state_dict({"steps": 5, "clips": 1})
+    with pytest.raises(ValueError, match="steps and clips must be whole numbers >= 0"):
+        svc.load_state_dict(state)
+    assert svc.state_dict() == {"steps": 5, "clips": 1}
+
+
 def test_report_records_the_norm_left_after_the_crop():
     model = small_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
