@@ -15,7 +15,6 @@ import os
 import sys
 
 from experiments import cli, figures
-from experiments import protocol as P
 from experiments.config import adversarial_study_defaults
 from experiments.methods import METHODS, grid
 from experiments.study import common_arguments, configs_for, draw_figures, norms_table, run_study, summary_table, write_tables
@@ -42,7 +41,7 @@ def main(argv=None) -> str | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_arguments(parser)
-    parser.add_argument("--eval-eps", type=float, default=P.EVAL_EPS_ADVERSARIAL, help="attack radius in 1/255 (paper: 8)")
+    parser.add_argument("--eval-eps", type=float, help="attack radius in 1/255 (default and paper: 8)")
     parser.add_argument("--lr", type=float, help="learning rate (released: 0.1 for every run of this study on cifar10)")
     parser.add_argument(
         "--methods",
@@ -53,7 +52,9 @@ def main(argv=None) -> str | None:
     unknown = [m for m in names or [] if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    fixed = {**adversarial_study_defaults(args.dataset), "eval_eps": args.eval_eps}
+    fixed = adversarial_study_defaults(args.dataset)
+    if args.eval_eps is not None:
+        fixed["eval_eps"] = args.eval_eps
     if args.lr is not None:
         fixed["lr"] = args.lr
     out = args.out or os.path.join("runs", f"adversarial-{args.dataset}")

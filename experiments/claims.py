@@ -92,6 +92,9 @@ def _divergence(row: dict) -> dict:
         row["measured"] += f"; not decided: {', '.join(dead)} diverged in every seed"
     if partial:
         row["measured"] += f"; diverged seeds left out: {', '.join(partial)}"
+    single = [_label(r) for r in used if r.seeds == 1]
+    if single:  # its sd reads 0: the verdict cleared no spread there
+        row["measured"] += f"; one seed only (no spread known): {', '.join(single)}"
     return row
 
 
@@ -109,6 +112,14 @@ def _relative_spread(run: pd.Series, plain: pd.Series, column: str) -> float:
     """The seed spread of ``run - plain`` in ``column`` (two standard deviations of the difference),
     relative to plain's mean: the margin every claim's verdict must clear."""
     return 2 * math.hypot(run[f"{column} sd"], plain[f"{column} sd"]) / plain[column]
+
+
+def _ratio_spread(run: pd.Series, plain: pd.Series, column: str) -> float:
+    """Two standard deviations of the ratio ``run / plain`` in ``column`` (first-order, the seeds
+    of the two runs taken as independent): ``2 sqrt(sd_run^2 + r^2 sd_plain^2) / plain``. At a
+    ratio of 1 this is :func:`_relative_spread`; away from 1, plain's spread scales with it."""
+    ratio = run[column] / plain[column]
+    return 2 * math.hypot(run[f"{column} sd"], ratio * plain[f"{column} sd"]) / plain[column]
 
 
 def norm_decay_lowers_norms(runs: pd.DataFrame) -> dict | None:
@@ -131,7 +142,7 @@ def norm_decay_lowers_norms(runs: pd.DataFrame) -> dict | None:
         "claim": "norm decay lowers the norms",
         "measured": f"summed norm / plain's: {figure}",
         "holds": all(v + s < 1 for v, s in finite.values()),  # below 1 by more than the spread
-        "worst": max(finite, key=lambda k: finite[k][0]) if finite else NO_FIGURE,
+        "worst": max(finite, key=lambda k: sum(finite[k])) if finite else NO_FIGURE,  # the least margin
         "used": used,
     }
 
@@ -211,7 +222,7 @@ def adversarial_norms_no_smaller(runs: pd.DataFrame) -> dict | None:
 def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
     """Claim 4: at the largest beta, norm decay (without projection) lowers the largest batch-norm
     norm less than the conv/linear norms it regularizes: its ratio to plain's exceeds theirs by
-    more than the seed spread (two standard deviations: the two ratios' spreads combined)."""
+    more than the seed spread (two standard deviations of each ratio, :func:`_ratio_spread`, combined)."""
     plain = _plain(runs)
     pairs, used = {}, [plain]
     for method, column in (("nd-l1", "sum l1"), ("nd-linf", "sum linf")):
@@ -221,7 +232,7 @@ def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
         if nd is not None and plain is not None and (plain.seeds == 0 or not math.isnan(plain["max bn"])):
             live = _live(nd) and _live(plain)
             if live:
-                spread = math.hypot(_relative_spread(nd, plain, "max bn"), _relative_spread(nd, plain, column))
+                spread = math.hypot(_ratio_spread(nd, plain, "max bn"), _ratio_spread(nd, plain, column))
                 pairs[f"{method} {nd.strength:g}"] = (nd["max bn"] / plain["max bn"], nd[column] / plain[column], spread)
             else:
                 pairs[f"{method} {nd.strength:g}"] = None
@@ -236,7 +247,7 @@ def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
             for k, v in pairs.items()
         ),
         "holds": all(b - c > spread for b, c, spread in finite.values()),
-        "worst": min(finite, key=lambda k: finite[k][0] - finite[k][1]) if finite else NO_FIGURE,
+        "worst": min(finite, key=lambda k: finite[k][0] - finite[k][1] - finite[k][2]) if finite else NO_FIGURE,
         "used": used,
     }
 

@@ -51,11 +51,11 @@ def measure_shape(
     weight = layer.weight.detach()
     tensors = {"conv.weight": weight}
     row = {"device": str(device), "threads": threads, "kernel": f"{k}x{k}", "in": c_in, "out": c_out}
-    # tol=None: exactly `measured` iterations (tol=0 stopped at two equal estimates, after 293 of
-    # 500 on 3x3 32->32), scaled to the table's iteration count.
+    # tol=None: exactly `measured` iterations (tol=0 stops at two equal estimates), scaled to the
+    # table's iteration count.
     power = _time(lambda: power_iteration_norm(weight, spec, iterations=measured, tol=None), repeats, device)
     row[f"power iteration ({iterations} it.) s"] = power * iterations / measured
-    if svd:
+    if svd and device.type == "cpu":  # SciPy runs on the CPU whatever the kernel's device
         # method="svd": SciPy's full complex SVD per frequency, the paper's baseline (the default,
         # normopt's Gram eigenvalues, is 3-6x faster and was what this column timed).
         row["SVD of FFT (SciPy, one call) s"] = _time(lambda: conv_singular_values(weight, (32, 32), method="svd"), 1, device)

@@ -186,7 +186,9 @@ def paper_latex(results: pd.DataFrame) -> str:
     order = {name: i for i, name in enumerate(REGISTRY)}
     blocks = []
     for model, rows in runs.groupby("model", sort=False):
-        rows = rows.assign(rank=rows.method.map(order)).sort_values(["rank", "strength"])
+        # Weakest first in every method: SVC's bound ordered as its strength, decreasing.
+        how_strong = [REGISTRY[m].regularizes(s) for m, s in zip(rows.method, rows.strength)]
+        rows = rows.assign(rank=rows.method.map(order), how_strong=how_strong).sort_values(["rank", "how_strong"])
         methods = list(dict.fromkeys(rows.method))
         spans = [(REGISTRY[m].label, len(rows[rows.method == m])) for m in methods]
         header = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(label)}}}" for label, n in spans)

@@ -228,3 +228,23 @@ def test_batchnorm_norms_resist_only_beyond_the_seed_spread():
     assert row.holds == "does not hold" and "seed spread ±" in row.measured
     clear = with_seeds(base, "nd-l1", "max bn", (8.9, 9.1))
     assert claims_table(clear, None).set_index("claim").loc[claim].holds == "holds"
+
+
+def test_the_worst_run_is_the_one_with_the_least_margin_and_one_seed_is_said():
+    """'worst' named the run with the largest ratio even where another failed on its spread; a
+    single seed's sd reads 0, so its verdict cleared no spread, now said in the figure."""
+    base = results(REGULARIZATION, jitter=0.0)
+    noisy = with_seeds(with_seeds(base, "nd-l1", "sum l1", (0.0, 24.0)), "nd-linf", "sum linf", (17.9, 18.1))
+    row = claims_table(noisy, None).set_index("claim").loc["norm decay lowers the norms"]
+    assert row.holds == "does not hold" and row.worst == "nd-l1 0.1"  # 0.30 ± 0.85 fails, 0.60 ± 0.01 holds
+    one = results(REGULARIZATION, seeds=(0,))
+    row = claims_table(one, None).set_index("claim").loc["norm decay lowers the norms"]
+    assert "one seed only (no spread known): plain, ND l1 0.1, ND l_inf 0.1" in row.measured
+
+
+def test_batchnorm_ratio_spread_scales_plains_spread_with_the_ratio():
+    from experiments.claims import _ratio_spread
+
+    plain = pd.Series({"max bn": 10.0, "max bn sd": 1.0})
+    doubled = pd.Series({"max bn": 20.0, "max bn sd": 0.0})
+    assert _ratio_spread(doubled, plain, "max bn") == pytest.approx(2 * 2.0 * 1.0 / 10.0)
