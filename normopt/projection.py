@@ -77,9 +77,15 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     u = a.sort(dim=-1, descending=True).values
     css = u.cumsum(-1)
     j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=acc)
-    rho = (u * j > css - radius).sum(-1, keepdim=True)  # >= 1 since u_1 > u_1 - radius
+    # rho >= 1 in exact arithmetic (u_1 > u_1 - radius), but not once the radius is below half an
+    # ulp of u_1 (3e7 against 1 in float32): then gather(-1) indexed -1, and the step raised.
+    rho = (u * j > css - radius).sum(-1, keepdim=True).clamp_min(1)
     theta = (css.gather(-1, rho - 1) - radius) / rho
     shrunk = (a - theta).clamp_min(0)
+    # There theta is also rounded, and the row can keep up to an ulp of u_1 (2 against a radius of
+    # 1): scaled back onto the ball. (Exact rows are left alone: their sum is the radius already.)
+    total = shrunk.sum(-1, keepdim=True)
+    shrunk = torch.where(total > radius, shrunk * (radius / total), shrunk)
     if acc != v.dtype:  # rounded towards zero, so that no entry grows back past the float32 ball
         shrunk = _towards_zero(shrunk, v.dtype)
     projected = torch.sign(v) * shrunk

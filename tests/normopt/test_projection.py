@@ -213,3 +213,33 @@ def test_a_projection_refuses_by_layer_what_does_not_fit_its_spec():
             project(torch.ones(1), torch.ones(3), bn, 1.0)  # it was broadcast
     with pytest.raises(ValueError, match="v is 0-d"):
         project_l1_ball(torch.tensor(2.0), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("row", "radius"), [([3e4, 0.5], 1e-3), ([1.0, 0.5], 1e-8), ([1.0, 0.5, 0.25], 1e-30)])
+def test_a_radius_below_half_an_ulp_of_the_largest_entry_is_projected_not_raised(row, radius, dtype):
+    """u_1 - radius rounded to u_1, no entry counted, and gather(-1) raised inside the step."""
+    v = torch.tensor([row], dtype=dtype)
+    if not torch.isfinite(v).all() or (v == 0).any():
+        pytest.skip("not representable in this dtype")
+    projected = project_l1_ball(v, radius)
+    assert projected.dtype == dtype and torch.isfinite(projected).all()
+    assert projected.double().abs().sum() <= radius * (1 + 1e-6)
+    assert (projected.sign() * v.sign() >= 0).all()
+
+
+def test_a_max_norm_far_below_a_weight_caps_it_in_the_step():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight[0, 0, 1, 1] = 3e7
+    optimizer = normopt.NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        model,
+        max_norm=1.0,
+        example_input=torch.zeros(1, 1, 4, 4, dtype=torch.bfloat16),
+    )
+    model(torch.zeros(2, 1, 4, 4, dtype=torch.bfloat16)).sum().backward()
+    optimizer.step()  # raised: index -1 is out of bounds
+    specs = normopt.layer_specs(model, torch.zeros(1, 1, 4, 4, dtype=torch.bfloat16))
+    norms = normopt.layer_norms(model.state_dict(), specs, 1)
+    assert all(float(n) <= 1.0 * (1 + 1e-6) for n in norms.values())
