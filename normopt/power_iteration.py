@@ -85,9 +85,13 @@ def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol
     for _ in range(iterations):
         out, adjoint = torch.func.vjp(forward, v)
         (w,) = adjoint(out)
-        norm = w.norm()
-        # The zero map: v = 0, its norm 0 (without reading norm back). A norm that underflowed to
-        # 0 (sigma below about 1e-11 in float32) gives 0 too, not w / tiny.
+        # torch's norm sums unscaled squares: below sigma ~ 1e-11 in float32 (w ~ sigma^2) it
+        # underflows to 0 while w is not. There it is taken of w scaled by its largest entry; the
+        # plain norm elsewhere (the same bits as before). The zero map: v = 0, of norm 0. No host read.
+        plain = w.norm()
+        largest = w.abs().amax()
+        scaled = (w / largest.clamp_min(torch.finfo(w.dtype).tiny)).norm() * largest
+        norm = torch.where(plain > 0, plain, scaled)
         v = torch.where(norm > 0, w / norm, torch.zeros_like(w))
         if tol is None:
             continue

@@ -75,15 +75,20 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     acc = accumulation_dtype(v.dtype)
     a = v.abs().to(acc)
     u = a.sort(dim=-1, descending=True).values
-    css = u.cumsum(-1)
+    # Duchi et al.'s rho and theta, measured down from the largest entry u_1: with gaps d = u_1 - u,
+    # u_j j > css_j - r reads j d_j - cumsum(d)_j < r, and a - theta = (r + cumsum(d)_rho) / rho -
+    # (u_1 - a). Written from css = cumsum(u), a radius below half an ulp of u_1 (3e7 against 1 in
+    # float32) vanished in css - r: no j counted, gather(-1) indexed -1 and the step raised, and
+    # with rho clamped the row came out all zero instead of (r, 0, ...).
+    top = u[..., :1]
+    gaps = top - u
+    gap_sums = gaps.cumsum(-1)
     j = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=acc)
-    # rho >= 1 in exact arithmetic (u_1 > u_1 - radius), but not once the radius is below half an
-    # ulp of u_1 (3e7 against 1 in float32): then gather(-1) indexed -1, and the step raised.
-    rho = (u * j > css - radius).sum(-1, keepdim=True).clamp_min(1)
-    theta = (css.gather(-1, rho - 1) - radius) / rho
-    shrunk = (a - theta).clamp_min(0)
-    # There theta is also rounded, and the row can keep up to an ulp of u_1 (2 against a radius of
-    # 1): scaled back onto the ball. (Exact rows are left alone: their sum is the radius already.)
+    rho = (gaps * j - gap_sums < radius).sum(-1, keepdim=True).clamp_min(1)  # >= 1: the first term is 0 < r
+    kept = (radius + gap_sums.gather(-1, rho - 1)) / rho
+    shrunk = (kept - (top - a)).clamp_min(0)
+    # A backstop for the rounding of the lines above: a row whose sum still exceeds the radius (by
+    # an ulp, on about a quarter of ordinary rows) is scaled onto the ball.
     total = shrunk.sum(-1, keepdim=True)
     shrunk = torch.where(total > radius, shrunk * (radius / total), shrunk)
     if acc != v.dtype:  # rounded towards zero, so that no entry grows back past the float32 ball

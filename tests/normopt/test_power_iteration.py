@@ -107,11 +107,11 @@ def test_the_zero_map_has_norm_zero_with_or_without_a_tolerance():
 
 
 @pytest.mark.parametrize("tol", [1e-7, None])
-def test_a_norm_that_underflows_never_gives_a_larger_one(tol):
-    """torch's norm of a tiny w underflows to exactly 0 while w is not; dividing by the smallest
-    normal number instead of 0 gave 3.8e15 times the true norm."""
+def test_a_tiny_layer_whose_squares_underflow_gets_its_norm(tol):
+    """torch's norm of a tiny w underflows to exactly 0 while w is not: dividing by the smallest
+    normal number gave 3.8e15 times the true norm, and a zero guard gave 0."""
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
     spec = normopt.module_spec(conv, "c", (6, 6))
     weight = conv.weight.detach() * 1e-11
     true = power_iteration_norm(weight.double(), spec, iterations=300)
-    assert 0 <= power_iteration_norm(weight, spec, iterations=300, tol=tol) <= 1.01 * true
+    assert_close(power_iteration_norm(weight, spec, iterations=300, tol=tol).double(), true, rtol=1e-3)

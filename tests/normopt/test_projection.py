@@ -226,6 +226,12 @@ def test_a_radius_below_half_an_ulp_of_the_largest_entry_is_projected_not_raised
     assert projected.dtype == dtype and torch.isfinite(projected).all()
     assert projected.double().abs().sum() <= radius * (1 + 1e-6)
     assert (projected.sign() * v.sign() >= 0).all()
+    if radius < torch.finfo(dtype).tiny:
+        return  # the radius itself is below the dtype's normal numbers
+    # The exact projection keeps the largest entry alone, at the radius (all zero before).
+    exact = torch.zeros(len(row), dtype=torch.float64)
+    exact[0] = radius
+    assert_close(projected.double()[0], exact, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
 def test_a_max_norm_far_below_a_weight_caps_it_in_the_step():
