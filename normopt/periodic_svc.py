@@ -274,7 +274,7 @@ class PeriodicSVC:
         return {"steps": self.steps, "clips": self.clips}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved (both counts, or neither)."""
+        """Restore what :meth:`state_dict` saved; a state that is refused changes neither count."""
         counts = {key: state.get(key) if isinstance(state, dict) else None for key in ("steps", "clips")}
         bad = {k: v for k, v in counts.items() if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0}
         if bad:

@@ -59,6 +59,9 @@ def _towards_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     """Project each row of ``v`` (last axis) onto the l1 ball of ``radius``; no host sync.
 
+    Rows must be finite (a NaN row comes back unchanged, an infinite one as NaN):
+    :func:`project_layer` leaves layers with non-finite weights alone before calling this.
+
     Example:
         >>> import torch
         >>> project_l1_ball(torch.tensor([[2.0, -1.0], [0.5, 0.25]]), 2.0)  # the second row is inside
