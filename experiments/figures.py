@@ -19,7 +19,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib import ticker
 
-from experiments.methods import REGISTRY, colours
+from experiments.methods import REGISTRY, colours, how_strong
 
 ORD_NAMES = {"l1": "l1 norm", "linf": "l_inf norm"}
 # A kernel density from fewer layers than this is a guess: the figure is not drawn.
@@ -108,8 +108,8 @@ def _final(norms: pd.DataFrame) -> pd.DataFrame:
     """Each method's last epoch at its strongest setting (one point per method and layer): the
     largest beta or weight decay, the smallest SVC bound (the largest bound, 2.0, was drawn)."""
     data = labelled(norms)
-    how_strong = pd.Series([REGISTRY[m].regularizes(s) for m, s in zip(data.method, data.strength)], index=data.index)
-    data = data[how_strong == how_strong.groupby([data.model, data.method]).transform("max")]
+    strength = pd.Series(how_strong(data.method, data.strength), index=data.index)
+    data = data[strength == strength.groupby([data.model, data.method]).transform("max")]
     return data[data.epoch == data.groupby(["model", "method", "strength"]).epoch.transform("max")]
 
 

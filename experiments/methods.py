@@ -70,6 +70,17 @@ class Method:
         return f"{self.label} {strength:g}" if self.strength else self.label
 
 
+def how_strong(methods, strengths) -> list[float]:
+    """:meth:`Method.regularizes` of each (method name, strength) pair, to order runs or pick the
+    strongest (figures, the paper table).
+
+    Example:
+        >>> how_strong(["svc", "nd-l1"], [2.0, 0.1])
+        [-2.0, 0.1]
+    """
+    return [REGISTRY[m].regularizes(s) for m, s in zip(methods, strengths)]
+
+
 _ND = "beta (norm decay)"
 REGISTRY: dict[str, Method] = {
     m.name: m

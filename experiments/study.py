@@ -12,7 +12,7 @@ import pandas as pd
 
 from experiments import checkpoints, cli
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
-from experiments.methods import METHODS, REGISTRY
+from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
 from experiments.train import RunConfig, divergence, train
 
@@ -187,8 +187,8 @@ def paper_latex(results: pd.DataFrame) -> str:
     blocks = []
     for model, rows in runs.groupby("model", sort=False):
         # Weakest first in every method: SVC's bound ordered as its strength, decreasing.
-        how_strong = [REGISTRY[m].regularizes(s) for m, s in zip(rows.method, rows.strength)]
-        rows = rows.assign(rank=rows.method.map(order), how_strong=how_strong).sort_values(["rank", "how_strong"])
+        strength = how_strong(rows.method, rows.strength)
+        rows = rows.assign(rank=rows.method.map(order), how_strong=strength).sort_values(["rank", "how_strong"])
         methods = list(dict.fromkeys(rows.method))
         spans = [(REGISTRY[m].label, len(rows[rows.method == m])) for m in methods]
         header = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(label)}}}" for label, n in spans)
