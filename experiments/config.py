@@ -55,7 +55,7 @@ def single_run_defaults(method: str | None, dataset: str) -> dict:
         ({'eval_eps': 8.0, 'lr': 0.1}, {})
     """
     definition = REGISTRY.get(method) if isinstance(method, str) else None
-    return {} if definition is None or definition.loss == "ce" else adversarial_study_defaults(dataset)
+    return adversarial_study_defaults(dataset) if definition is not None and definition.adversarial else {}
 
 
 @dataclass(frozen=True)
