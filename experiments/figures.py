@@ -81,9 +81,17 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
     if data.empty:
         return None
     data = _panels(data).groupby(["model", "method label", "strength ", "norm kind", "epoch"], as_index=False).norm.sum()
+    aspect = 1.6 if data["norm kind"].nunique() == 1 else 1.0  # room for the legend beside one panel
+    labels = ("epoch", f"sum of {'/'.join(kinds)} norms")
+    return _method_lines(data, "epoch", labels, os.path.join(out, name), title, aspect=aspect)
+
+
+def _method_lines(data: pd.DataFrame, x: str, labels: tuple[str, str], path: str, title: str, **style) -> str:
+    """``norm`` against ``x`` on a log axis (``labels``: the axes' names), one colour per method, one
+    line style per strength, one panel per norm kind and one row per model; saved to ``path``."""
     grid = sns.relplot(
         data=data,
-        x="epoch",
+        x=x,
         y="norm",
         hue="method label",
         hue_order=list(_palette(data)),
@@ -95,13 +103,13 @@ def summed_norms_over_epochs(norms: pd.DataFrame, kinds: list[str], out: str, na
         palette=_palette(data),
         facet_kws={"sharey": False},
         height=3.2,
-        aspect=1.6 if data["norm kind"].nunique() == 1 else 1.0,  # room for the legend beside one panel
+        **style,
     )
-    grid.set_axis_labels("epoch", f"sum of {'/'.join(kinds)} norms")
+    grid.set_axis_labels(*labels)
     for ax in grid.axes.flat:
         readable_log_axis(ax)
     grid.figure.suptitle(title, y=1.03)
-    return _save(grid, os.path.join(out, name))
+    return _save(grid, path)
 
 
 def _final(norms: pd.DataFrame) -> pd.DataFrame:
@@ -221,24 +229,5 @@ def summed_norms_over_steps(results: list[dict], out: str, name: str, title: str
     data["method label"] = data.method.map(lambda m: REGISTRY[m].label)
     data["strength "] = [f"{s:g}" if REGISTRY[m].strength else "-" for m, s in zip(data.method, data.strength)]
     data["norm kind"] = data.ord.map(ORD_NAMES)
-    grid = sns.relplot(
-        data=data,
-        x="step",
-        y="norm",
-        hue="method label",
-        hue_order=list(_palette(data)),
-        style="strength ",
-        style_order=_strength_order(data),
-        col="norm kind",
-        row="model",
-        kind="line",
-        palette=_palette(data),
-        facet_kws={"sharey": False},
-        height=3.2,
-        linewidth=1,
-    )
-    grid.set_axis_labels("training step", "sum of conv/linear norms")
-    for ax in grid.axes.flat:
-        readable_log_axis(ax)
-    grid.figure.suptitle(title, y=1.03)
-    return _save(grid, os.path.join(out, name))
+    labels = ("training step", "sum of conv/linear norms")
+    return _method_lines(data, "step", labels, os.path.join(out, name), title, linewidth=1)
