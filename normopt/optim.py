@@ -130,7 +130,7 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         # torch copies the inner optimizer without its hooks: the copy's checkpoints need them.
         hooks = getattr(self.optimizer, "_optimizer_load_state_dict_pre_hooks", {}).values()
-        if not any(getattr(hook, "__self__", None) is self.norm_decay for hook in hooks):
+        if not self.norm_decay._detached and not any(getattr(hook, "__self__", None) is self.norm_decay for hook in hooks):
             self.norm_decay._handles += self.norm_decay._hook_optimizer()
 
     @property

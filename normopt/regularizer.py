@@ -43,7 +43,7 @@ from normopt.decay_state_dict import (
 )
 from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap
 from normopt.layer_choice import choose_layers
-from normopt.lines import parse_ord
+from normopt.lines import line_plan, parse_ord
 from normopt.nonfinite import NonFiniteReporter
 from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
@@ -243,6 +243,7 @@ class NormDecay:
                 f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
         self._refuse_other_hyperparameters(beta, gamma)
+        present = self._state_present()  # checked before anything changes
         inserted = _INSERTED.setdefault(self._registry_key(), set())
         for i, options in (*enumerate(optimizer.param_groups), (None, optimizer.defaults)):
             for key, value in ((BETA, beta), (GAMMA, gamma)):
@@ -261,6 +262,7 @@ class NormDecay:
         # round the ring's channels)
         self._loaded_decay: dict[str, tuple] = {}
         self._hyper_before_load: list[tuple] = []  # each group's (beta, gamma) before a load
+        self._take(present, zero_fill=False)
         self._reporter = NonFiniteReporter()
         self._handles = self._hook_optimizer()
         # Hooks go on the user's model only once nothing can fail any more.
@@ -710,16 +712,7 @@ class NormDecay:
         # load, which steps first).
         had_state = self._state is not None
         self._transform = self._state = None
-        self._held_back, self._pending = {}, {}
-        for name in (*self._frozen_decayed(), *self.decayed):
-            weight = self._weight[name]
-            as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
-            buffer, scale, recent = loaded.get(name, (None, None, None))
-            if name in self.decayed:
-                buffer = as_weight(buffer) if buffer is not None else torch.zeros_like(weight)
-                self._pending[name] = (buffer, as_weight(scale), recent)
-            elif buffer is not None:
-                self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
+        self._take(loaded, zero_fill=True)
         if not had_state:
             return  # the first step lays it out; until then _save_pending saves it
         # A checkpoint taken before the next step (by a trainer at its resume step, or through
@@ -738,6 +731,45 @@ class NormDecay:
             saved = self._home(self._weight[name], zero_local).get(self._weight[name])
             if saved:  # the optimizer's own state of the weight came back: the decay's joins it
                 _put_decay_state(saved, buffer, scale, recent)
+
+    def _take(self, loaded: Mapping[str, tuple], zero_fill: bool) -> None:
+        """Make ``loaded`` (``{layer: (buffer, scale, recent)}``, checked) the decay state that the next
+        step lays out: copies on each weight's device and dtype; with ``zero_fill``, a zero h for
+        the regularized layers it lacks (a load replaces all of it)."""
+        if zero_fill:
+            self._held_back, self._pending = {}, {}
+        for name in (*self._frozen_decayed(), *self.decayed):
+            weight = self._weight[name]
+            as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
+            buffer, scale, recent = loaded.get(name, (None, None, None))
+            if name in self.decayed and (buffer is not None or zero_fill):
+                buffer = as_weight(buffer) if buffer is not None else torch.zeros_like(weight)
+                self._pending[name] = (buffer, as_weight(scale), recent)
+            elif name not in self.decayed and buffer is not None:
+                self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
+
+    def _state_present(self) -> dict[str, tuple]:
+        """The decay state that the optimizer holds already for this decay's layers, checked: it
+        loaded a checkpoint of a regularized run (its own ``load_state_dict``, or a copy of a
+        hooked optimizer) before this decay was made. Taken as a load after it would be, where the
+        first step would otherwise start h at zero and write over it."""
+        zero_local = self._zero_local()
+        present = {}
+        for name in (*self._frozen_decayed(), *self.decayed):
+            weight = self._weight[name]
+            entry = self._home(weight, zero_local).get(weight)
+            if isinstance(entry, Mapping) and entry.get(BUFFER) is not None:
+                recent = entry.get(RECENT)
+                if isinstance(recent, torch.Tensor) and recent.is_floating_point():
+                    # The optimizer's own load cast the ring to the weight's dtype: its channels
+                    # are exact there up to 2 / eps (2 ** 24 in float32, 256 in bfloat16); else h
+                    # rebuilds it.
+                    exact = line_plan(self.specs[name], self.ord).channels <= 2 / torch.finfo(recent.dtype).eps
+                    entry = {key: value for key, value in entry.items() if key != RECENT}
+                    if exact and bool((recent == recent.round()).all()):
+                        entry[RECENT] = recent.to(torch.int64)
+                present[name] = checked_entry(name, entry, weight, self.specs[name], self.ord)
+        return present
 
     def _save_pending(self, optimizer, state_dict):
         """Put into the state dict the decay state that is not in ``optimizer.state`` (under
@@ -781,9 +813,10 @@ class NormDecay:
         """Remove every hook this object installed (optimizer step and load hooks, model forward hooks)
         and stop: :meth:`before_step` and :meth:`after_step` do nothing from then on, so that a
         :class:`~normopt.NormDecayOptimizer` around it steps as its inner optimizer, and another
-        decay may take its layers. The last decay on an optimizer takes ``norm_decay_beta`` and
-        ``norm_decay_gamma`` out of its param groups and defaults too: a decay attached later sets
-        its own."""
+        decay may take its layers. Its decay state leaves the optimizer's ``state`` (a plain
+        optimizer then saves none, and a decay attached later starts from zero). The last decay on
+        an optimizer takes ``norm_decay_beta`` and ``norm_decay_gamma`` out of its param groups and
+        defaults too: a decay attached later sets its own."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -799,6 +832,20 @@ class NormDecay:
             options = self.optimizer.defaults if i is None else groups[i] if i < len(groups) else {}
             options.pop(key, None)
             inserted.discard((i, key))
+        # Its state goes too: a plain optimizer would carry it in every checkpoint (as views of
+        # one flat buffer, which pickle writes whole once per view), and a decay made later would
+        # resume from it.
+        zero_local = self._zero_local()
+        for weight in self._weight.values():
+            for home in (self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])):
+                entry = home.get(weight)
+                if isinstance(entry, dict):
+                    for key in DECAY_KEYS:
+                        entry.pop(key, None)
+                    if not entry:
+                        del home[weight]
+        self._transform = self._state = None
+        self._pending, self._held_back = {}, {}
         _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)
         self._detached = True
         if self._recorder is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -1455,3 +1456,138 @@ def test_an_earlier_versions_entry_of_decay_keys_only_loads_where_its_layer_is_n
     assert 4 not in twin_optimizer.state_dict()["state"]
     branch_step(twin, twin_optimizer, 2, "b")
     assert {"step", "exp_avg"} <= set(twin_optimizer.state[twin.b.weight])
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+@pytest.mark.parametrize("rings", [False, True], ids=["dense", "rings"])
+def test_a_decay_made_after_its_optimizer_loaded_a_checkpoint_resumes_from_it(make, ord, rings):
+    """Loading first and wrapping (or attaching) then is a resume like the other order: the first
+    step used to start h at zero and write over the checkpoint's."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    twin = copy.deepcopy(model)
+    with rings_everywhere() if rings else contextlib.nullcontext():
+        optimizer = make(model, beta=0.1, ord=ord)
+        for seed in range(3):
+            one_step(model, optimizer, seed)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": inner.state_dict()})
+    assert rings == any("norm_decay_recent" in entry for entry in checkpoint["optimizer"]["state"].values()) or ord == 1
+    for seed in (3, 4):
+        one_step(model, optimizer, seed)
+
+    twin.load_state_dict(checkpoint["model"])
+    plain = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    plain.load_state_dict(checkpoint["optimizer"])
+    # Built with other values: the groups keep the checkpoint's beta and gamma.
+    if make is wrapped:
+        resumed = NormDecayOptimizer(plain, twin, beta=0.3, gamma=0.2, ord=ord)
+    else:
+        attach_norm_decay(plain, twin, beta=0.3, gamma=0.2, ord=ord)
+        resumed = plain
+    for seed in (3, 4):
+        one_step(twin, resumed, seed)
+    same_weights(model, twin)
+
+
+def test_decay_state_already_in_the_optimizer_that_does_not_fit_is_refused_at_construction():
+    model = small_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.state[model[0].weight]["norm_decay_buffer"] = torch.zeros(3)
+    groups = copy.deepcopy(optimizer.param_groups)
+    for make in (lambda: NormDecayOptimizer(optimizer, model), lambda: attach_norm_decay(optimizer, model)):
+        with pytest.raises(ValueError, match="decay buffer of layer '0' has shape"):
+            make()
+    assert str(optimizer.param_groups) == str(groups)  # no beta or gamma written
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_load_state_dict_pre_hooks
+
+
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+def test_detach_takes_the_decay_state_out_of_the_optimizer(make):
+    model = small_cnn()
+    optimizer = make(model, beta=0.1)
+    for seed in range(2):
+        one_step(model, optimizer, seed)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    decay = optimizer.norm_decay if make is wrapped else next(iter(normopt.regularizer._DECAYS[inner]))
+    compact = len(pickle.dumps(inner.state_dict()))
+    decay.detach()
+    keys = {key for entry in inner.state.values() for key in entry}
+    assert keys == {"momentum_buffer"}
+    assert len(pickle.dumps(inner.state_dict())) < compact  # no view of a flat buffer left to pickle whole
+    assert decay.decay_buffers() == {}
+    again = attach_norm_decay(inner, model, beta=0.1)  # starts afresh: nothing left to resume from
+    assert again.decay_buffers() == {}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_wrapper_whose_decay_was_detached_stays_a_plain_optimizer(how):
+    model = small_cnn()
+    wrapper = wrapped(model, beta=0.1)
+    one_step(model, wrapper)
+    wrapper.norm_decay.detach()
+    copied = (
+        copy.deepcopy({"model": model, "wrapper": wrapper})
+        if how == "deepcopy"
+        else pickle.loads(pickle.dumps({"model": model, "wrapper": wrapper}))
+    )
+    twin, inner = copied["model"], copied["wrapper"].optimizer
+    assert not inner._optimizer_load_state_dict_pre_hooks and not inner._optimizer_state_dict_post_hooks
+    attach_norm_decay(inner, twin, beta=0.1)  # refused while the copy re-hooked its detached decay
+
+
+def test_a_ring_that_a_bfloat16_load_rounded_is_rebuilt_from_h_when_the_decay_is_made_after():
+    """torch's own load casts a ring of 300 channels to bfloat16, which holds integers exactly up
+    to 256 only: the decay made after it takes the ring from h instead."""
+    torch.manual_seed(0)
+    with rings_everywhere():
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 10)).to(torch.bfloat16)
+        with torch.no_grad():
+            model[1].weight[299] *= 4  # the arg-max row: 299 is 300 in bfloat16
+        twin = copy.deepcopy(model)
+        optimizer = wrapped(model, beta=0.1, ord=math.inf)
+        inputs, labels = next(batches(*DATA, 1, 16, 0))
+        inputs = inputs.to(torch.bfloat16)
+
+        def step(model, optimizer):
+            optimizer.zero_grad()
+            F.cross_entropy(model(inputs).float(), labels).backward()
+            optimizer.step()
+
+        for _ in range(3):
+            step(model, optimizer)
+        checkpoint = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.optimizer.state_dict()})
+        assert checkpoint["optimizer"]["state"][0]["norm_decay_recent"].max() == 299
+        twin.load_state_dict(checkpoint["model"])
+        plain = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+        plain.load_state_dict(checkpoint["optimizer"])
+        assert plain.state[twin[1].weight]["norm_decay_recent"].dtype == torch.bfloat16  # what torch's load did
+        resumed = NormDecayOptimizer(plain, twin, beta=0.1, ord=math.inf)
+        for _ in range(2):
+            step(model, optimizer)
+            step(twin, resumed)
+    same_weights(model, twin)
+
+
+def test_a_group_with_beta_zero_still_counts_in_the_paper_rules_n():
+    """N is the number of regularized layers whatever their groups' beta: a group switched off
+    leaves the others' decay as it is (a layer excluded or frozen is not counted)."""
+    torch.manual_seed(0)
+    model = small_cnn()
+    decays = {}
+    for fc_beta in (0.0, 0.1, None):  # None: the fc layer excluded
+        twin = copy.deepcopy(model)
+        head = [p for name, p in twin.named_parameters() if name.startswith("6.")]
+        rest = [p for name, p in twin.named_parameters() if not name.startswith("6.")]
+        groups = [{"params": rest}] + (
+            [{"params": head, "norm_decay_beta": fc_beta}] if fc_beta is not None else [{"params": head}]
+        )
+        optimizer = NormDecayOptimizer(torch.optim.SGD(groups, lr=0.0), twin, beta=0.1, exclude=("6",) if fc_beta is None else ())
+        inputs, labels = next(batches(*DATA, 1, 16, 0))
+        F.cross_entropy(twin(inputs), labels).backward()
+        plain = twin[0].weight.grad.clone()
+        optimizer.step()
+        decays[fc_beta] = twin[0].weight.grad - plain
+    assert_close(decays[0.0], decays[0.1], rtol=0)  # three layers: beta / 3
+    assert_close(decays[None], 1.5 * decays[0.1], rtol=1e-6)  # two layers: beta / 2
