@@ -14,6 +14,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
+from normopt.replicas import all_ranks
 from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pairs, pads_with_copies
 
 # Modules that hold weights but are not linear maps of their input, with the reason.
@@ -362,9 +363,18 @@ class InputSizeRecorder:
             handle.remove()
         self._handles = []
 
-    def specs(self) -> LayerSpecs:
-        """Stop recording and describe the model with the recorded input sizes."""
+    def specs(self, replicas=None) -> LayerSpecs:
+        """Stop recording and describe the model with the recorded input sizes.
+
+        With ``replicas`` (:func:`normopt.replicas.replica_group` of a DDP model), the sizes that
+        every rank recorded (a collective: every rank calls it), so that replicas whose batches
+        differed in size describe the model alike."""
         self.remove()
+        if replicas is not None:
+            for seen, paddings in all_ranks((self._seen, self._paddings), replicas):
+                for mine, theirs in ((self._seen, seen), (self._paddings, paddings)):
+                    for name, found in theirs.items():
+                        mine.setdefault(name, set()).update(found)
         return layer_specs(self.model, input_sizes=self.sizes, output_paddings=self.output_paddings)
 
 

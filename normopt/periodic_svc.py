@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
+from normopt.replicas import replica_group
 from normopt.specs import ConvSpec, kernel_reach
 from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
 
@@ -45,10 +46,12 @@ class PeriodicSVC:
     bounds the zero-padded, strided layer (see :mod:`normopt.svc`). Input sizes come from
     ``example_input`` or, without it, from the training forward (hooks). Under
     ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
-    same bits whatever its LAPACK does. With ``report=True`` each clip records, in ``last_norms``,
-    every layer's circular spectral norm after the crop, at the size it was clipped at (one more
-    SVD per layer), which shows how
-    far above ``bound`` the crop to the kernel's support left it. Every clip records a
+    same bits whatever its LAPACK does; given the DDP model (not its module), the replicas also
+    take the input sizes that every rank recorded (:mod:`normopt.replicas`), so that they clip the
+    same layers at the same sizes (given the module, pass ``example_input``). With
+    ``report=True`` each clip records, in ``last_norms``, every layer's circular spectral norm
+    after the crop, at the size it was clipped at (one more SVD per layer), which shows how far
+    above ``bound`` the crop to the kernel's support left it. Every clip records a
     :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work.
 
     ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
@@ -75,6 +78,8 @@ class PeriodicSVC:
         >>> svc.clips
         1
     """
+
+    _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
 
     def __init__(
         self,
@@ -111,7 +116,7 @@ class PeriodicSVC:
         self.input_size = input_size
         self._options = {"threads": threads, "method": method, "precision": precision}
         self.last_report: ClipReport | None = None
-        self.model = unwrap(model)
+        self.model, self._replicas = unwrap(model), replica_group(model)
         self.bound, self.every, self.iterations = float(bound), every, iterations
         self.exclude = module_names(exclude, "exclude", self.model)
         self.report = report
@@ -162,14 +167,14 @@ class PeriodicSVC:
         if self.specs is None:  # then no example input was given, and the recorder runs
             if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
-            self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
+            self.specs, self._recorder, self._convs = self._recorder.specs(self._replicas), None, self._conv_modules()
         # Convolutions added or replaced since the model was described (a new head given to
         # add_param_group) are described anew from the input sizes the next forward records;
         # until then they are left alone.
         current = self._conv_modules()
         changed = sorted(name for name, module in current.items() if self._convs.get(name) is not module)
         if changed and self._recorder is not None and self._recorder.called:
-            self.specs, self._recorder, self._convs, changed = self._recorder.specs(), None, current, []
+            self.specs, self._recorder, self._convs, changed = self._recorder.specs(self._replicas), None, current, []
         elif changed:
             if self._recorder is None:
                 self._recorder = InputSizeRecorder(self.model)

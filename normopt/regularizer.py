@@ -47,6 +47,7 @@ from normopt.lines import line_plan, parse_ord
 from normopt.nonfinite import NonFiniteReporter
 from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
+from normopt.replicas import first_rank_copies, replica_group
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
 from normopt.transform import RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay, plain_number
 
@@ -185,6 +186,8 @@ class NormDecay:
     """
 
     _detached = False  # set by detach(): the steps of a wrapper around it are plain ones from then on
+    _agreed: dict = {}  # noqa: RUF012  replaced, never changed in place: this step's running variances under DDP
+    _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
 
     def __init__(
         self,
@@ -221,7 +224,7 @@ class NormDecay:
                 raise ValueError(f"{option} must be a positive finite number, got {value!r}")
         if bn_projection not in BN_PROJECTIONS:
             raise ValueError(f"unknown bn_projection {bn_projection!r}; expected one of {list(BN_PROJECTIONS)}")
-        self.model = unwrap(model)
+        self.model, self._replicas = unwrap(model), replica_group(model)
         _refuse_sharded(self.model)
         if isinstance(optimizer, _ZERO) and getattr(optimizer, "_overlap_with_ddp", False):
             raise ValueError(
@@ -488,7 +491,7 @@ class NormDecay:
     def _refresh(self) -> None:
         """Lazy discovery and re-selection, outside the per-step computation (where :meth:`_stale`)."""
         if self._recorder is not None and self._recorder.called:
-            self._reselect(self._recorder.specs())
+            self._reselect(self._recorder.specs(self._replicas))
             self._recorder = None  # only now: a refused selection is refused again at the next step
         if self._selection_changed():
             self._choose_anew(during_step=True)
@@ -570,6 +573,7 @@ class NormDecay:
             # Compiled, the first step or the first after add_param_group sets up outside the graph
             # (a graph break in that step's trace only; the steps after it trace without one).
             (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
+        self._agreed = self._agreed_running_vars()
         if self._transform is not None:
             betas, gammas = self._hyper()
             # GradScaler hands an optimizer that unscales inside its own step (fused ones) the
@@ -579,11 +583,10 @@ class NormDecay:
             if isinstance(grad_scale, torch.Tensor):
                 betas = _scaled(betas, grad_scale)
             grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
+            tensors = {**self._tensors, **self._agreed} if self._agreed else self._tensors
             # Unchecked: _layers_changed has seen to the weights' dtype, device and identity, and
             # torch keeps each .grad like its parameter.
-            _, self._state, norms = self._transform.update(
-                grads, self._state, self._tensors, beta=betas, gamma=gammas, check=False
-            )
+            _, self._state, norms = self._transform.update(grads, self._state, tensors, beta=betas, gamma=gammas, check=False)
             self.last_norms = norms
             if not torch.compiler.is_compiling():
                 self._reporter.push(list(norms), torch.isfinite(torch.stack(list(norms.values()))))
@@ -639,10 +642,28 @@ class NormDecay:
         if self.bn_projection == "exact":
             self._project_batchnorms(project_batchnorm)
 
+    def _agreed_running_vars(self) -> dict[str, torch.Tensor]:
+        """``{running_var key: copy}`` of the first rank's running variances of the batch norms this
+        step decays or caps, for the replicas of a DDP model (:mod:`normopt.replicas`): each rank's
+        own forward has just updated its own. Empty elsewhere: the step reads the buffers."""
+        if self._replicas is None:
+            return {}
+        keys = sorted(
+            {
+                spec.running_var
+                for spec in (*self.decayed.values(), *self.bn_projected.values())
+                if isinstance(spec, BatchNormSpec)
+            }
+        )
+        if not keys:
+            return {}
+        return dict(zip(keys, first_rank_copies([self._tensors[key] for key in keys], self._replicas)))
+
     def _project_batchnorms(self, projection) -> None:
         for name, spec in self.bn_projected.items():
             module = self._modules[name]
-            capped = projection(module.weight, module.running_var, spec, self.bn_max_norm)
+            running_var = self._agreed.get(spec.running_var, module.running_var)
+            capped = projection(module.weight, running_var, spec, self.bn_max_norm)
             module.weight.copy_(torch.where(torch.isfinite(capped), capped, module.weight))
 
     # -- state --------------------------------------------------------------------------------------

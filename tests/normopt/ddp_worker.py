@@ -114,3 +114,48 @@ def _resume_zero(rank: int, world_size: int, folder: str, through: str) -> None:
     resumed_optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt"))
     train(resumed, resumed_optimizer, data[3:])
     torch.save({"continued": model.module.state_dict(), "resumed": resumed.module.state_dict()}, f"{folder}/rank{rank}.pt")
+
+
+def replicas_agree(rank: int, world_size: int, folder: str, bn_projection: str, through: str) -> None:
+    """DDP replicas whose first batches differ in size, and whose batch norms each update their own
+    running variances, regularizing those batch norms and capping them: their weights must stay equal."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        inner = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 10),
+        )
+        model = nn.parallel.DistributedDataParallel(inner)
+        options = dict(
+            ord="linf", beta=0.05, layers=("conv", "linear", "batchnorm"), bn_max_norm=0.9, bn_projection=bn_projection
+        )
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if through == "hooks":
+            decay, optimizer = normopt.attach_norm_decay(sgd, model, **options), sgd
+        else:
+            optimizer = normopt.NormDecayOptimizer(sgd, model, **options)
+            decay = optimizer.norm_decay
+        x, y = digits()
+        share = BATCH // world_size
+        for step, (inputs, labels) in enumerate(batches(x, y, STEPS, BATCH)):
+            part = inputs[rank * share : (rank + 1) * share]
+            if step == 0 and rank == 1:
+                part = part[..., ::2, ::2]  # a smaller first batch: 4x4 where rank 0 has 8x8
+            optimizer.zero_grad()
+            F.cross_entropy(model(part), labels[rank * share : (rank + 1) * share]).backward()
+            optimizer.step()
+        sizes = {name: spec.input_size for name, spec in decay.specs.items() if hasattr(spec, "input_size")}
+        torch.save({"params": dict(inner.named_parameters()), "sizes": sizes}, f"{folder}/rank{rank}.pt")
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

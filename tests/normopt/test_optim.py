@@ -990,6 +990,19 @@ def test_ddp_two_processes_match_one_process_on_the_global_batch(tmp_path):
         assert_close(rank0[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize(("bn_projection", "through"), [("exact", "wrapper"), ("released", "hooks")])
+def test_ddp_replicas_agree_on_input_sizes_and_batch_norm_variances(tmp_path, bn_projection, through):
+    """Each replica records its own input sizes and updates its own running variances; given the
+    DDP model, norm decay takes every rank's sizes and the first rank's variances."""
+    import ddp_worker
+
+    torch.multiprocessing.spawn(ddp_worker.replicas_agree, args=(2, str(tmp_path), bn_projection, through), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["sizes"] == rank1["sizes"]
+    for key, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][key]), key
+
+
 @pytest.mark.parametrize("through", ["wrapper", "hooks"])
 def test_zero_checkpoints_carry_the_decay_state_and_resume_bit_for_bit(tmp_path, through):
     import ddp_worker

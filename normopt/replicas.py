@@ -1,0 +1,85 @@
+"""What the replicas of a DistributedDataParallel model must agree on before a norm-decay step.
+
+DDP averages the gradients, so replicas stay equal as long as each computes the same step from
+them. Two inputs of norm decay are each replica's own, though:
+
+* the input sizes that its training forwards record: replicas whose first batches differ in size
+  would describe a convolution at different sizes, and so give it different norms;
+* the running variances of its batch norms, which its own forward has just updated from its own
+  batch (DDP sends rank 0's to the others only at the start of the next forward): a batch norm's
+  norm ``|gamma| / sqrt(running_var + eps)``, its decay and its cap would differ.
+
+Given the DDP model, norm decay and :class:`~normopt.PeriodicSVC` take the sizes that every rank
+recorded (:func:`all_ranks`, once) and the running variances of the group's first rank
+(:func:`first_rank_copies`, at every step that uses them). Given the module inside DDP they cannot
+know of the replicas: pass ``example_input``, and leave batch norms to ``SyncBatchNorm`` there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class Replicas:
+    """The process group of a DDP model's replicas, as norm decay keeps it: ``copy.deepcopy`` keeps
+    the group itself (the copy steps in the same processes), and ``pickle``, which cannot hold a
+    process group, writes the default group as itself, found again where the pickle is loaded,
+    and any other as None (the copy then no longer agrees with the other ranks).
+    """
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo) -> Replicas:
+        return self
+
+    def __reduce__(self):
+        return _world_replicas, (self.group is dist.group.WORLD,)
+
+
+def _world_replicas(world: bool) -> Replicas | None:
+    return Replicas(dist.group.WORLD) if world and dist.is_available() and dist.is_initialized() else None
+
+
+def replica_group(model: nn.Module) -> Replicas | None:
+    """The replicas of the DDP wrapper among ``model``'s wrappers (DDP, ``torch.compile``,
+    DataParallel, in any order), or None where there is none.
+
+    Example:
+        >>> replica_group(nn.Linear(2, 2)) is None
+        True
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return Replicas(model.process_group)
+        if isinstance(model, nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return None
+
+
+def all_ranks(value, replicas: Replicas) -> list:
+    """``value`` of every replica, in rank order (pickled: a collective that every rank calls,
+    once, when it describes the model)."""
+    gathered: list = [None] * dist.get_world_size(replicas.group)
+    dist.all_gather_object(gathered, value, group=replicas.group)
+    return gathered
+
+
+def _first_rank_copies(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    flat = torch.cat([t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors])
+    dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
+    return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def first_rank_copies(tensors: list[torch.Tensor], replicas: Replicas) -> list[torch.Tensor]:
+    """Copies of ``tensors`` as the replicas' first rank holds them (one broadcast of them laid
+    end to end; a collective: every rank calls it). The tensors themselves are left as they are.
+    Under ``torch.compile`` it runs outside the graph (a graph break)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_first_rank_copies)(tensors, replicas.group)
+    return _first_rank_copies(tensors, replicas.group)
