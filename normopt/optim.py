@@ -117,6 +117,21 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     state = _inner("state")
     defaults = _inner("defaults")
 
+    def __getattr__(self, name: str):
+        # Only for names the wrapper lacks: the inner optimizer's own public methods and
+        # attributes (ZeroRedundancyOptimizer's consolidate_state_dict), so that the wrapper
+        # replaces it there too. Private names are not passed on: GradScaler takes an optimizer
+        # with _step_supports_amp_scaling to unscale inside its own step, which the wrapper's
+        # step does not.
+        inner = self.__dict__.get("optimizer")
+        missing = f"{type(self).__name__!r} object has no attribute {name!r}"
+        if inner is None or name.startswith("_"):
+            raise AttributeError(missing)
+        try:
+            return getattr(inner, name)
+        except AttributeError:
+            raise AttributeError(f"{missing} (nor has its inner {type(inner).__name__})") from None
+
     # Copies (copy.deepcopy, and a scheduler's deepcopy that previews its schedule) take the whole
     # wrapper: torch.optim.Optimizer's own pair keeps only defaults, state and param_groups,
     # which the wrapper reads from its inner optimizer. Like torch's, they leave out the ``step``

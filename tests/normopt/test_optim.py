@@ -1017,3 +1017,25 @@ def test_zero_checkpoints_carry_the_decay_state_and_resume_bit_for_bit(tmp_path,
         runs = torch.load(tmp_path / f"rank{rank}.pt")
         for key, value in runs["continued"].items():
             assert torch.equal(runs["resumed"][key], value), (rank, key)
+
+
+class WithExtras(torch.optim.SGD):
+    """An optimizer with methods of its own, as ZeroRedundancyOptimizer's consolidate_state_dict."""
+
+    fused_like = False
+    _step_supports_amp_scaling = True
+
+    def consolidate(self) -> str:
+        return "consolidated"
+
+
+def test_the_inner_optimizers_own_public_methods_are_reached_through_the_wrapper():
+    model = small_cnn()
+    inner = WithExtras(model.parameters(), lr=0.1)
+    wrapper = NormDecayOptimizer(inner, model)
+    assert wrapper.consolidate() == "consolidated" and wrapper.fused_like is False
+    # Private ones are not: GradScaler would take the wrapper for one that unscales in its step.
+    assert not hasattr(wrapper, "_step_supports_amp_scaling")
+    with pytest.raises(AttributeError, match="'NormDecayOptimizer' object has no attribute 'nothing'"):
+        wrapper.nothing  # noqa: B018
+    copy.deepcopy(wrapper).consolidate()
