@@ -26,18 +26,41 @@ NAME = re.compile(r"checkpoint-(\d+)\.pt\Z")
 KEEP = 2
 
 
+TEMPORARY = re.compile(r".+\.tmp\d+\Z")
+
+
 class DamagedCheckpoint(Exception):
     """A checkpoint whose checksum or contents do not check out."""
+
+
+class DamagedFile(UserError):
+    """A JSON file of a run or study folder that is not what this program wrote (cut short by a
+    disk fault, edited by hand): named, so that the user can set it aside."""
 
 
 def _write_atomically(path: str, data: bytes) -> None:
     # A per-process temporary name: two writers never share a half-written file.
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: no checkpoint-sized leftover
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Remove the temporary files that a writer killed mid-write left in ``folder`` (call it holding
+    the folder's lock: no other writer is at work there); returns their names."""
+    names = sorted(n for n in os.listdir(folder) if TEMPORARY.match(n)) if os.path.isdir(folder) else []
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+    return names
 
 
 def checkpoint_path(folder: str, epoch: int) -> str:
@@ -104,9 +127,20 @@ def write_json(path: str, value) -> None:
     _write_atomically(path, json.dumps(value, indent=1).encode())
 
 
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str) -> dict:
+    """The JSON object that :func:`write_json` wrote to ``path``.
+
+    Raises:
+        DamagedFile: the file is not JSON (cut short, edited), or holds something else than an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise DamagedFile(f"{path} is damaged ({error}); move it away") from None
+    if not isinstance(value, dict):
+        raise DamagedFile(f"{path} is damaged (it holds a JSON {type(value).__name__}, not an object); move it away")
+    return value
 
 
 def check_writable(folder: str) -> None:

@@ -45,8 +45,12 @@ def finished(configs: list[RunConfig], out: str) -> tuple[list[dict], list[RunCo
     results, missing = [], []
     for config in configs:
         path = os.path.join(run_folder(config, out), "result.json")
-        if os.path.exists(path):
-            result = checkpoints.read_json(path)
+        try:
+            result = checkpoints.read_json(path) if os.path.exists(path) else None
+        except checkpoints.DamagedFile as error:  # counted as missing: training it again evaluates it anew
+            checkpoints.eprint(f"warning: {error}")
+            result = None
+        if result is not None and "accuracy" in result:
             result["label"] = run_label(config)
             results.append(result)
         else:

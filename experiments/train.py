@@ -138,6 +138,10 @@ def claim_folder(config: RunConfig, out: str, resume: bool) -> None:
     """
     path = os.path.join(out, "config.json")
     wanted = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
+    if not os.path.exists(path) and (checkpoints.epochs(out) or os.path.exists(os.path.join(out, "result.json"))):
+        raise UserError(
+            f"{out!r} holds checkpoints or a result but no config.json: which run they belong to is unknown; choose another --out"
+        )
     if os.path.exists(path):
         saved = checkpoints.read_json(path)
         changed = differences(saved.get("config", {}), wanted["config"])
@@ -288,6 +292,21 @@ def robust_evaluation(config: RunConfig, run: SimpleNamespace, where: torch.devi
     return result
 
 
+def finished_result(path: str, config: RunConfig) -> dict | None:
+    """The result in ``path`` of the run ``config``, or None where the file is damaged or another
+    run's: then it is renamed ``*.damaged`` (reported), and the run is evaluated again from its
+    last checkpoint."""
+    try:
+        result = checkpoints.read_json(path)
+        if "accuracy" not in result or result.get("fingerprint", config.fingerprint()) != config.fingerprint():
+            raise checkpoints.DamagedFile(f"{path} is not this run's result")
+    except checkpoints.DamagedFile as error:
+        os.replace(path, path + ".damaged")
+        checkpoints.eprint(f"warning: {error}; kept as {path}.damaged, evaluating the run again")
+        return None
+    return result
+
+
 def train(config: RunConfig, out: str, resume: bool = True, progress: bool = True) -> dict:
     """Train (or resume), evaluate, and write ``out/result.json``; returns the result.
 
@@ -297,17 +316,24 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
     Raises:
         UserError: ``out`` is not writable, is locked by another process, or holds another configuration.
     """
+    if config.amp and not torch.cuda.is_available():
+        # It would train in float32 under the fingerprint of a mixed-precision run, whose scaler
+        # state a GPU could then not load.
+        raise UserError("--amp (mixed precision) needs a CUDA device, and there is none here: leave it out")
     if _distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     result_path = os.path.join(out, "result.json")
     with checkpoints.locked(out) if _is_main() else contextlib.nullcontext():
         if _is_main():
             claim_folder(config, out, resume)
+            for name in checkpoints.remove_temporaries(out):
+                checkpoints.eprint(f"  removed {name}, left by a write that was cut short")
         if resume and os.path.exists(result_path):
-            result = checkpoints.read_json(result_path)
-            if progress:
-                _report_divergence(result)
-            return result
+            result = finished_result(result_path, config)
+            if result is not None:
+                if progress:
+                    _report_divergence(result)
+                return result
         where = device()
         run = build(config, where)
         if resume:

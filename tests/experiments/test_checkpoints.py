@@ -84,3 +84,26 @@ def test_output_folder_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(UserError, match="is a file"):
         checkpoints.check_writable(str(tmp_path / "f"))
+
+
+@pytest.mark.parametrize("contents", ['{"config": ', "[]", "\xff\xfe"], ids=["cut-short", "a-list", "not-utf8"])
+def test_a_damaged_json_file_is_named(tmp_path, contents):
+    path = tmp_path / "config.json"
+    path.write_bytes(contents.encode("latin-1"))
+    with pytest.raises(checkpoints.DamagedFile, match=r"config\.json is damaged"):
+        checkpoints.read_json(str(path))
+
+
+def test_a_write_cut_short_leaves_no_temporary_and_one_killed_is_removed_under_the_lock(tmp_path, monkeypatch):
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(str(tmp_path), 1, state(1))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "checkpoint-2.pt.tmp4242").write_bytes(b"half")  # a writer killed (SIGKILL) mid-write
+    (tmp_path / "notes.tmp").write_text("kept")
+    assert checkpoints.remove_temporaries(str(tmp_path)) == ["checkpoint-2.pt.tmp4242"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]

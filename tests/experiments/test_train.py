@@ -12,6 +12,7 @@ import torch
 
 import experiments.train as training
 from experiments import checkpoints
+from experiments.config import UserError
 from experiments.methods import METHODS, REGISTRY
 from experiments.train import RunConfig, train
 
@@ -241,3 +242,47 @@ def test_a_training_epoch_reads_nothing_back_per_step(method, monkeypatch):
         reads[batch_size] = counter.count
         assert row["steps"] > 10 and 0 <= row["train_accuracy"] <= 1
     assert reads[64] == reads[16]
+
+
+def test_a_damaged_or_foreign_result_is_set_aside_and_the_run_evaluated_again(tmp_path, capsys):
+    config = RunConfig(**TINY)
+    first = train(config, str(tmp_path), progress=False)
+    for contents in ('{"accuracy": ', json.dumps({**first, "fingerprint": "another run"})):
+        (tmp_path / "result.json").write_text(contents)
+        again = train(config, str(tmp_path), progress=False)
+        assert again["accuracy"] == first["accuracy"] and again["history"] == first["history"]
+        assert "result.json.damaged" in capsys.readouterr().err and (tmp_path / "result.json.damaged").exists()
+
+
+def test_checkpoints_without_the_config_that_names_their_run_are_refused(tmp_path):
+    train(RunConfig(**TINY), str(tmp_path), progress=False)
+    os.remove(tmp_path / "config.json")
+    with pytest.raises(UserError, match=r"no config\.json"):
+        train(RunConfig(method="nd-l1", strength=0.5, **TINY), str(tmp_path), progress=False)
+
+
+def test_a_damaged_config_is_named(tmp_path):
+    train(RunConfig(**TINY), str(tmp_path), progress=False)
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(UserError, match=r"config\.json is damaged"):
+        train(RunConfig(**TINY), str(tmp_path), progress=False)
+
+
+def test_mixed_precision_without_a_gpu_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--amp"):
+        train(RunConfig(amp=True, **TINY), str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_a_study_counts_a_run_with_a_damaged_result_as_missing(tmp_path, capsys):
+    from experiments.study import finished, run_folder
+
+    done, damaged = RunConfig(**TINY), RunConfig(method="nd-l1", strength=0.5, **TINY)
+    for config, contents in ((done, json.dumps({"accuracy": {}})), (damaged, '{"accuracy": ')):
+        os.makedirs(run_folder(config, str(tmp_path)))
+        with open(os.path.join(run_folder(config, str(tmp_path)), "result.json"), "w") as f:
+            f.write(contents)
+    results, missing = finished([done, damaged], str(tmp_path))
+    assert [r["accuracy"] for r in results] == [{}] and missing == [damaged]
+    assert "result.json is damaged" in capsys.readouterr().err
