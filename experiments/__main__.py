@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import pandas as pd
@@ -35,21 +36,27 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds of every run (default 0,1)")
     parser.add_argument("--threads", type=int, help=cli.THREADS_HELP)
     parser.add_argument("--dry-run", action="store_true", help="print every study's configuration and runs, train nothing")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    shared = (["--threads", str(args.threads)] if args.threads else []) + (["--dry-run"] if args.dry_run else [])
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    threads = ["--threads", str(args.threads)] if args.threads is not None else []
+    shared = threads + (["--dry-run"] if args.dry_run else [])
     common = ["--protocol", args.protocol, "--seeds", args.seeds, *EVALUATION, *shared]
     start = time.perf_counter()
-    folders = {
-        "regularize": regularize.main(
-            ["--out", os.path.join(args.out, "regularize-digits"), "--methods", REGULARIZE_METHODS, *common]
-        ),
-        "adversarial": adversarial.main(
-            ["--out", os.path.join(args.out, "adversarial-digits"), "--methods", ADVERSARIAL_METHODS, *common]
-        ),
-    }
-    speed.main(["--quick", "--out", os.path.join(args.out, "speed"), *shared])
-    if not args.dry_run:
-        report(folders, args.out)
+    # Ctrl-C names this command, which resumes every study, not the one it interrupted.
+    with cli.friendly(cli.command_line("experiments", argv)):
+        folders = {
+            "regularize": regularize.main(
+                ["--out", os.path.join(args.out, "regularize-digits"), "--methods", REGULARIZE_METHODS, *common]
+            ),
+            "adversarial": adversarial.main(
+                ["--out", os.path.join(args.out, "adversarial-digits"), "--methods", ADVERSARIAL_METHODS, *common]
+            ),
+        }
+        speed.main(["--quick", "--out", os.path.join(args.out, "speed"), *shared])
+        if not args.dry_run:
+            report(folders, args.out)
     print(f"all studies done in {time.perf_counter() - start:.0f} s; results under {os.path.abspath(args.out)}", flush=True)
 
 

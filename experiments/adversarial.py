@@ -17,7 +17,16 @@ import sys
 from experiments import cli, figures
 from experiments.config import adversarial_study_defaults
 from experiments.methods import METHODS, grid
-from experiments.study import common_arguments, configs_for, draw_figures, norms_table, run_study, summary_table, write_tables
+from experiments.study import (
+    common_arguments,
+    configs_for,
+    draw_figures,
+    names_given,
+    norms_table,
+    run_study,
+    summary_table,
+    write_tables,
+)
 
 
 def report(results: list[dict], out: str) -> None:
@@ -48,10 +57,7 @@ def main(argv=None) -> str | None:
         help=f"comma-separated methods (default: {', '.join(grid('adversarial', True))}), from {', '.join(METHODS)}",
     )
     args = parser.parse_args(argv)
-    names = [m for m in args.methods.split(",") if m] if args.methods else None
-    unknown = [m for m in names or [] if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    names = names_given(args.methods, "--methods", parser, METHODS, "method")
     fixed = adversarial_study_defaults(args.dataset)
     if args.eval_eps is not None:
         fixed["eval_eps"] = args.eval_eps

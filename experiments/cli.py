@@ -114,22 +114,31 @@ def command_line(module: str, argv: list[str], *extra: str) -> str:
     return shlex.join(words)
 
 
+_resuming: list[str] = []  # the commands of the friendly blocks running, outermost first
+
+
 @contextlib.contextmanager
 def friendly(resume_command: str):
-    """User errors: one line, exit 2. Ctrl-C: exit 130 naming the command that resumes."""
+    """User errors: one line, exit 2. Ctrl-C: exit 130 naming the command that resumes: the
+    outermost one's (the main job's, not that of the study it was running)."""
     from experiments.data import DataError
 
+    _resuming.append(resume_command)
     try:
         yield
     except (UserError, DataError) as error:
         fail(str(error))
     except KeyboardInterrupt:
+        if len(_resuming) > 1:
+            raise  # the outer block names its command
         print(
             f"\ninterrupted: finished epochs are saved; resume with:\n  {resume_command}",
             file=sys.stderr,
             flush=True,
         )
         raise SystemExit(130) from None
+    finally:
+        _resuming.pop()
 
 
 def check_folder(folder: str) -> None:

@@ -17,17 +17,23 @@ import sys
 from experiments import cli, figures
 from experiments import protocol as P
 from experiments.methods import METHODS, grid
-from experiments.study import common_arguments, configs_for, draw_figures, norms_table, run_study, summary_table, write_tables
+from experiments.study import (
+    common_arguments,
+    configs_for,
+    draw_figures,
+    names_given,
+    norms_table,
+    run_study,
+    summary_table,
+    write_tables,
+)
 
 
 def study_grid(args, parser) -> dict[str, list[float]]:
     """The registry's grid: its CIFAR-10 strengths with ``--grid paper`` (default on cifar10), its
     digits strengths with ``--grid quick``; ``--methods`` picks any registered methods."""
     quick = (args.grid or ("paper" if args.dataset == "cifar10" else "quick")) == "quick"
-    names = [m for m in args.methods.split(",") if m] if args.methods else None
-    unknown = [m for m in names or [] if m not in METHODS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    names = names_given(args.methods, "--methods", parser, METHODS, "method")
     return grid("regularize", quick, names)
 
 

@@ -290,14 +290,26 @@ def shard_of(text: str | None) -> tuple[int, int] | None:
     return k, n
 
 
+def names_given(text: str | None, option: str, parser, known, kind: str) -> list[str] | None:
+    """The comma-separated ``kind`` names given to ``option``, each one of ``known``, or None where
+    it was not given. Given, but empty (an empty shell variable), is refused: it would run the
+    study's whole default grid."""
+    if text is None:
+        return None
+    names = [name for name in text.split(",") if name.strip()]
+    if not names:
+        parser.error(f"{option} needs at least one name, got {text!r}")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown {kind}(s) {unknown}; choose from {list(known)}")
+    return names
+
+
 def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[RunConfig]:
     """The study's grid as configs, with the command line's choices; bad names and numbers end in exit code 2."""
     # No --models: the protocol's model on this data set (cifar10 trained the digits CNN before).
-    text = args.models if args.models is not None else RunConfig.resolve(args.protocol, args.dataset).model
-    models = [m for m in text.split(",") if m]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    models = names_given(args.models, "--models", parser, sorted(MODELS), "model")
+    models = models or [RunConfig.resolve(args.protocol, args.dataset).model]
     bad = [m for m in grid if m not in METHODS]
     if bad:
         parser.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")

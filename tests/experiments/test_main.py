@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pandas as pd
+import pytest
 
 from experiments import __main__ as main_job
 from experiments import adversarial, regularize
@@ -33,3 +34,24 @@ def test_main_job_prints_the_sweep_and_the_claims(tmp_path, capsys):
     sweep = pd.read_csv(os.path.join(folders["regularize"], "sweep.csv"))
     assert list(sweep.columns) == ["model", "run", "seeds", "clean", "eps 1/255", "eps 4/255", "eps 16/255"]
     assert set(sweep.seeds) == {2}
+
+
+def test_ctrl_c_in_the_main_job_names_the_command_that_resumes_all_of_it(tmp_path, capsys, monkeypatch):
+    from experiments import train as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "build", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        main_job.main(["--out", str(tmp_path), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 130
+    resume = err.split("resume with:")[1].strip()
+    assert " -m experiments --out " in resume and "experiments.regularize" not in resume
+
+
+def test_the_main_jobs_thread_count_is_checked(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main_job.main(["--threads", "0", "--dry-run"])
+    assert exit.value.code == 2 and "--threads must be at least 1" in capsys.readouterr().err

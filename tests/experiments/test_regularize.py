@@ -45,11 +45,16 @@ def test_tiny_study_writes_tables_norms_and_figures(tmp_path, monkeypatch, capsy
         (["--models", "lenet"], "unknown model"),
         (["--methods", "dropout"], "unknown method"),
         (["--dataset", "mnist"], "invalid choice"),
+        (["--models", ","], "--models needs at least one name"),
+        (["--methods", ""], "--methods needs at least one name"),  # an empty variable: not the whole default grid
     ],
 )
-def test_bad_arguments_exit_with_code_two(arguments, message, tmp_path, capsys):
+@pytest.mark.parametrize("study", ["regularize", "adversarial"])
+def test_bad_arguments_exit_with_code_two(arguments, message, study, tmp_path, capsys):
+    from experiments import adversarial
+
     with pytest.raises(SystemExit) as exit:
-        regularize.main([*arguments, "--out", str(tmp_path)])
+        {"regularize": regularize, "adversarial": adversarial}[study].main([*arguments, "--out", str(tmp_path)])
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
