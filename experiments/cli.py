@@ -156,8 +156,9 @@ def check_folder(folder: str) -> None:
         raise UserError(f"output folder {folder!r} is not writable ({parent!r})")
 
 
-def dry_run(runs) -> None:
-    """Check the data and the output folders of ``runs`` (config, folder) pairs; train nothing."""
+def dry_run(runs, check=None) -> None:
+    """Check the data and the output folders of ``runs`` (config, folder) pairs, and with ``check``
+    (``check(config, folder)``, raising a UserError) what a folder already holds; train nothing."""
     from experiments.data import dataset
 
     checked = set()
@@ -168,6 +169,8 @@ def dry_run(runs) -> None:
             dataset(config.dataset, False, config.data_dir, verify=config.verify_data)
             checked.add(key)
         check_folder(folder)
+        if check is not None:
+            check(config, folder)
         print(f"  would write {os.path.abspath(folder)}", file=sys.stderr, flush=True)
         # The full resolved configuration, one JSON object a line: what the run would record.
         print("resolved " + json.dumps(config.as_dict(), sort_keys=True), flush=True)

@@ -14,7 +14,7 @@ from experiments import checkpoints, cli
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
-from experiments.train import RunConfig, divergence, train
+from experiments.train import RunConfig, claim_folder, divergence, train
 
 
 def run_label(config: RunConfig) -> str:
@@ -78,6 +78,26 @@ def identity(name: str, configs: list[RunConfig]) -> dict:
     return {"study": name, "options": shared, "runs": runs, "fingerprints": sorted(c.fingerprint() for c in configs)}
 
 
+def check_study(out: str, study: dict) -> None:
+    """Check that ``out`` holds no study or this very one (writes nothing: a dry run's check).
+
+    Raises:
+        UserError: ``out`` holds another study; the differing options and runs are named.
+    """
+    path = os.path.join(out, "study.json")
+    if not os.path.exists(path):
+        return
+    saved = checkpoints.read_json(path)
+    changed = [f"study: {saved.get('study')!r} -> {study['study']!r}"] if saved.get("study") != study["study"] else []
+    changed += differences(saved.get("options", {}), study["options"])
+    before, now = saved.get("runs", []), study["runs"]
+    if before != now:
+        gone, added = [r for r in before if r not in now], [r for r in now if r not in before]
+        changed.append(f"runs: {len(before)} -> {len(now)} (left out: {gone or 'none'}; added: {added or 'none'})")
+    if changed:
+        raise UserError(f"{out!r} holds another study ({'; '.join(changed)}); its outputs are kept: choose another --out")
+
+
 def claim_study(out: str, study: dict) -> None:
     """Write ``out/study.json``, or check that ``out`` holds this very study (shards wait for each other here).
 
@@ -85,18 +105,10 @@ def claim_study(out: str, study: dict) -> None:
         UserError: ``out`` holds another study; the differing options are named.
     """
     checkpoints.check_writable(out)
-    path = os.path.join(out, "study.json")
     with checkpoints.waiting_lock(os.path.join(out, ".study.lock")):
-        if os.path.exists(path):
-            saved = checkpoints.read_json(path)
-            changed = [f"study: {saved.get('study')!r} -> {study['study']!r}"] if saved.get("study") != study["study"] else []
-            changed += differences(saved.get("options", {}), study["options"])
-            if saved.get("runs") != study["runs"]:
-                changed.append(f"runs: {len(saved.get('runs', []))} -> {len(study['runs'])} (models/methods/strengths)")
-            if changed:
-                raise UserError(f"{out!r} holds another study ({'; '.join(changed)}); its outputs are kept: choose another --out")
-        else:
-            checkpoints.write_json(path, study)
+        check_study(out, study)
+        if not os.path.exists(os.path.join(out, "study.json")):
+            checkpoints.write_json(os.path.join(out, "study.json"), study)
 
 
 def diverged(result: dict) -> bool:
@@ -363,7 +375,12 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
         eprint(f"  {config.model} {run_label(config)} seed {config.seed} [{config.fingerprint()}]")
     eprint(f"writing to {os.path.abspath(out)}")
     if args.dry_run:
-        cli.or_exit(lambda: cli.dry_run([(c, run_folder(c, out)) for c in mine]))
+
+        def check():  # the refusals the real run would meet, found without writing
+            check_study(out, identity(name, configs))
+            cli.dry_run([(c, run_folder(c, out)) for c in mine], lambda c, f: claim_folder(c, f, resume=True, write=False))
+
+        cli.or_exit(check)
         return None
     with cli.friendly(cli.command_line(module, argv)):
         claim_study(out, identity(name, configs))

@@ -129,8 +129,9 @@ def _report_divergence(result: dict) -> None:
         )
 
 
-def claim_folder(config: RunConfig, out: str, resume: bool) -> None:
-    """Write the run's configuration into ``out``, or check it against the one already there.
+def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) -> None:
+    """Write the run's configuration into ``out``, or check it against the one already there
+    (``write=False``: check only, as a dry run does).
 
     Raises:
         UserError: the folder holds a run of another configuration (the differing options are
@@ -151,7 +152,8 @@ def claim_folder(config: RunConfig, out: str, resume: bool) -> None:
             raise UserError(f"{out!r} holds a run of another configuration ({'; '.join(changed)}); choose another --out")
         if not resume and (checkpoints.epochs(out) or os.path.exists(os.path.join(out, "result.json"))):
             raise UserError(f"{out!r} already holds this run; pass --resume to continue it, or choose another --out")
-    checkpoints.write_json(path, wanted)
+    if write:
+        checkpoints.write_json(path, wanted)
 
 
 def build(config: RunConfig, where: torch.device) -> SimpleNamespace:
@@ -432,7 +434,7 @@ def main(argv=None) -> None:
             checkpoints.eprint(f"warning: {warning}")
     resume_command = cli.command_line("experiments.train", argv, "--resume")
     if args.dry_run:
-        cli.or_exit(lambda: cli.dry_run([(config, args.out)]))
+        cli.or_exit(lambda: cli.dry_run([(config, args.out)], lambda c, f: claim_folder(c, f, args.resume, write=False)))
         return
     with cli.friendly(resume_command):
         result = train(config, args.out, resume=args.resume)

@@ -93,3 +93,18 @@ def test_two_shards_at_once_then_collect_equal_one_unsharded_run(tmp_path):
     assert done.returncode == 0, done.stderr
     for name in ("results.csv", "norms.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(os.path.join(sharded, name)), pd.read_csv(os.path.join(whole, name)))
+
+
+def test_a_dry_run_meets_the_refusals_of_the_real_run_without_writing(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    regularize.main([*TINY, "--methods", "plain", "--out", out])
+    before = sorted(os.listdir(out))
+    for changed, named in (
+        (["--methods", "plain,wd"], "added: ["),  # another study: the runs named
+        (["--methods", "plain", "--epochs", "2"], "epochs"),
+    ):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            regularize.main([*TINY, *changed, "--out", out, "--dry-run"])
+        assert exit.value.code == 2 and named in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before

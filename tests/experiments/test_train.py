@@ -286,3 +286,15 @@ def test_a_study_counts_a_run_with_a_damaged_result_as_missing(tmp_path, capsys)
     results, missing = finished([done, damaged], str(tmp_path))
     assert [r["accuracy"] for r in results] == [{}] and missing == [damaged]
     assert "result.json is damaged" in capsys.readouterr().err
+
+
+def test_a_dry_run_meets_the_refusal_of_the_real_run_without_writing(tmp_path, capsys):
+    arguments = ["--epochs", "1", "--eval-images", "16", "--eval-iterations", "2", "--eval-targets", "1", "--out", str(tmp_path)]
+    training.main(arguments)
+    before = sorted(os.listdir(tmp_path))
+    for changed, named in ((["--resume", "--epochs", "2"], "epochs: 1 -> 2"), ([], "already holds this run")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            training.main([*arguments, *changed, "--dry-run"])
+        assert exit.value.code == 2 and named in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == before
