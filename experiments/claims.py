@@ -50,7 +50,8 @@ def radii(results: pd.DataFrame) -> list[str]:
 
 
 def sweep_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Robust accuracy at every radius of the sweep: ``mean ± sd`` over seeds, one row per run."""
+    """Robust accuracy at every radius of the sweep: ``mean ± sd`` over seeds (the mean alone for a
+    run of one seed), one row per run."""
     runs = by_run(results)
     rows = []
     for _, run in runs.iterrows():
@@ -65,7 +66,10 @@ def sweep_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _spread(run: pd.Series, column: str) -> str:
-    return f"{run[column]:.3f} ± {run[f'{column} sd']:.3f}" if run.seeds else "diverged"
+    """``mean ± sd``; the mean alone where one seed is left (its spread is unknown, not 0)."""
+    if not run.seeds:
+        return "diverged"
+    return f"{run[column]:.3f}" if run.seeds == 1 else f"{run[column]:.3f} ± {run[f'{column} sd']:.3f}"
 
 
 def _label(run: pd.Series) -> str:

@@ -173,6 +173,8 @@ def test_diverged_seeds_are_left_out_of_means_and_seed_counts_with_a_note():
     sweep = sweep_table(frame)
     assert list(sweep.columns) == ["model", "run", "seeds", "diverged", "clean", "eps 1/255", "eps 4/255"]
     assert sweep.loc[sweep.run == "ND l1 0.1", ["seeds", "diverged"]].values.tolist() == [[1, 1]]
+    # one seed left: its spread is unknown, so none is shown (it read "± 0.000")
+    assert sweep.loc[sweep.run == "ND l1 0.1", "eps 4/255"].tolist() == [f"{nd['robust@4']:.3f}"]
     every = sweep_table(diverge(results(REGULARIZATION), "nd-l1", (0, 1)))
     assert every.loc[every.run == "ND l1 0.1", "eps 4/255"].tolist() == ["diverged"]
     table = claims_table(frame, None)
