@@ -433,6 +433,8 @@ def main(argv=None) -> None:
         for warning in unit_warnings(config):
             checkpoints.eprint(f"warning: {warning}")
     resume_command = cli.command_line("experiments.train", argv, "--resume")
+    if args.resume and _is_main() and not os.path.exists(os.path.join(args.out, "config.json")):
+        checkpoints.eprint(f"note: {os.path.abspath(args.out)} holds no run to resume (a typo in --out?); starting one")
     if args.dry_run:
         cli.or_exit(lambda: cli.dry_run([(config, args.out)], lambda c, f: claim_folder(c, f, args.resume, write=False)))
         return

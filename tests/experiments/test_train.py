@@ -298,3 +298,9 @@ def test_a_dry_run_meets_the_refusal_of_the_real_run_without_writing(tmp_path, c
             training.main([*arguments, *changed, "--dry-run"])
         assert exit.value.code == 2 and named in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_resume_of_a_folder_without_a_run_says_so(tmp_path, capsys):
+    arguments = ["--epochs", "1", "--eval-images", "16", "--eval-iterations", "2", "--eval-targets", "1", "--resume"]
+    training.main([*arguments, "--out", str(tmp_path / "typo"), "--dry-run"])
+    assert "holds no run to resume" in capsys.readouterr().err
