@@ -33,7 +33,8 @@ Entry = tuple  # (buffer, scale or None, recent or None)
 def saved_entries(state_dict: Mapping, params: list[torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict:
     """``{layer: (index, the saved state of its weight)}``: each layer of ``weights`` (``{layer:
     weight}``) found by the optimizer's numbering (``params``, its parameters in group order), its
-    saved ``state`` entry and its :data:`PENDING` one merged (the newer h is the pending one's).
+    saved ``state`` entry and its :data:`PENDING` one merged (the decay state is the pending
+    one's, all of it: it is the newer).
 
     Example:
         >>> w = torch.zeros(2, 2)
@@ -48,7 +49,9 @@ def saved_entries(state_dict: Mapping, params: list[torch.Tensor], weights: Mapp
         # ZeRO hands a rank None for the parameters another rank steps.
         saved = state_dict.get("state", {}).get(index) or {}
         pending = (state_dict.get(PENDING) or {}).get(index)
-        entries[name] = (index, {**saved, **pending} if pending else saved)
+        if pending:  # the pending entry is the newer decay state: all of it, none of the saved one's
+            saved = {**{key: value for key, value in saved.items() if key not in DECAY_KEYS}, **pending}
+        entries[name] = (index, saved)
     return entries
 
 

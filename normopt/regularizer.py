@@ -268,6 +268,7 @@ class NormDecay:
         self._take(present, zero_fill=False)
         self._reporter = NonFiniteReporter()
         self._handles = self._hook_optimizer()
+        self._settle_adopted(present)
         # Hooks go on the user's model only once nothing can fail any more.
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
 
@@ -792,6 +793,34 @@ class NormDecay:
                 present[name] = checked_entry(name, entry, weight, self.specs[name], self.ord)
         return present
 
+    def _settle_adopted(self, adopted: Mapping[str, tuple]) -> None:
+        """Leave the state adopted at construction in the optimizer's entries as it was checked: a
+        ring that torch's load cast to a float dtype back to channel numbers (or out, where h
+        rebuilds it), so that a checkpoint taken before the first step, of ``"state"`` alone too
+        (``torch.distributed.checkpoint``), saves what the decay resumes from."""
+        zero_local = self._zero_local()
+        for name, (_, _, recent) in adopted.items():
+            entry = self._home(self._weight[name], zero_local).get(self._weight[name])
+            if recent is None:
+                entry.pop(RECENT, None)
+            else:
+                entry[RECENT] = recent.clone()
+
+    def _clear_own_state(self, layers) -> None:
+        """Take the decay keys of ``layers`` (this decay's own) out of the optimizer's state entries,
+        ZeRO's local ones too; entries left empty go (:meth:`detach`)."""
+        zero_local = self._zero_local()
+        homes = (self.optimizer.state, *([zero_local[0]] if zero_local is not None else []))
+        for name in layers:
+            weight = self._weight[name]
+            for home in homes:
+                entry = home.get(weight)
+                if isinstance(entry, dict):
+                    for key in DECAY_KEYS:
+                        entry.pop(key, None)
+                    if not entry:
+                        del home[weight]
+
     def _save_pending(self, optimizer, state_dict):
         """Put into the state dict the decay state that is not in ``optimizer.state`` (under
         :data:`~normopt.decay_state_dict.PENDING`): loaded before the first step, of frozen layers,
@@ -856,15 +885,7 @@ class NormDecay:
         # Its state goes too: a plain optimizer would carry it in every checkpoint (as views of
         # one flat buffer, which pickle writes whole once per view), and a decay made later would
         # resume from it.
-        zero_local = self._zero_local()
-        for weight in self._weight.values():
-            for home in (self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])):
-                entry = home.get(weight)
-                if isinstance(entry, dict):
-                    for key in DECAY_KEYS:
-                        entry.pop(key, None)
-                    if not entry:
-                        del home[weight]
+        self._clear_own_state((*self.decayed, *self._frozen_decayed()))
         self._transform = self._state = None
         self._pending, self._held_back = {}, {}
         _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)

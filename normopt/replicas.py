@@ -17,6 +17,8 @@ know of the replicas: pass ``example_input``, and leave batch norms to ``SyncBat
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -71,7 +73,8 @@ def all_ranks(value, replicas: Replicas) -> list:
 
 
 def _first_rank_copies(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
-    flat = torch.cat([t.detach().reshape(-1).to(tensors[0].dtype) for t in tensors])
+    common = functools.reduce(torch.promote_types, [t.dtype for t in tensors])  # holds every one exactly
+    flat = torch.cat([t.detach().reshape(-1).to(common) for t in tensors])
     dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
     return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 

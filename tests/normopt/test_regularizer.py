@@ -1486,9 +1486,22 @@ def test_a_decay_made_after_its_optimizer_loaded_a_checkpoint_resumes_from_it(ma
     else:
         attach_norm_decay(plain, twin, beta=0.3, gamma=0.2, ord=ord)
         resumed = plain
+    # A checkpoint taken now, before the first step (as a trainer saves at its resume step), in
+    # full and as torch.distributed.checkpoint keeps it ("state" and "param_groups" only), loads
+    # into a fresh optimizer and resumes alike: the state adopted no longer sits stale in "state".
+    again = copy.deepcopy(plain.state_dict())
+    triplets = []
+    for kept in (again, {key: again[key] for key in ("state", "param_groups")}):
+        triplet = copy.deepcopy(twin)
+        optimizer = make(triplet, beta=0.3, gamma=0.2, ord=ord)
+        getattr(optimizer, "optimizer", optimizer).load_state_dict(copy.deepcopy(kept))
+        triplets.append((triplet, optimizer))
     for seed in (3, 4):
         one_step(twin, resumed, seed)
-    same_weights(model, twin)
+        for triplet, optimizer in triplets:
+            one_step(triplet, optimizer, seed)
+    for resumed_model in (twin, *(triplet for triplet, _ in triplets)):
+        same_weights(model, resumed_model)
 
 
 def test_decay_state_already_in_the_optimizer_that_does_not_fit_is_refused_at_construction():
@@ -1564,10 +1577,17 @@ def test_a_ring_that_a_bfloat16_load_rounded_is_rebuilt_from_h_when_the_decay_is
         plain.load_state_dict(checkpoint["optimizer"])
         assert plain.state[twin[1].weight]["norm_decay_recent"].dtype == torch.bfloat16  # what torch's load did
         resumed = NormDecayOptimizer(plain, twin, beta=0.1, ord=math.inf)
+        again = copy.deepcopy(plain.state_dict())  # before the first step: the ring left out, not as bfloat16
+        assert "norm_decay_recent" not in again["state"][0]
+        triplet = copy.deepcopy(twin)
+        fresh = wrapped(triplet, beta=0.1, ord=math.inf)
+        fresh.load_state_dict(again)
         for _ in range(2):
             step(model, optimizer)
             step(twin, resumed)
+            step(triplet, fresh)
     same_weights(model, twin)
+    same_weights(model, triplet)
 
 
 def test_a_group_with_beta_zero_still_counts_in_the_paper_rules_n():
@@ -1591,3 +1611,18 @@ def test_a_group_with_beta_zero_still_counts_in_the_paper_rules_n():
         decays[fc_beta] = twin[0].weight.grad - plain
     assert_close(decays[0.0], decays[0.1], rtol=0)  # three layers: beta / 3
     assert_close(decays[None], 1.5 * decays[0.1], rtol=1e-6)  # two layers: beta / 2
+
+
+def test_detach_leaves_the_state_of_a_batch_norm_another_decay_regularizes():
+    """A decay that only caps a batch norm (bn_max_norm) took the other decay's state of it out of
+    the optimizer when detached."""
+    model = small_cnn(batchnorm=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    capping = attach_norm_decay(optimizer, model, beta=0.1, bn_max_norm=5.0)
+    decaying = attach_norm_decay(optimizer, model, beta=0.1, layers=("batchnorm",))
+    one_step(model, optimizer)
+    batchnorm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).weight
+    before = optimizer.state[batchnorm]["norm_decay_buffer"]
+    capping.detach()
+    assert optimizer.state[batchnorm]["norm_decay_buffer"] is before
+    assert decaying.decay_buffers()

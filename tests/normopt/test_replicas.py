@@ -67,3 +67,10 @@ def test_first_rank_copies_are_copies_in_each_tensors_dtype_and_shape(world):
     for t, c in zip(tensors, copies):
         assert c.dtype == t.dtype and c.shape == t.shape and torch.equal(c, t)
         assert c.data_ptr() != t.data_ptr()
+
+
+def test_first_rank_copies_of_mixed_dtypes_are_exact(world):
+    """Laid end to end in the first tensor's dtype, a float32 tensor after a bfloat16 one was rounded."""
+    tensors = [torch.tensor([1.0, 2.0], dtype=torch.bfloat16), torch.tensor([1.0001, 2.0003, 3.0007])]
+    for t, c in zip(tensors, first_rank_copies(tensors, Replicas(dist.group.WORLD))):
+        assert c.dtype == t.dtype and torch.equal(c, t)
