@@ -137,9 +137,9 @@ def read_json(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
     except (ValueError, UnicodeDecodeError) as error:
-        raise DamagedFile(f"{path} is damaged ({error}); move it away") from None
+        raise DamagedFile(f"{path} is damaged ({error})") from None
     if not isinstance(value, dict):
-        raise DamagedFile(f"{path} is damaged (it holds a JSON {type(value).__name__}, not an object); move it away")
+        raise DamagedFile(f"{path} is damaged (it holds a JSON {type(value).__name__}, not an object)")
     return value
 
 

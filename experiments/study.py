@@ -14,7 +14,7 @@ from experiments import checkpoints, cli
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
-from experiments.train import RunConfig, claim_folder, divergence, train
+from experiments.train import RunConfig, check_run, divergence, train
 
 
 def run_label(config: RunConfig) -> str:
@@ -87,7 +87,10 @@ def check_study(out: str, study: dict) -> None:
     path = os.path.join(out, "study.json")
     if not os.path.exists(path):
         return
-    saved = checkpoints.read_json(path)
+    try:
+        saved = checkpoints.read_json(path)
+    except checkpoints.DamagedFile as error:
+        raise UserError(f"{error}: which study {out!r} holds is unknown; choose another --out") from None
     changed = [f"study: {saved.get('study')!r} -> {study['study']!r}"] if saved.get("study") != study["study"] else []
     changed += differences(saved.get("options", {}), study["options"])
     before, now = saved.get("runs", []), study["runs"]
@@ -378,7 +381,7 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
 
         def check():  # the refusals the real run would meet, found without writing
             check_study(out, identity(name, configs))
-            cli.dry_run([(c, run_folder(c, out)) for c in mine], lambda c, f: claim_folder(c, f, resume=True, write=False))
+            cli.dry_run([(c, run_folder(c, out)) for c in mine], lambda c, f: check_run(c, f, resume=True))
 
         cli.or_exit(check)
         return None

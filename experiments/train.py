@@ -144,7 +144,10 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
             f"{out!r} holds checkpoints or a result but no config.json: which run they belong to is unknown; choose another --out"
         )
     if os.path.exists(path):
-        saved = checkpoints.read_json(path)
+        try:
+            saved = checkpoints.read_json(path)
+        except checkpoints.DamagedFile as error:
+            raise UserError(f"{error}: which run {out!r} holds is unknown; choose another --out") from None
         changed = differences(saved.get("config", {}), wanted["config"])
         if saved.get("definition", wanted["definition"]) != wanted["definition"]:
             changed.append(f"definition of {config.method!r}: {saved['definition']} -> {wanted['definition']}")
@@ -296,17 +299,32 @@ def robust_evaluation(config: RunConfig, run: SimpleNamespace, where: torch.devi
 
 def finished_result(path: str, config: RunConfig) -> dict | None:
     """The result in ``path`` of the run ``config``, or None where the file is damaged or another
-    run's: then it is renamed ``*.damaged`` (reported), and the run is evaluated again from its
-    last checkpoint."""
+    run's (its options differ, as :func:`claim_folder` compares them: a result written before a
+    fingerprint counted something is still this run's): then it is renamed ``*.damaged``
+    (reported), and the run is evaluated again from its last checkpoint."""
     try:
         result = checkpoints.read_json(path)
-        if "accuracy" not in result or result.get("fingerprint", config.fingerprint()) != config.fingerprint():
-            raise checkpoints.DamagedFile(f"{path} is not this run's result")
+        if "accuracy" not in result or differences(result.get("config", {}), config.as_dict()):
+            raise checkpoints.DamagedFile(f"{path} is not the result of this run")
     except checkpoints.DamagedFile as error:
         os.replace(path, path + ".damaged")
-        checkpoints.eprint(f"warning: {error}; kept as {path}.damaged, evaluating the run again")
+        checkpoints.eprint(f"warning: {error}; set aside as {path}.damaged, evaluating the run again")
         return None
     return result
+
+
+def check_device(config: RunConfig) -> None:
+    """Refuse what this machine cannot run (a dry run meets it too)."""
+    if config.amp and not torch.cuda.is_available():
+        # It would train in float32 under the fingerprint of a mixed-precision run, whose scaler
+        # state a GPU could then not load.
+        raise UserError("--amp (mixed precision) needs a CUDA device, and there is none here: leave it out")
+
+
+def check_run(config: RunConfig, out: str, resume: bool) -> None:
+    """What :func:`train` would refuse before training, found without writing anything (dry runs)."""
+    check_device(config)
+    claim_folder(config, out, resume, write=False)
 
 
 def train(config: RunConfig, out: str, resume: bool = True, progress: bool = True) -> dict:
@@ -318,10 +336,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
     Raises:
         UserError: ``out`` is not writable, is locked by another process, or holds another configuration.
     """
-    if config.amp and not torch.cuda.is_available():
-        # It would train in float32 under the fingerprint of a mixed-precision run, whose scaler
-        # state a GPU could then not load.
-        raise UserError("--amp (mixed precision) needs a CUDA device, and there is none here: leave it out")
+    check_device(config)
     if _distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     result_path = os.path.join(out, "result.json")
@@ -330,12 +345,18 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             claim_folder(config, out, resume)
             for name in checkpoints.remove_temporaries(out):
                 checkpoints.eprint(f"  removed {name}, left by a write that was cut short")
-        if resume and os.path.exists(result_path):
-            result = finished_result(result_path, config)
-            if result is not None:
-                if progress:
-                    _report_divergence(result)
-                return result
+        # The main process alone decides whether the run is done (it holds the lock, and sets a
+        # damaged result aside); the others follow its decision.
+        done = _is_main() and resume and os.path.exists(result_path) and finished_result(result_path, config) is not None
+        if dist.is_initialized():
+            decision = [done]
+            dist.broadcast_object_list(decision, src=0)
+            done = decision[0]
+        if done:
+            result = checkpoints.read_json(result_path)
+            if progress and _is_main():
+                _report_divergence(result)
+            return result
         where = device()
         run = build(config, where)
         if resume:
@@ -436,7 +457,7 @@ def main(argv=None) -> None:
     if args.resume and _is_main() and not os.path.exists(os.path.join(args.out, "config.json")):
         checkpoints.eprint(f"note: {os.path.abspath(args.out)} holds no run to resume (a typo in --out?); starting one")
     if args.dry_run:
-        cli.or_exit(lambda: cli.dry_run([(config, args.out)], lambda c, f: claim_folder(c, f, args.resume, write=False)))
+        cli.or_exit(lambda: cli.dry_run([(config, args.out)], lambda c, f: check_run(c, f, args.resume)))
         return
     with cli.friendly(resume_command):
         result = train(config, args.out, resume=args.resume)

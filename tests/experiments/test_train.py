@@ -83,6 +83,13 @@ def test_torchrun_with_two_processes(tmp_path):
     result = json.load(open(tmp_path / "result.json"))
     assert result["history"][0]["world_size"] == 2
     assert result["history"][0]["steps"] == 11  # each process reads half of the 1,347 images
+    # A damaged result, resumed: the first process alone sets it aside (each used to rename it,
+    # and the second to find it gone) and both evaluate the run again.
+    (tmp_path / "result.json").write_text('{"accuracy": ')
+    done = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300, cwd=os.getcwd())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.load(open(tmp_path / "result.json"))["accuracy"] == result["accuracy"]
+    assert (tmp_path / "result.json.damaged").exists()
 
 
 @pytest.mark.parametrize(
@@ -247,7 +254,7 @@ def test_a_training_epoch_reads_nothing_back_per_step(method, monkeypatch):
 def test_a_damaged_or_foreign_result_is_set_aside_and_the_run_evaluated_again(tmp_path, capsys):
     config = RunConfig(**TINY)
     first = train(config, str(tmp_path), progress=False)
-    for contents in ('{"accuracy": ', json.dumps({**first, "fingerprint": "another run"})):
+    for contents in ('{"accuracy": ', json.dumps({**first, "config": {**first["config"], "lr": 0.5}})):
         (tmp_path / "result.json").write_text(contents)
         again = train(config, str(tmp_path), progress=False)
         assert again["accuracy"] == first["accuracy"] and again["history"] == first["history"]
@@ -304,3 +311,20 @@ def test_resume_of_a_folder_without_a_run_says_so(tmp_path, capsys):
     arguments = ["--epochs", "1", "--eval-images", "16", "--eval-iterations", "2", "--eval-targets", "1", "--resume"]
     training.main([*arguments, "--out", str(tmp_path / "typo"), "--dry-run"])
     assert "holds no run to resume" in capsys.readouterr().err
+
+
+def test_a_result_written_before_its_fingerprint_counted_more_is_still_the_runs(tmp_path, monkeypatch):
+    """As claim_folder accepts its config.json: the options decide, not the fingerprint."""
+    config = RunConfig(**TINY)
+    first = train(config, str(tmp_path), progress=False)
+    (tmp_path / "result.json").write_text(json.dumps({**first, "fingerprint": "of an earlier version"}))
+    monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("evaluated a finished run again"))
+    assert train(config, str(tmp_path), progress=False)["accuracy"] == first["accuracy"]
+    assert not (tmp_path / "result.json.damaged").exists()
+
+
+def test_a_dry_run_meets_the_refusal_of_mixed_precision_without_a_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        training.main(["--amp", "--dry-run", "--out", str(tmp_path)])
+    assert exit.value.code == 2 and "--amp" in capsys.readouterr().err
