@@ -297,14 +297,25 @@ def robust_evaluation(config: RunConfig, run: SimpleNamespace, where: torch.devi
     return result
 
 
+def _same_run(result: dict, config: RunConfig) -> bool:
+    """Whether ``result`` is of the run ``config``: the same options (as :func:`claim_folder`
+    compares them) and the same definition of its method. A result written before it recorded
+    the definition is this run's if its fingerprint is, or if the method's definition has not
+    gained what changed such results since (HE's last-layer norms, of the raw W before)."""
+    if differences(result.get("config", {}), config.as_dict()):
+        return False
+    if "definition" in result:
+        return result["definition"] == config.definition()
+    return result.get("fingerprint") == config.fingerprint() or "last_layer_norms" not in config.definition()
+
+
 def finished_result(path: str, config: RunConfig) -> dict | None:
-    """The result in ``path`` of the run ``config``, or None where the file is damaged or another
-    run's (its options differ, as :func:`claim_folder` compares them: a result written before a
-    fingerprint counted something is still this run's): then it is renamed ``*.damaged``
-    (reported), and the run is evaluated again from its last checkpoint."""
+    """The result in ``path`` of the run ``config`` (:func:`_same_run`), or None where the file is
+    damaged or another run's: then it is renamed ``*.damaged`` (reported), and the run is
+    evaluated again from its last checkpoint."""
     try:
         result = checkpoints.read_json(path)
-        if "accuracy" not in result or differences(result.get("config", {}), config.as_dict()):
+        if "accuracy" not in result or not _same_run(result, config):
             raise checkpoints.DamagedFile(f"{path} is not the result of this run")
     except checkpoints.DamagedFile as error:
         os.replace(path, path + ".damaged")
@@ -339,6 +350,8 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
     check_device(config)
     if _distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():  # each process its own GPU, before the first collective (NCCL's objects go there)
+            torch.cuda.set_device(device())
     result_path = os.path.join(out, "result.json")
     with checkpoints.locked(out) if _is_main() else contextlib.nullcontext():
         if _is_main():
@@ -374,7 +387,8 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
                         f"  epoch {epoch}/{config.epochs}: loss {row['loss']:.4f}, test accuracy {row['test_accuracy']:.4f}"
                     )
         # The JSON form, so a fresh run returns exactly what a finished run reads back.
-        result = {"config": config.as_dict(), "fingerprint": config.fingerprint(), "history": run.history, "norms": run.norms}
+        result = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
+        result.update(history=run.history, norms=run.norms)
         result["step_norms"] = run.step_norms
         result["diverged"] = divergence(run.history, run.norms)
         if _is_main():

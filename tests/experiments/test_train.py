@@ -317,10 +317,46 @@ def test_a_result_written_before_its_fingerprint_counted_more_is_still_the_runs(
     """As claim_folder accepts its config.json: the options decide, not the fingerprint."""
     config = RunConfig(**TINY)
     first = train(config, str(tmp_path), progress=False)
-    (tmp_path / "result.json").write_text(json.dumps({**first, "fingerprint": "of an earlier version"}))
+    old = {key: value for key, value in first.items() if key != "definition"}
+    (tmp_path / "result.json").write_text(json.dumps({**old, "fingerprint": "of an earlier version"}))
     monkeypatch.setattr(training, "build_model", lambda *a: pytest.fail("evaluated a finished run again"))
     assert train(config, str(tmp_path), progress=False)["accuracy"] == first["accuracy"]
     assert not (tmp_path / "result.json.damaged").exists()
+
+
+def test_an_he_result_of_the_raw_weights_is_not_read_back():
+    """HE runs logged the raw last-layer W until their definition named the applied weight: an
+    old result of one, without a recorded definition, is another run's; a result of the same
+    options whose recorded definition differs is too."""
+    config = RunConfig(method="pgd-at-he", **TINY)
+    old = {"config": config.as_dict(), "fingerprint": "of an earlier version", "accuracy": {}}
+    assert not training._same_run(old, config)
+    assert training._same_run({**old, "fingerprint": config.fingerprint()}, config)
+    assert training._same_run({**old, "definition": config.definition()}, config)
+    assert not training._same_run({**old, "definition": {**config.definition(), "loss": "ce"}}, config)
+
+
+def test_torchrun_on_gpus_gives_each_process_its_own_before_the_first_collective(tmp_path, monkeypatch):
+    """NCCL puts broadcast_object_list's tensors on the current device: cuda:0 in every process
+    unless each sets its own (LOCAL_RANK)."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def set_device(where):
+        calls.append(("set_device", str(where)))
+        raise Stop
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(training.dist, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(training.dist, "broadcast_object_list", lambda *a, **k: calls.append(("broadcast",)))
+    with pytest.raises(Stop):
+        train(RunConfig(**TINY), str(tmp_path), progress=False)
+    assert calls == [("init", "nccl"), ("set_device", "cuda:1")]
 
 
 def test_a_dry_run_meets_the_refusal_of_mixed_precision_without_a_gpu(tmp_path, monkeypatch, capsys):
