@@ -159,3 +159,36 @@ def replicas_agree(rank: int, world_size: int, folder: str, bn_projection: str, 
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def periodic_svc_agrees(rank: int, world_size: int, folder: str) -> None:
+    """PeriodicSVC on DDP replicas whose first batches differ in size: each used to describe the
+    model from its own sizes, skip other layers, and wait forever in a broadcast the other never made."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        inner = nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        model = nn.parallel.DistributedDataParallel(inner)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1, input_size="raw")
+        x = torch.randn(4, 1, 8, 8)
+        # 4x4 on rank 1: its second conv sees 2x2, smaller than its kernel, which "raw" skips there only.
+        inputs = x[..., ::2, ::2] if rank == 1 else x
+        try:
+            model(inputs).sum().backward()
+            optimizer.step()
+            outcome = "stepped"
+        except ValueError as error:
+            outcome = str(error)
+        with open(f"{folder}/rank{rank}.txt", "w") as f:
+            f.write(outcome)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1003,6 +1003,14 @@ def test_ddp_replicas_agree_on_input_sizes_and_batch_norm_variances(tmp_path, bn
         assert torch.equal(value, rank1["params"][key]), key
 
 
+def test_periodic_svc_on_ddp_replicas_of_different_input_sizes_decides_alike(tmp_path):
+    import ddp_worker
+
+    torch.multiprocessing.spawn(ddp_worker.periodic_svc_agrees, args=(2, str(tmp_path)), nprocs=2, join=True, daemon=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert outcomes[0] == outcomes[1] and "several sizes" in outcomes[0]  # the same refusal, not a hang
+
+
 @pytest.mark.parametrize("through", ["wrapper", "hooks"])
 def test_zero_checkpoints_carry_the_decay_state_and_resume_bit_for_bit(tmp_path, through):
     import ddp_worker
