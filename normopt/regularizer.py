@@ -126,6 +126,19 @@ def _put_decay_state(entry: dict, buffer: torch.Tensor, scale: torch.Tensor, rec
         entry.pop(RECENT, None)
 
 
+def _drop_decay_state(homes, weights) -> None:
+    """Take the decay keys out of the state entries of ``weights`` in each of ``homes`` (an
+    optimizer's state mappings); entries left empty go."""
+    for weight in weights:
+        for home in homes:
+            entry = home.get(weight)
+            if isinstance(entry, dict):
+                for key in DECAY_KEYS:
+                    entry.pop(key, None)
+                if not entry:
+                    del home[weight]
+
+
 def _signed(beta, maximize: bool):
     """beta as the gradient takes it: a group with ``maximize=True`` steps along its gradient, so the
     decay is subtracted there, and shrinks the norms as it does elsewhere (as ``weight_decay`` does)."""
@@ -719,14 +732,7 @@ class NormDecay:
             group.setdefault(GAMMA, gamma if gamma is not None else optimizer.defaults.get(GAMMA))
         zero_local = self._zero_local()
         if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
-            for name in loaded:
-                weight = self._weight[name]
-                entry = zero_local[0].get(weight)
-                if isinstance(entry, dict):
-                    for key in DECAY_KEYS:
-                        entry.pop(key, None)
-                    if not entry:
-                        del zero_local[0][weight]
+            _drop_decay_state([zero_local[0]], [self._weight[name] for name in loaded])
         # As a load before the first step: the next step lays the state out anew from what was
         # loaded. Copied into the live layout, a checkpoint's rings of another length, or a batch
         # of it that was sparse where the live one had turned dense, would resume otherwise than
@@ -806,21 +812,6 @@ class NormDecay:
             else:
                 entry[RECENT] = recent.clone()
 
-    def _clear_own_state(self, layers) -> None:
-        """Take the decay keys of ``layers`` (this decay's own) out of the optimizer's state entries,
-        ZeRO's local ones too; entries left empty go (:meth:`detach`)."""
-        zero_local = self._zero_local()
-        homes = (self.optimizer.state, *([zero_local[0]] if zero_local is not None else []))
-        for name in layers:
-            weight = self._weight[name]
-            for home in homes:
-                entry = home.get(weight)
-                if isinstance(entry, dict):
-                    for key in DECAY_KEYS:
-                        entry.pop(key, None)
-                    if not entry:
-                        del home[weight]
-
     def _save_pending(self, optimizer, state_dict):
         """Put into the state dict the decay state that is not in ``optimizer.state`` (under
         :data:`~normopt.decay_state_dict.PENDING`): loaded before the first step, of frozen layers,
@@ -885,7 +876,9 @@ class NormDecay:
         # Its state goes too: a plain optimizer would carry it in every checkpoint (as views of
         # one flat buffer, which pickle writes whole once per view), and a decay made later would
         # resume from it.
-        self._clear_own_state((*self.decayed, *self._frozen_decayed()))
+        zero_local = self._zero_local()
+        homes = [self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])]
+        _drop_decay_state(homes, [self._weight[name] for name in (*self.decayed, *self._frozen_decayed())])
         self._transform = self._state = None
         self._pending, self._held_back = {}, {}
         _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)
