@@ -139,7 +139,8 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
     """
     path = os.path.join(out, "config.json")
     wanted = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
-    if not os.path.exists(path) and (checkpoints.epochs(out) or os.path.exists(os.path.join(out, "result.json"))):
+    holds_run = bool(checkpoints.epochs(out)) or os.path.exists(os.path.join(out, "result.json"))
+    if not os.path.exists(path) and holds_run:
         raise UserError(
             f"{out!r} holds checkpoints or a result but no config.json: which run they belong to is unknown; choose another --out"
         )
@@ -153,7 +154,7 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
             changed.append(f"definition of {config.method!r}: {saved['definition']} -> {wanted['definition']}")
         if changed:
             raise UserError(f"{out!r} holds a run of another configuration ({'; '.join(changed)}); choose another --out")
-        if not resume and (checkpoints.epochs(out) or os.path.exists(os.path.join(out, "result.json"))):
+        if not resume and holds_run:
             raise UserError(f"{out!r} already holds this run; pass --resume to continue it, or choose another --out")
     if write:
         checkpoints.write_json(path, wanted)
