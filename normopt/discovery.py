@@ -363,18 +363,19 @@ class InputSizeRecorder:
             handle.remove()
         self._handles = []
 
-    def specs(self, replicas=None) -> LayerSpecs:
-        """Stop recording and describe the model with the recorded input sizes.
+    def gather(self, replicas) -> None:
+        """Add the sizes that the other replicas of a DDP model recorded (``replicas``:
+        :func:`normopt.replicas.replica_group`), so that replicas whose batches differ in size
+        describe the model alike, and agree on :attr:`called`. A collective: every rank calls it,
+        at the same step."""
+        for seen, paddings in all_ranks((self._seen, self._paddings), replicas):
+            for mine, theirs in ((self._seen, seen), (self._paddings, paddings)):
+                for name, found in theirs.items():
+                    mine.setdefault(name, set()).update(found)
 
-        With ``replicas`` (:func:`normopt.replicas.replica_group` of a DDP model), the sizes that
-        every rank recorded (a collective: every rank calls it), so that replicas whose batches
-        differed in size describe the model alike."""
+    def specs(self) -> LayerSpecs:
+        """Stop recording and describe the model with the recorded input sizes."""
         self.remove()
-        if replicas is not None:
-            for seen, paddings in all_ranks((self._seen, self._paddings), replicas):
-                for mine, theirs in ((self._seen, seen), (self._paddings, paddings)):
-                    for name, found in theirs.items():
-                        mine.setdefault(name, set()).update(found)
         return layer_specs(self.model, input_sizes=self.sizes, output_paddings=self.output_paddings)
 
 

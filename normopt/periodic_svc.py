@@ -165,16 +165,20 @@ class PeriodicSVC:
     def _conv_specs(self) -> dict[str, ConvSpec]:
         """The layers to clip now, each with its spec; refused, before any is clipped, what no clip can take."""
         if self.specs is None:  # then no example input was given, and the recorder runs
+            if self._replicas is not None:  # every replica at the same clip
+                self._recorder.gather(self._replicas)
             if not self._recorder.called:
                 raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
-            self.specs, self._recorder, self._convs = self._recorder.specs(self._replicas), None, self._conv_modules()
+            self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
         # Convolutions added or replaced since the model was described (a new head given to
         # add_param_group) are described anew from the input sizes the next forward records;
         # until then they are left alone.
         current = self._conv_modules()
         changed = sorted(name for name, module in current.items() if self._convs.get(name) is not module)
+        if changed and self._recorder is not None and self._replicas is not None:
+            self._recorder.gather(self._replicas)
         if changed and self._recorder is not None and self._recorder.called:
-            self.specs, self._recorder, self._convs, changed = self._recorder.specs(self._replicas), None, current, []
+            self.specs, self._recorder, self._convs, changed = self._recorder.specs(), None, current, []
         elif changed:
             if self._recorder is None:
                 self._recorder = InputSizeRecorder(self.model)

@@ -504,8 +504,10 @@ class NormDecay:
 
     def _refresh(self) -> None:
         """Lazy discovery and re-selection, outside the per-step computation (where :meth:`_stale`)."""
+        if self._recorder is not None and self._replicas is not None:
+            self._recorder.gather(self._replicas)  # every replica at the same step (see _stale)
         if self._recorder is not None and self._recorder.called:
-            self._reselect(self._recorder.specs(self._replicas))
+            self._reselect(self._recorder.specs())
             self._recorder = None  # only now: a refused selection is refused again at the next step
         if self._selection_changed():
             self._choose_anew(during_step=True)
@@ -572,11 +574,12 @@ class NormDecay:
 
     def _stale(self) -> bool:
         """Whether the layers or the decay state must be set up (anew) before this step."""
-        return (
-            (self._recorder is not None and self._recorder.called)
-            or self._selection_changed()
-            or (self._transform is None and bool(self.decayed))
+        # DDP replicas decide together (normopt.replicas): one whose forward ran no convolution yet
+        # gathers the others' sizes all the same, where it used to leave them waiting in the gather.
+        waiting = self._recorder is not None and (
+            self._recorder.called or (self._replicas is not None and self._recorder.watching)
         )
+        return waiting or self._selection_changed() or (self._transform is None and bool(self.decayed))
 
     @torch.no_grad()
     def before_step(self) -> None:

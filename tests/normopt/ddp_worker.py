@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 
 import torch
@@ -189,6 +190,49 @@ def periodic_svc_agrees(rank: int, world_size: int, folder: str) -> None:
             outcome = str(error)
         with open(f"{folder}/rank{rank}.txt", "w") as f:
             f.write(outcome)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class ConvOnlySometimes(nn.Module):
+    """A conv branch that a forward may leave out (a rank's first batch takes the other branch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 4))
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x, use_conv: bool = True):
+        return self.head(self.conv(x) if use_conv else self.pool(x))
+
+
+def no_conv_on_one_rank(rank: int, world_size: int, folder: str, through: str) -> None:
+    """Rank 1's first forward runs no convolution: it used to skip the size gather rank 0 waited in."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        torch.manual_seed(0)
+        inner = ConvOnlySometimes()
+        model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+        if through == "svc":
+            normopt.PeriodicSVC(sgd, model, bound=0.5, every=1)
+            optimizer = sgd
+        elif through == "hooks":
+            normopt.attach_norm_decay(sgd, model, ord="linf", beta=0.05)
+            optimizer = sgd
+        else:
+            optimizer = normopt.NormDecayOptimizer(sgd, model, ord="linf", beta=0.05)
+        for step in range(3):
+            x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+            optimizer.zero_grad()
+            model(x, use_conv=not (rank == 1 and step == 0)).sum().backward()
+            optimizer.step()
+        torch.save(dict(inner.named_parameters()), f"{folder}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1003,6 +1003,16 @@ def test_ddp_replicas_agree_on_input_sizes_and_batch_norm_variances(tmp_path, bn
         assert torch.equal(value, rank1["params"][key]), key
 
 
+@pytest.mark.parametrize("through", ["wrapper", "hooks", "svc"])
+def test_a_replica_whose_first_forward_runs_no_convolution_gathers_the_sizes_with_the_others(tmp_path, through):
+    import ddp_worker
+
+    torch.multiprocessing.spawn(ddp_worker.no_conv_on_one_rank, args=(2, str(tmp_path), through), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key, value in rank0.items():
+        assert torch.equal(value, rank1[key]), key
+
+
 def test_periodic_svc_on_ddp_replicas_of_different_input_sizes_decides_alike(tmp_path):
     import ddp_worker
 
