@@ -8,13 +8,13 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
-from normopt.replicas import all_ranks
 from normopt.specs import BatchNormSpec, LinearSpec, Spec, conv_spec, padding_pairs, pads_with_copies
 
 # Modules that hold weights but are not linear maps of their input, with the reason.
@@ -112,8 +112,28 @@ class LayerSpecs(dict):
         return f"LayerSpecs({dict.__repr__(self)}, skipped={self.skipped!r})"
 
 
+def wrappers(model: nn.Module):
+    """``model``, then each module inside its DDP, DataParallel and ``torch.compile`` wrappers, in
+    any order, outermost first (the user's module last).
+
+    Example:
+        >>> from torch import nn
+        >>> inner = nn.Linear(2, 2)
+        >>> [type(m).__name__ for m in wrappers(nn.DataParallel(inner))]
+        ['DataParallel', 'Linear']
+    """
+    while True:
+        yield model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP, DataParallel or ``torch.compile`` wrappers.
+    """The user's module inside DDP, DataParallel or ``torch.compile`` wrappers (:func:`wrappers`).
 
     Example:
         >>> from torch import nn
@@ -121,18 +141,13 @@ def unwrap(model: nn.Module) -> nn.Module:
         >>> unwrap(nn.DataParallel(inner)) is inner
         True
     """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, torch.jit.ScriptModule):  # its submodules hide their parameters' dicts
-            raise TypeError(
-                f"{type(model).__name__} is a TorchScript module (torch.jit.script or trace): normopt describes "
-                "the nn.Module layers, so pass the model before scripting it (its state_dict keys are the same)"
-            )
-        else:
-            return model
+    *_, model = wrappers(model)
+    if isinstance(model, torch.jit.ScriptModule):  # its submodules hide their parameters' dicts
+        raise TypeError(
+            f"{type(model).__name__} is a TorchScript module (torch.jit.script or trace): normopt describes "
+            "the nn.Module layers, so pass the model before scripting it (its state_dict keys are the same)"
+        )
+    return model
 
 
 _BATCHNORM_BUFFERS = ("weight", "bias", "running_mean", "running_var")
@@ -368,7 +383,9 @@ class InputSizeRecorder:
         :func:`normopt.replicas.replica_group`), so that replicas whose batches differ in size
         describe the model alike, and agree on :attr:`called`. A collective: every rank calls it,
         at the same step."""
-        for seen, paddings in all_ranks((self._seen, self._paddings), replicas):
+        gathered: list = [None] * dist.get_world_size(replicas.group)
+        dist.all_gather_object(gathered, (self._seen, self._paddings), group=replicas.group)
+        for seen, paddings in gathered:
             for mine, theirs in ((self._seen, seen), (self._paddings, paddings)):
                 for name, found in theirs.items():
                     mine.setdefault(name, set()).update(found)

@@ -10,7 +10,7 @@ them. Two inputs of norm decay are each replica's own, though:
   norm ``|gamma| / sqrt(running_var + eps)``, its decay and its cap would differ.
 
 Given the DDP model, norm decay and :class:`~normopt.PeriodicSVC` take the sizes that every rank
-recorded (:func:`all_ranks`, once) and the running variances of the group's first rank
+recorded (:meth:`normopt.InputSizeRecorder.gather`, once) and the running variances of the group's first rank
 (:func:`first_rank_copies`, at every step that uses them). Given the module inside DDP they cannot
 know of the replicas: pass ``example_input``, and leave batch norms to ``SyncBatchNorm`` there.
 """
@@ -22,6 +22,8 @@ import functools
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from normopt.discovery import wrappers
 
 
 class Replicas:
@@ -46,30 +48,15 @@ def _world_replicas(world: bool) -> Replicas | None:
 
 
 def replica_group(model: nn.Module) -> Replicas | None:
-    """The replicas of the DDP wrapper among ``model``'s wrappers (DDP, ``torch.compile``,
-    DataParallel, in any order), or None where there is none.
+    """The replicas of the DDP wrapper among ``model``'s wrappers (:func:`normopt.discovery.wrappers`),
+    or None where there is none.
 
     Example:
         >>> replica_group(nn.Linear(2, 2)) is None
         True
     """
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return Replicas(model.process_group)
-        if isinstance(model, nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return None
-
-
-def all_ranks(value, replicas: Replicas) -> list:
-    """``value`` of every replica, in rank order (pickled: a collective that every rank calls,
-    once, when it describes the model)."""
-    gathered: list = [None] * dist.get_world_size(replicas.group)
-    dist.all_gather_object(gathered, value, group=replicas.group)
-    return gathered
+    ddp = next((m for m in wrappers(model) if isinstance(m, nn.parallel.DistributedDataParallel)), None)
+    return None if ddp is None else Replicas(ddp.process_group)
 
 
 def _first_rank_copies(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
