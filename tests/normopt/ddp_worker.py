@@ -16,24 +16,39 @@ import normopt
 STEPS, BATCH = 6, 32
 
 
-def train_ddp(rank: int, world_size: int, folder: str) -> None:
+def _in_group(body, rank: int, world_size: int, folder: str, *args) -> None:
+    """Run ``body(rank, world_size, folder, *args)`` in a gloo group. Every DDP model, optimizer and
+    decay (which hold the group) is gone before the group is: freed after it, one aborted the
+    process now and then ("terminate called without an active exception")."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120)
+    )
     try:
-        model = nn.parallel.DistributedDataParallel(small_cnn())
-        optimizer = normopt.NormDecayOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, ord="linf", beta=0.05
-        )
-        x, y = digits()
-        share = BATCH // world_size
-        for inputs, labels in batches(x, y, STEPS, BATCH):
-            optimizer.zero_grad()
-            part = slice(rank * share, (rank + 1) * share)
-            F.cross_entropy(model(inputs[part]), labels[part]).backward()
-            optimizer.step()
-        torch.save(model.module.state_dict(), f"{folder}/rank{rank}.pt")
+        body(rank, world_size, folder, *args)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def train_ddp(rank: int, world_size: int, folder: str) -> None:
+    _in_group(_train_ddp, rank, world_size, folder)
+
+
+def _train_ddp(rank: int, world_size: int, folder: str) -> None:
+    model = nn.parallel.DistributedDataParallel(small_cnn())
+    optimizer = normopt.NormDecayOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, ord="linf", beta=0.05
+    )
+    x, y = digits()
+    share = BATCH // world_size
+    for inputs, labels in batches(x, y, STEPS, BATCH):
+        optimizer.zero_grad()
+        part = slice(rank * share, (rank + 1) * share)
+        F.cross_entropy(model(inputs[part]), labels[part]).backward()
+        optimizer.step()
+    torch.save(model.module.state_dict(), f"{folder}/rank{rank}.pt")
 
 
 def train_single() -> dict[str, torch.Tensor]:
@@ -120,79 +135,72 @@ def _resume_zero(rank: int, world_size: int, folder: str, through: str) -> None:
 def replicas_agree(rank: int, world_size: int, folder: str, bn_projection: str, through: str) -> None:
     """DDP replicas whose first batches differ in size, and whose batch norms each update their own
     running variances, regularizing those batch norms and capping them: their weights must stay equal."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
-    try:
-        torch.manual_seed(0)
-        inner = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.Conv2d(4, 8, 3, stride=2, padding=1),
-            nn.BatchNorm2d(8),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8, 10),
-        )
-        model = nn.parallel.DistributedDataParallel(inner)
-        options = dict(
-            ord="linf", beta=0.05, layers=("conv", "linear", "batchnorm"), bn_max_norm=0.9, bn_projection=bn_projection
-        )
-        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        if through == "hooks":
-            decay, optimizer = normopt.attach_norm_decay(sgd, model, **options), sgd
-        else:
-            optimizer = normopt.NormDecayOptimizer(sgd, model, **options)
-            decay = optimizer.norm_decay
-        x, y = digits()
-        share = BATCH // world_size
-        for step, (inputs, labels) in enumerate(batches(x, y, STEPS, BATCH)):
-            part = inputs[rank * share : (rank + 1) * share]
-            if step == 0 and rank == 1:
-                part = part[..., ::2, ::2]  # a smaller first batch: 4x4 where rank 0 has 8x8
-            optimizer.zero_grad()
-            F.cross_entropy(model(part), labels[rank * share : (rank + 1) * share]).backward()
-            optimizer.step()
-        sizes = {name: spec.input_size for name, spec in decay.specs.items() if hasattr(spec, "input_size")}
-        torch.save({"params": dict(inner.named_parameters()), "sizes": sizes}, f"{folder}/rank{rank}.pt")
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _in_group(_replicas_agree, rank, world_size, folder, bn_projection, through)
+
+
+def _replicas_agree(rank: int, world_size: int, folder: str, bn_projection: str, through: str) -> None:
+    torch.manual_seed(0)
+    inner = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    model = nn.parallel.DistributedDataParallel(inner)
+    options = dict(ord="linf", beta=0.05, layers=("conv", "linear", "batchnorm"), bn_max_norm=0.9, bn_projection=bn_projection)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if through == "hooks":
+        decay, optimizer = normopt.attach_norm_decay(sgd, model, **options), sgd
+    else:
+        optimizer = normopt.NormDecayOptimizer(sgd, model, **options)
+        decay = optimizer.norm_decay
+    x, y = digits()
+    share = BATCH // world_size
+    for step, (inputs, labels) in enumerate(batches(x, y, STEPS, BATCH)):
+        part = inputs[rank * share : (rank + 1) * share]
+        if step == 0 and rank == 1:
+            part = part[..., ::2, ::2]  # a smaller first batch: 4x4 where rank 0 has 8x8
+        optimizer.zero_grad()
+        F.cross_entropy(model(part), labels[rank * share : (rank + 1) * share]).backward()
+        optimizer.step()
+    sizes = {name: spec.input_size for name, spec in decay.specs.items() if hasattr(spec, "input_size")}
+    torch.save({"params": dict(inner.named_parameters()), "sizes": sizes}, f"{folder}/rank{rank}.pt")
 
 
 def periodic_svc_agrees(rank: int, world_size: int, folder: str) -> None:
     """PeriodicSVC on DDP replicas whose first batches differ in size: each used to describe the
     model from its own sizes, skip other layers, and wait forever in a broadcast the other never made."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    _in_group(_periodic_svc_agrees, rank, world_size, folder)
+
+
+def _periodic_svc_agrees(rank: int, world_size: int, folder: str) -> None:
+    torch.manual_seed(0)
+    inner = nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    model = nn.parallel.DistributedDataParallel(inner)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1, input_size="raw")
+    x = torch.randn(4, 1, 8, 8)
+    # 4x4 on rank 1: its second conv sees 2x2, smaller than its kernel, which "raw" skips there only.
+    inputs = x[..., ::2, ::2] if rank == 1 else x
     try:
-        torch.manual_seed(0)
-        inner = nn.Sequential(
-            nn.Conv2d(1, 4, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(4, 4, 3, padding=1),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-        )
-        model = nn.parallel.DistributedDataParallel(inner)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1, input_size="raw")
-        x = torch.randn(4, 1, 8, 8)
-        # 4x4 on rank 1: its second conv sees 2x2, smaller than its kernel, which "raw" skips there only.
-        inputs = x[..., ::2, ::2] if rank == 1 else x
-        try:
-            model(inputs).sum().backward()
-            optimizer.step()
-            outcome = "stepped"
-        except ValueError as error:
-            outcome = str(error)
-        with open(f"{folder}/rank{rank}.txt", "w") as f:
-            f.write(outcome)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+        model(inputs).sum().backward()
+        optimizer.step()
+        outcome = "stepped"
+    except ValueError as error:
+        outcome = str(error)
+    with open(f"{folder}/rank{rank}.txt", "w") as f:
+        f.write(outcome)
 
 
 class ConvOnlySometimes(nn.Module):
@@ -210,29 +218,25 @@ class ConvOnlySometimes(nn.Module):
 
 def no_conv_on_one_rank(rank: int, world_size: int, folder: str, through: str) -> None:
     """Rank 1's first forward runs no convolution: it used to skip the size gather rank 0 waited in."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        torch.manual_seed(0)
-        inner = ConvOnlySometimes()
-        model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
-        sgd = torch.optim.SGD(model.parameters(), lr=0.05)
-        if through == "svc":
-            normopt.PeriodicSVC(sgd, model, bound=0.5, every=1)
-            optimizer = sgd
-        elif through == "hooks":
-            normopt.attach_norm_decay(sgd, model, ord="linf", beta=0.05)
-            optimizer = sgd
-        else:
-            optimizer = normopt.NormDecayOptimizer(sgd, model, ord="linf", beta=0.05)
-        for step in range(3):
-            x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(10 * step + rank))
-            optimizer.zero_grad()
-            model(x, use_conv=not (rank == 1 and step == 0)).sum().backward()
-            optimizer.step()
-        torch.save(dict(inner.named_parameters()), f"{folder}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _in_group(_no_conv_on_one_rank, rank, world_size, folder, through)
+
+
+def _no_conv_on_one_rank(rank: int, world_size: int, folder: str, through: str) -> None:
+    torch.manual_seed(0)
+    inner = ConvOnlySometimes()
+    model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    if through == "svc":
+        normopt.PeriodicSVC(sgd, model, bound=0.5, every=1)
+        optimizer = sgd
+    elif through == "hooks":
+        normopt.attach_norm_decay(sgd, model, ord="linf", beta=0.05)
+        optimizer = sgd
+    else:
+        optimizer = normopt.NormDecayOptimizer(sgd, model, ord="linf", beta=0.05)
+    for step in range(3):
+        x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(10 * step + rank))
+        optimizer.zero_grad()
+        model(x, use_conv=not (rank == 1 and step == 0)).sum().backward()
+        optimizer.step()
+    torch.save(dict(inner.named_parameters()), f"{folder}/rank{rank}.pt")
