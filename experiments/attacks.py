@@ -15,6 +15,8 @@ would dominate training time.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,28 +35,54 @@ def start_point(x: torch.Tensor, eps: float, start: str) -> torch.Tensor:
     raise ValueError(f"unknown attack start {start!r}; choose from normal, uniform")
 
 
+@contextlib.contextmanager
+def attacking(model: nn.Module, parameters: bool = False):
+    """Run an attack on ``model`` in eval mode (fixed batch-norm statistics, no dropout), each
+    module's mode restored after; with ``parameters``, also with its parameters' gradients frozen
+    and restored: ART's loss gradient calls ``model.zero_grad()`` and ``backward()``, which would
+    drop or overwrite the gradients of a step in progress."""
+    modes = {module: module.training for module in model.modules()}
+    params = list(model.parameters()) if parameters else []
+    kept = [(p, p.requires_grad, p.grad) for p in params]
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        for p, requires_grad, grad in kept:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
 def pgd(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, start: str = "uniform"
 ) -> torch.Tensor:
-    """l_inf PGD maximising the cross-entropy (Madry et al., 2018), from ``start_point(x, eps, start)``."""
+    """l_inf PGD maximising the cross-entropy (Madry et al., 2018), from ``start_point(x, eps, start)``,
+    in eval mode (:func:`attacking`)."""
     x_adv = start_point(x, eps, start)
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    with attacking(model):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y), x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
     return x_adv.detach()
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:
-    """TRADES' inner maximisation: l_inf PGD on KL(f(x') || f(x)) (Zhang et al., 2019)."""
-    with torch.no_grad():
-        clean = F.softmax(model(x), dim=1)
-    x_adv = start_point(x, eps, "normal")
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    """TRADES' inner maximisation: l_inf PGD on KL(f(x') || f(x)) (Zhang et al., 2019), in eval mode
+    (:func:`attacking`)."""
+    with attacking(model):
+        with torch.no_grad():
+            clean = F.softmax(model(x), dim=1)
+        x_adv = start_point(x, eps, "normal")
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
     return x_adv.detach()
 
 
@@ -129,13 +157,19 @@ def robust_accuracy(
     AutoAttack does; ``pgd`` is 20-step PGD; ``autoattack`` the full standard AutoAttack (APGD-CE,
     APGD-T, FAB-T, Square; torchattacks). An image counts as robust only if every attack fails.
 
+    The model is attacked in eval mode and handed back as it came: each module's mode, and its
+    parameters' gradients and ``requires_grad`` (:func:`attacking`).
+
     Returns:
         ``{"clean": ..., "robust": ..., "<attack>": ...}`` accuracies in [0, 1].
     """
     if eps_255 < 0:
         raise ValueError(f"eps must be >= 0 (in 1/255 units), got {eps_255}")
-    model.eval()
-    eps = eps_255 / 255
+    with attacking(model, parameters=True):
+        return _robust_accuracy(model, images, labels, eps_255 / 255, attacks, iterations, targets, batch_size, seed)
+
+
+def _robust_accuracy(model, images, labels, eps, attacks, iterations, targets, batch_size, seed) -> dict[str, float]:
     x, y = images.cpu().numpy().astype(np.float32), labels.cpu().numpy()
     logits = _predict(model, x, batch_size)
     classes = logits.shape[1]

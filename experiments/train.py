@@ -22,6 +22,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -173,7 +174,11 @@ def build(config: RunConfig, where: torch.device) -> SimpleNamespace:
         run.model = hypersphere(run.model, config.he_scale)
     run.model = run.model.to(where)
     example = torch.zeros(1, channels, height, width, device=where)
-    run.specs = normopt.layer_specs(run.model, example)
+    with warnings.catch_warnings():
+        # CosineLinear overrides nn.Linear's forward; its norms are those of the weight it applies
+        # (applied_tensors), so layer_specs' warning about such classes does not concern it.
+        warnings.filterwarnings("ignore", message=r"layers .* are experiments\.methods\.CosineLinear,", category=UserWarning)
+        run.specs = normopt.layer_specs(run.model, example)
     run.net = nn.parallel.DistributedDataParallel(run.model) if dist.is_initialized() else run.model
     run.optimizer, run.svc = make_optimizer(config, run.net, example, run.specs)
     run.scheduler = torch.optim.lr_scheduler.MultiStepLR(run.optimizer, milestones=scheduler_milestones(config), gamma=0.1)

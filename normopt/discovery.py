@@ -175,6 +175,46 @@ def _normalises_by_running_statistics(module: nn.Module) -> bool:
     return isinstance(module, _BatchNorm) or (isinstance(module, _InstanceNorm) and module.track_running_stats)
 
 
+def _quantized(module: nn.Module) -> bool:
+    """A converted quantized layer (``torch.ao.nn.quantized``, dynamic ones too): its weights are
+    packed into a C++ object, neither parameters nor buffers."""
+    try:
+        from torch.ao.nn.quantized.modules.utils import WeightedQuantizedModule
+    except ImportError:  # pragma: no cover - torch without quantization
+        return False
+    return isinstance(module, WeightedQuantizedModule)
+
+
+# Where the stock layers apply their weight; a subclass may override these.
+_APPLY_METHODS = ("forward", "_conv_forward")
+
+
+def overridden_forward(module: nn.Module) -> str | None:
+    """``"Class.method"`` where a subclass of a stock Linear, conv or batch norm overrides how the
+    layer applies its weight (outside ``torch.nn``), or None.
+
+    Such a layer is described as the stock one, by its ``weight`` parameter and its attributes,
+    which is right where it changes only its input (a mask, a keyword) but wrong where it applies
+    another weight (weight standardisation, fake quantization) or pads inside ``forward`` (timm's
+    ``Conv2dSame``): :func:`layer_specs` warns, naming them.
+
+    Example:
+        >>> class StdConv(nn.Conv2d):
+        ...     def forward(self, x):
+        ...         w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        ...         return self._conv_forward(x, w, self.bias)
+        >>> overridden_forward(StdConv(1, 1, 3)), overridden_forward(nn.Conv2d(1, 1, 3))
+        ('StdConv.forward', None)
+    """
+    if not (isinstance(module, (nn.Linear, _ConvNd)) or _normalises_by_running_statistics(module)):
+        return None
+    for method in _APPLY_METHODS:
+        owner = next((c for c in type(module).__mro__ if method in vars(c)), None)
+        if owner is not None and not owner.__module__.startswith("torch.nn.modules."):
+            return f"{owner.__qualname__}.{method}"
+    return None
+
+
 def _described(module: nn.Module) -> bool:
     """Whether ``module`` is of a kind that has a spec (if nothing else rules it out)."""
     return isinstance(module, (nn.Linear, _ConvNd)) or _normalises_by_running_statistics(module) or _is_frozen_batchnorm(module)
@@ -197,6 +237,29 @@ def _weight_reason(module: nn.Module) -> str | None:
     return None
 
 
+def hidden_linear_pieces(model: nn.Module, skipped) -> list[str]:
+    """The layers of ``skipped`` (:attr:`LayerSpecs.skipped`) that are linear maps whose weight the
+    model does not hold as a parameter (parametrized, computed by a hook, quantized, TorchScript):
+    left out of a model's norms, unlike a LayerNorm, they leave a gap worth a warning.
+
+    Example:
+        >>> model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(2, 2)), nn.LayerNorm(2))
+        >>> hidden_linear_pieces(model, layer_specs(model).skipped)
+        ['0']
+    """
+    modules = dict(unwrap(model).named_modules())
+    return [
+        name
+        for name in skipped
+        if name in modules
+        and (
+            _weight_reason(modules[name]) is not None
+            or _quantized(modules[name])
+            or isinstance(modules[name], torch.jit.ScriptModule)
+        )
+    ]
+
+
 def _skip_reason(module: nn.Module, computed_weight: bool = False) -> str | None:
     """Why ``module`` gets no spec, or None. ``computed_weight``: describe a layer whose weight is
     parametrized or hook-computed (:func:`module_spec`, given that weight by the caller)."""
@@ -204,6 +267,11 @@ def _skip_reason(module: nn.Module, computed_weight: bool = False) -> str | None
         return (
             f"{type(module).__name__}: a TorchScript module (torch.jit.script or trace) hides its layers; "
             "describe the model before scripting its parts"
+        )
+    if _quantized(module):
+        return (
+            f"{type(module).__name__}: a converted quantized layer (torch.ao.nn.quantized) keeps its weights packed, "
+            "not as parameters; describe the float model before converting it"
         )
     for kind, reason in _NOT_LINEAR.items():
         if isinstance(module, kind) and not _normalises_by_running_statistics(module):
@@ -299,6 +367,15 @@ def module_spec(
         num_features=module.running_var.numel(),
         eps=float(module.eps),
     )
+
+
+# Why a recorder may see no forward although one ran: its hooks are added to the modules, and a
+# torch.compile'd model that has already run does not call hooks added after it compiled (dynamo
+# does not guard on them).
+UNRECORDED_HINT = (
+    "if the model is torch.compile'd and ran before they were made, it does not call the forward hooks that "
+    "record the sizes: make the decay or PeriodicSVC before its first forward, or pass example_input"
+)
 
 
 class InputSizeRecorder:
@@ -521,6 +598,7 @@ def layer_specs(
     keys = {id(t): n for n, t in model.named_parameters()}
     keys.update({id(t): n for n, t in model.named_buffers()})
     specs, skipped = {}, {}
+    overriding: dict[tuple, list[str]] = {}  # {(class, "Class.method"): layers whose class overrides how they apply their weight}
     scripted: list[str] = []  # TorchScript modules met so far
     for name, module in model.named_modules():
         if "parametrizations" in name.split("."):
@@ -550,4 +628,14 @@ def layer_specs(
                 warnings.warn(f"layer {name!r} was called with input sizes {size}; using the large-input limit", stacklevel=2)
                 size = None
             specs[name] = module_spec(module, name, size, keys, paddings.get(name))
+            if (method := overridden_forward(module)) is not None:
+                overriding.setdefault((type(module), method), []).append(name)
+    for (cls, method), names in overriding.items():
+        stock = next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules."))
+        warnings.warn(
+            f"layers {names} are {cls.__module__}.{cls.__qualname__}, whose {method} overrides nn.{stock}'s: they are "
+            f"described as nn.{stock} applies its weight parameter; where {method} applies another weight or pads by "
+            "itself, describe the layer with normopt.module_spec and pass the weight it applies",
+            stacklevel=2,
+        )
     return LayerSpecs(specs, skipped)

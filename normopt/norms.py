@@ -73,10 +73,13 @@ class NormArgMax(NamedTuple):
 def _batchnorm_sums(tensors, spec: BatchNormSpec) -> torch.Tensor:
     """``|gamma_c| / sqrt(running_var_c + eps)`` per channel (gamma = 1 without affine weights)."""
     var = checked(tensors, spec.running_var, spec, (spec.num_features,))
-    scale = torch.rsqrt(var.to(accumulation_dtype(var.dtype)) + spec.eps)
     if spec.weight is None:
-        return scale
-    return checked(tensors, spec.weight, spec, (spec.num_features,)).to(scale.dtype).abs() * scale
+        return torch.rsqrt(var.to(accumulation_dtype(var.dtype)) + spec.eps)
+    # In the weight's precision, as layer_norms computes a batch of layers of the weight's dtype
+    # (a float64 gamma beside a float32 running variance stays float64).
+    gamma = checked(tensors, spec.weight, spec, (spec.num_features,))
+    acc = accumulation_dtype(gamma.dtype)
+    return gamma.to(acc).abs() * torch.rsqrt(var.to(acc) + spec.eps)
 
 
 def _sums(tensors, spec: Spec, ord: float) -> torch.Tensor:

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 
-from normopt.discovery import InputSizeRecorder, layer_specs, module_names, unwrap, within
+from normopt.discovery import UNRECORDED_HINT, InputSizeRecorder, layer_specs, module_names, unwrap, within
 from normopt.replicas import replica_group
 from normopt.specs import ConvSpec, kernel_reach
 from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
@@ -36,6 +37,14 @@ class ClipReport:
     layers_clipped: int
     frequencies: int
     frequencies_clipped: int
+
+
+def _weight_sources(conv: _ConvNd) -> list[torch.Tensor]:
+    """The parameters a conv's weight is: the weight itself, or those it is computed from (a
+    parametrization's originals; a hook's ``weight_orig`` of pruning, ``weight_g`` and ``weight_v``)."""
+    if parametrize.is_parametrized(conv, "weight"):
+        return list(conv.parametrizations.weight.parameters())
+    return [p for name, p in conv.named_parameters(recurse=False) if name == "weight" or name.startswith("weight_")]
 
 
 class PeriodicSVC:
@@ -125,7 +134,8 @@ class PeriodicSVC:
         self._optimizer = optimizer
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         convs = [m for n, m in self.model.named_modules() if isinstance(m, _ConvNd) and not within(n, self.exclude)]
-        if not any(id(conv.weight) in held for conv in convs):  # frozen ones may be unfrozen later; these never
+        # Frozen ones may be unfrozen later; these never.
+        if not any(id(p) in held for conv in convs for p in _weight_sources(conv)):
             raise ValueError(
                 f"the optimizer holds none of the model's {len(convs)} conv layers (excluded: {sorted(self.exclude)}): "
                 "pass model.parameters() to it"
@@ -168,7 +178,9 @@ class PeriodicSVC:
             if self._replicas is not None:  # every replica at the same clip
                 self._recorder.gather(self._replicas)
             if not self._recorder.called:
-                raise RuntimeError("PeriodicSVC needs conv input sizes: run a forward first or pass example_input")
+                raise RuntimeError(
+                    f"PeriodicSVC needs conv input sizes: run a forward first or pass example_input ({UNRECORDED_HINT})"
+                )
             self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
         # Convolutions added or replaced since the model was described (a new head given to
         # add_param_group) are described anew from the input sizes the next forward records;
@@ -205,15 +217,15 @@ class PeriodicSVC:
         }
         unknown = [name for name, spec in convs.items() if spec.input_size is None]
         # A trained conv that layer_specs skipped (one padded with copies and called at several
-        # input sizes): no spec describes it, and left out silently it would never be clipped.
+        # input sizes; a parametrized or pruned weight, trained through the parameters it is
+        # computed from): no spec describes it, and left out silently it would never be clipped.
         skipped = [
             name
             for name in getattr(self.specs, "skipped", {})
             if name in current
             and name not in changed
             and not within(name, self.exclude)
-            and current[name].weight.requires_grad
-            and id(current[name].weight) in held
+            and any(p.requires_grad and id(p) in held for p in _weight_sources(current[name]))
         ]
         if skipped:
             reasons = "; ".join(f"{name!r}: {self.specs.skipped[name]}" for name in skipped)
@@ -248,6 +260,11 @@ class PeriodicSVC:
         distributed = dist.is_available() and dist.is_initialized()
         layers = layers_clipped = frequencies = frequencies_clipped = 0
         clipped_now = self._conv_specs()
+        if clipped_now:  # refused before any layer is clipped, so that a refusal leaves every weight as it was
+            finite = torch.stack([torch.isfinite(modules[name].weight).all().cpu() for name in clipped_now]).tolist()
+            bad = [name for name, ok in zip(clipped_now, finite) if not ok]
+            if bad:
+                raise ValueError(f"layers {bad}: kernels have non-finite values (NaN or inf); no layer was clipped")
         for name, spec in clipped_now.items():
             weight = modules[name].weight
             clipped, count, exceeded = clip_layer_counted(

@@ -41,7 +41,7 @@ from normopt.decay_state_dict import (
     with_pending,
     without_decay_state,
 )
-from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap
+from normopt.discovery import UNRECORDED_HINT, InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap
 from normopt.layer_choice import choose_layers
 from normopt.lines import line_plan, parse_ord
 from normopt.nonfinite import NonFiniteReporter
@@ -199,6 +199,7 @@ class NormDecay:
     """
 
     _detached = False  # set by detach(): the steps of a wrapper around it are plain ones from then on
+    _warned_unrecorded = False  # set once a step has found no forward recorded the conv input sizes
     _agreed: dict = {}  # noqa: RUF012  replaced, never changed in place: this step's running variances under DDP
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
 
@@ -590,6 +591,8 @@ class NormDecay:
             # Compiled, the first step or the first after add_param_group sets up outside the graph
             # (a graph break in that step's trace only; the steps after it trace without one).
             (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
+        if self._recorder is not None and not self._warned_unrecorded and self._replicas is None and self._recorder.watching:
+            (torch.compiler.disable(self._warn_unrecorded) if torch.compiler.is_compiling() else self._warn_unrecorded)()
         self._agreed = self._agreed_running_vars()
         if self._transform is not None:
             betas, gammas = self._hyper()
@@ -609,6 +612,24 @@ class NormDecay:
                 self._reporter.push(list(norms), torch.isfinite(torch.stack(list(norms.values()))))
         if self.bn_projection == "released":
             self._project_batchnorms(project_batchnorm_argmax)
+
+    def _warn_unrecorded(self) -> None:
+        """Warn, once, of a step that no forward of the model's convolutions preceded: their input
+        sizes stay unknown, and the decay keeps the large-input limit, until one runs."""
+        # torch.distributed.checkpoint's set_optimizer_state_dict sets up a fresh optimizer's state
+        # by one step of zero gradients at lr 0, before any forward: no step of training.
+        lrs = [group.get("lr", 1.0) for group in self.optimizer.param_groups]
+        lr_zero = all(
+            (lr.device.type == "cpu" and not bool(lr.ne(0).any())) if isinstance(lr, torch.Tensor) else lr == 0 for lr in lrs
+        )
+        if self._recorder.called or lr_zero:
+            return
+        self._warned_unrecorded = True
+        warnings.warn(
+            "norm decay stepped before any forward of the model ran its convolutions, so it uses their "
+            f"large-input limit until one does; {UNRECORDED_HINT}",
+            stacklevel=4,
+        )
 
     def _home(self, weight: torch.Tensor, zero_local: tuple[dict, set[int]] | None) -> dict:
         """The state mapping that keeps ``weight``'s decay state: ZeRO's local one for the weights

@@ -13,6 +13,8 @@ stride). For zero padding it is an upper bound of the norm at every input size.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -192,6 +194,15 @@ def padding_pairs(module: nn.modules.conv._ConvNd) -> tuple[tuple[int, int], ...
     return tuple((p, p) for p in module.padding)
 
 
+def _whole_sizes(input_size, name: str) -> tuple[int, ...]:
+    """``input_size`` as a tuple of whole numbers (a float is refused, not truncated), or a clear
+    error naming the layer; :class:`ConvSpec` checks their number."""
+    sizes = tuple(input_size) if isinstance(input_size, Iterable) and not isinstance(input_size, (str, bytes)) else None
+    if sizes is None or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sizes):
+        raise TypeError(f"layer {name!r}: input_size must be a tuple of whole numbers, one per spatial axis, got {input_size!r}")
+    return tuple(int(n) for n in sizes)
+
+
 def conv_spec(module: nn.modules.conv._ConvNd, name: str, weight: str, input_size=None, output_padding=None) -> ConvSpec:
     """Spec of a ``Conv*d`` or ``ConvTranspose*d`` module (``output_padding``: the one its calls used,
     for a transposed convolution called with ``output_size=``; default the module's own).
@@ -213,7 +224,7 @@ def conv_spec(module: nn.modules.conv._ConvNd, name: str, weight: str, input_siz
         dilation=tuple(module.dilation),
         groups=module.groups,
         padding_mode=module.padding_mode,
-        input_size=None if input_size is None else tuple(int(n) for n in input_size),
+        input_size=None if input_size is None else _whole_sizes(input_size, name),
         transposed=module.transposed,
         output_padding=tuple(output_padding or module.output_padding) if module.transposed else (),
     )

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from normopt.discovery import layer_specs, unwrap
+from normopt.discovery import hidden_linear_pieces, layer_specs, unwrap
 from normopt.norms import layer_norms, nonfinite_layers
 from normopt.specs import Spec
 
@@ -18,7 +18,9 @@ def model_norms(model: nn.Module, example_input=None, ord=1) -> dict[str, torch.
     """``{layer name: operator norm}`` of every linear piece of ``model``, in one call.
 
     Equivalent to ``layer_norms(params_and_buffers, layer_specs(model, example_input), ord)``;
-    warns, naming them, about layers whose norm is not finite.
+    warns, naming them, about layers whose norm is not finite, and about linear layers left out
+    because the model does not hold their weight as a parameter (parametrized, computed by a hook,
+    quantized, TorchScript; see :attr:`LayerSpecs.skipped`).
 
     Example:
         >>> import torch
@@ -31,7 +33,12 @@ def model_norms(model: nn.Module, example_input=None, ord=1) -> dict[str, torch.
     """
     inner = unwrap(model)
     tensors = {**dict(inner.named_parameters()), **dict(inner.named_buffers())}
-    norms = layer_norms(tensors, layer_specs(inner, example_input), ord)
+    specs = layer_specs(inner, example_input)
+    hidden = hidden_linear_pieces(inner, specs.skipped)
+    if hidden:
+        reasons = "; ".join(f"{name!r}: {specs.skipped[name]}" for name in hidden)
+        warnings.warn(f"layers {hidden} are left out of the norms ({reasons})", stacklevel=2)
+    norms = layer_norms(tensors, specs, ord)
     bad = nonfinite_layers(norms)
     if bad:
         warnings.warn(f"non-finite operator norm (NaN or inf weights) in layers {bad}", stacklevel=2)
@@ -51,7 +58,8 @@ class NetworkNorms(NamedTuple):
             l1 or l2 only where its windows do not overlap: an input in ``m`` windows moves ``m``
             outputs, so ``MaxPool2d(3, stride=2)`` can scale l1 distances by 4), it bounds the
             network's Lipschitz constant in the same norm; with skip connections or attention it
-            is no such bound.
+            is no such bound. Each layer counts once: where the forward applies a module ``k``
+            times (a block reused, a recurrent cell), the bound takes its norm to the ``k``-th power.
     """
 
     norms: dict[str, torch.Tensor]

@@ -65,3 +65,50 @@ def test_training_attack_starts():
     assert uniform.abs().max() <= 0.1 and uniform.std().item() == pytest.approx(0.1 / 3**0.5, rel=0.1)
     with pytest.raises(ValueError, match="unknown attack start"):
         start_point(x, 0.1, "zero")
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))
+    x = digits(False).tensors[0][:16].reshape(16, 1, 8, 8)
+    model(x)  # batch-norm statistics of its own
+    return model, x
+
+
+def _buffers(model):
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("attack", ["pgd", "trades"])
+def test_training_attacks_on_a_model_in_train_mode_keep_its_batch_norm_statistics_and_mode(attack):
+    model, x = _bn_model()
+    model[4].eval()  # a mixed model: each module's own mode comes back
+    y, before = torch.arange(16) % 10, _buffers(model)
+    if attack == "pgd":
+        pgd(model, x, y, 8 / 255, 2 / 255, 3)
+    else:
+        trades_adversary(model, x, 8 / 255, 2 / 255, 3)
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+    assert [m.training for m in model] == [True, True, True, True, False]
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("attacks", [("apgd-ce", "apgd-t"), ("pgd",), ("autoattack",)], ids=["apgd", "pgd", "autoattack"])
+def test_robust_accuracy_hands_the_model_back_as_it_came(attacks):
+    """Evaluated between a backward and its step, the model keeps its gradients (ART's loss
+    gradient zeroed them and wrote the attack's), its modes and its batch-norm statistics."""
+    model, x = _bn_model()
+    model[1].eval()  # a frozen batch norm in a model in train mode
+    model[4].weight.requires_grad_(False)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # labels it gets right: every image is attacked
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads, before = {n: p.grad for n, p in model.named_parameters()}, _buffers(model)
+    values = {n: None if g is None else g.clone() for n, g in grads.items()}
+    result = robust_accuracy(model, x, y, 8.0, attacks=attacks, iterations=3, targets=2)
+    assert result["clean"] == 1.0
+    assert [m.training for m in model] == [True, False, True, True, True]
+    assert all(p.grad is grads[n] for n, p in model.named_parameters())  # the very tensors,
+    assert all(values[n] is None or torch.equal(p.grad, values[n]) for n, p in model.named_parameters())  # unchanged
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, True, False, True]
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())

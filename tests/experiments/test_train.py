@@ -162,6 +162,18 @@ def test_a_diverged_run_is_marked_not_evaluated_and_never_sums_to_zero(tmp_path,
     assert summary_table([old]).diverged.tolist() == [True]
 
 
+def test_an_he_run_describes_its_cosine_layer_without_the_warning_about_overriding_classes():
+    """layer_specs warns of a subclass that overrides how its layer applies the weight; the HE
+    layer does, and its norms are logged of the weight it applies, so the run does not warn."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run = training.build(RunConfig(method="pgd-at-he", **TINY), torch.device("cpu"))
+    assert "fc" in run.specs
+
+
+@pytest.mark.filterwarnings("ignore:layers .* are experiments.methods.CosineLinear:UserWarning")
 def test_he_layer_norms_are_those_of_the_matrix_it_applies():
     """A CosineLinear applies scale * normalize(W) to unit features: scaling W by 7 changed no output
     but multiplied the logged fc norms by 7, as they were the raw W's."""

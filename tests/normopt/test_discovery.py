@@ -258,6 +258,7 @@ def test_a_torchscript_part_of_a_model_is_skipped_once_by_name_and_the_rest_desc
 
 @pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max:UserWarning")
+@pytest.mark.filterwarnings("ignore:layers .* overrides nn:UserWarning")
 def test_the_probe_forward_leaves_every_buffer_as_it_found_it():
     """Eval mode keeps batch-norm statistics, not a quantization observer's, which calibrates in
     eval mode too (and writes without bumping the version counter)."""
@@ -525,3 +526,88 @@ def test_a_frozen_batchnorm_is_a_diagonal_map(ord, make, eps):
     assert_close(normopt.layer_norms(model.state_dict(), specs, ord)["1"], oracle, rtol=1e-6)
     layer.register_parameter("extra", nn.Parameter(torch.ones(3)))  # a learned parameter: not frozen
     assert "1" not in layer_specs(model)
+
+
+class _StandardisedConv(nn.Conv2d):
+    """Applies another weight than its parameter (weight standardisation, as timm's StdConv2d)."""
+
+    def forward(self, x):
+        weight = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, weight, self.bias)
+
+
+class _PaddedInForward(nn.Conv2d):
+    """Pads inside ``forward`` (as timm's Conv2dSame): ``self.padding`` stays 0."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(nn.functional.pad(x, (1, 1, 1, 1)), weight, bias)
+
+
+@pytest.mark.parametrize(
+    ("make", "method"),
+    [
+        (lambda: _StandardisedConv(2, 3, 3), "_StandardisedConv.forward"),
+        (lambda: _PaddedInForward(2, 3, 3), "_PaddedInForward._conv_forward"),
+        (lambda: _ConvOfImages(2, 3, 3), "_ConvOfImages.forward"),
+    ],
+    ids=["other-weight", "pads-itself", "keyword-only"],
+)
+def test_a_layer_whose_class_overrides_how_it_applies_its_weight_is_named_in_a_warning(make, method):
+    model = nn.Sequential(nn.Conv2d(2, 2, 1), make(), nn.BatchNorm2d(3))
+    cls = method.partition(".")[0]
+    with pytest.warns(UserWarning, match=rf"layers \['1'\] are .*{cls}, whose {method} overrides nn.Conv2d's"):
+        specs = layer_specs(model, torch.zeros(1, 2, 6, 6))
+    assert list(specs) == ["0", "1", "2"]  # still described: a subclass that only changes its input is right
+    assert normopt.discovery.overridden_forward(model[1]) == method
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(1, 1, 3),
+        lambda: nn.LazyConv2d(1, 3),
+        lambda: nn.ConvTranspose3d(1, 1, 3),
+        lambda: nn.Linear(2, 2),
+        lambda: nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2),
+        lambda: nn.BatchNorm2d(2),
+        lambda: nn.SyncBatchNorm(2),
+        lambda: nn.InstanceNorm2d(2, track_running_stats=True),
+    ],
+)
+def test_stock_layers_do_not_count_as_overriding_how_they_apply_their_weight(make):
+    assert normopt.discovery.overridden_forward(make()) is None
+
+
+def test_the_weight_standardised_layer_the_warning_names_really_has_another_norm():
+    # Why the warning: the spec describes the parameter, and the layer applies another matrix.
+    torch.manual_seed(0)
+    conv = _StandardisedConv(2, 3, 3)
+    with pytest.warns(UserWarning, match="overrides"):
+        spec = layer_specs(nn.Sequential(conv), torch.zeros(1, 2, 5, 5))["0"]
+    truth = float(brute_norms(explicit_matrix(conv, (2, 5, 5)))[1])
+    described = normopt.layer_norm({"0.weight": conv.weight}, spec, 1)
+    assert not math.isclose(float(described), truth, rel_tol=1e-3)
+    applied = conv.weight - conv.weight.mean((1, 2, 3), keepdim=True)
+    assert math.isclose(float(normopt.layer_norm({"0.weight": applied}, spec, 1)), truth, rel_tol=1e-5)  # the documented route
+
+
+def test_converted_quantized_layers_are_listed_as_skipped_with_the_reason():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    specs = layer_specs(quantized)
+    assert dict(specs) == {}
+    assert set(specs.skipped) == {"0", "2"} and "converted quantized layer" in specs.skipped["0"]
+    assert normopt.discovery.hidden_linear_pieces(quantized, specs.skipped) == ["0", "2"]
+
+
+@pytest.mark.parametrize("size", [(8.7, 8.2), 8, "88", [torch.tensor(8), torch.tensor(8)], (8, True)])
+def test_an_input_size_that_is_not_whole_numbers_is_refused_by_layer(size):
+    with pytest.raises(TypeError, match="layer 'c': input_size must be a tuple of whole numbers"):
+        normopt.module_spec(nn.Conv2d(1, 2, 3), "c", size)
+
+
+def test_input_sizes_of_numpy_or_torch_integers_are_taken():
+    import numpy as np
+
+    assert normopt.module_spec(nn.Conv2d(1, 2, 3), "c", np.array([8, 9])).input_size == (8, 9)
+    assert normopt.module_spec(nn.Conv2d(1, 2, 3), "c", torch.Size([8, 9])).input_size == (8, 9)

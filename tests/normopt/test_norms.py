@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.utils.prune
 from helpers import DTYPES, RTOL, assert_close, brute_norms, conv_layers, explicit_matrix, graph_recorder, host_reads
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -425,3 +426,37 @@ def test_an_empty_layer_is_the_zero_map_with_no_arg_max_line(ord):
     for find in (layer_argmax, normopt.norm_subgradient):
         with pytest.raises(ValueError, match="layer '0' has an empty weight: the zero map has no line"):
             find(tensors, specs["0"], ord)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_a_batch_norm_is_computed_in_its_weights_precision_by_layer_norm_as_by_layer_norms(affine):
+    spec = normopt.BatchNormSpec("bn", "bn.weight" if affine else None, "bn.running_var", 2, 1e-5)
+    tensors = {"bn.weight": torch.tensor([1 + 1e-12, 1.0], dtype=torch.float64), "bn.running_var": torch.ones(2)}
+    alone, batched = normopt.layer_norm(tensors, spec, 1), normopt.layer_norms(tensors, {"bn": spec}, 1)["bn"]
+    assert alone.dtype == batched.dtype == (torch.float64 if affine else torch.float32)
+    assert torch.equal(alone, batched)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    "hide",
+    [
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.weight_norm,
+        lambda m: torch.nn.utils.prune.l1_unstructured(m, "weight", amount=0.5),
+    ],
+    ids=["parametrized", "hook", "pruned"],
+)
+def test_model_norms_warns_of_linear_layers_it_leaves_out_and_not_of_other_skipped_modules(hide):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(18), nn.Linear(18, 2))
+    hide(model[3])
+    with pytest.warns(UserWarning, match=r"layers \['3'\] are left out of the norms \('3': .*weight") as caught:
+        norms = normopt.model_norms(model, torch.zeros(1, 1, 5, 5))
+    assert list(norms) == ["0"] and not any("'2'" in str(w.message) for w in caught)
+
+
+def test_model_norms_warns_nothing_for_a_model_whose_skipped_modules_are_not_linear_maps():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GroupNorm(1, 2), nn.PReLU())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(normopt.model_norms(model, torch.zeros(1, 1, 5, 5))) == ["0"]

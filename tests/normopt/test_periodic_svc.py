@@ -384,3 +384,63 @@ def test_a_frozen_conv_padded_with_copies_is_not_refused():
     before = model[0].weight.clone()
     svc.clip()
     assert svc.last_report.layers == 1 and torch.equal(model[0].weight, before)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    "hide",
+    [
+        nn.utils.parametrizations.weight_norm,
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.weight_norm,
+        lambda conv: torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.3),
+    ],
+    ids=["parametrized", "spectral", "hook", "pruned"],
+)
+@pytest.mark.parametrize("alone", [False, True], ids=["beside-a-plain-conv", "the-only-conv"])
+def test_a_trained_conv_whose_weight_is_computed_is_refused_by_name_not_left_unclipped(hide, alone):
+    """Trained through the parameters its weight is computed from, such a layer has no spec; the
+    clip used to leave it above the bound without a word (and a model of only such layers was
+    told that the optimizer held none of its convolutions)."""
+    import torch.nn.utils.prune  # a submodule torch does not import
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    hide(model[0] if alone else model[2])
+    if alone:
+        model[2].requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    name = "0" if alone else "2"
+    refusal = rf"conv layers \['{name}'\] cannot be clipped \('{name}': .*weight.*exclude=\('{name}',\)"
+    with pytest.raises(ValueError, match=refusal):
+        PeriodicSVC(optimizer, model, bound=0.5, example_input=torch.zeros(1, 1, 4, 4))
+    if not alone:
+        svc = PeriodicSVC(optimizer, model, bound=0.5, example_input=torch.zeros(1, 1, 4, 4), exclude=(name,))
+        svc.clip()
+        assert svc.last_report.layers == 1
+
+
+def test_a_non_finite_kernel_is_refused_before_any_layer_is_clipped():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # above the bound: the first layer has work to do
+        model[1].weight[0, 0, 0, 0] = float("nan")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=1.0, every=1, example_input=torch.zeros(1, 1, 4, 4))
+    before = [conv.weight.clone() for conv in model]
+    with pytest.raises(ValueError, match=r"layers \['1'\]: kernels have non-finite values .*no layer was clipped"):
+        svc.clip()
+    assert torch.equal(model[0].weight, before[0]) and svc.clips == 0
+    assert torch.equal(model[1].weight.nan_to_num(), before[1].nan_to_num())
+
+
+def test_a_compiled_model_that_ran_before_the_clipper_was_made_is_named_as_the_likely_cause():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    compiled = torch.compile(model, backend="eager")
+    compiled(torch.randn(2, 1, 6, 6))  # a warm-up before the hooks exist
+    svc = PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), compiled, bound=0.5)
+    compiled(torch.randn(2, 1, 6, 6))  # dynamo does not call hooks added since it compiled
+    with pytest.raises(RuntimeError, match=r"run a forward first .*torch.compile'd and ran before"):
+        svc.clip()
+    torch._dynamo.reset()

@@ -7,6 +7,7 @@ import copy
 import io
 import math
 import pickle
+import warnings
 from unittest import mock
 
 import pytest
@@ -1626,3 +1627,41 @@ def test_detach_leaves_the_state_of_a_batch_norm_another_decay_regularizes():
     capping.detach()
     assert optimizer.state[batchnorm]["norm_decay_buffer"] is before
     assert decaying.decay_buffers()
+
+
+@pytest.mark.parametrize("wrap", ["wrapper", "hooks"])
+def test_a_step_that_no_forward_preceded_warns_once_that_the_large_input_limit_is_kept(wrap):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if wrap == "wrapper":
+        optimizer = normopt.NormDecayOptimizer(optimizer, model)
+        decay = optimizer.norm_decay
+    else:
+        decay = normopt.attach_norm_decay(optimizer, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with warnings.catch_warnings():  # the lr-0 step by which set_optimizer_state_dict sets up state
+        warnings.simplefilter("error")
+        optimizer.param_groups[0]["lr"] = 0.0
+        optimizer.step()
+        optimizer.param_groups[0]["lr"] = 0.1
+    with pytest.warns(UserWarning, match="stepped before any forward of the model ran its convolutions"):
+        optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()  # once
+        model(torch.zeros(1, 1, 6, 6))
+        optimizer.step()  # a forward recorded the sizes: described anew, no warning
+    assert decay.specs["0"].input_size == (6, 6)
+
+
+def test_a_compiled_model_that_ran_before_the_decay_was_made_is_named_in_the_warning():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    compiled = torch.compile(model, backend="eager")
+    compiled(torch.randn(2, 1, 6, 6))  # a warm-up before the hooks exist
+    optimizer = normopt.NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), compiled)
+    compiled(torch.randn(2, 1, 6, 6)).sum().backward()  # dynamo does not call hooks added since
+    with pytest.warns(UserWarning, match="large-input limit until one does; if the model is torch.compile'd and ran before"):
+        optimizer.step()
+    torch._dynamo.reset()
