@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import normopt
-from benchmarks.timing import interleaved_medians, positive_int, set_threads
+from benchmarks.timing import interleaved_medians, positive_int, require_torchvision, set_threads
 from experiments.models import resnet18
 
 # (kernel, in_channels, out_channels) of the paper's timing table.
@@ -54,12 +54,16 @@ def _keys(spec) -> list[str]:
 
 
 def main(argv=None) -> list[tuple[str, float, float, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.norms", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=positive_int, default=30)
     parser.add_argument("--threads", type=positive_int, default=1, help="torch and BLAS threads (set once)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-torchvision", action="store_true", help="skip the four torchvision models")
     args = parser.parse_args(argv)
+    if not args.no_torchvision:
+        require_torchvision(parser, "--no-torchvision")
     set_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -36,10 +36,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import torchvision
 
 import normopt
-from benchmarks.timing import count, count_operators, interleaved_medians, positive_int, set_threads
+from benchmarks.timing import count, count_operators, interleaved_medians, positive_int, require_torchvision, set_threads
 from experiments.models import regnetx_200mf, resnet18
 
 MODELS = {"ResNet-18": resnet18, "RegNetX-200MF": regnetx_200mf}
@@ -179,6 +178,8 @@ def training_steps(repeats: int, batch: int, compile_backend: str | None = None,
     With ``compile_backend`` the wrapped steps also run with ``torch.compile(optimizer.step)``
     (model eager), over the plain eager step.
     """
+    import torchvision  # here only: the optimizer steps need no torchvision
+
     torch.manual_seed(0)
     base = torchvision.models.resnet18(num_classes=10).to(device)
     x, y = torch.randn(batch, 3, 32, 32).to(device), torch.randint(0, 10, (batch,)).to(device)
@@ -221,7 +222,9 @@ def training_steps(repeats: int, batch: int, compile_backend: str | None = None,
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.optimizer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=positive_int, default=2, help="torch and BLAS threads (set once)")
     parser.add_argument("--repeats", type=positive_int, default=15)
     parser.add_argument("--batch", type=positive_int, default=128, help="batch of the whole training step")
@@ -232,6 +235,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.released and not os.path.isfile(os.path.join(args.released, "lip", "add_lip.py")):
         parser.error(f"--released {args.released!r}: no lip/add_lip.py there; pass a checkout of youweiliang/norm_robustness")
+    if args.train_repeats:
+        require_torchvision(parser, "--train-repeats 0")
     set_threads(args.threads)
     if args.released:
         sys.path.insert(0, args.released)

@@ -80,7 +80,9 @@ def _busy_ratio(clip_all, processes: int, repeats: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> list[tuple]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.svc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch, BLAS and pool threads, set once (default 2)")
     parser.add_argument("--busy", type=count, default=0, help="also time the ResNet-18 clip beside N busy processes")

@@ -42,6 +42,15 @@ def _at_least(text: str, low: int) -> int:
     return value
 
 
+def require_torchvision(parser: argparse.ArgumentParser, without: str) -> None:
+    """Exit with a usage error, before anything is timed, where torchvision does not import
+    (``without``: the option that runs the benchmark without it)."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError) as error:  # missing, or built for another torch
+        parser.error(f"torchvision does not import ({error}): install it (pip install -e '.[cifar]') or pass {without}")
+
+
 def set_threads(threads: int) -> None:
     """Set torch's and the BLAS libraries' thread counts once, for the whole benchmark.
 

@@ -48,7 +48,9 @@ def report(results: list[dict], out: str) -> None:
 
 def main(argv=None) -> str | None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(
+        prog="python -m experiments.adversarial", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common_arguments(parser)
     parser.add_argument("--eval-eps", type=float, help="attack radius in 1/255 (default and paper: 8)")
     parser.add_argument("--lr", type=float, help="learning rate (released: 0.1 for every run of this study on cifar10)")

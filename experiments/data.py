@@ -55,10 +55,16 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
 
     Raises:
         DataError: the folder does not hold CIFAR-10 (or a file fails its checksum) and ``download``
-            is off (or failed).
+            is off (or failed); or torchvision does not import.
     """
-    import torchvision
-    from torchvision import transforms
+    try:
+        import torchvision
+        from torchvision import transforms
+    except (ImportError, RuntimeError) as error:  # missing; or a build for another torch (its operators do not load)
+        raise DataError(
+            f"CIFAR-10 is read through torchvision, which does not import ({error}); install the build that "
+            "matches torch: pip install -e '.[cifar]'"
+        ) from error
 
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train and augment else []
     transform = transforms.Compose([*steps, transforms.ToTensor()])

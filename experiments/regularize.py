@@ -61,7 +61,9 @@ def report(results: list[dict], out: str) -> None:
 
 def main(argv=None) -> str | None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(
+        prog="python -m experiments.regularize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common_arguments(parser)
     parser.add_argument("--grid", choices=["quick", "paper"], help="method sweep (default: quick on digits, paper on cifar10)")
     parser.add_argument(

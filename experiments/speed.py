@@ -65,7 +65,9 @@ def measure_shape(
 
 
 def main(argv=None) -> str:
-    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(
+        prog="python -m experiments.speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="time 20 power iterations and scale them to --iterations")
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)

@@ -423,7 +423,7 @@ def evaluate(model: nn.Module, data, where: torch.device) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="python -m experiments.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=["digits", "cifar10"])
     p.add_argument("--model", choices=sorted(MODELS), help="default: small (digits) or resnet18 (cifar10, the released protocol)")
     p.add_argument("--method", default="plain", choices=list(METHODS))

@@ -40,3 +40,19 @@ def test_a_bad_option_is_refused_by_name_before_any_work(main, argv, named, caps
         main(argv)
     assert exit.value.code == 2
     assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("main", "without"), [(norms.main, "--no-torchvision"), (optimizer.main, "--train-repeats 0")], ids=["norms", "optimizer"]
+)
+def test_without_torchvision_the_benchmarks_say_what_to_install_before_any_work(main, without, monkeypatch, capsys):
+    """benchmarks.optimizer failed to import, and benchmarks.norms crashed after timing the rest."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
+    monkeypatch.setattr("benchmarks.timing.set_threads", lambda threads: pytest.fail("work began"))
+    with pytest.raises(SystemExit) as exit:
+        main([])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "torchvision does not import" in err and without in err and "pip install -e '.[cifar]'" in err

@@ -99,3 +99,19 @@ def test_a_planted_cifar10_file_is_refused_before_unpickling(name, tmp_path):
             cifar10(root, train=train)
         assert name in str(error.value) and "--skip-data-checksums" in str(error.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_cifar10_without_torchvision_is_a_user_error_that_says_what_to_install(dry_run, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from experiments import regularize
+
+    root = write_cifar10(tmp_path)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
+    with pytest.raises(DataError, match=r"torchvision, which does not import .*pip install -e '\.\[cifar\]'"):
+        cifar10(root, train=False, verify=False)
+    argv = ["--dataset", "cifar10", "--data-dir", root, "--models", "small", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit:
+        regularize.main([*argv, "--dry-run"] if dry_run else [*argv, "--methods", "plain", "--epochs", "1"])
+    assert exit.value.code == 2 and "pip install -e '.[cifar]'" in capsys.readouterr().err
