@@ -177,7 +177,9 @@ def build(config: RunConfig, where: torch.device) -> SimpleNamespace:
     with warnings.catch_warnings():
         # CosineLinear overrides nn.Linear's forward; its norms are those of the weight it applies
         # (applied_tensors), so layer_specs' warning about such classes does not concern it.
-        warnings.filterwarnings("ignore", message=r"layers .* are experiments\.methods\.CosineLinear,", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message=r"layers .* are experiments\.methods\.CosineLinear,", category=normopt.OverriddenForwardWarning
+        )
         run.specs = normopt.layer_specs(run.model, example)
     run.net = nn.parallel.DistributedDataParallel(run.model) if dist.is_initialized() else run.model
     run.optimizer, run.svc = make_optimizer(config, run.net, example, run.specs)

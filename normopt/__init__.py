@@ -18,7 +18,7 @@ from normopt.decay import (
     paper_update,
     reference_update,
 )
-from normopt.discovery import InputSizeRecorder, LayerSpecs, layer_specs, module_spec, unwrap
+from normopt.discovery import InputSizeRecorder, LayerSpecs, OverriddenForwardWarning, layer_specs, module_spec, unwrap
 from normopt.norms import (
     NormArgMax,
     layer_argmax,
@@ -50,6 +50,7 @@ __all__ = [
     "NormDecayOptimizer",
     "NormDecayState",
     "NormDecayTransform",
+    "OverriddenForwardWarning",
     "PeriodicSVC",
     "Subgradient",
     "attach_norm_decay",

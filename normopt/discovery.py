@@ -189,6 +189,12 @@ def _quantized(module: nn.Module) -> bool:
 _APPLY_METHODS = ("forward", "_conv_forward")
 
 
+class OverriddenForwardWarning(UserWarning):
+    """:func:`layer_specs` describes a layer whose class overrides how the stock layer applies its
+    weight (:func:`overridden_forward`). Its own category, so that it can be filtered:
+    ``warnings.filterwarnings("ignore", category=normopt.OverriddenForwardWarning)``."""
+
+
 def overridden_forward(module: nn.Module) -> str | None:
     """``"Class.method"`` where a subclass of a stock Linear, conv or batch norm overrides how the
     layer applies its weight (outside ``torch.nn``), or None.
@@ -213,6 +219,16 @@ def overridden_forward(module: nn.Module) -> str | None:
         if owner is not None and not owner.__module__.startswith("torch.nn.modules."):
             return f"{owner.__qualname__}.{method}"
     return None
+
+
+def overriding_message(cls: type, method: str, names: list[str]) -> str:
+    """What :class:`OverriddenForwardWarning` says of layers ``names`` of class ``cls``."""
+    stock = next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.") and c.__name__[0] != "_")
+    return (
+        f"layers {names} are {cls.__module__}.{cls.__qualname__}, whose {method} overrides nn.{stock}'s: they are "
+        f"described as nn.{stock} applies its weight parameter; where {method} applies another weight or pads by "
+        "itself, describe the layer with normopt.module_spec and pass the weight it applies"
+    )
 
 
 def _described(module: nn.Module) -> bool:
@@ -248,16 +264,13 @@ def hidden_linear_pieces(model: nn.Module, skipped) -> list[str]:
         ['0']
     """
     modules = dict(unwrap(model).named_modules())
-    return [
-        name
-        for name in skipped
-        if name in modules
-        and (
-            _weight_reason(modules[name]) is not None
-            or _quantized(modules[name])
-            or isinstance(modules[name], torch.jit.ScriptModule)
-        )
-    ]
+
+    def hidden(module: nn.Module) -> bool:
+        if isinstance(module, torch.jit.ScriptModule):  # first: it has no _parameters dict to look at
+            return any(True for _ in module.parameters())
+        return _quantized(module) or _weight_reason(module) is not None
+
+    return [name for name in skipped if name in modules and hidden(modules[name])]
 
 
 def _skip_reason(module: nn.Module, computed_weight: bool = False) -> str | None:
@@ -631,11 +644,5 @@ def layer_specs(
             if (method := overridden_forward(module)) is not None:
                 overriding.setdefault((type(module), method), []).append(name)
     for (cls, method), names in overriding.items():
-        stock = next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules."))
-        warnings.warn(
-            f"layers {names} are {cls.__module__}.{cls.__qualname__}, whose {method} overrides nn.{stock}'s: they are "
-            f"described as nn.{stock} applies its weight parameter; where {method} applies another weight or pads by "
-            "itself, describe the layer with normopt.module_spec and pass the weight it applies",
-            stacklevel=2,
-        )
+        warnings.warn(overriding_message(cls, method, names), OverriddenForwardWarning, stacklevel=2)
     return LayerSpecs(specs, skipped)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from normopt.discovery import UNRECORDED_HINT, InputSizeRecorder, layer_specs, module_names, unwrap, within
+from normopt.discovery import UNRECORDED_HINT, InputSizeRecorder, _weight_reason, layer_specs, module_names, unwrap, within
 from normopt.replicas import replica_group
 from normopt.specs import ConvSpec, kernel_reach
 from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
@@ -227,9 +227,18 @@ class PeriodicSVC:
             and not within(name, self.exclude)
             and any(p.requires_grad and id(p) in held for p in _weight_sources(current[name]))
         ]
-        if skipped:
-            reasons = "; ".join(f"{name!r}: {self.specs.skipped[name]}" for name in skipped)
-            raise ValueError(f"conv layers {skipped} cannot be clipped ({reasons}); exclude them (exclude={tuple(skipped)!r})")
+        reasons = {name: self.specs.skipped[name] for name in skipped}
+        # A described conv whose weight is computed now (parametrized or pruned since), trained
+        # through the parameters it is computed from: dropped from `convs` above, it would never
+        # be clipped either.
+        for name, spec in self.specs.items():
+            if isinstance(spec, ConvSpec) and name in current and name not in changed and not within(name, self.exclude):
+                reason = _weight_reason(current[name])
+                if reason is not None and any(p.requires_grad and id(p) in held for p in _weight_sources(current[name])):
+                    reasons[name] = reason
+        if reasons:
+            names, why = sorted(reasons), "; ".join(f"{name!r}: {reasons[name]}" for name in sorted(reasons))
+            raise ValueError(f"conv layers {names} cannot be clipped ({why}); exclude them (exclude={tuple(names)!r})")
         if unknown:
             raise ValueError(
                 f"the input sizes of conv layers {unknown} are not known (not called by the forward that recorded "

@@ -20,6 +20,7 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -41,7 +42,17 @@ from normopt.decay_state_dict import (
     with_pending,
     without_decay_state,
 )
-from normopt.discovery import UNRECORDED_HINT, InputSizeRecorder, LayerSpecs, layer_specs, module_names, unwrap
+from normopt.discovery import (
+    UNRECORDED_HINT,
+    InputSizeRecorder,
+    LayerSpecs,
+    OverriddenForwardWarning,
+    layer_specs,
+    module_names,
+    overridden_forward,
+    overriding_message,
+    unwrap,
+)
 from normopt.layer_choice import choose_layers
 from normopt.lines import line_plan, parse_ord
 from normopt.nonfinite import NonFiniteReporter
@@ -164,6 +175,14 @@ except ImportError:  # torch built without distributed
 _NonFiniteReporter = NonFiniteReporter  # its name before it had a module: optimizers pickled whole then still load
 
 
+@contextlib.contextmanager
+def _quiet_overriding():
+    """layer_specs without its OverriddenForwardWarning: the decay warns of the layers it decays."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="layers ", category=OverriddenForwardWarning)  # not the decay's own
+        yield
+
+
 class NormDecay:
     r"""Norm decay of ``model``'s layers around ``optimizer``'s steps.
 
@@ -199,7 +218,10 @@ class NormDecay:
     """
 
     _detached = False  # set by detach(): the steps of a wrapper around it are plain ones from then on
-    _warned_unrecorded = False  # set once a step has found no forward recorded the conv input sizes
+    # Set once the input sizes came from a forward (or example_input), or the warning that no
+    # forward recorded them before a step was given: the warning concerns the first steps only.
+    _size_warning_done = False
+    _overriding_warned: frozenset = frozenset()  # decayed layers named in an OverriddenForwardWarning
     _agreed: dict = {}  # noqa: RUF012  replaced, never changed in place: this step's running variances under DDP
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
 
@@ -252,7 +274,9 @@ class NormDecay:
         self.optimizer = optimizer
         self.rule, self.kinds, self.layers = rule, tuple(KINDS[k] for k in layers), layers
         self.max_norm, self.bn_max_norm, self.bn_projection = max_norm, bn_max_norm, bn_projection
-        self._select(layer_specs(self.model, example_input))
+        with _quiet_overriding():
+            self._select(layer_specs(self.model, example_input))
+        self._size_warning_done = example_input is not None
         self._refuse_shared()
         if not self.decayed and not self.bn_projected:
             raise ValueError(
@@ -392,6 +416,7 @@ class NormDecay:
         self._note_added_groups()
         self._groups_seen = len(self.optimizer.param_groups)
         self.decayed, self.bn_projected, self.skipped = choice.decayed, choice.bn_projected, choice.skipped
+        self._warn_overriding()
         # Held but frozen now, and {layer: weight} that another decay on the optimizer has (a layer
         # added since to both).
         self._frozen, self._shared = choice.frozen, choice.shared
@@ -452,7 +477,8 @@ class NormDecay:
         if not changed and modules.keys() == layered(self._modules).keys():
             self._reselect(self.specs)
             return
-        fresh = layer_specs(self.model)
+        with _quiet_overriding():
+            fresh = layer_specs(self.model)
         specs = {
             name: self.specs[name] if isinstance(spec, ConvSpec) and name not in changed and name in self.specs else spec
             for name, spec in fresh.items()
@@ -508,8 +534,10 @@ class NormDecay:
         if self._recorder is not None and self._replicas is not None:
             self._recorder.gather(self._replicas)  # every replica at the same step (see _stale)
         if self._recorder is not None and self._recorder.called:
-            self._reselect(self._recorder.specs())
-            self._recorder = None  # only now: a refused selection is refused again at the next step
+            with _quiet_overriding():
+                self._reselect(self._recorder.specs())
+            # Only now: a refused selection is refused again at the next step.
+            self._recorder, self._size_warning_done = None, True
         if self._selection_changed():
             self._choose_anew(during_step=True)
         if self._transform is None and self.decayed:
@@ -591,7 +619,7 @@ class NormDecay:
             # Compiled, the first step or the first after add_param_group sets up outside the graph
             # (a graph break in that step's trace only; the steps after it trace without one).
             (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
-        if self._recorder is not None and not self._warned_unrecorded and self._replicas is None and self._recorder.watching:
+        if self._recorder is not None and not self._size_warning_done and self._replicas is None and self._recorder.watching:
             (torch.compiler.disable(self._warn_unrecorded) if torch.compiler.is_compiling() else self._warn_unrecorded)()
         self._agreed = self._agreed_running_vars()
         if self._transform is not None:
@@ -613,6 +641,25 @@ class NormDecay:
         if self.bn_projection == "released":
             self._project_batchnorms(project_batchnorm_argmax)
 
+    def _warn_overriding(self) -> None:
+        """Warn, once per layer, of decayed layers whose class overrides how the stock layer applies
+        its weight (layer_specs' warning, which this decay silences, names every such layer of the
+        model, excluded ones too)."""
+        groups: dict[tuple, list[str]] = {}
+        for name in self.decayed:
+            module = self._modules[name]
+            method = overridden_forward(module)
+            if method is not None and name not in self._overriding_warned:
+                groups.setdefault((type(module), method), []).append(name)
+        for (cls, method), names in groups.items():
+            self._overriding_warned = self._overriding_warned | set(names)
+            warnings.warn(
+                f"norm decay regularizes them as described: {overriding_message(cls, method, names)} "
+                f"(or exclude them: exclude={tuple(names)!r})",
+                OverriddenForwardWarning,
+                stacklevel=4,
+            )
+
     def _warn_unrecorded(self) -> None:
         """Warn, once, of a step that no forward of the model's convolutions preceded: their input
         sizes stay unknown, and the decay keeps the large-input limit, until one runs."""
@@ -624,7 +671,7 @@ class NormDecay:
         )
         if self._recorder.called or lr_zero:
             return
-        self._warned_unrecorded = True
+        self._size_warning_done = True
         warnings.warn(
             "norm decay stepped before any forward of the model ran its convolutions, so it uses their "
             f"large-input limit until one does; {UNRECORDED_HINT}",

@@ -460,3 +460,11 @@ def test_model_norms_warns_nothing_for_a_model_whose_skipped_modules_are_not_lin
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(normopt.model_norms(model, torch.zeros(1, 1, 5, 5))) == ["0"]
+
+
+def test_model_norms_of_a_model_with_torchscript_parts_warns_of_those_with_weights_only():
+    """A scripted part has no parameter dict to look at: the check of hidden layers crashed on it."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), torch.jit.script(nn.ReLU()), nn.Flatten(), torch.jit.script(nn.Linear(18, 2)))
+    with pytest.warns(UserWarning, match=r"layers \['3'\] are left out of the norms \('3': .*TorchScript"):
+        norms = normopt.model_norms(model, torch.zeros(1, 1, 5, 5))
+    assert list(norms) == ["0"]

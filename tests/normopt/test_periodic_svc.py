@@ -444,3 +444,17 @@ def test_a_compiled_model_that_ran_before_the_clipper_was_made_is_named_as_the_l
     with pytest.raises(RuntimeError, match=r"run a forward first .*torch.compile'd and ran before"):
         svc.clip()
     torch._dynamo.reset()
+
+
+def test_a_conv_pruned_after_the_first_clip_is_refused_by_name_at_the_next():
+    import torch.nn.utils.prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=0.5, example_input=torch.zeros(1, 1, 4, 4))
+    svc.clip()
+    assert svc.last_report.layers == 2
+    torch.nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.3)  # the optimizer trains weight_orig
+    with pytest.raises(ValueError, match=r"conv layers \['2'\] cannot be clipped \('2': .*forward hook.*exclude=\('2',\)"):
+        svc.clip()

@@ -1665,3 +1665,46 @@ def test_a_compiled_model_that_ran_before_the_decay_was_made_is_named_in_the_war
     with pytest.warns(UserWarning, match="large-input limit until one does; if the model is torch.compile'd and ran before"):
         optimizer.step()
     torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:modules .* changed:UserWarning")
+@pytest.mark.parametrize("example", [True, False], ids=["example_input", "recorded"])
+def test_a_module_replaced_mid_training_does_not_warn_that_no_forward_ran(example):
+    """Replacing a module makes a fresh recorder during the step, which the first check of this
+    warning took for one that no forward had reached."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_norm_decay(optimizer, model, example_input=torch.zeros(1, 1, 6, 6) if example else None)
+    x = torch.randn(2, 1, 6, 6)
+    model(x).sum().backward()
+    optimizer.step()
+    model[3] = nn.Linear(72, 2)
+    optimizer.add_param_group({"params": model[3].parameters()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(x).sum().backward()
+        optimizer.step()
+    assert not [w for w in caught if "stepped before any forward" in str(w.message)]
+
+
+class _Standardised(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight - self.weight.mean((1, 2, 3), keepdim=True), self.bias)
+
+
+@pytest.mark.parametrize("excluded", [False, True])
+def test_norm_decay_names_the_overriding_layers_it_decays_once_and_none_it_excludes(excluded):
+    model = nn.Sequential(_Standardised(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, exclude=("0",) if excluded else ())
+        for _ in range(2):
+            model(torch.randn(2, 1, 6, 6)).sum().backward()
+            optimizer.step()
+    named = [str(w.message) for w in caught if issubclass(w.category, normopt.OverriddenForwardWarning)]
+    if excluded:
+        assert named == []
+    else:
+        assert len(named) == 1 and named[0].startswith("norm decay regularizes them as described: layers ['0']")
+        assert "exclude=('0',)" in named[0]
