@@ -267,7 +267,10 @@ def hidden_linear_pieces(model: nn.Module, skipped) -> list[str]:
 
     def hidden(module: nn.Module) -> bool:
         if isinstance(module, torch.jit.ScriptModule):  # first: it has no _parameters dict to look at
-            return any(True for _ in module.parameters())
+            # Weightless parts (activations, dropout) hide nothing; nor do the kinds that are no linear map.
+            kind = getattr(nn, getattr(module, "original_name", ""), None)
+            not_linear = isinstance(kind, type) and issubclass(kind, tuple(_NOT_LINEAR)) and not issubclass(kind, _InstanceNorm)
+            return not not_linear and any(True for _ in (*module.parameters(), *module.buffers()))
         return _quantized(module) or _weight_reason(module) is not None
 
     return [name for name in skipped if name in modules and hidden(modules[name])]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import sys
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -175,6 +176,16 @@ except ImportError:  # torch built without distributed
 _NonFiniteReporter = NonFiniteReporter  # its name before it had a module: optimizers pickled whole then still load
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning given by the caller at the first frame outside
+    normopt and torch (the user's line), however deep the call came: a decay warns from its
+    constructor, from an optimizer's hooks or from a wrapper's step."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("normopt", "torch", "contextlib"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @contextlib.contextmanager
 def _quiet_overriding():
     """layer_specs without its OverriddenForwardWarning: the decay warns of the layers it decays."""
@@ -218,10 +229,8 @@ class NormDecay:
     """
 
     _detached = False  # set by detach(): the steps of a wrapper around it are plain ones from then on
-    # Set once the input sizes came from a forward (or example_input), or the warning that no
-    # forward recorded them before a step was given: the warning concerns the first steps only.
-    _size_warning_done = False
-    _overriding_warned: frozenset = frozenset()  # decayed layers named in an OverriddenForwardWarning
+    _warned_unrecorded = False  # set once a step has warned that no forward recorded the conv input sizes
+    _overriding_warned: frozenset = frozenset()  # (layer, class) pairs named in an OverriddenForwardWarning
     _agreed: dict = {}  # noqa: RUF012  replaced, never changed in place: this step's running variances under DDP
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
 
@@ -276,7 +285,6 @@ class NormDecay:
         self.max_norm, self.bn_max_norm, self.bn_projection = max_norm, bn_max_norm, bn_projection
         with _quiet_overriding():
             self._select(layer_specs(self.model, example_input))
-        self._size_warning_done = example_input is not None
         self._refuse_shared()
         if not self.decayed and not self.bn_projected:
             raise ValueError(
@@ -536,8 +544,7 @@ class NormDecay:
         if self._recorder is not None and self._recorder.called:
             with _quiet_overriding():
                 self._reselect(self._recorder.specs())
-            # Only now: a refused selection is refused again at the next step.
-            self._recorder, self._size_warning_done = None, True
+            self._recorder = None  # only now: a refused selection is refused again at the next step
         if self._selection_changed():
             self._choose_anew(during_step=True)
         if self._transform is None and self.decayed:
@@ -615,11 +622,12 @@ class NormDecay:
         """Update the decay buffers from the current weights and add them to the gradients."""
         if self._detached:
             return
+        recorder = self._recorder  # one made during this step (a module replaced) missed its forward
         if self._stale():
             # Compiled, the first step or the first after add_param_group sets up outside the graph
             # (a graph break in that step's trace only; the steps after it trace without one).
             (torch.compiler.disable(self._refresh) if torch.compiler.is_compiling() else self._refresh)()
-        if self._recorder is not None and not self._size_warning_done and self._replicas is None and self._recorder.watching:
+        if recorder is not None and self._recorder is recorder and not self._warned_unrecorded and self._replicas is None:
             (torch.compiler.disable(self._warn_unrecorded) if torch.compiler.is_compiling() else self._warn_unrecorded)()
         self._agreed = self._agreed_running_vars()
         if self._transform is not None:
@@ -646,18 +654,18 @@ class NormDecay:
         its weight (layer_specs' warning, which this decay silences, names every such layer of the
         model, excluded ones too)."""
         groups: dict[tuple, list[str]] = {}
-        for name in self.decayed:
+        for name in (*self.decayed, *self.bn_projected):
             module = self._modules[name]
             method = overridden_forward(module)
-            if method is not None and name not in self._overriding_warned:
+            if method is not None and (name, type(module)) not in self._overriding_warned:
                 groups.setdefault((type(module), method), []).append(name)
         for (cls, method), names in groups.items():
-            self._overriding_warned = self._overriding_warned | set(names)
+            self._overriding_warned = self._overriding_warned | {(name, cls) for name in names}
             warnings.warn(
                 f"norm decay regularizes them as described: {overriding_message(cls, method, names)} "
                 f"(or exclude them: exclude={tuple(names)!r})",
                 OverriddenForwardWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
 
     def _warn_unrecorded(self) -> None:
@@ -669,13 +677,13 @@ class NormDecay:
         lr_zero = all(
             (lr.device.type == "cpu" and not bool(lr.ne(0).any())) if isinstance(lr, torch.Tensor) else lr == 0 for lr in lrs
         )
-        if self._recorder.called or lr_zero:
+        if self._recorder.called or not self._recorder.watching or lr_zero:
             return
-        self._size_warning_done = True
+        self._warned_unrecorded = True
         warnings.warn(
             "norm decay stepped before any forward of the model ran its convolutions, so it uses their "
             f"large-input limit until one does; {UNRECORDED_HINT}",
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
 
     def _home(self, weight: torch.Tensor, zero_local: tuple[dict, set[int]] | None) -> dict:

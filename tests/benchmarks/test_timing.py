@@ -50,7 +50,7 @@ def test_without_torchvision_the_benchmarks_say_what_to_install_before_any_work(
     import sys
 
     monkeypatch.setitem(sys.modules, "torchvision", None)  # as if it were not installed
-    monkeypatch.setattr("benchmarks.timing.set_threads", lambda threads: pytest.fail("work began"))
+    monkeypatch.setattr(sys.modules[main.__module__], "set_threads", lambda threads: pytest.fail("work began"))
     with pytest.raises(SystemExit) as exit:
         main([])
     assert exit.value.code == 2

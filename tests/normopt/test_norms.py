@@ -468,3 +468,20 @@ def test_model_norms_of_a_model_with_torchscript_parts_warns_of_those_with_weigh
     with pytest.warns(UserWarning, match=r"layers \['3'\] are left out of the norms \('3': .*TorchScript"):
         norms = normopt.model_norms(model, torch.zeros(1, 1, 5, 5))
     assert list(norms) == ["0"]
+
+
+@pytest.mark.parametrize(
+    ("part", "warned"),
+    [
+        (lambda: torch.jit.script(nn.BatchNorm1d(18, affine=False).eval()), True),  # buffers only, a linear map
+        (lambda: torch.jit.script(nn.LayerNorm(18)), False),  # no linear map, as the eager one
+        (lambda: torch.jit.trace(nn.Sequential(nn.Linear(18, 18), nn.ReLU()), torch.zeros(1, 18)), True),
+    ],
+    ids=["batch-norm-buffers", "layer-norm", "traced"],
+)
+def test_a_torchscript_part_is_warned_of_where_it_hides_a_linear_map(part, warned):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), part())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert list(normopt.model_norms(model, torch.zeros(2, 1, 5, 5))) == ["0"]
+    assert bool([w for w in caught if "left out of the norms" in str(w.message)]) == warned

@@ -1708,3 +1708,66 @@ def test_norm_decay_names_the_overriding_layers_it_decays_once_and_none_it_exclu
     else:
         assert len(named) == 1 and named[0].startswith("norm decay regularizes them as described: layers ['0']")
         assert "exclude=('0',)" in named[0]
+
+
+class _Doubled(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, 2 * weight, bias)
+
+
+class _ScaledBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return 3 * super().forward(x)
+
+
+def _overriding_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, normopt.OverriddenForwardWarning)]
+
+
+def test_norm_decay_names_a_capped_batch_norm_and_a_layer_replaced_by_another_overriding_class():
+    model = nn.Sequential(_Standardised(1, 2, 3, padding=1), _ScaledBatchNorm(2), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decay = attach_norm_decay(torch.optim.SGD(model.parameters(), lr=0.1), model, bn_max_norm=1.0)
+        optimizer = decay.optimizer
+        model(torch.randn(2, 1, 6, 6)).sum().backward()
+        optimizer.step()
+    named = _overriding_warnings(caught)
+    assert len(named) == 2 and {"_Standardised", "_ScaledBatchNorm"} == {
+        cls for cls in ("_Standardised", "_ScaledBatchNorm") for message in named if cls in message
+    }
+    assert str(__file__) in {w.filename for w in caught if issubclass(w.category, normopt.OverriddenForwardWarning)}
+    model[0] = _Doubled(1, 2, 3, padding=1)  # the same name, another overriding class
+    optimizer.add_param_group({"params": model[0].parameters()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decay.add_params()
+        model(torch.randn(2, 1, 6, 6)).sum().backward()
+        optimizer.step()
+    assert [m for m in _overriding_warnings(caught) if "_Doubled" in m]
+
+
+@pytest.mark.filterwarnings("ignore:.*changed since the layers were chosen:UserWarning")
+def test_the_no_forward_warning_judges_only_a_recorder_that_was_there_before_the_step():
+    # Replaced before the first step, a forward ran: the recorder made during the step missed it.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach_norm_decay(optimizer, model)
+    model[0] = nn.Conv2d(1, 2, 3, padding=1)
+    optimizer.add_param_group({"params": model[0].parameters()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(2, 1, 6, 6)).sum().backward()
+        optimizer.step()
+    assert not [w for w in caught if "stepped before any forward" in str(w.message)]
+    # Sizes from example_input, a conv replaced, then steps with no forward at all: warned.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(72, 2))
+    optimizer = NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, example_input=torch.zeros(1, 1, 6, 6))
+    model[0] = nn.Conv2d(1, 2, 3, padding=1)
+    optimizer.add_param_group({"params": model[0].parameters()})
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.warns(UserWarning, match="stepped before any forward") as caught:
+        for _ in range(2):
+            optimizer.step()
+    assert str(__file__) in {w.filename for w in caught if "stepped before any forward" in str(w.message)}
