@@ -462,6 +462,7 @@ def test_model_norms_warns_nothing_for_a_model_whose_skipped_modules_are_not_lin
         assert list(normopt.model_norms(model, torch.zeros(1, 1, 5, 5))) == ["0"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_model_norms_of_a_model_with_torchscript_parts_warns_of_those_with_weights_only():
     """A scripted part has no parameter dict to look at: the check of hidden layers crashed on it."""
     model = nn.Sequential(nn.Conv2d(1, 2, 3), torch.jit.script(nn.ReLU()), nn.Flatten(), torch.jit.script(nn.Linear(18, 2)))
@@ -470,6 +471,8 @@ def test_model_norms_of_a_model_with_torchscript_parts_warns_of_those_with_weigh
     assert list(norms) == ["0"]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")
 @pytest.mark.parametrize(
     ("part", "warned"),
     [
