@@ -223,7 +223,10 @@ def overridden_forward(module: nn.Module) -> str | None:
 
 def overriding_message(cls: type, method: str, names: list[str]) -> str:
     """What :class:`OverriddenForwardWarning` says of layers ``names`` of class ``cls``."""
-    stock = next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.") and c.__name__[0] != "_")
+    kinds = (nn.Linear, _ConvNd, _BatchNorm, _InstanceNorm)
+    stocks = [c.__name__ for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.") and issubclass(c, kinds)]
+    # The public stock class, else torch's private base by the name of its kind (_ConvNd: Conv).
+    stock = next((name for name in stocks if name[0] != "_"), stocks[0].lstrip("_").removesuffix("Nd"))
     return (
         f"layers {names} are {cls.__module__}.{cls.__qualname__}, whose {method} overrides nn.{stock}'s: they are "
         f"described as nn.{stock} applies its weight parameter; where {method} applies another weight or pads by "

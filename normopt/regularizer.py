@@ -650,9 +650,9 @@ class NormDecay:
             self._project_batchnorms(project_batchnorm_argmax)
 
     def _warn_overriding(self) -> None:
-        """Warn, once per layer, of decayed layers whose class overrides how the stock layer applies
-        its weight (layer_specs' warning, which this decay silences, names every such layer of the
-        model, excluded ones too)."""
+        """Warn, once per layer and class, of the decayed or capped layers whose class overrides how
+        the stock layer applies its weight (layer_specs' warning, which this decay silences, names
+        every such layer of the model, excluded ones too)."""
         groups: dict[tuple, list[str]] = {}
         for name in (*self.decayed, *self.bn_projected):
             module = self._modules[name]

@@ -615,3 +615,15 @@ def test_input_sizes_of_numpy_or_torch_integers_are_taken():
 
     assert normopt.module_spec(nn.Conv2d(1, 2, 3), "c", np.array([8, 9])).input_size == (8, 9)
     assert normopt.module_spec(nn.Conv2d(1, 2, 3), "c", torch.Size([8, 9])).input_size == (8, 9)
+
+
+def test_the_overriding_message_names_a_public_stock_class_or_the_kind_of_a_private_base():
+    from torch.nn.modules.conv import _ConvNd
+
+    from normopt.discovery import overriding_message
+
+    class OnPrivateBase(_ConvNd):
+        pass
+
+    assert "overrides nn.Conv2d's" in overriding_message(_StandardisedConv, "_StandardisedConv.forward", ["c"])
+    assert "overrides nn.Conv's: they are described as nn.Conv applies" in overriding_message(OnPrivateBase, "m", ["c"])
