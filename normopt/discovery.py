@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -254,6 +256,44 @@ def _weight_reason(module: nn.Module) -> str | None:
     ):
         return f"{type(module).__name__}: weight is computed by a forward hook (e.g. weight_norm), not a parameter"
     return None
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning given by the caller at the first frame outside
+    normopt and torch (the user's line), however deep the call came: from a constructor, from an
+    optimizer's hooks or from a wrapper's step."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("normopt", "torch", "contextlib"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@contextlib.contextmanager
+def quiet_overriding():
+    """:func:`layer_specs` without its :class:`OverriddenForwardWarning`, for a caller that names the
+    layers it acts on itself (:func:`warn_overriding`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="layers ", category=OverriddenForwardWarning)  # not the caller's own
+        yield
+
+
+def warn_overriding(modules: Mapping[str, nn.Module], warned: frozenset, acting: str) -> frozenset:
+    """Warn of the layers of ``modules`` (those a caller acts on: ``acting``, e.g. "norm decay
+    regularizes") whose class overrides how the stock layer applies its weight, once per layer and
+    class: ``warned`` holds the ``(layer, class)`` pairs named before; returns it with the new ones."""
+    groups: dict[tuple, list[str]] = {}
+    for name, module in modules.items():
+        method = overridden_forward(module)
+        if method is not None and (name, type(module)) not in warned:
+            groups.setdefault((type(module), method), []).append(name)
+    for (cls, method), names in groups.items():
+        warned = warned | {(name, cls) for name in names}
+        warnings.warn(
+            f"{acting} them as described: {overriding_message(cls, method, names)} (or exclude them: exclude={tuple(names)!r})",
+            OverriddenForwardWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return warned
 
 
 def hidden_linear_pieces(model: nn.Module, skipped) -> list[str]:

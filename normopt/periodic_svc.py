@@ -14,7 +14,17 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from normopt.discovery import UNRECORDED_HINT, InputSizeRecorder, _weight_reason, layer_specs, module_names, unwrap, within
+from normopt.discovery import (
+    UNRECORDED_HINT,
+    InputSizeRecorder,
+    _weight_reason,
+    layer_specs,
+    module_names,
+    quiet_overriding,
+    unwrap,
+    warn_overriding,
+    within,
+)
 from normopt.replicas import replica_group
 from normopt.specs import ConvSpec, kernel_reach
 from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
@@ -89,6 +99,7 @@ class PeriodicSVC:
     """
 
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
+    _overriding_warned: frozenset = frozenset()  # (layer, class) pairs named in an OverriddenForwardWarning
 
     def __init__(
         self,
@@ -141,7 +152,8 @@ class PeriodicSVC:
                 "pass model.parameters() to it"
             )
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
-        self.specs = layer_specs(self.model, example_input) if example_input is not None else None
+        with quiet_overriding():  # the clip names the overriding layers it clips (warn_overriding)
+            self.specs = layer_specs(self.model, example_input) if example_input is not None else None
         # {layer: reason} of the conv layers left alone (raw input smaller than the kernel's reach)
         self.skipped: dict[str, str] = {}
         self._convs = self._conv_modules()  # as described by self.specs
@@ -181,7 +193,8 @@ class PeriodicSVC:
                 raise RuntimeError(
                     f"PeriodicSVC needs conv input sizes: run a forward first or pass example_input ({UNRECORDED_HINT})"
                 )
-            self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
+            with quiet_overriding():
+                self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
         # Convolutions added or replaced since the model was described (a new head given to
         # add_param_group) are described anew from the input sizes the next forward records;
         # until then they are left alone.
@@ -190,7 +203,8 @@ class PeriodicSVC:
         if changed and self._recorder is not None and self._replicas is not None:
             self._recorder.gather(self._replicas)
         if changed and self._recorder is not None and self._recorder.called:
-            self.specs, self._recorder, self._convs, changed = self._recorder.specs(), None, current, []
+            with quiet_overriding():
+                self.specs, self._recorder, self._convs, changed = self._recorder.specs(), None, current, []
         elif changed:
             if self._recorder is None:
                 self._recorder = InputSizeRecorder(self.model)
@@ -259,6 +273,9 @@ class PeriodicSVC:
                 if any(r > n for r, n in zip(reach, spec.input_size)):
                     self.skipped[name] = f"kernel reach {reach} is larger than its raw input {spec.input_size}"
                     del convs[name]
+        self._overriding_warned = warn_overriding(
+            {name: current[name] for name in convs}, self._overriding_warned, "PeriodicSVC clips"
+        )
         return convs
 
     @torch.compiler.disable  # host work (SciPy, LAPACK, a loop over frequencies): under a compiled step, dynamo traced it

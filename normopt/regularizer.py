@@ -20,10 +20,8 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-import sys
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -47,12 +45,12 @@ from normopt.discovery import (
     UNRECORDED_HINT,
     InputSizeRecorder,
     LayerSpecs,
-    OverriddenForwardWarning,
     layer_specs,
     module_names,
-    overridden_forward,
-    overriding_message,
+    quiet_overriding,
     unwrap,
+    user_stacklevel,
+    warn_overriding,
 )
 from normopt.layer_choice import choose_layers
 from normopt.lines import line_plan, parse_ord
@@ -176,24 +174,6 @@ except ImportError:  # torch built without distributed
 _NonFiniteReporter = NonFiniteReporter  # its name before it had a module: optimizers pickled whole then still load
 
 
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning given by the caller at the first frame outside
-    normopt and torch (the user's line), however deep the call came: a decay warns from its
-    constructor, from an optimizer's hooks or from a wrapper's step."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("normopt", "torch", "contextlib"):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-@contextlib.contextmanager
-def _quiet_overriding():
-    """layer_specs without its OverriddenForwardWarning: the decay warns of the layers it decays."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="layers ", category=OverriddenForwardWarning)  # not the decay's own
-        yield
-
-
 class NormDecay:
     r"""Norm decay of ``model``'s layers around ``optimizer``'s steps.
 
@@ -283,7 +263,7 @@ class NormDecay:
         self.optimizer = optimizer
         self.rule, self.kinds, self.layers = rule, tuple(KINDS[k] for k in layers), layers
         self.max_norm, self.bn_max_norm, self.bn_projection = max_norm, bn_max_norm, bn_projection
-        with _quiet_overriding():
+        with quiet_overriding():
             self._select(layer_specs(self.model, example_input))
         self._refuse_shared()
         if not self.decayed and not self.bn_projected:
@@ -485,7 +465,7 @@ class NormDecay:
         if not changed and modules.keys() == layered(self._modules).keys():
             self._reselect(self.specs)
             return
-        with _quiet_overriding():
+        with quiet_overriding():
             fresh = layer_specs(self.model)
         specs = {
             name: self.specs[name] if isinstance(spec, ConvSpec) and name not in changed and name in self.specs else spec
@@ -542,7 +522,7 @@ class NormDecay:
         if self._recorder is not None and self._replicas is not None:
             self._recorder.gather(self._replicas)  # every replica at the same step (see _stale)
         if self._recorder is not None and self._recorder.called:
-            with _quiet_overriding():
+            with quiet_overriding():
                 self._reselect(self._recorder.specs())
             self._recorder = None  # only now: a refused selection is refused again at the next step
         if self._selection_changed():
@@ -653,20 +633,8 @@ class NormDecay:
         """Warn, once per layer and class, of the decayed or capped layers whose class overrides how
         the stock layer applies its weight (layer_specs' warning, which this decay silences, names
         every such layer of the model, excluded ones too)."""
-        groups: dict[tuple, list[str]] = {}
-        for name in (*self.decayed, *self.bn_projected):
-            module = self._modules[name]
-            method = overridden_forward(module)
-            if method is not None and (name, type(module)) not in self._overriding_warned:
-                groups.setdefault((type(module), method), []).append(name)
-        for (cls, method), names in groups.items():
-            self._overriding_warned = self._overriding_warned | {(name, cls) for name in names}
-            warnings.warn(
-                f"norm decay regularizes them as described: {overriding_message(cls, method, names)} "
-                f"(or exclude them: exclude={tuple(names)!r})",
-                OverriddenForwardWarning,
-                stacklevel=_user_stacklevel(),
-            )
+        layers = {name: self._modules[name] for name in (*self.decayed, *self.bn_projected)}
+        self._overriding_warned = warn_overriding(layers, self._overriding_warned, "norm decay regularizes")
 
     def _warn_unrecorded(self) -> None:
         """Warn, once, of a step that no forward of the model's convolutions preceded: their input
@@ -683,7 +651,7 @@ class NormDecay:
         warnings.warn(
             "norm decay stepped before any forward of the model ran its convolutions, so it uses their "
             f"large-input limit until one does; {UNRECORDED_HINT}",
-            stacklevel=_user_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
 
     def _home(self, weight: torch.Tensor, zero_local: tuple[dict, set[int]] | None) -> dict:

@@ -458,3 +458,35 @@ def test_a_conv_pruned_after_the_first_clip_is_refused_by_name_at_the_next():
     torch.nn.utils.prune.l1_unstructured(model[2], "weight", amount=0.3)  # the optimizer trains weight_orig
     with pytest.raises(ValueError, match=r"conv layers \['2'\] cannot be clipped \('2': .*forward hook.*exclude=\('2',\)"):
         svc.clip()
+
+
+class _StandardisedConv(nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(x, self.weight - self.weight.mean((1, 2, 3), keepdim=True), self.bias)
+
+
+@pytest.mark.parametrize("excluded", [False, True])
+@pytest.mark.parametrize("example", [True, False], ids=["example_input", "recorded"])
+def test_periodic_svc_names_the_overriding_convs_it_clips_once_and_none_it_excludes(excluded, example):
+    import warnings
+
+    model = nn.Sequential(_StandardisedConv(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeriodicSVC(
+            optimizer,
+            model,
+            bound=0.5,
+            every=1,
+            exclude=("0",) if excluded else (),
+            example_input=torch.zeros(1, 1, 4, 4) if example else None,
+        )
+        for _ in range(2):
+            model(torch.randn(2, 1, 4, 4)).sum().backward()
+            optimizer.step()
+    named = [w for w in caught if issubclass(w.category, normopt.OverriddenForwardWarning)]
+    assert len(named) == (0 if excluded else 1)
+    if not excluded:
+        assert str(named[0].message).startswith("PeriodicSVC clips them as described: layers ['0']")
+        assert named[0].filename == __file__
