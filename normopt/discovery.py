@@ -277,10 +277,11 @@ def quiet_overriding():
         yield
 
 
-def warn_overriding(modules: Mapping[str, nn.Module], warned: frozenset, acting: str) -> frozenset:
-    """Warn of the layers of ``modules`` (those a caller acts on: ``acting``, e.g. "norm decay
-    regularizes") whose class overrides how the stock layer applies its weight, once per layer and
-    class: ``warned`` holds the ``(layer, class)`` pairs named before; returns it with the new ones."""
+def warn_overriding(modules: Mapping[str, nn.Module], warned: frozenset = frozenset(), acting: str | None = None) -> frozenset:
+    """Warn of the layers of ``modules`` whose class overrides how the stock layer applies its
+    weight, once per layer and class: ``warned`` holds the ``(layer, class)`` pairs named before;
+    returns it with the new ones. ``acting``: what a caller does to them (e.g. "norm decay
+    regularizes"); None for :func:`layer_specs`, which describes them."""
     groups: dict[tuple, list[str]] = {}
     for name, module in modules.items():
         method = overridden_forward(module)
@@ -288,11 +289,10 @@ def warn_overriding(modules: Mapping[str, nn.Module], warned: frozenset, acting:
             groups.setdefault((type(module), method), []).append(name)
     for (cls, method), names in groups.items():
         warned = warned | {(name, cls) for name in names}
-        warnings.warn(
-            f"{acting} them as described: {overriding_message(cls, method, names)} (or exclude them: exclude={tuple(names)!r})",
-            OverriddenForwardWarning,
-            stacklevel=user_stacklevel(),
-        )
+        message = overriding_message(cls, method, names)
+        if acting is not None:
+            message = f"{acting} them as described: {message} (or exclude them: exclude={tuple(names)!r})"
+        warnings.warn(message, OverriddenForwardWarning, stacklevel=user_stacklevel())
     return warned
 
 
@@ -657,7 +657,7 @@ def layer_specs(
     keys = {id(t): n for n, t in model.named_parameters()}
     keys.update({id(t): n for n, t in model.named_buffers()})
     specs, skipped = {}, {}
-    overriding: dict[tuple, list[str]] = {}  # {(class, "Class.method"): layers whose class overrides how they apply their weight}
+    described: dict[str, nn.Module] = {}  # the modules of specs (warn_overriding names those that override forward)
     scripted: list[str] = []  # TorchScript modules met so far
     for name, module in model.named_modules():
         if "parametrizations" in name.split("."):
@@ -687,8 +687,6 @@ def layer_specs(
                 warnings.warn(f"layer {name!r} was called with input sizes {size}; using the large-input limit", stacklevel=2)
                 size = None
             specs[name] = module_spec(module, name, size, keys, paddings.get(name))
-            if (method := overridden_forward(module)) is not None:
-                overriding.setdefault((type(module), method), []).append(name)
-    for (cls, method), names in overriding.items():
-        warnings.warn(overriding_message(cls, method, names), OverriddenForwardWarning, stacklevel=2)
+            described[name] = module
+    warn_overriding(described)
     return LayerSpecs(specs, skipped)

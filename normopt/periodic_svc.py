@@ -219,6 +219,10 @@ class PeriodicSVC:
         # optimizer, is left as it is, as the optimizer leaves it (asked at every clip, since a
         # layer may be frozen or unfrozen between clips).
         held = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+
+        def trained_through_sources(module: _ConvNd) -> bool:  # its weight, or what the weight is computed from
+            return any(p.requires_grad and id(p) in held for p in _weight_sources(module))
+
         convs = {
             n: s
             for n, s in self.specs.items()
@@ -239,7 +243,7 @@ class PeriodicSVC:
             if name in current
             and name not in changed
             and not within(name, self.exclude)
-            and any(p.requires_grad and id(p) in held for p in _weight_sources(current[name]))
+            and trained_through_sources(current[name])
         ]
         reasons = {name: self.specs.skipped[name] for name in skipped}
         # A described conv whose weight is computed now (parametrized or pruned since), trained
@@ -248,7 +252,7 @@ class PeriodicSVC:
         for name, spec in self.specs.items():
             if isinstance(spec, ConvSpec) and name in current and name not in changed and not within(name, self.exclude):
                 reason = _weight_reason(current[name])
-                if reason is not None and any(p.requires_grad and id(p) in held for p in _weight_sources(current[name])):
+                if reason is not None and trained_through_sources(current[name]):
                     reasons[name] = reason
         if reasons:
             names, why = sorted(reasons), "; ".join(f"{name!r}: {reasons[name]}" for name in sorted(reasons))
