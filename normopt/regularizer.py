@@ -21,26 +21,28 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from normopt.decay_state_dict import (
-    BUFFER,
-    DECAY_KEYS,
-    RECENT,
-    SCALE,
-    check_buffers,
-    checked_entry,
-    compacted,
-    saved_entries,
-    with_pending,
-    without_decay_state,
+from normopt.decay_checkpoint import ZERO, CheckpointHooks, drop_decay_state, put_decay_state
+from normopt.decay_options import (
+    BETA,
+    BN_PROJECTIONS,
+    GAMMA,
+    KINDS,
+    check_beta,
+    check_cap,
+    check_gamma,
+    check_group,
+    refuse_sharded,
+    scaled_betas,
+    signed_beta,
 )
+from normopt.decay_state_dict import BUFFER, DECAY_KEYS
 from normopt.discovery import (
     UNRECORDED_HINT,
     InputSizeRecorder,
@@ -53,128 +55,24 @@ from normopt.discovery import (
     warn_overriding,
 )
 from normopt.layer_choice import choose_layers
-from normopt.lines import line_plan, parse_ord
+from normopt.lines import parse_ord
 from normopt.nonfinite import NonFiniteReporter
 from normopt.projection import project_batchnorm, project_batchnorm_argmax, project_layer, tap_tables
 from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
 from normopt.replicas import first_rank_copies, replica_group
-from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec
-from normopt.transform import RULES, NormDecayState, NormDecayTransform, check_tensor_beta, norm_decay, plain_number
+from normopt.specs import BatchNormSpec, ConvSpec
+from normopt.transform import RULES, NormDecayState, NormDecayTransform, norm_decay
 
-KINDS = {"conv": ConvSpec, "linear": LinearSpec, "batchnorm": BatchNormSpec}
-BN_PROJECTIONS = ("exact", "released")
 # Each optimizer's decays whose hooks are on it, to refuse a second decay of one weight.
 _DECAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Each optimizer's {(param group index, or None for its defaults), key} of the norm_decay_beta and
 # norm_decay_gamma that its decays wrote (not the user): the last decay detached takes them out.
 _INSERTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-BETA, GAMMA = "norm_decay_beta", "norm_decay_gamma"
-
-
-def _refuse_sharded(model: nn.Module) -> None:
-    """Operator norms of parameter shards are wrong: refuse FSDP (flat or DTensor shards)."""
-    for module in model.modules():
-        kind = type(module).__name__
-        if kind == "FullyShardedDataParallel" or kind.startswith("FSDP"):  # FSDP1, or FSDP2's FSDP<Module>
-            raise NotImplementedError(
-                f"module {type(module).__name__} shards its parameters (FSDP); operator norms of shards are "
-                "not the layers' norms. Use DistributedDataParallel, or gather full weights first."
-            )
-    for name, param in model.named_parameters():
-        if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
-            raise NotImplementedError(f"parameter {name!r} is a DTensor shard (FSDP2); norm decay needs whole weights")
-
-
-def check_beta(beta, where: str = "beta") -> float | torch.Tensor:
-    """``beta`` as a float: finite, >= 0 and small enough that ``beta * h`` stays finite in float32.
-
-    A 0-d floating-point tensor is kept as it is (a compiled step then takes it as an input, and
-    changing its value does not recompile, as with torch.optim's tensor ``lr``). Its value is
-    checked only where that costs no synchronisation: on the CPU, outside a compiled region;
-    elsewhere it is used as it is.
-    """
-    if isinstance(beta, torch.Tensor):
-        check_tensor_beta(beta, where)
-        if beta.device.type == "cpu" and not torch.compiler.is_compiling():
-            check_beta(float(beta), where)
-        return beta
-    beta = plain_number(beta)
-    # Comparisons, not math.isfinite: a float that dynamo turned symbolic (after its value changed)
-    # cannot go through math.isfinite without a graph break.
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
-        raise ValueError(f"{where} must be a finite number >= 0, got {beta!r}")
-    if beta > torch.finfo(torch.float32).max / 1e4:  # |h| counts taps: beta * h would overflow
-        raise ValueError(f"{where}={beta!r} is too large: beta * h overflows float32 gradients")
-    return float(beta)
-
-
-def check_gamma(gamma, where: str = "gamma") -> float:
-    if isinstance(gamma, torch.Tensor):  # the step picks its path (rings or dense) from gamma's value
-        raise TypeError(f"{where} must be a number in [0, 1], not a tensor: gamma decides on the host which slices are kept")
-    gamma = plain_number(gamma)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-        raise ValueError(f"{where} must be a number in [0, 1], got {gamma!r}")
-    return float(gamma)
-
-
-def check_group(group: Mapping, where: str) -> None:
-    """Refuse a param group (one being added, or a checkpoint's) whose ``norm_decay_beta`` or
-    ``norm_decay_gamma`` the step would refuse, before the optimizer takes it."""
-    if BETA in group:
-        check_beta(group[BETA], f"{BETA} of {where}")
-    if GAMMA in group:
-        check_gamma(group[GAMMA], f"{GAMMA} of {where}")
-
-
-def _put_decay_state(entry: dict, buffer: torch.Tensor, scale: torch.Tensor, recent: torch.Tensor | None) -> None:
-    """Write a weight's decay state into its ``optimizer.state`` entry; without a ring, take out one
-    an earlier selection left there (a layout that reads the layer densely)."""
-    entry[BUFFER], entry[SCALE] = buffer, scale
-    if recent is not None:
-        entry[RECENT] = recent
-    else:
-        entry.pop(RECENT, None)
-
-
-def _drop_decay_state(homes, weights) -> None:
-    """Take the decay keys out of the state entries of ``weights`` in each of ``homes`` (an
-    optimizer's state mappings); entries left empty go."""
-    for weight in weights:
-        for home in homes:
-            entry = home.get(weight)
-            if isinstance(entry, dict):
-                for key in DECAY_KEYS:
-                    entry.pop(key, None)
-                if not entry:
-                    del home[weight]
-
-
-def _signed(beta, maximize: bool):
-    """beta as the gradient takes it: a group with ``maximize=True`` steps along its gradient, so the
-    decay is subtracted there, and shrinks the norms as it does elsewhere (as ``weight_decay`` does)."""
-    return -beta if maximize else beta
-
-
-def _scaled(betas: dict, scale: torch.Tensor) -> dict:
-    """``{layer: beta * scale}``, one product per distinct beta (layers that shared a beta share the product)."""
-    products: dict = {}
-    key = lambda b: ("tensor", id(b)) if isinstance(b, torch.Tensor) else ("float", b)
-    for b in betas.values():
-        if key(b) not in products:
-            products[key(b)] = scale * b
-    return {name: products[key(b)] for name, b in betas.items()}
-
-
-try:
-    from torch.distributed.optim import ZeroRedundancyOptimizer as _ZERO
-except ImportError:  # torch built without distributed
-    _ZERO = ()
-
 
 _NonFiniteReporter = NonFiniteReporter  # its name before it had a module: optimizers pickled whole then still load
 
 
-class NormDecay:
+class NormDecay(CheckpointHooks):
     r"""Norm decay of ``model``'s layers around ``optimizer``'s steps.
 
     :meth:`before_step` adds to each regularized weight's gradient the decayed subgradient of the
@@ -242,16 +140,13 @@ class NormDecay:
         unknown = [kind for kind in layers if kind not in KINDS]
         if unknown:
             raise ValueError(f"unknown layer kinds {unknown}; expected some of {sorted(KINDS)}")
-        for option, value in (("max_norm", max_norm), ("bn_max_norm", bn_max_norm)):
-            if value is not None and not (
-                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-            ):
-                raise ValueError(f"{option} must be a positive finite number, got {value!r}")
+        check_cap("max_norm", max_norm)
+        check_cap("bn_max_norm", bn_max_norm)
         if bn_projection not in BN_PROJECTIONS:
             raise ValueError(f"unknown bn_projection {bn_projection!r}; expected one of {list(BN_PROJECTIONS)}")
         self.model, self._replicas = unwrap(model), replica_group(model)
-        _refuse_sharded(self.model)
-        if isinstance(optimizer, _ZERO) and getattr(optimizer, "_overlap_with_ddp", False):
+        refuse_sharded(self.model)
+        if isinstance(optimizer, ZERO) and getattr(optimizer, "_overlap_with_ddp", False):
             raise ValueError(
                 "ZeroRedundancyOptimizer(overlap_with_ddp=True) steps inside DDP's communication hook, where no "
                 "optimizer step hook runs: norm decay cannot join it (use overlap_with_ddp=False)"
@@ -562,7 +457,7 @@ class NormDecay:
         defaults = self.optimizer.defaults
         per_group = [
             (
-                _signed(
+                signed_beta(
                     check_beta(group.get(BETA, defaults.get(BETA)), f"{BETA} of param group {i}"), group.get("maximize", False)
                 ),
                 check_gamma(group.get(GAMMA, defaults.get(GAMMA)), f"{GAMMA} of param group {i}"),
@@ -617,7 +512,7 @@ class NormDecay:
             # is scaled alike, so that the kernel's unscaling gives beta * h.
             grad_scale = getattr(self.optimizer, "grad_scale", None)
             if isinstance(grad_scale, torch.Tensor):
-                betas = _scaled(betas, grad_scale)
+                betas = scaled_betas(betas, grad_scale)
             grads = {spec.weight: self._tensors[spec.weight].grad for spec in self.decayed.values()}
             tensors = {**self._tensors, **self._agreed} if self._agreed else self._tensors
             # Unchecked: _layers_changed has seen to the weights' dtype, device and identity, and
@@ -654,20 +549,6 @@ class NormDecay:
             stacklevel=user_stacklevel(),
         )
 
-    def _home(self, weight: torch.Tensor, zero_local: tuple[dict, set[int]] | None) -> dict:
-        """The state mapping that keeps ``weight``'s decay state: ZeRO's local one for the weights
-        this rank steps (``zero_local``, from :meth:`_zero_local`), else the optimizer's."""
-        return zero_local[0] if zero_local is not None and id(weight) in zero_local[1] else self.optimizer.state
-
-    def _zero_local(self) -> tuple[dict, set[int]] | None:
-        """For ZeRO, its local optimizer's state and the ids of the weights this rank steps: the
-        decay state of those lives there (ZeRO's consolidated checkpoint takes every entry from
-        the rank that steps it, and only from its local state); None for any other optimizer."""
-        if not isinstance(self.optimizer, _ZERO):
-            return None
-        local = self.optimizer.optim
-        return local.state, {id(p) for group in local.param_groups for p in group["params"]}
-
     @torch.no_grad()
     def after_step(self) -> None:
         """Keep the decay state in ``optimizer.state`` and apply the caps (``max_norm``, exact ``bn_max_norm``)."""
@@ -691,7 +572,7 @@ class NormDecay:
                     state = home[weight]
                     if state is None:  # ZeRO loads None for the parameters another rank steps
                         state = home[weight] = {}
-                    _put_decay_state(state, buffer, scale, self._state.recent.get(name))
+                    put_decay_state(state, buffer, scale, self._state.recent.get(name))
         if self.max_norm is not None:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
@@ -750,153 +631,6 @@ class NormDecay:
         """The frozen layers that are regularized once unfrozen."""
         return [name for name in self._frozen if isinstance(self.specs[name], self.kinds)]
 
-    def _check_loaded(self, optimizer, state_dict):
-        """Before the optimizer loads anything: refuse decay state that does not fit, naming the
-        layer, and take this decay's keys out of what the optimizer loads (an entry holding only
-        them, of a weight not stepped yet, would make Adam-like optimizers take it for their own)."""
-        if self._selection_changed():  # since the last step: choose the layers as that step will
-            self.add_params()
-        for i, group in enumerate(state_dict.get("param_groups", [])):
-            check_group(group, f"param group {i} of the checkpoint")
-        # Each group's beta and gamma now: a checkpoint of a plain optimizer has none, and torch
-        # replaces the groups with the saved ones (it fills in its own missing options alike).
-        self._hyper_before_load = [(group.get(BETA), group.get(GAMMA)) for group in optimizer.param_groups]
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        ours = {name: self._weight[name] for name in (*self.decayed, *self._frozen_decayed())}
-        entries = saved_entries(state_dict, params, ours)
-        self._loaded_decay = {
-            name: checked_entry(name, saved, self._weight[name], self.specs[name], self.ord)
-            for name, (_, saved) in entries.items()
-        }
-        # Another decay on the optimizer keeps its keys; never the caller's checkpoint changed.
-        return without_decay_state(state_dict, own={index for index, _ in entries.values()})
-
-    def _adopt_loaded(self, optimizer) -> None:
-        """After the optimizer loaded a state dict: take its decay state (zero h where it had none)."""
-        loaded, self._loaded_decay = self._loaded_decay, {}
-        for group, (beta, gamma) in zip(optimizer.param_groups, self._hyper_before_load):
-            group.setdefault(BETA, beta if beta is not None else optimizer.defaults.get(BETA))
-            group.setdefault(GAMMA, gamma if gamma is not None else optimizer.defaults.get(GAMMA))
-        zero_local = self._zero_local()
-        if zero_local is not None:  # ZeRO copied its entries into the local optimizer before any hook ran
-            _drop_decay_state([zero_local[0]], [self._weight[name] for name in loaded])
-        # As a load before the first step: the next step lays the state out anew from what was
-        # loaded. Copied into the live layout, a checkpoint's rings of another length, or a batch
-        # of it that was sparse where the live one had turned dense, would resume otherwise than
-        # the run that wrote it (a rollback after a gamma spike; torch.distributed.checkpoint's
-        # load, which steps first).
-        had_state = self._state is not None
-        self._transform = self._state = None
-        self._take(loaded, zero_fill=True)
-        if not had_state:
-            return  # the first step lays it out; until then _save_pending saves it
-        # A checkpoint taken before the next step (by a trainer at its resume step, or through
-        # torch.distributed.checkpoint or ZeRO, which read "state" only) carries it in the state
-        # entries, as before the load: laid out now, or, while convolutions wait for the input
-        # sizes that the next forward records (the next step describes them anew, and would drop
-        # the checkpoint's rings with a layout made now), as loaded.
-        if self.decayed and (self._recorder is None or not self._recorder.watching) and not self._selection_changed():
-            self._lay_out()
-            joined = {name: (*views, self._state.recent.get(name)) for name, views in self._state.views.items()}
-        else:
-            ones = lambda scale, like: scale if scale is not None else torch.ones((), dtype=like.dtype, device=like.device)
-            joined = {name: (buffer, ones(scale, buffer), recent) for name, (buffer, scale, recent) in self._pending.items()}
-        zero_local = self._zero_local()
-        for name, (buffer, scale, recent) in joined.items():
-            saved = self._home(self._weight[name], zero_local).get(self._weight[name])
-            if saved:  # the optimizer's own state of the weight came back: the decay's joins it
-                _put_decay_state(saved, buffer, scale, recent)
-
-    def _take(self, loaded: Mapping[str, tuple], zero_fill: bool) -> None:
-        """Make ``loaded`` (``{layer: (buffer, scale, recent)}``, checked) the decay state that the next
-        step lays out: copies on each weight's device and dtype; with ``zero_fill``, a zero h for
-        the regularized layers it lacks (a load replaces all of it)."""
-        if zero_fill:
-            self._held_back, self._pending = {}, {}
-        for name in (*self._frozen_decayed(), *self.decayed):
-            weight = self._weight[name]
-            as_weight = lambda t, weight=weight: None if t is None else t.detach().to(weight.device, weight.dtype, copy=True)
-            buffer, scale, recent = loaded.get(name, (None, None, None))
-            if name in self.decayed and (buffer is not None or zero_fill):
-                buffer = as_weight(buffer) if buffer is not None else torch.zeros_like(weight)
-                self._pending[name] = (buffer, as_weight(scale), recent)
-            elif name not in self.decayed and buffer is not None:
-                self._held_back[name] = (as_weight(buffer), as_weight(scale), recent)
-
-    def _state_present(self) -> dict[str, tuple]:
-        """The decay state that the optimizer holds already for this decay's layers, checked: it
-        loaded a checkpoint of a regularized run (its own ``load_state_dict``, or a copy of a
-        hooked optimizer) before this decay was made. Taken as a load after it would be, where the
-        first step would otherwise start h at zero and write over it."""
-        zero_local = self._zero_local()
-        present = {}
-        for name in (*self._frozen_decayed(), *self.decayed):
-            weight = self._weight[name]
-            entry = self._home(weight, zero_local).get(weight)
-            if isinstance(entry, Mapping) and entry.get(BUFFER) is not None:
-                recent = entry.get(RECENT)
-                if isinstance(recent, torch.Tensor) and recent.is_floating_point():
-                    # The optimizer's own load cast the ring to the weight's dtype: its channels
-                    # are exact there up to 2 / eps (2 ** 24 in float32, 256 in bfloat16); else h
-                    # rebuilds it.
-                    exact = line_plan(self.specs[name], self.ord).channels <= 2 / torch.finfo(recent.dtype).eps
-                    entry = {key: value for key, value in entry.items() if key != RECENT}
-                    if exact and bool((recent == recent.round()).all()):
-                        entry[RECENT] = recent.to(torch.int64)
-                present[name] = checked_entry(name, entry, weight, self.specs[name], self.ord)
-        return present
-
-    def _settle_adopted(self, adopted: Mapping[str, tuple]) -> None:
-        """Leave the state adopted at construction in the optimizer's entries as it was checked: a
-        ring that torch's load cast to a float dtype back to channel numbers (or out, where h
-        rebuilds it), so that a checkpoint taken before the first step, of ``"state"`` alone too
-        (``torch.distributed.checkpoint``), saves what the decay resumes from."""
-        zero_local = self._zero_local()
-        for name, (_, _, recent) in adopted.items():
-            entry = self._home(self._weight[name], zero_local).get(self._weight[name])
-            if recent is None:
-                entry.pop(RECENT, None)
-            else:
-                entry[RECENT] = recent.clone()
-
-    def _save_pending(self, optimizer, state_dict):
-        """Put into the state dict the decay state that is not in ``optimizer.state`` (under
-        :data:`~normopt.decay_state_dict.PENDING`): loaded before the first step, of frozen layers,
-        or of weights the optimizer has not stepped yet (no gradient so far, or none since the
-        layers were chosen anew), whose h moves all the same; and the decay state inside ``state``
-        as compact copies (:func:`~normopt.decay_state_dict.compacted`)."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        index = {id(p): i for i, p in enumerate(params)}
-        state_dict = compacted(state_dict, [index[id(w)] for w in self._weight.values() if id(w) in index])
-        unsaved = {}
-        if self._state is not None:
-            zero_local = self._zero_local()
-            for name, (buffer, scale) in self._state.views.items():
-                weight = self._weight[name]
-                # Where after_step keeps it (under ZeRO every rank has every layer's h, and the same gradients).
-                entry = self._home(weight, zero_local).get(weight)
-                if entry is None or entry.get(BUFFER) is not buffer:
-                    unsaved[name] = (buffer, scale, self._state.recent.get(name))
-        entries = {**self._held_back, **self._pending, **unsaved}
-        return with_pending(
-            state_dict, {index[id(self._weight[n])]: e for n, e in entries.items() if id(self._weight[n]) in index}
-        )
-
-    def check_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
-        """Refuse decay buffers ``{layer: h}`` that do not fit this model, naming the layer."""
-        check_buffers(buffers, {name: self._weight[name] for name in self.decayed})
-
-    def load_buffers(self, buffers: Mapping[str, torch.Tensor]) -> None:
-        """Set decay buffers ``{layer: h}`` (e.g. from a checkpoint written before the state moved into
-        the optimizer); every buffer is checked before any is set."""
-        self.check_buffers(buffers)
-        for name, h in buffers.items():
-            h = h.detach().to(device=self._weight[name].device, dtype=self._weight[name].dtype)
-            if self._state is None:
-                self._pending[name] = (h.clone(), None, None)
-            else:
-                self._write(name, h, None)
-
     def detach(self) -> None:
         """Remove every hook this object installed (optimizer step and load hooks, model forward hooks)
         and stop: :meth:`before_step` and :meth:`after_step` do nothing from then on, so that a
@@ -925,7 +659,7 @@ class NormDecay:
         # resume from it.
         zero_local = self._zero_local()
         homes = [self.optimizer.state, *([zero_local[0]] if zero_local is not None else [])]
-        _drop_decay_state(homes, [self._weight[name] for name in (*self.decayed, *self._frozen_decayed())])
+        drop_decay_state(homes, [self._weight[name] for name in (*self.decayed, *self._frozen_decayed())])
         self._transform = self._state = None
         self._pending, self._held_back = {}, {}
         _DECAYS.get(self._registry_key(), weakref.WeakSet()).discard(self)

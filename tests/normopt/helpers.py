@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from hypothesis import assume
 from hypothesis import strategies as st
 from torch import nn
@@ -172,6 +174,40 @@ def batches(x: torch.Tensor, y: torch.Tensor, steps: int, size: int, seed: int =
     for _ in range(steps):
         index = torch.randint(0, len(x), (size,), generator=generator)
         yield x[index], y[index]
+
+
+@functools.cache
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    return digits()
+
+
+def one_step(model: nn.Module, optimizer, seed: int = 0) -> None:
+    """One training step of ``model`` (:func:`small_cnn`) on a batch of 16 digits drawn with ``seed``."""
+    inputs, labels = next(batches(*_digits(), 1, 16, seed))
+    optimizer.zero_grad()
+    F.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+
+
+def wrapped(model: nn.Module, **options) -> normopt.NormDecayOptimizer:
+    """SGD with momentum, norm decay by the wrapper (``options`` its own)."""
+    return normopt.NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, **options)
+
+
+def attached(model: nn.Module, **options) -> torch.optim.Optimizer:
+    """SGD with momentum, norm decay by its hooks (``options`` those of :func:`normopt.attach_norm_decay`)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    normopt.attach_norm_decay(optimizer, model, **options)
+    return optimizer
+
+
+def same_weights(model: nn.Module, twin: nn.Module, rtol: float = 0.0) -> None:
+    """Bit for bit, or within ``rtol`` and an absolute ulp or two of float32 weights of about 0.1."""
+    for key, value in model.state_dict().items():
+        if rtol:
+            assert_close(twin.state_dict()[key], value, rtol=rtol, atol=3e-8, msg=key)
+        else:
+            assert torch.equal(twin.state_dict()[key], value), key
 
 
 @contextlib.contextmanager
