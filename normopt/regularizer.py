@@ -444,7 +444,10 @@ class NormDecay(CheckpointHooks):
         ]
         if loaded:
             max_gamma = min(loaded)
-        self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule, max_gamma=max_gamma)
+        # N counts the frozen layers too, as it counts those of a group whose beta is 0: freezing a
+        # backbone, or unfreezing it for fine-tuning, leaves the head's beta / N as it is.
+        counted = len(self.decayed) + len(self._frozen_decayed())
+        self._transform = norm_decay(self.decayed, ord=self.ord, rule=self.rule, max_gamma=max_gamma, layer_count=counted)
         self._state = self._transform.init(self._tensors)
         for name, (buffer, scale, recent) in self._pending.items():
             self._write(name, buffer, scale, recent)

@@ -307,7 +307,13 @@ def _check_step(members, weights, grads, plan: BatchPlan, device: torch.device, 
 
 
 def norm_decay(
-    specs: Mapping[str, Spec], *, ord=1, rule: str = "paper", max_gamma: float = 0.5, sparse: bool = True
+    specs: Mapping[str, Spec],
+    *,
+    ord=1,
+    rule: str = "paper",
+    max_gamma: float = 0.5,
+    sparse: bool = True,
+    layer_count: int | None = None,
 ) -> NormDecayTransform:
     r"""Norm decay of the layers in ``specs`` as an ``(init, update)`` pair.
 
@@ -319,6 +325,9 @@ def norm_decay(
             (:mod:`normopt.recent_slices`); a step with a gamma above what a ring of that length
             holds (``normopt.recent_slices.covered``) adds ``h`` densely, and so do all later steps.
         sparse: False adds ``h`` to the gradients in dense passes only.
+        layer_count: with ``rule="paper"``, the ``N`` of ``beta / N``: ``len(specs)`` by default; more
+            where layers regularized at other times share the beta (:class:`normopt.NormDecay`
+            counts its frozen layers, so that freezing one leaves the others' decay as it is).
 
     ``update(grads, state, tensors, *, beta, gamma)`` takes ``grads`` keyed like ``tensors`` (or
     without a DDP or compiled model's prefix; a missing or None gradient is left alone), ``tensors``
@@ -357,6 +366,10 @@ def norm_decay(
         raise ValueError("no layer to regularize: specs is empty")
     if not isinstance(sparse, bool):
         raise TypeError(f"sparse must be True or False, got {sparse!r}")
+    if layer_count is None:
+        layer_count = len(specs)
+    if not (isinstance(layer_count, int) and not isinstance(layer_count, bool) and layer_count >= len(specs)):
+        raise ValueError(f"layer_count must be an int of at least the {len(specs)} layers of specs, got {layer_count!r}")
     if isinstance(max_gamma, bool) or not isinstance(max_gamma, (int, float)) or not 0 <= max_gamma <= 1:
         raise ValueError(f"max_gamma must be a number in [0, 1], got {max_gamma!r}")
     for spec in specs.values():
@@ -455,7 +468,7 @@ def norm_decay(
             batch_grads.append(layer_grads)
         betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: tensors[keys[n]].device)))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma", interval=(0, 1))))
-        count = len(names) if rule == "paper" else 1  # the paper's beta is shared among the layers
+        count = layer_count if rule == "paper" else 1  # the paper's beta is shared among the layers
         # beta / count once per beta (a tensor beta shared by the layers stays one tensor, so that
         # its layers keep sharing one operation below).
         divided: list[tuple[object, object]] = []

@@ -865,27 +865,37 @@ def test_a_copy_of_a_wrapper_whose_decay_was_detached_stays_a_plain_optimizer(ho
     attach_norm_decay(inner, twin, beta=0.1)  # refused while the copy re-hooked its detached decay
 
 
-def test_a_group_with_beta_zero_still_counts_in_the_paper_rules_n():
-    """N is the number of regularized layers whatever their groups' beta: a group switched off
-    leaves the others' decay as it is (a layer excluded or frozen is not counted)."""
+@pytest.mark.parametrize("make", [wrapped, attached], ids=["wrapper", "hooks"])
+def test_a_group_with_beta_zero_or_a_frozen_layer_still_counts_in_the_paper_rules_n(make):
+    """N is the number of layers the decay regularizes, whatever their groups' beta and whether
+    they are frozen now: a group switched off, or a backbone frozen and unfrozen for fine-tuning,
+    leaves the others' decay as it is (a layer excluded, or not in the optimizer, is not counted)."""
     torch.manual_seed(0)
     model = small_cnn()
     decays = {}
-    for fc_beta in (0.0, 0.1, None):  # None: the fc layer excluded
+    for fc in ("beta 0", "beta 0.1", "frozen", "excluded", "not held"):
         twin = copy.deepcopy(model)
         head = [p for name, p in twin.named_parameters() if name.startswith("6.")]
         rest = [p for name, p in twin.named_parameters() if not name.startswith("6.")]
-        groups = [{"params": rest}] + (
-            [{"params": head, "norm_decay_beta": fc_beta}] if fc_beta is not None else [{"params": head}]
-        )
-        optimizer = NormDecayOptimizer(torch.optim.SGD(groups, lr=0.0), twin, beta=0.1, exclude=("6",) if fc_beta is None else ())
+        groups = [{"params": rest}]
+        if fc != "not held":
+            groups.append({"params": head, "norm_decay_beta": 0.0} if fc == "beta 0" else {"params": head})
+        if fc == "frozen":
+            twin[6].weight.requires_grad_(False)
+        inner = torch.optim.SGD(groups, lr=0.0)
+        options = {"beta": 0.1, "exclude": ("6",) if fc == "excluded" else ()}
+        optimizer = NormDecayOptimizer(inner, twin, **options) if make is wrapped else inner
+        if make is attached:
+            attach_norm_decay(inner, twin, **options)
         inputs, labels = next(batches(*DATA, 1, 16, 0))
         F.cross_entropy(twin(inputs), labels).backward()
         plain = twin[0].weight.grad.clone()
         optimizer.step()
-        decays[fc_beta] = twin[0].weight.grad - plain
-    assert_close(decays[0.0], decays[0.1], rtol=0)  # three layers: beta / 3
-    assert_close(decays[None], 1.5 * decays[0.1], rtol=1e-6)  # two layers: beta / 2
+        decays[fc] = twin[0].weight.grad - plain
+    for three_layers in ("beta 0", "frozen"):  # beta / 3
+        assert_close(decays[three_layers], decays["beta 0.1"], rtol=0, msg=three_layers)
+    for two_layers in ("excluded", "not held"):  # beta / 2
+        assert_close(decays[two_layers], 1.5 * decays["beta 0.1"], rtol=1e-6, msg=two_layers)
 
 
 def test_detach_leaves_the_state_of_a_batch_norm_another_decay_regularizes():

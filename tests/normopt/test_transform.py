@@ -431,6 +431,9 @@ def test_non_finite_weights_that_no_line_reads_leave_the_decay_buffer_finite(ord
         ({"bn": normopt.BatchNormSpec("bn", None, "v", 2, 1e-5)}, {}, "nothing to regularize"),
         ([normopt.LinearSpec("fc", "w", 2, 2)], {}, "specs must be a mapping"),
         ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"sparse": "no"}, "sparse must be True or False"),
+        ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"layer_count": 0}, "layer_count must be an int of at least the 1"),
+        ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"layer_count": 2.0}, "layer_count must be an int"),
+        ({"fc": normopt.LinearSpec("fc", "w", 2, 2)}, {"layer_count": True}, "layer_count must be an int"),
     ],
 )
 def test_bad_arguments_are_refused(specs, kwargs, match):
@@ -657,3 +660,18 @@ def test_a_tensor_gamma_or_an_unusable_tensor_beta_is_refused_by_layer_before_an
     with pytest.raises(ValueError, match=r"beta of layer 'fc' is a tensor on meta"):
         transform.update({"w": torch.zeros(2, 2)}, state, tensors, beta=torch.tensor(0.1, device="meta"), gamma=0.5)
     assert torch.equal(state.decay_buffer("fc"), before[0]) and torch.equal(state.scales[0], before[1])
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_layer_count_is_the_n_that_the_paper_rule_shares_beta_among(rule):
+    spec = normopt.LinearSpec("fc", "w", 3, 4)
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    added = {}
+    for count in (None, 4):
+        transform = normopt.norm_decay({"fc": spec}, rule=rule, layer_count=count)
+        grads = {"w": torch.zeros(4, 3)}
+        transform.update(grads, transform.init({"w": weight}), {"w": weight}, beta=0.5, gamma=0.0)
+        added[count] = grads["w"]
+    assert torch.count_nonzero(added[None]) > 0
+    # The reference rule adds beta h whatever N is.
+    torch.testing.assert_close(added[4], added[None] / 4 if rule == "paper" else added[None], rtol=0, atol=0)
