@@ -136,8 +136,11 @@ def project_layer(
 
     Each row (column) slice above the radius is projected onto the l1 ball, one tap pattern after
     another. A projection only shrinks magnitudes, so slices handled earlier stay inside the ball;
-    with disjoint or nested patterns (every zero-padded layer) the result is the exact Euclidean
-    projection of each slice. ``taps`` are the layer's :func:`tap_tables` (built here if omitted).
+    with disjoint or nested patterns (a zero-padded layer on an input with a position that every
+    tap reads) the result is the exact Euclidean projection of each slice. Patterns that overlap
+    without nesting (a short input: ``Conv1d(1, 1, 3, padding=1)`` on 2 samples reads taps {1, 2}
+    and {0, 1}) still end with every line in the ball, but not at the nearest such kernel.
+    ``taps`` are the layer's :func:`tap_tables` (built here if omitted).
     Non-finite weights leave the kernel unchanged (a kernel's taps that no line reads are never
     changed, and do not count). Low-precision kernels are projected in float32 and rounded towards
     zero, so their norm is at most ``radius`` to float32's round-off.
