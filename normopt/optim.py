@@ -165,7 +165,11 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         """Evaluate ``closure`` once (if given), add norm decay, step the inner optimizer, project.
 
         An inner optimizer that requires a closure and re-evaluates it (LBFGS) gets one that runs
-        ``closure`` and then adds the decay, so no evaluation's gradient lacks it. Step hooks
+        ``closure`` and then adds the decay, so no evaluation's gradient lacks it; ``h`` then
+        advances once per evaluation (``gamma`` counts evaluations, not steps). As with the inner
+        optimizer, the gradients stay as the step used them: the decay is in ``.grad`` after the
+        step (a gradient-norm logged after it includes it, and a second step on the same
+        gradients adds it again). Step hooks
         registered on the wrapper run around all of it; torch's global step hooks run once, around
         the inner optimizer's step (so after a closure that the wrapper evaluates itself, and with
         the decay in the gradients).
