@@ -85,11 +85,13 @@ def _divergence(row: dict) -> dict:
     """``row`` with the runs it used (``row["used"]``) checked for divergence. Its verdict comes from
     the runs with a finite seed alone; one that diverged in every seed (NaN figures decide nothing)
     makes the claim not decided, unless the finite runs already refute it (then it is named as
-    left out). Seeds that diverged in the other runs were left out of the figures, said in ``measured``."""
+    left out). Seeds that diverged in the other runs were left out of the figures, said in ``measured``.
+    A run of one seed (alone, or the one left by divergence) has no spread to clear: the claim is
+    then not decided either."""
     used = row.pop("used")
     dead = [_label(r) for r in used if r.seeds == 0]
     partial = [f"{_label(r)} ({int(r.diverged)} of {int(r.diverged + r.seeds)} seeds)" for r in used if r.seeds and r.diverged]
-    if dead and not bool(row["holds"]):
+    if dead and row["holds"] is not None and not bool(row["holds"]):
         row["measured"] += f"; left out: {', '.join(dead)} diverged in every seed"
     elif dead:
         row["holds"] = None
@@ -97,8 +99,11 @@ def _divergence(row: dict) -> dict:
     if partial:
         row["measured"] += f"; diverged seeds left out: {', '.join(partial)}"
     single = [_label(r) for r in used if r.seeds == 1]
-    if single:  # its sd reads 0: the verdict cleared no spread there
+    if single:  # its sd reads 0: a verdict would clear no spread there, in either direction
         row["measured"] += f"; one seed only (no spread known): {', '.join(single)}"
+        if row["holds"] is not None:
+            row["holds"] = None
+            row["measured"] += ": not decided"
     return row
 
 
@@ -151,38 +156,57 @@ def norm_decay_lowers_norms(runs: pd.DataFrame) -> dict | None:
     }
 
 
+def _robust_columns(results: pd.DataFrame) -> list[tuple[str, str]]:
+    """``(column, radius as the claims name it)`` of every robust accuracy: the sweep's radii, or,
+    without a sweep, the study's own radius (``robust acc``, at its ``--eval-eps``)."""
+    sweep = [(f"robust@{r}", f"eps {r}/255") for r in radii(results)]
+    return sweep or ([("robust acc", "the study's radius")] if "robust acc" in results.columns else [])
+
+
 def regularizers_do_not_raise_robustness(runs: pd.DataFrame, results: pd.DataFrame) -> dict | None:
     """Claim 2: no norm decay, weight decay or SVC run is more robust than plain training by more
-    than the seed-to-seed spread (two standard deviations of the difference), at any radius."""
+    than the seed-to-seed spread (two standard deviations of the difference), at any radius (of
+    the sweep; without one, at the study's radius). A NaN accuracy of a run that did not diverge
+    (an evaluation that failed) decides nothing: the claim is then not decided, unless another
+    run already refutes it."""
     plain = _plain(runs)
     candidates = runs[runs.method.map(lambda m: REGISTRY[m].optimizer in ("nd", "wd", "svc") and not REGISTRY[m].adversarial)]
-    if plain is None or candidates.empty:
+    columns = _robust_columns(results)
+    if plain is None or candidates.empty or not columns:
         return None
-    worst, verdict = None, True
-    for r in radii(results):
-        column = f"robust@{r}"
+    worst, verdict, unmeasured = None, True, []
+    for column, radius in columns:
         for _, run in candidates.iterrows():
             if not (_live(run) and _live(plain)):
                 continue  # NaN figures: decided by _divergence, never the worst
             gain = run[column] - plain[column]
             spread = 2 * math.hypot(run[f"{column} sd"], plain[f"{column} sd"])
+            if math.isnan(gain) or math.isnan(spread):
+                unmeasured.append(f"{REGISTRY[run.method].run_label(run.strength)} at {radius}")
+                continue
             if worst is None or gain > worst[0]:
-                worst = (gain, spread, REGISTRY[run.method].run_label(run.strength), r)
+                worst = (gain, spread, REGISTRY[run.method].run_label(run.strength), radius)
             verdict &= gain <= spread
     used = [plain, *(run for _, run in candidates.iterrows())]
     if worst is None:
-        if all(_live(run) for run in used) or not radii(results):
+        if all(_live(run) for run in used) and not unmeasured:
             return None
         measured = "largest gain over plain: no run with a finite seed to compare"
-        return {"claim": CLAIM_2, "measured": measured, "holds": True, "worst": NO_FIGURE, "used": used}
-    gain, spread, label, r = worst
+        if unmeasured:
+            measured = f"largest gain over plain: no robust accuracy measured ({', '.join(unmeasured)})"
+        return {"claim": CLAIM_2, "measured": measured, "holds": None if unmeasured else True, "worst": NO_FIGURE, "used": used}
+    gain, spread, label, radius = worst
+    measured = f"largest gain over plain: {gain:+.3f} ({label}, {radius}; seed spread ±{spread:.3f})"
+    if verdict:
+        measured += "; every gain within its spread"
+    if unmeasured:
+        measured += f"; no robust accuracy (NaN) for {', '.join(unmeasured)}"
+        if verdict:
+            measured += ": not decided"
     return {
         "claim": CLAIM_2,
-        "measured": f"largest gain over plain: {gain:+.3f} ({label}, eps {r}/255; seed spread ±{spread:.3f}); "
-        "every gain within its spread"
-        if verdict
-        else f"largest gain over plain: {gain:+.3f} ({label}, eps {r}/255; seed spread ±{spread:.3f})",
-        "holds": verdict,
+        "measured": measured,
+        "holds": None if verdict and unmeasured else verdict,
         "worst": label,
         "used": used,
     }
@@ -256,6 +280,19 @@ def batchnorm_resists_norm_decay(runs: pd.DataFrame) -> dict | None:
     }
 
 
+def _first_model(results: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The rows of the first model in ``results``, and its name where there are others (to be said)."""
+    model = results.model.iloc[0]
+    return results[results.model == model], (model if results.model.nunique() > 1 else None)
+
+
+def _of_model(row: dict | None, model: str | None) -> dict | None:
+    """``row`` with the model it was decided on named in ``measured``, where the results hold several."""
+    if row is not None and model is not None:
+        row["measured"] = f"{model} (the first of the models): {row['measured']}"
+    return row
+
+
 def claims_table(regularization: pd.DataFrame | None, adversarial: pd.DataFrame | None) -> pd.DataFrame:
     """The four claims, from the regularization and adversarial studies' ``results.csv`` tables
     (one model: the first). A claim whose runs are missing is left out. A claim is decided on the
@@ -264,14 +301,13 @@ def claims_table(regularization: pd.DataFrame | None, adversarial: pd.DataFrame 
     in ``measured``."""
     rows = []
     if regularization is not None and not regularization.empty:
-        model = regularization.model.iloc[0]
-        frame = regularization[regularization.model == model]
+        frame, which = _first_model(regularization)
         runs = by_run(frame)
-        rows += [norm_decay_lowers_norms(runs), regularizers_do_not_raise_robustness(runs, frame)]
-        rows += [batchnorm_resists_norm_decay(runs)]
+        claims = [norm_decay_lowers_norms(runs), regularizers_do_not_raise_robustness(runs, frame)]
+        rows += [_of_model(row, which) for row in [*claims, batchnorm_resists_norm_decay(runs)]]
     if adversarial is not None and not adversarial.empty:
-        model = adversarial.model.iloc[0]
-        rows.append(adversarial_norms_no_smaller(by_run(adversarial[adversarial.model == model])))
+        frame, which = _first_model(adversarial)
+        rows.append(_of_model(adversarial_norms_no_smaller(by_run(frame)), which))
     table = pd.DataFrame([_divergence(r) for r in rows if r is not None])
     if not table.empty:
         table["holds"] = [{True: "holds", False: "does not hold"}.get(v, "not decided") for v in table.holds]
