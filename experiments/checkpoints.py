@@ -111,15 +111,40 @@ def epochs(folder: str) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def load_latest(folder: str, map_location=None, report=print) -> dict | None:
-    """The newest good checkpoint; damaged ones are reported by name and renamed ``*.damaged``."""
+class ForeignCheckpoint(Exception):
+    """Raised by the ``accept`` of :func:`load_latest`: a checkpoint whose state is not this run's."""
+
+
+def set_aside(path: str) -> str:
+    """Rename ``path`` to ``<path>.damaged`` (``.damaged.1``, ... where that is taken: a file set
+    aside before is never written over); returns the new name."""
+    target, n = f"{path}.damaged", 0
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.damaged.{n}"
+    os.replace(path, target)
+    return target
+
+
+def load_latest(folder: str, map_location=None, report=print, accept=None) -> dict | None:
+    """The newest good checkpoint; damaged ones are reported by name and set aside (:func:`set_aside`).
+
+    ``accept(state)`` may raise :class:`ForeignCheckpoint` for a checkpoint whose checksum holds but
+    whose state is not the caller's (another run's, copied in): it is set aside as damaged too.
+    """
     for epoch in reversed(epochs(folder)):
         path = checkpoint_path(folder, epoch)
         try:
-            return load(path, map_location)
+            state = load(path, map_location)
+            if accept is not None:
+                try:
+                    accept(state)
+                except ForeignCheckpoint as error:
+                    raise DamagedCheckpoint(f"{path}: not this run's ({error})") from None
+            return state
         except DamagedCheckpoint as error:
-            os.replace(path, path + ".damaged")
-            report(f"warning: damaged checkpoint {error}; kept as {path}.damaged, trying the previous one")
+            kept = set_aside(path)
+            report(f"warning: damaged checkpoint {error}; kept as {kept}, trying the previous one")
     return None
 
 

@@ -206,11 +206,7 @@ def step_norms(model: nn.Module, specs) -> torch.Tensor:
         )
 
 
-def restore(run: SimpleNamespace, out: str, where: torch.device) -> None:
-    """Continue from the newest good checkpoint in ``out`` (damaged ones are reported and set aside)."""
-    state = checkpoints.load_latest(out, map_location=where, report=checkpoints.eprint)
-    if state is None:
-        return
+def _load_state(run: SimpleNamespace, state: dict) -> None:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -219,6 +215,24 @@ def restore(run: SimpleNamespace, out: str, where: torch.device) -> None:
         run.svc.load_state_dict(state["svc"])
     run.history, run.norms, run.start = state["history"], state["norms"], state["epoch"] + 1
     run.step_norms = state.get("step_norms", run.step_norms)
+
+
+def restore(config: RunConfig, out: str, where: torch.device) -> SimpleNamespace:
+    """The run of ``config``, continued from the newest good checkpoint in ``out``: damaged ones, and
+    ones whose state does not fit this run (another run's, copied in), are reported and set aside,
+    and the run is built anew before the next is tried (never resumed half-loaded)."""
+    run = build(config, where)
+
+    def accept(state: dict) -> None:
+        nonlocal run
+        try:
+            _load_state(run, state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+            run = build(config, where)
+            raise checkpoints.ForeignCheckpoint(f"{type(error).__name__}: {' '.join(str(error).split())[:200]}") from None
+
+    checkpoints.load_latest(out, map_location=where, report=checkpoints.eprint, accept=accept)
+    return run
 
 
 def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torch.device) -> dict:
@@ -326,8 +340,8 @@ def finished_result(path: str, config: RunConfig) -> dict | None:
         if "accuracy" not in result or not _same_run(result, config):
             raise checkpoints.DamagedFile(f"{path} is not the result of this run")
     except checkpoints.DamagedFile as error:
-        os.replace(path, path + ".damaged")
-        checkpoints.eprint(f"warning: {error}; set aside as {path}.damaged, evaluating the run again")
+        kept = checkpoints.set_aside(path)
+        checkpoints.eprint(f"warning: {error}; set aside as {kept}, evaluating the run again")
         return None
     return result
 
@@ -379,9 +393,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
                 _report_divergence(result)
             return result
         where = device()
-        run = build(config, where)
-        if resume:
-            restore(run, out, where)
+        run = restore(config, out, where) if resume else build(config, where)
         for epoch in range(run.start, config.epochs + 1):
             row = train_epoch(config, run, epoch, where)
             row["non-finite"] = non_finite(run.model)  # every parameter and buffer, once per epoch

@@ -107,3 +107,30 @@ def test_a_write_cut_short_leaves_no_temporary_and_one_killed_is_removed_under_t
     (tmp_path / "notes.tmp").write_text("kept")
     assert checkpoints.remove_temporaries(str(tmp_path)) == ["checkpoint-2.pt.tmp4242"]
     assert sorted(os.listdir(tmp_path)) == ["notes.tmp"]
+
+
+def test_a_second_damaged_file_is_set_aside_beside_the_first_never_over_it(tmp_path):
+    """Both the checkpoint and result.json paths renamed to <path>.damaged with os.replace: a second
+    damaged file of the same name wrote over the first, without a word."""
+    path = str(tmp_path / "checkpoint-2.pt")
+    kept = []
+    for content in (b"first", b"second", b"third"):
+        open(path, "wb").write(content)
+        kept.append(checkpoints.set_aside(path))
+    assert kept == [path + ".damaged", path + ".damaged.1", path + ".damaged.2"]
+    assert [open(k, "rb").read() for k in kept] == [b"first", b"second", b"third"] and not os.path.exists(path)
+
+
+def test_a_checkpoint_that_accept_refuses_is_set_aside_and_the_previous_one_used(tmp_path):
+    for epoch in (1, 2):
+        checkpoints.save(str(tmp_path), epoch, state(epoch))
+
+    def accept(loaded):
+        if loaded["epoch"] == 2:
+            raise checkpoints.ForeignCheckpoint("missing key 'fc.bias'")
+
+    reports = []
+    assert checkpoints.load_latest(str(tmp_path), report=reports.append, accept=accept)["epoch"] == 1
+    path = checkpoints.checkpoint_path(str(tmp_path), 2)
+    expected = f"warning: damaged checkpoint {path}: not this run's (missing key 'fc.bias'); kept as {path}.damaged"
+    assert reports == [f"{expected}, trying the previous one"]

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,23 @@ def test_a_damaged_checkpoint_is_reported_and_survived(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"damaged checkpoint {path}" in done.stderr and os.path.exists(path + ".damaged")
     again = json.load(open(out / "result.json"))
+    assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
+
+
+def test_another_runs_checkpoint_copied_in_is_set_aside_and_the_run_resumes_from_its_own(tmp_path):
+    """A checkpoint with a valid checksum but another model's state ended --resume in a traceback
+    (RuntimeError: Missing key(s) in state_dict), after loading some of it into the run."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    assert run("experiments.train", "--epochs", "2", *TINY, "--out", str(out)).returncode == 0
+    first = json.load(open(out / "result.json"))
+    assert run("experiments.train", "--epochs", "1", "--method", "pgd-at-he", *TINY, "--out", str(other)).returncode == 0
+    os.remove(out / "result.json")
+    path = checkpoints.checkpoint_path(str(out), 2)
+    shutil.copyfile(checkpoints.checkpoint_path(str(other), 1), path)
+    done = run("experiments.train", "--epochs", "2", *TINY, "--out", str(out), "--resume")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"damaged checkpoint {path}: not this run's (RuntimeError" in done.stderr and os.path.exists(path + ".damaged")
+    again = json.load(open(out / "result.json"))  # resumed from epoch 1, its own: the same run
     assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
 
 
