@@ -4,9 +4,17 @@ l_inf norms, for the paper's six conv shapes on a 32x32 input, on every device p
     python -m experiments.speed            # the full table (power iteration: 500 iterations)
     python -m experiments.speed --quick    # power iteration timed over 20 iterations, scaled to 500
 
-Writes speed.{csv,md,tex} into one folder (printed). Times are medians over --repeats, but for the
-SVD, timed once per shape (a full complex SVD per frequency: 19 s for 5x5 512->256 on 2 threads).
-The threads torch and BLAS used are a column of the table.
+Writes speed.{csv,md,tex} into one folder (printed). Times are medians over --repeats, after one
+untimed call where there are several, but for the SVD, timed once per shape (a full complex SVD per
+frequency: 19 s for 5x5 512->256 on 2 threads). The threads torch and BLAS used are a column of the
+table.
+
+The layers are those of the released ``speed_test.py``: ``nn.Conv2d(in, out, k)`` with its default
+padding 0, stride 1, on a 32x32 input. Where this differs from it: the released script reports
+timeit totals over 100 calls (here: the median of one call), runs the power iteration and the
+norms on a GPU (here: every device present), and its SVD baseline is TensorFlow's complex64 SVD
+of all 32x32 frequencies on the GPU (here: SciPy's complex128 SVD of the real-FFT half, on the
+CPU, as :func:`normopt.svc.conv_singular_values` with ``method="svd"``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ SHAPES = [(3, 32, 32), (3, 32, 128), (3, 128, 256), (3, 256, 512), (5, 256, 128)
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
+    """The median time of ``repeats`` calls of ``fn``, after an untimed one where ``repeats > 1`` (its
+    first call builds tables and warms caches: once per shape in training, not per call)."""
+    if repeats > 1:
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -46,7 +58,7 @@ def measure_shape(
 ):
     """One row of the table: a conv of ``shape`` = (kernel, in, out) on a 32x32 input."""
     k, c_in, c_out = shape
-    layer = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False).to(device)
+    layer = torch.nn.Conv2d(c_in, c_out, k, bias=False).to(device)  # padding 0, as the released speed_test.py
     spec = normopt.module_spec(layer, "conv", (32, 32))
     weight = layer.weight.detach()
     tensors = {"conv.weight": weight}

@@ -15,6 +15,9 @@ def test_speed_table_has_every_method_column(tmp_path, monkeypatch):
     svd, power = speed.conv_singular_values, speed.power_iteration_norm
     monkeypatch.setattr(speed, "conv_singular_values", lambda *a, **k: timed["svd"].append(k) or svd(*a, **k))
     monkeypatch.setattr(speed, "power_iteration_norm", lambda *a, **k: timed["power"].append(k) or power(*a, **k))
+    specs = []
+    module_spec = speed.normopt.module_spec
+    monkeypatch.setattr(speed.normopt, "module_spec", lambda *a, **k: specs.append(module_spec(*a, **k)) or specs[-1])
     out = speed.main(
         ["--quick", "--repeats", "1", "--iterations", "40", "--threads", "1", "--max-channels", "32", "--out", str(tmp_path)]
     )
@@ -26,6 +29,8 @@ def test_speed_table_has_every_method_column(tmp_path, monkeypatch):
     # the iterations asked (tol=0 stopped at two equal estimates).
     assert [k.get("method") for k in timed["svd"]] == ["svd"]
     assert timed["power"] == [{"iterations": 20, "tol": None}]
+    # The released speed_test.py's layer: nn.Conv2d's default padding 0 (it was padded by k // 2).
+    assert [(s.kernel_size, s.padding, s.stride) for s in specs] == [((3, 3), ((0, 0), (0, 0)), (1, 1))]
     assert os.path.exists(os.path.join(out, "speed.md")) and os.path.exists(os.path.join(out, "speed.tex"))
 
 
@@ -44,3 +49,10 @@ def test_max_channels_that_leave_no_shape_exit_2_and_keep_an_earlier_table(dry_r
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "--max-channels 8 leaves no shape" in err and "32 channels" in err
     assert (tmp_path / "speed.csv").read_text() == "earlier table\n"
+
+
+@pytest.mark.parametrize(("repeats", "calls"), [(1, 1), (3, 4)])
+def test_timing_makes_one_untimed_call_first_where_it_repeats(repeats, calls):
+    made = []
+    assert speed._time(lambda: made.append(1), repeats, speed.torch.device("cpu")) >= 0
+    assert len(made) == calls
