@@ -107,7 +107,8 @@ class RunConfig:
         # Frozen: normalise lists from JSON or the command line through object.__setattr__.
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "attacks", tuple(self.attacks))
-        object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
+        # A set of radii: in any order, or repeated, the same sweep (and the same fingerprint).
+        object.__setattr__(self, "sweep", tuple(sorted({float(r) for r in self.sweep})))
         problem = check(self)
         if problem:
             raise UserError(problem)
@@ -166,11 +167,11 @@ def check(config: RunConfig) -> str | None:
         return f"unknown model {config.model!r}; choose from {sorted(MODELS)}"
     if config.method not in METHODS:
         return f"unknown method {config.method!r}; choose from {list(METHODS)}"
-    positive = ("epochs", "lr", "batch_size", "svc_every", "eval_images", "eval_iterations", "eval_targets", "adv_steps")
-    positive += ("norms_every", "he_scale")
-    for name in positive:
-        if not getattr(config, name) > 0:
-            return f"--{name.replace('_', '-')} must be at least 1 (or > 0), got {getattr(config, name)}"
+    counts = ("epochs", "batch_size", "svc_every", "eval_images", "eval_iterations", "eval_targets", "adv_steps", "norms_every")
+    for name in (*counts, "lr", "he_scale"):
+        if not getattr(config, name) > 0:  # also refuses NaN
+            least = "at least 1" if name in counts else "> 0"
+            return f"--{name.replace('_', '-')} must be {least}, got {getattr(config, name)}"
     non_negative = ("strength", "momentum", "bn_radius", "adv_eps", "adv_step", "trades_beta", "alp_weight", "eval_eps")
     non_negative += ("he_margin",)
     for name in non_negative:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -66,6 +67,22 @@ def test_options_a_method_uses_are_accepted():
     RunConfig(method="nd-l1+bn", strength=0.1, bn_radius=2.0, skip_layers="released")
     RunConfig(method="at+nd", strength=0.01, skip_layers="released")
     RunConfig(method="pgd-at", bn_radius=5.0)  # the protocol's own value: nothing set
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("lr", -1.0, "--lr must be > 0, got -1.0"), ("epochs", 0, "--epochs must be at least 1, got 0")],
+)
+def test_a_count_must_be_at_least_1_and_a_rate_above_0(option, value, message):
+    """--lr -1 answered "must be at least 1 (or > 0)"."""
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        RunConfig(**{option: value})
+
+
+def test_a_sweep_is_a_set_of_radii_whatever_their_order():
+    """--sweep 4,1 and --sweep 1,4 were two runs (two fingerprints), so the second was refused as another study."""
+    assert RunConfig(sweep=(4, 1, 4)).sweep == (1.0, 4.0)
+    assert RunConfig(sweep=(4, 1)).fingerprint() == RunConfig(sweep=(1, 4)).fingerprint()
 
 
 def test_fingerprint_follows_results_not_paths():
