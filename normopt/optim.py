@@ -55,7 +55,8 @@ class NormDecayOptimizer(torch.optim.Optimizer):
     torch.optim's float ``lr``).
 
     With the default ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021) each step does, for
-    each of the N regularized layers with weight W and subgradient p of its norm,
+    each of the N regularized layers (frozen ones the optimizer holds counted too) with weight W
+    and subgradient p of its norm,
     :math:`h \leftarrow \gamma h + (1-\gamma) p` and :math:`\nabla W \mathrel{+}= (\beta/N) h`;
     ``rule="reference"`` reproduces the released code: :math:`h \leftarrow \gamma h`, the arg-max
     line of h set to p, :math:`\nabla W \mathrel{+}= \beta h`.

@@ -4,7 +4,8 @@ For each regularized layer with weight ``W``, decay buffer ``h`` and subgradient
 l_inf norm (see :mod:`normopt.decay`), one ``update`` does
 
 * ``rule="paper"`` (Algorithm 1 of Liang & Huang, 2021): :math:`h \leftarrow \gamma h + (1-\gamma) p`,
-  :math:`\nabla W \mathrel{+}= (\beta / N) h`, with ``N`` the number of regularized layers;
+  :math:`\nabla W \mathrel{+}= (\beta / N) h`, with ``N`` the number of regularized layers
+  (``layer_count`` of :func:`norm_decay`: by default those of ``specs``);
 * ``rule="reference"`` (the authors' released code): :math:`h \leftarrow \gamma h`, the arg-max
   line of ``h`` set to ``p``, :math:`\nabla W \mathrel{+}= \beta h`. Columns are summed in the
   released code's order (see :class:`normopt.lines.LinePlan`), so that near-ties resolve as there.
@@ -368,6 +369,8 @@ def norm_decay(
         raise TypeError(f"sparse must be True or False, got {sparse!r}")
     if layer_count is None:
         layer_count = len(specs)
+    if isinstance(layer_count, numbers.Integral) and not isinstance(layer_count, bool):
+        layer_count = int(layer_count)
     if not (isinstance(layer_count, int) and not isinstance(layer_count, bool) and layer_count >= len(specs)):
         raise ValueError(f"layer_count must be an int of at least the {len(specs)} layers of specs, got {layer_count!r}")
     if isinstance(max_gamma, bool) or not isinstance(max_gamma, (int, float)) or not 0 <= max_gamma <= 1:

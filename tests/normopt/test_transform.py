@@ -9,6 +9,7 @@ import io
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, conv_layers, explicit_matrix, graph_recorder, rings_everywhere
@@ -667,11 +668,13 @@ def test_layer_count_is_the_n_that_the_paper_rule_shares_beta_among(rule):
     spec = normopt.LinearSpec("fc", "w", 3, 4)
     weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     added = {}
-    for count in (None, 4):
+    for name, count in (("default", None), ("4", 4), ("numpy 4", np.int64(4))):
         transform = normopt.norm_decay({"fc": spec}, rule=rule, layer_count=count)
         grads = {"w": torch.zeros(4, 3)}
         transform.update(grads, transform.init({"w": weight}), {"w": weight}, beta=0.5, gamma=0.0)
-        added[count] = grads["w"]
-    assert torch.count_nonzero(added[None]) > 0
+        added[name] = grads["w"]
+    assert torch.count_nonzero(added["default"]) > 0
     # The reference rule adds beta h whatever N is.
-    torch.testing.assert_close(added[4], added[None] / 4 if rule == "paper" else added[None], rtol=0, atol=0)
+    expected = added["default"] / 4 if rule == "paper" else added["default"]
+    torch.testing.assert_close(added["4"], expected, rtol=0, atol=0)
+    assert torch.equal(added["numpy 4"], added["4"])  # a NumPy integer counts as the int
