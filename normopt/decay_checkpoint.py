@@ -3,9 +3,12 @@ through the optimizer's own ``state_dict()`` and ``load_state_dict()`` (its hook
 
 The pure part, what a state dict holds and how a loaded one is checked, is
 :mod:`normopt.decay_state_dict`; this is the part that reads and writes the decay's own
-attributes: :class:`CheckpointHooks`, a base of :class:`normopt.NormDecay`, which keeps its layers
-(``decayed``, ``specs``, ``_weight``), its pending and live state (``_pending``, ``_held_back``,
-``_state``) and lays the state out (``_lay_out``).
+attributes: :class:`CheckpointHooks`, a base of :class:`normopt.NormDecay`. Its methods use what
+NormDecay keeps: the optimizer, the layers (``decayed``, ``specs``, ``ord``, ``_weight``,
+``_frozen_decayed()``), the pending and live state (``_pending``, ``_held_back``, ``_state``,
+``_transform``, ``_recorder``; ``_loaded_decay`` and ``_hyper_before_load``, this class's own, set
+up by NormDecay's constructor) and how NormDecay chooses and lays them out (``add_params()``,
+``_selection_changed()``, ``_lay_out()``, ``_write()``).
 """
 
 from __future__ import annotations
