@@ -18,7 +18,7 @@ The default ``method="gram"`` needs no SVD: with ``K^H K = V diag(s^2) V^H`` (ei
 Gram matrix) the clip is ``K - K V_+ diag(1 - c/s_+) V_+^H`` over the eigenvectors ``V_+`` whose
 value exceeds ``c`` only, for the frequencies whose largest value exceeds ``c`` only, then once more
 along the Ritz vectors of the result in the span of ``V_+`` (the subtraction cancels: without it a
-value far above ``c`` landed thousands of ulps above it); a layer with none is left untouched, and
+value far above ``c`` landed thousands of ulps off it, either side); a layer with none is left untouched, and
 the transform back is read at the kernel's taps only.
 ``method="svd"`` is the first version (SciPy's FFT and full complex SVD of every frequency).
 
@@ -78,21 +78,31 @@ INPUT_SIZES = ("padded", "raw")
 
 def _shrink_along(k: torch.Tensor, vectors: torch.Tensor, s: torch.Tensor, bound: float) -> torch.Tensor:
     """``k`` with its singular values ``s`` along ``vectors`` (eigenvectors of :func:`~normopt.spectrum._gram`,
-    right ones where ``D >= C``, else left) clipped at ``bound``, then the same again along the
-    Ritz vectors of the result in their span (see :func:`_gram_clip`)."""
+    right ones where ``D >= C``, else left) clipped at ``bound``, then corrected by one
+    Rayleigh-Ritz pass over ``vectors`` (see :func:`_gram_clip`): of the result's Ritz values there,
+    the ``m`` largest, ``m`` the values clipped, are set to ``bound`` from either side, and any other
+    still above it (one coupled by round-off to a clipped one) lowered to it. A matrix with none
+    clipped comes back bit for bit."""
+    tiny = torch.finfo(s.dtype).tiny
     right = k.shape[-2] >= k.shape[-1]
-    factor = lambda values: (1.0 - torch.clamp(bound / values.clamp(min=torch.finfo(values.dtype).tiny), max=1.0)).to(k.dtype)
+    first = (1.0 - torch.clamp(bound / s.clamp(min=tiny), max=1.0)).to(k.dtype)
     if right:
-        clipped = k - ((k @ vectors) * factor(s)[..., None, :]) @ vectors.mH
-        projected = clipped @ vectors  # D x k: the result along the span
+        r = k - ((k @ vectors) * first[..., None, :]) @ vectors.mH
+        projected = r @ vectors  # the result along the span
         values, rotation = torch.linalg.eigh(projected.mH @ projected)
-        ritz = vectors @ rotation
-        return clipped - ((projected @ rotation) * factor(values.clamp(min=0).sqrt())[..., None, :]) @ ritz.mH
-    clipped = k - (vectors * factor(s)[..., None, :]) @ (vectors.mH @ k)
-    projected = vectors.mH @ clipped  # k x C
-    values, rotation = torch.linalg.eigh(projected @ projected.mH)
+    else:
+        r = k - (vectors * first[..., None, :]) @ (vectors.mH @ k)
+        projected = vectors.mH @ r
+        values, rotation = torch.linalg.eigh(projected @ projected.mH)
+    sigma = values.clamp(min=0).sqrt().clamp(min=tiny)
+    clipped = (s > bound).sum(-1, keepdim=True)  # m per matrix; eigh sorts ascending: the m last
+    top = torch.arange(sigma.shape[-1], device=sigma.device) >= sigma.shape[-1] - clipped
+    second = torch.where(top, 1.0 - bound / sigma, (1.0 - bound / sigma).clamp(min=0.0))
+    second = torch.where(clipped > 0, second, 0.0).to(k.dtype)
     ritz = vectors @ rotation
-    return clipped - (ritz * factor(values.clamp(min=0).sqrt())[..., None, :]) @ (rotation.mH @ projected)
+    if right:
+        return r - ((projected @ rotation) * second[..., None, :]) @ ritz.mH
+    return r - (ritz * second[..., None, :]) @ (rotation.mH @ projected)
 
 
 def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,11 +117,11 @@ def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tenso
     ``|g|``), so frequencies with that sum at most ``limit^2`` skip the eigendecomposition.
 
     The subtraction cancels: along the top direction it takes ``s (1 - c/s)`` from ``s``, so the
-    result sits above ``c`` by round-off of ``s`` (up to about ``30 eps s / c``: 3,000 ulps of
-    complex64 where ``s = 100 c``), and the next clip would find it above the bound again. One
-    Rayleigh-Ritz pass over ``V_+`` measures what is left there and clips that, at a ratio near 1
-    (within about 12 ulps of ``c`` then, measured on 200 random matrices of 4 to 64 columns, both
-    precisions, for ``s`` up to ``100 c``).
+    result sits off ``c`` by round-off of ``s`` (up to about ``30 eps s / c`` either side: 3,000 ulps
+    of complex64 where ``s = 100 c``), and the next clip would find it above the bound again. One
+    Rayleigh-Ritz pass over ``V_+`` measures the result's values there and sets the ``m`` largest,
+    ``m`` the values clipped, to ``c``, at a ratio near 1 (within 16 ulps of ``c`` then, measured
+    on random matrices of 2 to 64 columns, both precisions, for ``s`` up to ``1000 c``).
     """
     g = _gram(k)
     candidates = torch.view_as_real(g).abs().sum((-1, -2)).amax(-1) > limit * limit

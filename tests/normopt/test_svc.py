@@ -253,6 +253,25 @@ def test_the_gram_clip_lands_at_the_bound_however_far_above_it_a_value_was(chann
     assert torch.equal(clip_singular_values(clipped, (3, 3), bound, precision=precision), clipped)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("precision", ["single", "double"])
+@pytest.mark.parametrize("spike", [100.0, 1000.0])
+def test_one_value_far_above_the_bound_lands_at_it_from_below_too(spike, precision, seed):
+    """One value ``spike`` times the bound, the others under it: the subtraction left the clipped
+    value up to thousands of ulps under the bound as well as over it (a first Rayleigh-Ritz pass
+    lowered values only). A 1x1 kernel: every frequency the same matrix."""
+    generator = torch.Generator().manual_seed(seed)
+    u, v, noise = (torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in ((16, 1), (1, 16), (16, 16)))
+    matrix = spike * (u / u.norm()) @ (v / v.norm()) + 0.02 * noise
+    kernel = matrix[:, :, None, None]
+    values = conv_singular_values(kernel, (2, 2), method="svd")
+    assert values.max() > 10 and np.sort(values)[-5] < 1.0  # one value per frequency above the bound
+    clipped = clip_singular_values(kernel, (2, 2), 1.0, precision=precision)
+    eps = torch.finfo(torch.float32 if precision == "single" else torch.float64).eps
+    top = float(conv_singular_values(clipped, (2, 2), method="svd").max())
+    assert abs(top - 1.0) <= 16 * eps, (top - 1.0) / eps
+
+
 @pytest.mark.parametrize("method", ["gram", "svd"])
 @pytest.mark.parametrize("as_", [torch.tensor, np.array, np.float32])
 def test_a_0d_tensor_or_array_bound_clips_as_the_number(method, as_):
