@@ -58,19 +58,6 @@ def single_run_defaults(method: str | None, dataset: str) -> dict:
     return adversarial_study_defaults(dataset) if definition is not None and definition.adversarial else {}
 
 
-def epochs_changes(protocol: str, dataset: str, epochs: int) -> dict:
-    """The options that ``--epochs`` sets, for a run alone and in a study alike: the epochs, and on
-    digits the protocol's lr drops that fall within them (a shortened digits run keeps its early
-    drops; CIFAR-10 keeps the released ones). Alone and in its study, one run: one fingerprint.
-
-    Example:
-        >>> epochs_changes("released", "digits", 10), epochs_changes("released", "cifar10", 10)["milestones"]
-        ({'epochs': 10, 'milestones': (8,)}, (75, 90, 100))
-    """
-    default = RunConfig.resolve(protocol, dataset).milestones
-    return {"epochs": epochs, "milestones": tuple(m for m in default if m <= epochs) if dataset == "digits" else default}
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one run; ``strength`` is beta (norm decay), the weight decay, or the SVC bound."""

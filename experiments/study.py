@@ -11,7 +11,7 @@ import sys
 import pandas as pd
 
 from experiments import checkpoints, cli
-from experiments.config import MAX_SEED, UserError, differences, epochs_changes, unit_warnings
+from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
 from experiments.train import RunConfig, check_run, divergence, train
@@ -331,7 +331,9 @@ def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[Run
     common = {"data_dir": args.data_dir, "download": args.download, **fixed, **cli.protocol_changes(args)}
     common["verify_data"] = not args.skip_data_checksums
     if args.epochs is not None:
-        common.update(epochs_changes(args.protocol, args.dataset, args.epochs))
+        common["epochs"] = args.epochs
+        default = RunConfig.resolve(args.protocol, args.dataset).milestones
+        common["milestones"] = tuple(m for m in default if m <= args.epochs) if args.dataset == "digits" else default
     for option in ("eval_images", "eval_iterations", "eval_targets"):
         if getattr(args, option) is not None:
             common[option] = getattr(args, option)

@@ -33,7 +33,7 @@ from torch import nn
 import normopt
 from experiments import checkpoints, cli
 from experiments.attacks import robust_accuracy
-from experiments.config import RunConfig, UserError, describe, differences, epochs_changes, single_run_defaults, unit_warnings
+from experiments.config import RunConfig, UserError, describe, differences, single_run_defaults, unit_warnings
 from experiments.data import dataset, loader, shape_of
 from experiments.methods import METHODS, REGISTRY, CosineLinear, hypersphere, loss_of, make_optimizer
 from experiments.models import MODELS, build_model
@@ -471,8 +471,6 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     names = set(RunConfig.__dataclass_fields__) - {"protocol", "dataset"}
     changes = {k: v for k, v in vars(args).items() if v is not None and k in names}
     changes.update(cli.protocol_changes(args))
-    if args.epochs is not None and args.epochs > 0:  # a bad one is refused by RunConfig, naming it
-        changes.update(epochs_changes(args.protocol, args.dataset, args.epochs))
     changes = {**single_run_defaults(changes.get("method"), args.dataset), **changes}
     config = cli.or_exit(
         lambda: RunConfig.resolve(args.protocol, args.dataset, **{**changes, "verify_data": not args.skip_data_checksums})

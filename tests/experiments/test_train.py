@@ -376,14 +376,3 @@ def test_a_dry_run_meets_the_refusal_of_mixed_precision_without_a_gpu(tmp_path, 
     with pytest.raises(SystemExit) as exit:
         training.main(["--amp", "--dry-run", "--out", str(tmp_path)])
     assert exit.value.code == 2 and "--amp" in capsys.readouterr().err
-
-
-def test_a_run_alone_with_epochs_is_the_run_its_study_makes():
-    """Alone, --epochs 10 on digits kept the lr drops at 8, 11 and 13, where the study keeps those
-    within its epochs: the same training had two fingerprints."""
-    from experiments.config import epochs_changes
-    from experiments.train import parse_args
-
-    alone, _ = parse_args(["--epochs", "10", "--method", "nd-l1", "--strength", "0.1"])
-    in_study = RunConfig.resolve("released", "digits", method="nd-l1", strength=0.1, **epochs_changes("released", "digits", 10))
-    assert alone.milestones == (8,) and alone.fingerprint() == in_study.fingerprint()
