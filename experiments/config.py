@@ -107,8 +107,7 @@ class RunConfig:
         # Frozen: normalise lists from JSON or the command line through object.__setattr__.
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "attacks", tuple(self.attacks))
-        # A set of radii: in any order, or repeated, the same sweep (and the same fingerprint).
-        object.__setattr__(self, "sweep", tuple(sorted({float(r) for r in self.sweep})))
+        object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
         problem = check(self)
         if problem:
             raise UserError(problem)

@@ -79,12 +79,6 @@ def test_a_count_must_be_at_least_1_and_a_rate_above_0(option, value, message):
         RunConfig(**{option: value})
 
 
-def test_a_sweep_is_a_set_of_radii_whatever_their_order():
-    """--sweep 4,1 and --sweep 1,4 were two runs (two fingerprints), so the second was refused as another study."""
-    assert RunConfig(sweep=(4, 1, 4)).sweep == (1.0, 4.0)
-    assert RunConfig(sweep=(4, 1)).fingerprint() == RunConfig(sweep=(1, 4)).fingerprint()
-
-
 def test_fingerprint_follows_results_not_paths():
     config = RunConfig()
     assert config.fingerprint() == RunConfig(data_dir="elsewhere", download=True).fingerprint()
