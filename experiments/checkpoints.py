@@ -117,12 +117,16 @@ class ForeignCheckpoint(Exception):
 
 def set_aside(path: str) -> str:
     """Rename ``path`` to ``<path>.damaged`` (``.damaged.1``, ... where that is taken: a file set
-    aside before is never written over); returns the new name."""
+    aside before is never written over); returns the new name. Where another process (a torchrun
+    rank resuming the same run) set it aside first, says so."""
     target, n = f"{path}.damaged", 0
     while os.path.exists(target):
         n += 1
         target = f"{path}.damaged.{n}"
-    os.replace(path, target)
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return f"{path}.damaged* (by another process)"
     return target
 
 

@@ -217,17 +217,36 @@ def _load_state(run: SimpleNamespace, state: dict) -> None:
     run.step_norms = state.get("step_norms", run.step_norms)
 
 
+def _misfit(error: Exception) -> bool:
+    """Whether ``error``, raised loading a checkpoint's state into a freshly built run, says the state
+    does not fit the run (another run's), rather than that loading failed (out of memory, a bug):
+    only the former sets a checkpoint aside. A module's ``load_state_dict`` raises a RuntimeError
+    of "Error(s) in loading state_dict"; an optimizer's a ValueError or KeyError."""
+    if isinstance(error, (KeyError, ValueError, TypeError, IndexError)):
+        return True
+    return isinstance(error, RuntimeError) and str(error).startswith("Error(s) in loading state_dict")
+
+
 def restore(config: RunConfig, out: str, where: torch.device) -> SimpleNamespace:
     """The run of ``config``, continued from the newest good checkpoint in ``out``: damaged ones, and
-    ones whose state does not fit this run (another run's, copied in), are reported and set aside,
-    and the run is built anew before the next is tried (never resumed half-loaded)."""
+    ones of another run (copied in: another configuration recorded in it, or a state that does not
+    fit this run), are reported and set aside, and the run is built anew before the next is tried
+    (never resumed half-loaded). Any other error while loading (out of memory) stops the run, its
+    checkpoints kept."""
     run = build(config, where)
 
     def accept(state: dict) -> None:
         nonlocal run
+        changed = differences(state.get("config", config.as_dict()), config.as_dict())
+        if state.get("definition", config.definition()) != config.definition():
+            changed.append(f"definition of {config.method!r}")
+        if changed:  # checkpoints written before runs recorded their configuration in them have none
+            raise checkpoints.ForeignCheckpoint(f"another configuration: {'; '.join(changed)}")
         try:
             _load_state(run, state)
-        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+        except Exception as error:
+            if not _misfit(error):
+                raise
             run = build(config, where)
             raise checkpoints.ForeignCheckpoint(f"{type(error).__name__}: {' '.join(str(error).split())[:200]}") from None
 
@@ -283,8 +302,11 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
     }
 
 
-def save(run: SimpleNamespace, out: str, epoch: int) -> None:
+def save(run: SimpleNamespace, out: str, epoch: int, config: RunConfig) -> None:
+    """A checkpoint of ``run`` after ``epoch``, with the configuration that made it (so that a
+    resume knows another run's checkpoint copied into the folder)."""
     state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict()}
+    state.update(config=config.as_dict(), definition=config.definition())
     state.update(scaler=run.scaler.state_dict(), svc=run.svc.state_dict() if run.svc else None, epoch=epoch)
     checkpoints.save(out, epoch, {**state, "history": run.history, "norms": run.norms, "step_norms": run.step_norms})
 
@@ -400,7 +422,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             run.history.append(row)
             run.norms += layer_norm_rows(run.model, run.specs, epoch)
             if _is_main():
-                save(run, out, epoch)
+                save(run, out, epoch, config)
                 if progress:
                     row = run.history[-1]
                     checkpoints.eprint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -376,3 +377,45 @@ def test_a_dry_run_meets_the_refusal_of_mixed_precision_without_a_gpu(tmp_path, 
     with pytest.raises(SystemExit) as exit:
         training.main(["--amp", "--dry-run", "--out", str(tmp_path)])
     assert exit.value.code == 2 and "--amp" in capsys.readouterr().err
+
+
+def _two_epochs_then_no_result(config: RunConfig, out) -> dict:
+    first = train(config, str(out), progress=False)
+    os.remove(out / "result.json")
+    return first
+
+
+def test_an_error_loading_a_good_checkpoint_stops_the_resume_and_keeps_the_checkpoints(tmp_path, monkeypatch):
+    """Every RuntimeError loading a checkpoint set it aside as another run's: an out-of-memory error
+    set aside both good checkpoints and retrained from epoch 1, exit 0 (review)."""
+    config = RunConfig(**TINY)
+    _two_epochs_then_no_result(config, tmp_path)
+
+    def out_of_memory(run, state):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "_load_state", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        train(config, str(tmp_path), progress=False)
+    assert checkpoints.epochs(str(tmp_path)) == [1, 2] and not list(tmp_path.glob("*.damaged*"))
+
+
+def test_a_checkpoint_of_another_configuration_is_set_aside_even_where_its_state_fits(tmp_path, capsys):
+    """A plain run's checkpoint copied into a weight-decay run's folder resumed it with weight decay 0
+    (the optimizer's state brings its own param groups): checkpoints now record their configuration."""
+    plain, decayed = RunConfig(**TINY), RunConfig(method="wd", strength=0.01, **TINY)
+    first = _two_epochs_then_no_result(decayed, tmp_path / "wd")
+    _two_epochs_then_no_result(plain, tmp_path / "plain")
+    path = checkpoints.checkpoint_path(str(tmp_path / "wd"), 2)
+    shutil.copyfile(checkpoints.checkpoint_path(str(tmp_path / "plain"), 2), path)
+    again = train(decayed, str(tmp_path / "wd"), progress=False)
+    err = capsys.readouterr().err
+    assert f"damaged checkpoint {path}: not this run's (another configuration: method: 'plain' -> 'wd'" in err
+    assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
+
+
+def test_a_checkpoint_another_process_set_aside_first_is_said_so(tmp_path):
+    """Two torchrun ranks resuming one run both set a foreign checkpoint aside: the second found it
+    gone and died with FileNotFoundError (review)."""
+    path = str(tmp_path / "checkpoint-2.pt")
+    assert checkpoints.set_aside(path) == f"{path}.damaged* (by another process)"
