@@ -29,7 +29,8 @@ def by_run(results: pd.DataFrame) -> pd.DataFrame:
 
     Seeds whose run diverged (``diverged`` column of :func:`experiments.study.summary_table`) are
     left out: ``seeds`` counts the others, ``diverged`` the left-out ones; a run that diverged in
-    every seed keeps its row, with NaN figures and ``seeds`` 0.
+    every seed keeps its row, with NaN figures and ``seeds`` 0. A figure that is NaN in a seed
+    that did not diverge is NaN for the run (not measured), mean and spread.
     """
     bad = results["diverged"].astype(bool) if "diverged" in results.columns else pd.Series(False, index=results.index)
     sums = [c for c in ("sum l1", "sum linf") if c in results.columns]
@@ -37,7 +38,10 @@ def by_run(results: pd.DataFrame) -> pd.DataFrame:
     numeric = [c for c in results.columns if c not in [*KEYS, "seed", "diverged"] and pd.api.types.is_numeric_dtype(results[c])]
     kept = results[~bad]
     grouped = kept.groupby(KEYS, sort=False)[numeric]
-    mean, std = grouped.mean(), grouped.std(ddof=1).fillna(0.0)
+    # A figure missing in one live seed (an evaluation that failed) is missing for the run: its
+    # mean over the other seeds had a spread of 0 and the seed count of all of them.
+    mean = grouped.agg(lambda column: column.mean(skipna=False))
+    std = grouped.std(ddof=1).fillna(0.0).mask(mean.isna())
     runs = pd.MultiIndex.from_frame(results[KEYS].drop_duplicates())
     out = pd.concat([mean, std.add_suffix(" sd")], axis=1).reindex(runs)
     out["seeds"] = kept.groupby(KEYS).seed.nunique().reindex(runs).fillna(0).astype(int)
@@ -69,6 +73,8 @@ def _spread(run: pd.Series, column: str) -> str:
     """``mean ± sd``; the mean alone where one seed is left (its spread is unknown, not 0)."""
     if not run.seeds:
         return "diverged"
+    if math.isnan(run[column]):
+        return "not measured"
     return f"{run[column]:.3f}" if run.seeds == 1 else f"{run[column]:.3f} ± {run[f'{column} sd']:.3f}"
 
 
@@ -81,7 +87,22 @@ def _live(run: pd.Series | None) -> bool:
     return run is not None and run.seeds > 0
 
 
-def _divergence(row: dict) -> dict:
+def _decided(claim, runs: pd.DataFrame) -> dict | None:
+    """``claim(runs)`` with its runs checked (:func:`_divergence`). A run of one seed has no spread
+    for a verdict to clear: a claim that uses one is not decided, unless the runs of several seeds
+    already refute it without it (as a run that diverged in every seed is left out then)."""
+    row = claim(runs)
+    if row is None:
+        return None
+    single = {_label(r) for r in row["used"] if r is not None and r.seeds == 1}
+    if single:
+        alone = claim(runs.assign(seeds=runs.seeds.where(runs.seeds != 1, 0)))
+        if alone is not None and alone["holds"] is not None and not bool(alone["holds"]):
+            return _divergence(alone, left_out=single)
+    return _divergence(row)
+
+
+def _divergence(row: dict, left_out: frozenset | set = frozenset()) -> dict:
     """``row`` with the runs it used (``row["used"]``) checked for divergence. Its verdict comes from
     the runs with a finite seed alone; one that diverged in every seed (NaN figures decide nothing)
     makes the claim not decided, unless the finite runs already refute it (then it is named as
@@ -89,7 +110,7 @@ def _divergence(row: dict) -> dict:
     A run of one seed (alone, or the one left by divergence) has no spread to clear: the claim is
     then not decided either."""
     used = row.pop("used")
-    dead = [_label(r) for r in used if r.seeds == 0]
+    dead = [_label(r) for r in used if r.seeds == 0 and _label(r) not in left_out]
     partial = [f"{_label(r)} ({int(r.diverged)} of {int(r.diverged + r.seeds)} seeds)" for r in used if r.seeds and r.diverged]
     if dead and row["holds"] is not None and not bool(row["holds"]):
         row["measured"] += f"; left out: {', '.join(dead)} diverged in every seed"
@@ -98,6 +119,8 @@ def _divergence(row: dict) -> dict:
         row["measured"] += f"; not decided: {', '.join(dead)} diverged in every seed"
     if partial:
         row["measured"] += f"; diverged seeds left out: {', '.join(partial)}"
+    if left_out:  # the runs of several seeds refute the claim without them
+        row["measured"] += f"; left out, one seed only (no spread known): {', '.join(sorted(left_out))}"
     single = [_label(r) for r in used if r.seeds == 1]
     if single:  # its sd reads 0: a verdict would clear no spread there, in either direction
         row["measured"] += f"; one seed only (no spread known): {', '.join(single)}"
@@ -182,7 +205,9 @@ def regularizers_do_not_raise_robustness(runs: pd.DataFrame, results: pd.DataFra
             gain = run[column] - plain[column]
             spread = 2 * math.hypot(run[f"{column} sd"], plain[f"{column} sd"])
             if math.isnan(gain) or math.isnan(spread):
-                unmeasured.append(f"{REGISTRY[run.method].run_label(run.strength)} at {radius}")
+                missing = "plain" if math.isnan(plain[column]) else REGISTRY[run.method].run_label(run.strength)
+                if f"{missing} at {radius}" not in unmeasured:
+                    unmeasured.append(f"{missing} at {radius}")
                 continue
             if worst is None or gain > worst[0]:
                 worst = (gain, spread, REGISTRY[run.method].run_label(run.strength), radius)
@@ -298,17 +323,18 @@ def claims_table(regularization: pd.DataFrame | None, adversarial: pd.DataFrame 
     (one model: the first). A claim whose runs are missing is left out. A claim is decided on the
     runs with a finite seed; one that needs a run that diverged in every seed is ``not decided``
     unless those runs already refute it; seeds that diverged are left out of the figures, all said
-    in ``measured``."""
+    in ``measured``. So is a claim that needs a run of one seed (no spread known; :func:`_decided`)."""
     rows = []
     if regularization is not None and not regularization.empty:
         frame, which = _first_model(regularization)
         runs = by_run(frame)
-        claims = [norm_decay_lowers_norms(runs), regularizers_do_not_raise_robustness(runs, frame)]
-        rows += [_of_model(row, which) for row in [*claims, batchnorm_resists_norm_decay(runs)]]
+        robustness = lambda r: regularizers_do_not_raise_robustness(r, frame)
+        for claim in (norm_decay_lowers_norms, robustness, batchnorm_resists_norm_decay):
+            rows.append(_of_model(_decided(claim, runs), which))
     if adversarial is not None and not adversarial.empty:
         frame, which = _first_model(adversarial)
-        rows.append(_of_model(adversarial_norms_no_smaller(by_run(frame)), which))
-    table = pd.DataFrame([_divergence(r) for r in rows if r is not None])
+        rows.append(_of_model(_decided(adversarial_norms_no_smaller, by_run(frame)), which))
+    table = pd.DataFrame([r for r in rows if r is not None])
     if not table.empty:
         table["holds"] = [{True: "holds", False: "does not hold"}.get(v, "not decided") for v in table.holds]
     return table

@@ -286,3 +286,28 @@ def test_claims_of_results_with_several_models_name_the_model_they_are_decided_o
     table = claims_table(frame, None)
     assert all(m.startswith("vgg11 (the first of the models): ") for m in table.measured)
     assert not any("first of the models" in m for m in claims_table(results(REGULARIZATION), None).measured)
+
+
+def test_a_run_of_one_seed_leaves_a_refutation_by_the_others_standing():
+    """A one-seed run beside a weight decay that gains by more than its spread over two seeds read
+    'not decided'; a run that diverged in every seed there is left out (review)."""
+    frame = results({**REGULARIZATION, ("wd", 0.01): (0.95, 30.0, 25.0, 9.0)})
+    frame = frame[~((frame.method == "nd-l1") & (frame.seed == 1))]  # both ND l1 runs: one seed
+    row = claims_table(frame, None).set_index("claim").loc[CLAIM_2]
+    assert row.holds == "does not hold" and row.worst == "weight decay 0.01"
+    assert row.measured.endswith("left out, one seed only (no spread known): ND l1 0.01, ND l1 0.1")
+
+
+def test_a_figure_missing_in_one_seed_is_missing_for_the_run():
+    """One of two live seeds without a robust accuracy: the run read that of the other with a
+    spread of 0 and two seeds, and the claim was decided on it (review)."""
+    frame = results(REGULARIZATION)
+    frame.loc[(frame.method == "wd") & (frame.seed == 1), "robust@4"] = math.nan
+    runs = by_run(frame).set_index("method")
+    assert math.isnan(runs.loc["wd", "robust@4"]) and math.isnan(runs.loc["wd", "robust@4 sd"])
+    sweep = sweep_table(frame).set_index("run")
+    assert sweep.loc["weight decay 0.01", "eps 4/255"] == "not measured"
+    row = claims_table(frame, None).set_index("claim").loc[CLAIM_2]
+    assert row.holds == "not decided" and "weight decay 0.01 at eps 4/255" in row.measured
+    frame.loc[frame.method == "plain", "robust@4"] = math.nan  # plain's missing: plain is named, once
+    assert "no robust accuracy (NaN) for plain at eps 4/255: not decided" in claims_table(frame, None).iloc[1].measured
