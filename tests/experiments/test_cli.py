@@ -76,7 +76,8 @@ def test_another_runs_checkpoint_copied_in_is_set_aside_and_the_run_resumes_from
     shutil.copyfile(checkpoints.checkpoint_path(str(other), 1), path)
     done = run("experiments.train", "--epochs", "2", *TINY, "--out", str(out), "--resume")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert f"damaged checkpoint {path}: not this run's (RuntimeError" in done.stderr and os.path.exists(path + ".damaged")
+    assert f"damaged checkpoint {path}: not this run's (another configuration: " in done.stderr
+    assert "method: 'pgd-at-he' -> 'plain'" in done.stderr and os.path.exists(path + ".damaged")
     again = json.load(open(out / "result.json"))  # resumed from epoch 1, its own: the same run
     assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
 

@@ -419,3 +419,18 @@ def test_a_checkpoint_another_process_set_aside_first_is_said_so(tmp_path):
     gone and died with FileNotFoundError (review)."""
     path = str(tmp_path / "checkpoint-2.pt")
     assert checkpoints.set_aside(path) == f"{path}.damaged* (by another process)"
+
+
+def test_an_older_checkpoint_of_another_run_is_set_aside_where_its_state_does_not_fit(tmp_path, capsys):
+    """Checkpoints written before they recorded their configuration: judged by whether the state
+    fits (a hypersphere-embedding model's in a plain run: no fc.bias)."""
+    plain, other = RunConfig(**TINY), RunConfig(method="pgd-at-he", adv_steps=2, **{**TINY, "eval_eps": 8.0})
+    first = _two_epochs_then_no_result(plain, tmp_path / "plain")
+    _two_epochs_then_no_result(other, tmp_path / "he")
+    state = checkpoints.load(checkpoints.checkpoint_path(str(tmp_path / "he"), 2))
+    del state["config"], state["definition"]  # as an older version wrote it
+    checkpoints.save(str(tmp_path / "plain"), 2, state)
+    again = train(plain, str(tmp_path / "plain"), progress=False)
+    path = checkpoints.checkpoint_path(str(tmp_path / "plain"), 2)
+    assert f"damaged checkpoint {path}: not this run's (RuntimeError: Error(s) in loading state_dict" in capsys.readouterr().err
+    assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
