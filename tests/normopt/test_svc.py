@@ -272,6 +272,38 @@ def test_one_value_far_above_the_bound_lands_at_it_from_below_too(spike, precisi
     assert abs(top - 1.0) <= 16 * eps, (top - 1.0) / eps
 
 
+def test_a_value_under_the_bound_that_the_gram_eigenvalues_misread_is_not_lifted_to_it():
+    """Singular values 1000, 999 and 0.99 clipped at 1 in single precision: the Gram eigenvalues read
+    0.99 with an error of about eps * 1000^2, above the bound, and a pass that raised every value
+    counted as clipped lifted it to the bound and the norm 41,000 ulps over it (review)."""
+    eps = np.finfo(np.float32).eps
+    for seed in range(30):
+        generator = torch.Generator().manual_seed(seed)
+        u, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(8, 8, generator=generator, dtype=torch.float64))
+        values = torch.tensor([1000.0, 999.0, 0.99, 0, 0, 0, 0, 0], dtype=torch.float64)
+        kernel = ((u[:, :8] * values) @ v.T).float()[:, :, None, None]
+        clipped = clip_singular_values(kernel, (2, 2), 1.0).double()
+        result = np.sort(conv_singular_values(clipped, (2, 2), method="svd"))[::-1]
+        # The third value (4 frequencies, each the same matrix) is not lifted towards the bound (the
+        # Gram path reads it to about sqrt(eps) * 1000, so it may come out lower).
+        assert result[0] <= 1 + 32 * eps and result[8] <= 0.99 + 256 * eps, seed
+
+
+@pytest.mark.parametrize("precision", ["single", "double"])
+def test_a_bound_far_under_the_largest_value_lifts_no_null_direction_to_it(precision):
+    """A rank-one kernel clipped at 1e-5 of its value: the Gram eigenvalues of its null directions
+    read about sqrt(eps), above the bound, and were lifted to it: 12 to 20 values near the bound
+    instead of 4, the norm up to 1.18 times the bound (review)."""
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(100 + seed)
+        u, v = torch.randn(16, 1, generator=generator), torch.randn(1, 8, generator=generator)
+        kernel = ((u / u.norm()) @ (v / v.norm()))[:, :, None, None]
+        out = clip_singular_values(kernel, (2, 2), 1e-5, precision=precision)
+        values = conv_singular_values(out.double(), (2, 2), method="svd")
+        assert (values > 0.5e-5).sum() == 4 and values.max() <= 1e-5 * (1 + 1e-4)
+
+
 @pytest.mark.parametrize("method", ["gram", "svd"])
 @pytest.mark.parametrize("as_", [torch.tensor, np.array, np.float32])
 def test_a_0d_tensor_or_array_bound_clips_as_the_number(method, as_):
