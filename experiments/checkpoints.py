@@ -139,7 +139,10 @@ def load_latest(folder: str, map_location=None, report=print, accept=None) -> di
     for epoch in reversed(epochs(folder)):
         path = checkpoint_path(folder, epoch)
         try:
-            state = load(path, map_location)
+            try:
+                state = load(path, map_location)
+            except FileNotFoundError:  # set aside since listed, by another process resuming the run (a torchrun rank)
+                continue
             if accept is not None:
                 try:
                     accept(state)

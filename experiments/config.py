@@ -25,6 +25,8 @@ HE_LAST_LAYER_NORMS = "applied weight scale * normalize(W)"
 
 # Where data lives and whether to fetch it change no result: they stay out of the fingerprint.
 NOT_RESULT = ("data_dir", "download", "verify_data")
+# Options of the evaluation after training: a checkpoint (of training) is this run's whatever they are.
+EVALUATION = ("eval_eps", "sweep", "eval_images", "eval_iterations", "eval_targets", "attacks")
 
 
 class UserError(Exception):

@@ -33,7 +33,7 @@ from torch import nn
 import normopt
 from experiments import checkpoints, cli
 from experiments.attacks import robust_accuracy
-from experiments.config import RunConfig, UserError, describe, differences, single_run_defaults, unit_warnings
+from experiments.config import EVALUATION, RunConfig, UserError, describe, differences, single_run_defaults, unit_warnings
 from experiments.data import dataset, loader, shape_of
 from experiments.methods import METHODS, REGISTRY, CosineLinear, hypersphere, loss_of, make_optimizer
 from experiments.models import MODELS, build_model
@@ -237,7 +237,8 @@ def restore(config: RunConfig, out: str, where: torch.device) -> SimpleNamespace
 
     def accept(state: dict) -> None:
         nonlocal run
-        changed = differences(state.get("config", config.as_dict()), config.as_dict())
+        trained = lambda options: {k: v for k, v in options.items() if k not in EVALUATION}
+        changed = differences(trained(state.get("config", config.as_dict())), trained(config.as_dict()))
         if state.get("definition", config.definition()) != config.definition():
             changed.append(f"definition of {config.method!r}")
         if changed:  # checkpoints written before runs recorded their configuration in them have none

@@ -134,3 +134,11 @@ def test_a_checkpoint_that_accept_refuses_is_set_aside_and_the_previous_one_used
     path = checkpoints.checkpoint_path(str(tmp_path), 2)
     expected = f"warning: damaged checkpoint {path}: not this run's (missing key 'fc.bias'); kept as {path}.damaged"
     assert reports == [f"{expected}, trying the previous one"]
+
+
+def test_a_checkpoint_set_aside_by_another_process_since_it_was_listed_is_passed_over(tmp_path, monkeypatch):
+    """Two torchrun ranks resuming one run: one set a checkpoint aside after the other listed it, and
+    the other died opening it (FileNotFoundError; review)."""
+    checkpoints.save(str(tmp_path), 1, state(1))
+    monkeypatch.setattr(checkpoints, "epochs", lambda folder: [1, 2])  # 2: listed, then moved away
+    assert checkpoints.load_latest(str(tmp_path), report=pytest.fail)["epoch"] == 1

@@ -434,3 +434,14 @@ def test_an_older_checkpoint_of_another_run_is_set_aside_where_its_state_does_no
     path = checkpoints.checkpoint_path(str(tmp_path / "plain"), 2)
     assert f"damaged checkpoint {path}: not this run's (RuntimeError: Error(s) in loading state_dict" in capsys.readouterr().err
     assert again["history"] == first["history"] and again["accuracy"] == first["accuracy"]
+
+
+def test_a_checkpoint_of_the_same_training_evaluated_otherwise_is_this_runs(tmp_path, capsys):
+    """The evaluation options do not change training: a checkpoint recorded with other ones was set
+    aside as another configuration's, and the training thrown away (review)."""
+    first, other = RunConfig(**TINY), RunConfig(**{**TINY, "eval_images": 8, "sweep": (4.0,)})
+    _two_epochs_then_no_result(first, tmp_path / "a")
+    trained = _two_epochs_then_no_result(other, tmp_path / "b")
+    shutil.copyfile(checkpoints.checkpoint_path(str(tmp_path / "a"), 2), checkpoints.checkpoint_path(str(tmp_path / "b"), 2))
+    again = train(other, str(tmp_path / "b"), progress=False)
+    assert "damaged" not in capsys.readouterr().err and again["history"] == trained["history"]
