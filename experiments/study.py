@@ -192,16 +192,25 @@ def _tex(label: str) -> str:
     return "".join(norms.get(p) or "".join(_TEX_SPECIALS.get(c, c) for c in p) for p in pieces)
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.1f}" if math.isfinite(value) else "diverged"
+def _percent(value: float, live: bool = True) -> str:
+    """``value`` in percent; ``diverged`` for a run without a seed that did not diverge, ``n/a`` for
+    a figure missing in a live seed (an evaluation that failed)."""
+    if not live:
+        return "diverged"
+    return f"{100 * value:.1f}" if math.isfinite(value) else "n/a"
 
 
 def paper_latex(results: pd.DataFrame) -> str:
     """The paper's accuracy table in LaTeX: per model, one column per run (plain first, then each
     method's strengths under a spanning method header), a ``Clean`` and a ``Robust`` row of
     accuracies in percent (one decimal, mean over the seeds that did not diverge; ``diverged``
-    where every seed did)."""
-    runs = results.groupby(["model", "method", "strength"], sort=False)[["clean acc", "robust acc"]].mean().reset_index()
+    where every seed did; ``n/a`` where a seed that did not diverge has no figure, as the claims
+    and sweep tables count it: :func:`experiments.claims.by_run`)."""
+    keys, columns = ["model", "method", "strength"], ["clean acc", "robust acc"]
+    dead = results["diverged"].astype(bool) if "diverged" in results.columns else pd.Series(False, index=results.index)
+    means = results[~dead].groupby(keys, sort=False)[columns].agg(lambda column: column.mean(skipna=False))
+    runs = results[keys].drop_duplicates().merge(means.reset_index(), how="left", on=keys, indicator="live")
+    runs["live"] = runs.live == "both"
     order = {name: i for i, name in enumerate(REGISTRY)}
     blocks = []
     for model, rows in runs.groupby("model", sort=False):
@@ -212,8 +221,8 @@ def paper_latex(results: pd.DataFrame) -> str:
         spans = [(REGISTRY[m].label, len(rows[rows.method == m])) for m in methods]
         header = " & ".join(f"\\multicolumn{{{n}}}{{c}}{{{_tex(label)}}}" for label, n in spans)
         strengths = " & ".join(f"{s:g}" if REGISTRY[m].strength else "-" for m, s in zip(rows.method, rows.strength))
-        clean = " & ".join(_percent(v) for v in rows["clean acc"])
-        robust = " & ".join(_percent(v) for v in rows["robust acc"])
+        clean = " & ".join(_percent(v, live) for v, live in zip(rows["clean acc"], rows.live))
+        robust = " & ".join(_percent(v, live) for v, live in zip(rows["robust acc"], rows.live))
         blocks.append(
             "\n".join(
                 [

@@ -311,3 +311,26 @@ def test_a_figure_missing_in_one_seed_is_missing_for_the_run():
     assert row.holds == "not decided" and "weight decay 0.01 at eps 4/255" in row.measured
     frame.loc[frame.method == "plain", "robust@4"] = math.nan  # plain's missing: plain is named, once
     assert "no robust accuracy (NaN) for plain at eps 4/255: not decided" in claims_table(frame, None).iloc[1].measured
+
+
+def test_the_papers_latex_table_counts_a_missing_figure_as_the_claims_do():
+    """It averaged the other seeds where one live seed had no robust accuracy (71.9 beside a claims
+    table's 'not measured'), and wrote 'diverged' for a live run whose every seed had none (review)."""
+    from experiments.study import paper_latex
+
+    frame = diverge(results(REGULARIZATION).assign(**{"robust acc": lambda f: f["robust@4"]}), "nd-linf", (0, 1))
+    frame.loc[(frame.method == "wd") & (frame.seed == 1), "robust acc"] = math.nan
+    frame.loc[(frame.method == "nd-l1") & (frame.strength == 0.1), "robust acc"] = math.nan
+    lines = paper_latex(frame).splitlines()
+    assert lines[4] == "strength & - & 0.01 & 0.01 & 0.1 & 0.1 \\\\"
+    assert lines[7] == "Robust & 80.0 & n/a & 80.0 & n/a & diverged \\\\"
+
+
+def test_claim_2_refuted_names_the_run_beyond_its_spread_not_the_largest_gain():
+    """It named the largest gain, +0.265 within a spread of 0.496, beside a verdict that another run
+    (+0.195 ± 0.016) made (review)."""
+    frame = results({**REGULARIZATION, ("wd", 0.01): (0.95, 30.0, 25.0, 9.0)}, jitter=0.005)
+    frame.loc[(frame.method == "nd-l1") & (frame.strength == 0.1), "robust@4"] = [0.80, 1.30]  # +0.25 ± 0.7
+    row = claims_table(frame, None).set_index("claim").loc[CLAIM_2]
+    assert row.holds == "does not hold" and row.worst == "weight decay 0.01"
+    assert row.measured.startswith("gain over plain the most beyond its spread: +0.150 (weight decay 0.01")
