@@ -76,6 +76,11 @@ __all__ = [
 INPUT_SIZES = ("padded", "raw")
 
 
+# The largest value, relative to the bound, above which the Gram clip's result is clipped again (see
+# _gram_clip): eps (s_max / c)^2 reaches the 16 ulps of the next clip's allowance there.
+FAR_ABOVE = 4.0
+
+
 def _shrink_along(k: torch.Tensor, vectors: torch.Tensor, s: torch.Tensor, bound: float) -> torch.Tensor:
     """``k`` with its singular values ``s`` along ``vectors`` (eigenvectors of :func:`~normopt.spectrum._gram`,
     right ones where ``D >= C``, else left) clipped at ``bound``, then corrected by one
@@ -128,7 +133,9 @@ def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tenso
     ``m`` the values clipped, to ``c`` (from below only within that round-off: the Gram eigenvalues
     of values far under ``s`` are misread by about ``eps s^2``, and such a value must not be lifted
     to the bound), at a ratio near 1 (within 16 ulps of ``c`` then on random matrices of 2 to 64
-    columns, both precisions, for ``s`` up to ``1000 c``; 20 for a float32 kernel stored after it).
+    columns, both precisions, for ``s`` up to ``1000 c``). Where ``s`` is ``FAR_ABOVE`` times ``c``
+    or more, the values near ``c`` are misread too, and a pair of them coupled by the round-off can
+    stay over it: the result is clipped once more (it reads them to ``eps c^2``), lowering only.
     """
     g = _gram(k)
     candidates = torch.view_as_real(g).abs().sum((-1, -2)).amax(-1) > limit * limit
@@ -144,6 +151,25 @@ def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tenso
     if above == 0:
         return k, need
     clipped = _shrink_along(k_c, vectors[..., -above:], s[:, -above:], bound)
+    # Far above the bound the Gram eigenvalues misread the values near it (by about eps s_max^2):
+    # the pass above can leave a pair of them over it. Clipped once, the largest value is near the
+    # bound, and the Gram matrix of the result reads them to eps c^2: clip those once more, only
+    # lowering (a value 1000 times the bound in single precision left the norm up to 24,000 ulps over).
+    far = s[:, -1] > FAR_ABOVE * bound
+    if bool(far.any()):
+        again = clipped[far]
+        values, vectors = torch.linalg.eigh(_gram(again))
+        s_again = values.clamp(min=0).sqrt()
+        count = int((s_again > bound).sum(-1).max())
+        if count:
+            lowered = (1.0 - torch.clamp(bound / s_again[:, -count:].clamp(min=torch.finfo(s.dtype).tiny), max=1.0)).to(k.dtype)
+            top = vectors[..., -count:]
+            if again.shape[-2] >= again.shape[-1]:
+                again = again - ((again @ top) * lowered[..., None, :]) @ top.mH
+            else:
+                again = again - (top * lowered[..., None, :]) @ (top.mH @ again)
+            clipped = clipped.clone() if every else clipped
+            clipped[far] = again
     if every:
         return clipped, need
     out = k.clone()

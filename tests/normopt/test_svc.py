@@ -290,6 +290,24 @@ def test_a_value_under_the_bound_that_the_gram_eigenvalues_misread_is_not_lifted
         assert result[0] <= 1 + 32 * eps and result[8] <= 0.99 + 256 * eps, seed
 
 
+@pytest.mark.parametrize(
+    ("top", "under", "count"), [(1000.0, 0.9999, 1), (1000.0, 0.9995, 4), (1000.0, 1.0, 8), (300.0, 0.9999, 1)]
+)
+def test_values_just_under_the_bound_beside_one_far_above_it_leave_the_norm_at_the_bound(top, under, count):
+    """Far above the bound the Gram eigenvalues misread the values near it, and the clip left a pair
+    of them over it: values 1000 and 0.9999 at bound 1, float32, the norm up to 24,000 ulps over
+    (review). The result is clipped once more where the largest value was 4 times the bound or more."""
+    eps = np.finfo(np.float32).eps
+    for seed in range(30, 45):
+        generator = torch.Generator().manual_seed(seed)
+        u, v = (torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))[0] for _ in range(2))
+        values = torch.zeros(16, dtype=torch.float64)
+        values[0], values[1 : 1 + count] = top, under
+        kernel = ((u * values) @ v.T).float()[:, :, None, None]
+        out = clip_singular_values(kernel, (2, 2), 1.0).double()
+        assert conv_singular_values(out, (2, 2), method="svd").max() <= 1 + 16 * eps, seed
+
+
 @pytest.mark.parametrize("precision", ["single", "double"])
 def test_a_bound_far_under_the_largest_value_lifts_no_null_direction_to_it(precision):
     """A rank-one kernel clipped at 1e-5 of its value: the Gram eigenvalues of its null directions
