@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import io
 import json
@@ -141,8 +142,12 @@ def load_latest(folder: str, map_location=None, report=print, accept=None) -> di
         try:
             try:
                 state = load(path, map_location)
-            except FileNotFoundError:  # set aside since listed, by another process resuming the run (a torchrun rank)
-                continue
+            except FileNotFoundError:
+                # Set aside since it was listed, by another process resuming the run (a torchrun
+                # rank): passed over. Gone otherwise (a link to a vanished disk): not a fresh start.
+                if glob.glob(glob.escape(path) + ".damaged*"):
+                    continue
+                raise
             if accept is not None:
                 try:
                     accept(state)

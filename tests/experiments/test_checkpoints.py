@@ -141,4 +141,8 @@ def test_a_checkpoint_set_aside_by_another_process_since_it_was_listed_is_passed
     the other died opening it (FileNotFoundError; review)."""
     checkpoints.save(str(tmp_path), 1, state(1))
     monkeypatch.setattr(checkpoints, "epochs", lambda folder: [1, 2])  # 2: listed, then moved away
+    # Gone without a copy set aside (a link to a vanished disk): an error, not a fresh start (review).
+    with pytest.raises(FileNotFoundError):
+        checkpoints.load_latest(str(tmp_path), report=pytest.fail)
+    (tmp_path / "checkpoint-2.pt.damaged").write_bytes(b"set aside by the other rank")
     assert checkpoints.load_latest(str(tmp_path), report=pytest.fail)["epoch"] == 1
