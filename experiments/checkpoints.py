@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import hashlib
 import io
 import json
@@ -143,11 +142,12 @@ def load_latest(folder: str, map_location=None, report=print, accept=None) -> di
             try:
                 state = load(path, map_location)
             except FileNotFoundError:
-                # Set aside since it was listed, by another process resuming the run (a torchrun
-                # rank): passed over. Gone otherwise (a link to a vanished disk): not a fresh start.
-                if glob.glob(glob.escape(path) + ".damaged*"):
-                    continue
-                raise
+                # Renamed away since it was listed, by another process resuming the run (a torchrun
+                # rank setting it aside): passed over. A link to a vanished disk is still there
+                # (lexists): an error, not a fresh start.
+                if os.path.lexists(path):
+                    raise
+                continue
             if accept is not None:
                 try:
                     accept(state)

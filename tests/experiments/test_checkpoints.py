@@ -141,8 +141,10 @@ def test_a_checkpoint_set_aside_by_another_process_since_it_was_listed_is_passed
     the other died opening it (FileNotFoundError; review)."""
     checkpoints.save(str(tmp_path), 1, state(1))
     monkeypatch.setattr(checkpoints, "epochs", lambda folder: [1, 2])  # 2: listed, then moved away
-    # Gone without a copy set aside (a link to a vanished disk): an error, not a fresh start (review).
+    assert checkpoints.load_latest(str(tmp_path), report=pytest.fail)["epoch"] == 1
+    # A link to a vanished disk, beside a copy set aside at an earlier resume: an error, not a
+    # fresh start (reviews).
+    (tmp_path / "checkpoint-2.pt.damaged").write_bytes(b"set aside at an earlier resume")
+    os.symlink(tmp_path / "vanished" / "checkpoint-2.pt", tmp_path / "checkpoint-2.pt")
     with pytest.raises(FileNotFoundError):
         checkpoints.load_latest(str(tmp_path), report=pytest.fail)
-    (tmp_path / "checkpoint-2.pt.damaged").write_bytes(b"set aside by the other rank")
-    assert checkpoints.load_latest(str(tmp_path), report=pytest.fail)["epoch"] == 1
