@@ -77,8 +77,10 @@ INPUT_SIZES = ("padded", "raw")
 
 
 # The largest value, relative to the bound, above which the Gram clip's result is clipped again (see
-# _gram_clip): eps (s_max / c)^2 reaches the 16 ulps of the next clip's allowance there.
-FAR_ABOVE = 4.0
+# _gram_clip). Measured on 40 random 32x34 matrices per value, real and complex, single precision:
+# between 3 and 4 times the bound the result sat up to 34 ulps over it (16 is the next clip's
+# allowance); clipped again from 1.5 on, at most 9 from 1.05 to 1000 times.
+FAR_ABOVE = 1.5
 
 
 def _shrink_along(k: torch.Tensor, vectors: torch.Tensor, s: torch.Tensor, bound: float) -> torch.Tensor:
@@ -168,8 +170,7 @@ def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tenso
                 again = again - ((again @ top) * lowered[..., None, :]) @ top.mH
             else:
                 again = again - (top * lowered[..., None, :]) @ (top.mH @ again)
-            clipped = clipped.clone() if every else clipped
-            clipped[far] = again
+            clipped[far] = again  # a fresh tensor of _shrink_along's: never the caller's kernel
     if every:
         return clipped, need
     out = k.clone()
