@@ -18,8 +18,9 @@ The default ``method="gram"`` needs no SVD: with ``K^H K = V diag(s^2) V^H`` (ei
 Gram matrix) the clip is ``K - K V_+ diag(1 - c/s_+) V_+^H`` over the eigenvectors ``V_+`` whose
 value exceeds ``c`` only, for the frequencies whose largest value exceeds ``c`` only, then once more
 along the Ritz vectors of the result in the span of ``V_+`` (the subtraction cancels: without it a
-value far above ``c`` landed thousands of ulps off it, either side); a layer with none is left untouched, and
-the transform back is read at the kernel's taps only.
+value far above ``c`` landed thousands of ulps off it, either side), and, where a value was far
+above ``c``, clipped once more; a layer with none is left untouched, and the transform back is
+read at the kernel's taps only.
 ``method="svd"`` is the first version (SciPy's FFT and full complex SVD of every frequency).
 
 This module also re-exports :func:`~normopt.spectrum.conv_singular_values`,
@@ -83,6 +84,16 @@ INPUT_SIZES = ("padded", "raw")
 FAR_ABOVE = 1.5
 
 
+def _subtracted(k: torch.Tensor, vectors: torch.Tensor, s: torch.Tensor, bound: float) -> torch.Tensor:
+    """``k`` with its singular values ``s`` along ``vectors`` (eigenvectors of :func:`~normopt.spectrum._gram`,
+    right ones where ``D >= C``, else left) lowered to ``bound``: ``K - K V diag(1 - c/s) V^H``
+    (those at most ``bound`` take a factor of exactly 0)."""
+    factor = (1.0 - torch.clamp(bound / s.clamp(min=torch.finfo(s.dtype).tiny), max=1.0)).to(k.dtype)
+    if k.shape[-2] >= k.shape[-1]:
+        return k - ((k @ vectors) * factor[..., None, :]) @ vectors.mH
+    return k - (vectors * factor[..., None, :]) @ (vectors.mH @ k)
+
+
 def _shrink_along(k: torch.Tensor, vectors: torch.Tensor, s: torch.Tensor, bound: float) -> torch.Tensor:
     """``k`` with its singular values ``s`` along ``vectors`` (eigenvectors of :func:`~normopt.spectrum._gram`,
     right ones where ``D >= C``, else left) clipped at ``bound``, then corrected by one
@@ -92,15 +103,9 @@ def _shrink_along(k: torch.Tensor, vectors: torch.Tensor, s: torch.Tensor, bound
     round-off to a clipped one) lowered to it. A matrix with none clipped comes back bit for bit."""
     tiny = torch.finfo(s.dtype).tiny
     right = k.shape[-2] >= k.shape[-1]
-    first = (1.0 - torch.clamp(bound / s.clamp(min=tiny), max=1.0)).to(k.dtype)
-    if right:
-        r = k - ((k @ vectors) * first[..., None, :]) @ vectors.mH
-        projected = r @ vectors  # the result along the span
-        values, rotation = torch.linalg.eigh(projected.mH @ projected)
-    else:
-        r = k - (vectors * first[..., None, :]) @ (vectors.mH @ k)
-        projected = vectors.mH @ r
-        values, rotation = torch.linalg.eigh(projected @ projected.mH)
+    r = _subtracted(k, vectors, s, bound)
+    projected = r @ vectors if right else vectors.mH @ r  # the result along the span
+    values, rotation = torch.linalg.eigh(projected.mH @ projected if right else projected @ projected.mH)
     sigma = values.clamp(min=0).sqrt().clamp(min=tiny)
     clipped = (s > bound).sum(-1, keepdim=True)  # m per matrix; eigh sorts ascending: the m last
     top = torch.arange(sigma.shape[-1], device=sigma.device) >= sigma.shape[-1] - clipped
@@ -163,14 +168,8 @@ def _gram_clip(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tenso
         values, vectors = torch.linalg.eigh(_gram(again))
         s_again = values.clamp(min=0).sqrt()
         count = int((s_again > bound).sum(-1).max())
-        if count:
-            lowered = (1.0 - torch.clamp(bound / s_again[:, -count:].clamp(min=torch.finfo(s.dtype).tiny), max=1.0)).to(k.dtype)
-            top = vectors[..., -count:]
-            if again.shape[-2] >= again.shape[-1]:
-                again = again - ((again @ top) * lowered[..., None, :]) @ top.mH
-            else:
-                again = again - (top * lowered[..., None, :]) @ (top.mH @ again)
-            clipped[far] = again  # a fresh tensor of _shrink_along's: never the caller's kernel
+        if count:  # into a fresh tensor of _shrink_along's: never the caller's kernel
+            clipped[far] = _subtracted(again, vectors[..., -count:], s_again[:, -count:], bound)
     if every:
         return clipped, need
     out = k.clone()
