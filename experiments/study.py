@@ -11,6 +11,7 @@ import sys
 import pandas as pd
 
 from experiments import checkpoints, cli
+from experiments.claims import by_run
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
@@ -206,11 +207,8 @@ def paper_latex(results: pd.DataFrame) -> str:
     accuracies in percent (one decimal, mean over the seeds that did not diverge; ``diverged``
     where every seed did; ``n/a`` where a seed that did not diverge has no figure, as the claims
     and sweep tables count it: :func:`experiments.claims.by_run`)."""
-    keys, columns = ["model", "method", "strength"], ["clean acc", "robust acc"]
-    dead = results["diverged"].astype(bool) if "diverged" in results.columns else pd.Series(False, index=results.index)
-    means = results[~dead].groupby(keys, sort=False)[columns].agg(lambda column: column.mean(skipna=False))
-    runs = results[keys].drop_duplicates().merge(means.reset_index(), how="left", on=keys, indicator="live")
-    runs["live"] = runs.live == "both"
+    runs = by_run(results)
+    runs["live"] = runs.seeds > 0
     order = {name: i for i, name in enumerate(REGISTRY)}
     blocks = []
     for model, rows in runs.groupby("model", sort=False):
