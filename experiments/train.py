@@ -4,6 +4,9 @@ per-epoch metrics and layer norms, a checkpoint every epoch, resume, robust eval
     python -m experiments.train --dataset digits --model small --method nd-linf --strength 0.1 --out runs/demo
     torchrun --nproc_per_node 2 -m experiments.train ...   # data parallel (gloo on CPU, nccl on GPU)
 
+(--batch-size is per process, so a torchrun run resumes only with as many processes as it was
+trained with; the first process alone evaluates it at the end.)
+
 Runs on the GPU when one is present, otherwise on the CPU. --protocol released (default) or paper
 resolves the run's values (experiments/protocol.py). The run folder holds config.json (the
 resolved configuration and its fingerprint), the last two checkpoints and result.json (per-epoch
@@ -52,7 +55,13 @@ def _distributed() -> bool:
 
 
 def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0, or the only process; before the process group starts, as torchrun numbered it (its
+    ``RANK``), so that what one process should print is not printed by every rank."""
+    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def applied_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -237,6 +246,7 @@ def restore(config: RunConfig, out: str, where: torch.device) -> SimpleNamespace
 
     def accept(state: dict) -> None:
         nonlocal run
+        _check_world_size(state.get("history", []), out)
         trained = lambda options: {k: v for k, v in options.items() if k not in EVALUATION}
         changed = differences(trained(state.get("config", config.as_dict())), trained(config.as_dict()))
         if state.get("definition", config.definition()) != config.definition():
@@ -253,6 +263,26 @@ def restore(config: RunConfig, out: str, where: torch.device) -> SimpleNamespace
 
     checkpoints.load_latest(out, map_location=where, report=checkpoints.eprint, accept=accept)
     return run
+
+
+def _check_world_size(history: list[dict], out: str) -> None:
+    """Refuse to resume a run with another number of processes than it was trained with.
+
+    ``--batch-size`` is per process, so the number of processes is part of what a run trains: a
+    two-process run resumed by one took half the images per step from there on, under the same
+    fingerprint, without a word.
+
+    Raises:
+        UserError: the last epoch recorded ran with another number of processes.
+    """
+    trained = history[-1].get("world_size", 1) if history else None
+    if trained is not None and trained != _world_size():
+        how = f"torchrun --nproc_per_node {trained} -m experiments.train" if trained > 1 else "python -m experiments.train"
+        raise UserError(
+            f"{out} was trained with {trained} process{'es' if trained > 1 else ''} and this is {_world_size()}: "
+            f"--batch-size is per process, so the run would go on with another batch; resume it with {how} ..., "
+            "or start it in a new --out"
+        )
 
 
 def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torch.device) -> dict:
@@ -294,12 +324,14 @@ def train_epoch(config: RunConfig, run: SimpleNamespace, epoch: int, where: torc
         run.step_norms["step"] += at
         run.step_norms["l1"] += [v[0] for v in values]
         run.step_norms["linf"] += [v[1] for v in values]
-    world = dist.get_world_size() if dist.is_initialized() else 1
     test_accuracy = evaluate(run.model, run.test_set, where)
-    total, correct = torch.stack([total, correct]).tolist()
+    sums = torch.stack([total, correct, torch.tensor(float(seen), dtype=total.dtype, device=where)])
+    if dist.is_initialized():  # every rank's share of the epoch, not rank 0's alone
+        dist.all_reduce(sums)
+    total, correct, seen = sums.tolist()
     return {"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen, "test_accuracy": test_accuracy} | {
         "steps": steps,
-        "world_size": world,
+        "world_size": _world_size(),
     }
 
 
@@ -434,14 +466,17 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
         result.update(history=run.history, norms=run.norms)
         result["step_norms"] = run.step_norms
         result["diverged"] = divergence(run.history, run.norms)
-        if _is_main():
-            result["accuracy"] = not_evaluated(config) if result["diverged"] else robust_evaluation(config, run, where)
-            checkpoints.write_json(result_path, result)
-            if progress:
-                _report_divergence(result)
-        if dist.is_initialized():
-            dist.barrier()
-        return checkpoints.read_json(result_path) if _is_main() else result
+        if not _is_main():
+            # Rank 0 evaluates alone, for minutes to hours (APGD on CIFAR-10). A rank waiting for
+            # it in a collective met the process group's timeout (30 min on gloo, 10 on NCCL),
+            # and torchrun then stopped rank 0 mid-evaluation, on every --resume as well; the
+            # other ranks' work is done.
+            return result
+        result["accuracy"] = not_evaluated(config) if result["diverged"] else robust_evaluation(config, run, where)
+        checkpoints.write_json(result_path, result)
+        if progress:
+            _report_divergence(result)
+        return checkpoints.read_json(result_path)
 
 
 def _subset(data, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,20 @@ def test_bad_arguments_exit_with_code_two(arguments, message, study, tmp_path, c
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("study", ["regularize", "adversarial"])
+def test_a_study_under_torchrun_is_refused_before_any_work(study, tmp_path, monkeypatch, capsys):
+    """Every rank trained every run as a DDP run and wrote the same tables at once (review)."""
+    from experiments import adversarial
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit:
+        {"regularize": regularize, "adversarial": adversarial}[study].main([*TINY, "--out", str(tmp_path / "study")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "a study runs in one process" in err and "--shard" in err
+    assert not os.path.exists(tmp_path / "study")
+
+
 def test_missing_cifar10_exits_with_code_two(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         regularize.main(

@@ -93,6 +93,70 @@ def test_torchrun_with_two_processes(tmp_path):
     assert (tmp_path / "result.json.damaged").exists()
 
 
+# Run by torchrun in each process: train with a process group whose timeout is shorter than rank
+# 0's evaluation, and write what this rank's train() returned.
+_RANKS = """
+import datetime, json, os, sys, time
+import torch.distributed as dist
+import experiments.train as training
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=4))
+evaluate = training.robust_evaluation
+training.robust_evaluation = lambda *a: (time.sleep(8), evaluate(*a))[1]
+out = sys.argv[1]
+evaluation = dict(eval_images=16, eval_iterations=2, eval_targets=1)
+config = training.RunConfig(method="nd-l1", strength=0.05, epochs=1, milestones=(1,), **evaluation)
+result = training.train(config, out, progress=False)
+json.dump(result["history"], open(os.path.join(out, f"history-{dist.get_rank()}.json"), "w"))
+"""
+
+
+def test_torchrun_ranks_share_the_epochs_figures_and_do_not_wait_for_the_evaluation(tmp_path):
+    """Each rank's loss and accuracy were its own share's (rank 0's went into the history); the
+    others waited for rank 0's evaluation in a barrier, past the process group's timeout, and
+    torchrun then stopped rank 0 mid-evaluation, on every --resume too (review)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run([*command, str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    histories = [json.load(open(tmp_path / "run" / f"history-{rank}.json")) for rank in (0, 1)]
+    # Test accuracy is each rank's evaluation of its own model (its batch norms' running statistics
+    # are its last batch's: DDP broadcasts rank 0's at the next forward); rank 0's is recorded.
+    shared = lambda history: [{k: v for k, v in row.items() if k != "test_accuracy"} for row in history]
+    assert shared(histories[0]) == shared(histories[1]) and histories[0][0]["world_size"] == 2
+    result = json.load(open(tmp_path / "run" / "result.json"))
+    assert result["history"] == histories[0] and "robust" in result["accuracy"]
+
+
+def test_a_run_resumed_with_another_number_of_processes_is_refused(tmp_path, capsys):
+    """--batch-size is per process: a two-process run resumed by one went on with half the batch,
+    under the same fingerprint, without a word (review)."""
+    config = RunConfig(**TINY)
+    first = train(config, str(tmp_path), progress=False)
+    os.remove(tmp_path / "result.json")
+    state = checkpoints.load(checkpoints.checkpoint_path(str(tmp_path), 2))
+    state["history"] = [{**row, "world_size": 2} for row in state["history"]]  # as a torchrun run wrote it
+    checkpoints.save(str(tmp_path), 2, state)
+    with pytest.raises(UserError, match=r"trained with 2 processes and this is 1: --batch-size is per process") as error:
+        train(config, str(tmp_path), progress=False)
+    assert "torchrun --nproc_per_node 2 -m experiments.train" in str(error.value)
+    assert checkpoints.load(checkpoints.checkpoint_path(str(tmp_path), 2))["history"][-1]["world_size"] == 2  # kept
+    os.remove(checkpoints.checkpoint_path(str(tmp_path), 2))  # the epoch before, written by one process, resumes
+    assert train(config, str(tmp_path), progress=False)["history"] == first["history"]
+
+
+def test_before_the_process_group_starts_only_torchruns_rank_zero_is_the_main_process(monkeypatch):
+    """Every rank printed the configuration, the run folder and the notes of main() (review)."""
+    monkeypatch.setenv("RANK", "1")
+    assert not training._is_main()
+    monkeypatch.setenv("RANK", "0")
+    assert training._is_main()
+    monkeypatch.delenv("RANK")
+    assert training._is_main()
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [(["--model", "lenet"], "invalid choice: 'lenet'"), (["--method", "dropout"], "invalid choice: 'dropout'")],
