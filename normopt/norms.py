@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -205,9 +206,21 @@ def _batch_entry(members_specs: tuple[Spec, ...], ord: float, device: torch.devi
     # log): inference tensors kept here would make every later call outside it raise, when it
     # writes |w| into the scratch or saves a table for backward.
     with torch.inference_mode(False):
-        work = torch.empty(plan.max_numel, device=device, dtype=dtype)  # for |w|, reused by every call
-        scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
-        return members_specs, order, plan, batch_tables(plan, device, dtype), scratch
+        return members_specs, order, plan, batch_tables(plan, device, dtype), threading.local()
+
+
+def _scratch(per_thread: threading.local, plan, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Buffers for ``|w|`` of the plan's kernels, views of one, reused by every call of this thread.
+
+    One per thread: two threads sharing specs (a logging thread beside the training loop) wrote
+    each other's ``|w|`` into one buffer and read back wrong norms, without an error.
+    """
+    scratch = getattr(per_thread, "scratch", None)
+    if scratch is None:
+        with torch.inference_mode(False):  # as the tables, for calls outside inference mode later
+            work = torch.empty(plan.max_numel, device=device, dtype=dtype)
+        scratch = per_thread.scratch = [work[: math.prod(p.shape)].view(p.shape) for p in plan.plans]
+    return scratch
 
 
 def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], ord=1) -> dict[str, torch.Tensor]:
@@ -254,7 +267,9 @@ def layer_norms(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec], 
         key = (tuple(members), ord, device, dtype)  # names: cheaper to hash than the specs
         if key not in cache or any(a is not b for a, b in zip(cache[key][0], members_specs)):
             cache[key] = _batch_entry(members_specs, ord, device, dtype)
-        _, order, plan, tables, scratch = cache[key]
+        _, order, plan, tables, per_thread = cache[key]
+        # Compiled, |w| is never written into a scratch (inductor fuses it into the sums).
+        scratch = None if torch.compiler.is_compiling() else _scratch(per_thread, plan, device, dtype)
         ordered = [members_specs[i] for i in order]
         weights, running_vars = [], []
         for spec in ordered:

@@ -488,3 +488,29 @@ def test_a_torchscript_part_is_warned_of_where_it_hides_a_linear_map(part, warne
         warnings.simplefilter("always")
         assert list(normopt.model_norms(model, torch.zeros(2, 1, 5, 5))) == ["0"]
     assert bool([w for w in caught if "left out of the norms" in str(w.message)]) == warned
+
+
+@pytest.mark.parametrize("ord", [1, math.inf])
+def test_threads_sharing_specs_each_get_their_own_norms(ord):
+    """The specs kept one buffer for |w|, written by every call: two threads (a logging thread
+    beside the training loop) read each other's and got wrong norms, without an error (review)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.Flatten())
+    specs = layer_specs(model, torch.zeros(1, 32, 8, 8))
+    weights = [{k: torch.randn_like(v) * (i + 1) for k, v in model.state_dict().items()} for i in range(4)]
+    expected = [normopt.layer_norms(w, normopt.LayerSpecs(dict(specs)), ord) for w in weights]  # specs of their own
+    wrong = []
+
+    def work(i):
+        for _ in range(300):
+            got = normopt.layer_norms(weights[i], specs, ord)
+            wrong.extend((i, name) for name in got if not torch.equal(got[name], expected[i][name]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not wrong
