@@ -27,7 +27,7 @@ from normopt.discovery import (
 )
 from normopt.replicas import replica_group
 from normopt.specs import ConvSpec, kernel_reach
-from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies
+from normopt.svc import INPUT_SIZES, clip_input_size, clip_layer_counted, conv_spectral_norm, pads_with_copies, raw_input_size
 
 
 @dataclass(frozen=True)
@@ -274,8 +274,10 @@ class PeriodicSVC:
         else:  # as the released code, which skips a layer whose raw input is smaller than its kernel
             for name, spec in list(convs.items()):
                 reach = kernel_reach(spec.kernel_size, spec.dilation)  # as the clip would refuse it
-                if any(r > n for r, n in zip(reach, spec.input_size)):
-                    self.skipped[name] = f"kernel reach {reach} is larger than its raw input {spec.input_size}"
+                size = raw_input_size(spec)  # a transposed layer's is its adjoint's: the layer's output
+                if any(r > n for r, n in zip(reach, size)):
+                    what = "the raw input of its adjoint (its output)" if spec.transposed else "its raw input"
+                    self.skipped[name] = f"kernel reach {reach} is larger than {what} {size}"
                     del convs[name]
         self._overriding_warned = warn_overriding(
             {name: current[name] for name in convs}, self._overriding_warned, "PeriodicSVC clips"

@@ -198,6 +198,22 @@ def test_raw_input_sizes_smaller_than_the_kernel_are_skipped_as_the_released_cod
     assert padded.last_report.layers == 2 and padded.skipped == {}
 
 
+def test_a_transposed_layer_is_skipped_at_raw_sizes_by_its_adjoints_input_its_output():
+    """The skip compared the kernel with the transposed layer's input, where the raw clip runs at
+    its output size: a DCGAN head (4x4 kernel, 1x1 latent, 4x4 output) was never clipped, and a
+    layer with a smaller output went on to the clip, which refused it after the layer before it
+    had been clipped (review)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 1, 1)
+    model = nn.Sequential(nn.ConvTranspose2d(8, 4, 4, 1, 0), nn.ReLU(), nn.ConvTranspose2d(4, 2, 5, 1, 3))  # 1 -> 4 -> 2
+    specs = normopt.layer_specs(model, x)
+    expected = clip_layer(model[0].weight, specs["0"], 0.1, input_size="raw")
+    svc = PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.0), model, bound=0.1, example_input=x, input_size="raw")
+    svc.clip()
+    assert svc.skipped == {"2": "kernel reach (5, 5) is larger than the raw input of its adjoint (its output) (2, 2)"}
+    assert svc.last_report.layers == 1 and torch.equal(model[0].weight, expected)
+
+
 class WithAuxiliaryHead(nn.Module):
     def __init__(self):
         super().__init__()
