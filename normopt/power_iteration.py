@@ -76,26 +76,39 @@ def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float) 
     return weight.detach().to(accumulation_dtype(weight.dtype))
 
 
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """``||x||``, where torch's (a sum of unscaled squares) loses precision in subnormal squares or
+    overflows to inf: of ``x`` scaled by its largest entry there (entries under ``max ** -0.25``, or
+    an infinite plain norm), the plain norm elsewhere (the same bits). No host read."""
+    finfo = torch.finfo(x.dtype)
+    plain = x.norm()
+    largest = x.abs().amax()
+    scaled = (x / largest.clamp_min(finfo.tiny)).norm() * largest
+    return torch.where((largest >= finfo.max**-0.25) & torch.isfinite(plain), plain, scaled)
+
+
 def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol: float | None, seed: int) -> torch.Tensor:
     channels = spec.in_channels
     generator = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn((1, channels, *spec.input_size), generator=generator, dtype=weight.dtype).to(weight.device)
     v = v / v.norm()
+    # A^T A v is of size sigma^2: past sigma ~ 1e9 (float32) its squares overflowed torch's norm,
+    # past ~ 1e19 it overflowed itself, and below ~ 1e-11 it underflowed, so that v became 0 (or
+    # NaN) and the norm read 0 (or NaN). Out of that range A v is scaled to a largest entry of 1
+    # before the adjoint; within it, it is divided by exactly 1 (the same bits as before).
+    finfo = torch.finfo(weight.dtype)
+    low, high = finfo.max**-0.25, finfo.max**0.25
     estimate = 0.0
     for _ in range(iterations):
         out, adjoint = torch.func.vjp(forward, v)
-        (w,) = adjoint(out)
-        # torch's norm sums unscaled squares: below sigma ~ 1e-11 in float32 (w ~ sigma^2) it
-        # underflows to 0 while w is not. There it is taken of w scaled by its largest entry; the
-        # plain norm elsewhere (the same bits as before). The zero map: v = 0, of norm 0. No host read.
-        plain = w.norm()
-        largest = w.abs().amax()
-        scaled = (w / largest.clamp_min(torch.finfo(w.dtype).tiny)).norm() * largest
-        norm = torch.where(plain > 0, plain, scaled)
-        v = torch.where(norm > 0, w / norm, torch.zeros_like(w))
+        largest = out.abs().amax()
+        scale = torch.where((largest > high) | (largest < low), largest.clamp_min(finfo.tiny), 1.0)
+        (w,) = adjoint(out / scale)
+        norm = _norm(w)
+        v = torch.where(norm > 0, w / norm, torch.zeros_like(w))  # the zero map: v = 0, of norm 0
         if tol is None:
             continue
-        previous, estimate = estimate, float(norm) ** 0.5
+        previous, estimate = estimate, (float(norm) * float(scale)) ** 0.5
         if estimate == 0 or abs(estimate - previous) <= tol * estimate:
             break
-    return forward(v).norm()
+    return _norm(forward(v))

@@ -115,3 +115,17 @@ def test_a_tiny_layer_whose_squares_underflow_gets_its_norm(tol):
     weight = conv.weight.detach() * 1e-11
     true = power_iteration_norm(weight.double(), spec, iterations=300)
     assert_close(power_iteration_norm(weight, spec, iterations=300, tol=tol).double(), true, rtol=1e-3)
+
+
+@pytest.mark.parametrize("tol", [1e-7, None])
+@pytest.mark.parametrize("scale", [1e-22, 1e-15, 1e10, 1e15, 1e18, 2e19, 1e25])
+def test_a_layer_of_any_float32_scale_gets_its_norm(scale, tol):
+    """A^T A v is of size sigma^2: from sigma ~ 1e10 its squares overflowed torch's norm and the
+    result read 0, from ~ 4e19 it overflowed itself (NaN), and at 1e-22 it underflowed to 0
+    (review). The oracle: the largest singular value of the layer's explicit matrix."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    spec = normopt.module_spec(conv, "c", (5, 5))
+    weight = conv.weight.detach() * scale
+    true = torch.linalg.matrix_norm(explicit_matrix(conv, (2, 5, 5)), 2) * scale
+    assert_close(power_iteration_norm(weight, spec, iterations=300, tol=tol).double(), true, rtol=1e-4)
