@@ -142,8 +142,9 @@ def project_layer(
     and {0, 1}) still end with every line in the ball, but not at the nearest such kernel.
     ``taps`` are the layer's :func:`tap_tables` (built here if omitted).
     Non-finite weights leave the kernel unchanged (a kernel's taps that no line reads are never
-    changed, and do not count). Low-precision kernels are projected in float32 and rounded towards
-    zero, so their norm is at most ``radius`` to float32's round-off.
+    changed, and do not count); so does an empty layer (the zero map). Low-precision kernels are
+    projected in float32 and rounded towards zero, so their norm is at most ``radius`` to float32's
+    round-off.
 
     Example:
         >>> import torch
@@ -163,6 +164,8 @@ def project_layer(
         raise ValueError(f"layer {spec.name!r}: projection caps the l1 or l_inf norm, not ord={ord}")
     _check_radius(radius, f"layer {spec.name!r}: radius")
     check_weight_shape(weight, spec)
+    if weight.numel() == 0:  # the zero map, of norm 0: inside every ball
+        return weight.clone()
     if taps is None:
         taps = tap_tables(spec, ord, weight.device)
     groups = getattr(spec, "groups", 1)

@@ -249,3 +249,19 @@ def test_a_max_norm_far_below_a_weight_caps_it_in_the_step():
     specs = normopt.layer_specs(model, torch.zeros(1, 1, 4, 4, dtype=torch.bfloat16))
     norms = normopt.layer_norms(model.state_dict(), specs, 1)
     assert all(float(n) <= 1.0 * (1 + 1e-6) for n in norms.values())
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("ord", ["l1", "linf"])
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [(lambda: nn.Linear(4, 0), None), (lambda: nn.Linear(0, 3), None), (lambda: nn.Conv2d(2, 0, 3, padding=1), (5, 5))],
+    ids=["no outputs", "no inputs", "conv"],
+)
+def test_an_empty_layer_is_the_zero_map_and_comes_back_as_it_is(make, size, ord):
+    """layer_norms gives an empty layer norm 0; project_layer crashed in a reshape, naming nothing (review)."""
+    layer = make()
+    spec = normopt.module_spec(layer, "empty", size)
+    weight = layer.weight.detach()
+    projected = project_layer(weight, spec, ord, 1.0)
+    assert projected.shape == weight.shape and projected is not weight
