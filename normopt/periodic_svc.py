@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
+from normopt.arguments import positive_int
 from normopt.discovery import (
     UNRECORDED_HINT,
     InputSizeRecorder,
@@ -121,14 +122,10 @@ class PeriodicSVC:
             bound = float(bound)  # read once: the clips compare it on the host
         if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < math.inf:
             raise ValueError(f"bound must be a positive finite number, got {bound!r}")
-        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if not (isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1):
-            raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+        every, iterations = positive_int(every, "every"), positive_int(iterations, "iterations")
         if input_size not in INPUT_SIZES:
             raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")
-        if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
-            raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+        threads = positive_int(threads, "threads", none=True)
         if method not in ("gram", "svd"):
             raise ValueError(f"method must be 'gram' or 'svd', got {method!r}")
         if precision not in (None, "single", "double"):

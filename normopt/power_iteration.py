@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
+from normopt.arguments import positive_int
 from normopt.lines import accumulation_dtype
 from normopt.specs import ConvSpec, check_weight_shape
 
@@ -44,7 +48,9 @@ def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int =
         >>> round(float(power_iteration_norm(layer.weight.detach(), spec)) ** 2, 4)
         3.0
     """
-    weight = _checked(weight, spec, iterations, tol)
+    weight = _checked(weight, spec, iterations, tol, seed)
+    iterations, seed = int(iterations), int(seed)
+    tol = None if tol is None else float(tol)
     if weight.numel() == 0:
         return weight.new_zeros(())
     # In the weight's dtype inside torch.autocast too (which would run the convolutions in bfloat16).
@@ -54,7 +60,7 @@ def power_iteration_norm(weight: torch.Tensor, spec: ConvSpec, iterations: int =
         return _iterate(_forward(spec, weight), spec, weight, iterations, tol, seed)
 
 
-def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float) -> torch.Tensor:
+def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float, seed: int) -> torch.Tensor:
     """The weight to iterate with (detached, in at least float32), or a refusal naming the layer."""
     if not isinstance(spec, ConvSpec):
         raise TypeError(
@@ -63,10 +69,11 @@ def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float) 
         )
     if spec.input_size is None:
         raise ValueError(f"layer {spec.name!r}: power iteration needs the layer's input size")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"layer {spec.name!r}: iterations must be a positive int, got {iterations!r}")
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf")):
+    positive_int(iterations, f"layer {spec.name!r}: iterations")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf):
         raise ValueError(f"layer {spec.name!r}: tol must be a finite number >= 0 or None, got {tol!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"layer {spec.name!r}: seed must be an int, got {seed!r}")
     if not isinstance(weight, torch.Tensor) or weight.is_complex() or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise TypeError(f"layer {spec.name!r}: power iteration needs a real floating-point weight, got {got}")

@@ -19,25 +19,27 @@ import math
 
 import torch
 
+from normopt.arguments import finite_number
 from normopt.deterministic import put
 from normopt.lines import accumulation_dtype, line_plan, parse_ord
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, check_weight_shape
 
 
-def _check_radius(radius, where: str = "radius") -> None:
-    """Refuse a radius that is not a positive finite number (NaN included: ``radius <= 0`` lets it
-    through); a 0-d tensor is taken as it is, unread (a read would synchronise an accelerator)."""
+def _check_radius(radius, where: str = "radius"):
+    """The radius as a Python float, or a refusal of one that is not a positive finite number (NaN
+    included: ``radius <= 0`` lets it through); a 0-d tensor is taken as it is, unread (a read
+    would synchronise an accelerator)."""
     if isinstance(radius, torch.Tensor) and radius.dim() == 0:
-        return
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius < math.inf:
-        raise ValueError(f"{where} must be a positive finite number, got {radius!r}")
+        return radius
+    return finite_number(radius, where)
 
 
-def _check_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius) -> None:
-    _check_radius(radius, f"layer {spec.name!r}: radius")
+def _check_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius):
+    radius = _check_radius(radius, f"layer {spec.name!r}: radius")
     for what, t in (("gamma", gamma), ("running_var", running_var)):
         if tuple(t.shape) != (spec.num_features,):
             raise ValueError(f"layer {spec.name!r}: {what} of shape {tuple(t.shape)}, expected ({spec.num_features},)")
+    return radius
 
 
 def _towards_zero(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +70,7 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
         tensor([[ 1.5000, -0.5000],
                 [ 0.5000,  0.2500]])
     """
-    _check_radius(radius)
+    radius = _check_radius(radius)
     if v.dim() == 0:
         raise ValueError("project_l1_ball projects the rows of v (its last axis): v is 0-d")
     if v.shape[-1] == 0:
@@ -162,7 +164,7 @@ def project_layer(
     ord = parse_ord(ord)
     if ord not in (1, math.inf):
         raise ValueError(f"layer {spec.name!r}: projection caps the l1 or l_inf norm, not ord={ord}")
-    _check_radius(radius, f"layer {spec.name!r}: radius")
+    radius = _check_radius(radius, f"layer {spec.name!r}: radius")
     check_weight_shape(weight, spec)
     if weight.numel() == 0:  # the zero map, of norm 0: inside every ball
         return weight.clone()
@@ -203,7 +205,7 @@ def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: Batc
         >>> project_batchnorm(torch.tensor([-8.0, 1.0]), torch.tensor([1.0, 1.0]), spec, 5.0)
         tensor([-5.,  1.])
     """
-    _check_batchnorm(gamma, running_var, spec, radius)
+    radius = _check_batchnorm(gamma, running_var, spec, radius)
     bound = radius * _bn_scale(gamma, running_var, spec)
     if bound.dtype != gamma.dtype:  # copysign keeps a -0.0 (a product with sign() did not)
         return torch.copysign(_towards_zero(torch.minimum(gamma.abs().to(bound.dtype), bound), gamma.dtype), gamma)
@@ -230,7 +232,7 @@ def project_batchnorm_argmax(gamma: torch.Tensor, running_var: torch.Tensor, spe
         >>> project_batchnorm_argmax(torch.tensor([-8.0, 6.0, 1.0]), torch.ones(3), spec, 5.0)
         tensor([-5.,  6.,  1.])
     """
-    _check_batchnorm(gamma, running_var, spec, radius)
+    radius = _check_batchnorm(gamma, running_var, spec, radius)
     scale = _bn_scale(gamma, running_var, spec)
     norms = gamma.abs().to(scale.dtype) / scale
     channel = norms.argmax().reshape(1)

@@ -41,6 +41,7 @@ import scipy.linalg
 import torch
 from threadpoolctl import ThreadpoolController
 
+from normopt.arguments import positive_int
 from normopt.deterministic import matmul
 from normopt.specs import kernel_reach
 
@@ -96,8 +97,7 @@ def _check_options(method: str, precision, threads) -> int:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
-    if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
-        raise ValueError(f"threads must be None or a positive int, got {threads!r}")
+    threads = positive_int(threads, "threads", none=True)
     return torch.get_num_threads() if threads is None else threads
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import scipy.fft
 import torch
 
+from normopt.arguments import positive_int
 from normopt.power_iteration import power_iteration_norm
 from normopt.specs import ConvSpec, axis_geometries, check_weight_shape, pads_with_copies
 from normopt.spectrum import (
@@ -192,8 +193,7 @@ def _check_clip(bound, iterations) -> float:
         positive = False
     if not positive:
         raise ValueError(f"bound must be positive, got {bound!r}")
-    if not (isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1):
-        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    positive_int(iterations, "iterations")
     return bound
 
 

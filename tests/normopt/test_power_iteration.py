@@ -129,3 +129,17 @@ def test_a_layer_of_any_float32_scale_gets_its_norm(scale, tol):
     weight = conv.weight.detach() * scale
     true = torch.linalg.matrix_norm(explicit_matrix(conv, (2, 5, 5)), 2) * scale
     assert_close(power_iteration_norm(weight, spec, iterations=300, tol=tol).double(), true, rtol=1e-4)
+
+
+def test_numpy_whole_numbers_are_taken_and_a_seed_that_is_none_is_refused_by_layer():
+    """np.int64 iterations were refused; seed=None raised torch's RuntimeError, naming nothing (review)."""
+    import numpy as np
+
+    conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+    spec = normopt.module_spec(conv, "c", (4, 4))
+    weight = conv.weight.detach()
+    expected = power_iteration_norm(weight, spec, iterations=20, seed=3)
+    assert torch.equal(power_iteration_norm(weight, spec, iterations=np.int64(20), seed=np.int32(3)), expected)
+    for seed in (None, 1.5):
+        with pytest.raises(ValueError, match=rf"layer 'c': seed must be an int, got {seed}"):
+            power_iteration_norm(weight, spec, seed=seed)

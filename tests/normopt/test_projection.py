@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, brute_norms, conv_layers, explicit_matrix
@@ -265,3 +266,14 @@ def test_an_empty_layer_is_the_zero_map_and_comes_back_as_it_is(make, size, ord)
     weight = layer.weight.detach()
     projected = project_layer(weight, spec, ord, 1.0)
     assert projected.shape == weight.shape and projected is not weight
+
+
+@pytest.mark.parametrize("radius", [np.float32(0.5), np.float64(0.5)])
+def test_a_numpy_radius_is_a_radius(radius):
+    """np.float32 was refused with "radius must be a positive finite number, got np.float32(0.5)" (review)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    spec = normopt.module_spec(conv, "c", (4, 4))
+    weight = conv.weight.detach()
+    assert torch.equal(project_layer(weight, spec, "l1", radius), project_layer(weight, spec, "l1", 0.5))
+    assert torch.equal(project_l1_ball(weight.flatten(1), radius), project_l1_ball(weight.flatten(1), 0.5))
