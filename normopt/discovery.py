@@ -529,7 +529,7 @@ class InputSizeRecorder:
     def specs(self) -> LayerSpecs:
         """Stop recording and describe the model with the recorded input sizes."""
         self.remove()
-        return layer_specs(self.model, input_sizes=self.sizes, output_paddings=self.output_paddings)
+        return _layer_specs(unwrap(self.model), None, self.sizes, self.output_paddings)
 
 
 def _input_keyword(module: nn.Module, kwargs: dict) -> torch.Tensor:
@@ -648,6 +648,17 @@ def layer_specs(
         {'2': 'LayerNorm: normalises each sample by its own statistics: not a linear map'}
     """
     model = unwrap(model)
+    convs = [name for name, module in model.named_modules() if isinstance(module, _ConvNd)]
+    for what, given in (("input_sizes", input_sizes), ("output_paddings", output_paddings)):
+        unknown = sorted(set(given or ()) - set(convs))
+        if unknown:  # a typo left the layer at the large-input limit, with a warning about the layer only
+            raise ValueError(f"{what} names {unknown}, which are no convolutions of the model; its convolutions: {convs}")
+    return _layer_specs(model, example_input, input_sizes, output_paddings)
+
+
+def _layer_specs(model: nn.Module, example_input, input_sizes, output_paddings) -> LayerSpecs:
+    """:func:`layer_specs` of an unwrapped ``model``, the names of ``input_sizes`` and
+    ``output_paddings`` not checked (a recorder may hold a module replaced since)."""
     probed = example_input is not None or input_sizes is not None
     sizes, paddings = dict(input_sizes or {}), dict(output_paddings or {})
     if example_input is not None:
@@ -671,7 +682,10 @@ def layer_specs(
             skipped[name] = reason
         elif _described(module):
             if probed and isinstance(module, _ConvNd) and name not in sizes:
-                warnings.warn(f"layer {name!r} was not called by the recorded forward; using the large-input limit", stacklevel=2)
+                warnings.warn(
+                    f"layer {name!r} was not called by the recorded forward; using the large-input limit",
+                    stacklevel=user_stacklevel(),
+                )
             size = sizes.get(name)
             if _several_sizes(size) and len(size) == 1:
                 size = tuple(size[0])
@@ -682,9 +696,12 @@ def layer_specs(
                         "whose norm differs per size and exceeds the large-input limit on small ones; "
                         "describe each call with normopt.module_spec(module, name, input_size)"
                     )
-                    warnings.warn(f"layer {name!r} is skipped: {skipped[name]}", stacklevel=2)
+                    warnings.warn(f"layer {name!r} is skipped: {skipped[name]}", stacklevel=user_stacklevel())
                     continue
-                warnings.warn(f"layer {name!r} was called with input sizes {size}; using the large-input limit", stacklevel=2)
+                warnings.warn(
+                    f"layer {name!r} was called with input sizes {size}; using the large-input limit",
+                    stacklevel=user_stacklevel(),
+                )
                 size = None
             specs[name] = module_spec(module, name, size, keys, paddings.get(name))
             described[name] = module

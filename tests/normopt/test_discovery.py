@@ -627,3 +627,22 @@ def test_the_overriding_message_names_a_public_stock_class_or_the_kind_of_a_priv
 
     assert "overrides nn.Conv2d's" in overriding_message(_StandardisedConv, "_StandardisedConv.forward", ["c"])
     assert "overrides nn.Conv's: they are described as nn.Conv applies" in overriding_message(OnPrivateBase, "m", ["c"])
+
+
+@pytest.mark.parametrize("option", ["input_sizes", "output_paddings"])
+def test_a_name_given_that_is_no_convolution_of_the_model_is_refused(option):
+    """A typo left the layer at the large-input limit, with a warning that named the real layer
+    (not called by the recorded forward) and none about the typo (review)."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+    message = rf"{option} names \['2', 'typo'\], which are no convolutions of the model; its convolutions: \['0'\]"
+    with pytest.raises(ValueError, match=message):
+        layer_specs(model, **{option: {"typo": (4, 4), "2": (8,)}})
+
+
+def test_a_recorder_describes_a_model_whose_recorded_convolution_was_replaced_since():
+    """The recorder's sizes may name a module replaced after they were recorded: not a typo."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    recorder = normopt.discovery.InputSizeRecorder(model)
+    model(torch.zeros(1, 1, 6, 6))
+    model[0] = nn.Linear(3, 3)
+    assert list(recorder.specs()) == ["0"] and isinstance(recorder.specs()["0"], normopt.LinearSpec)
