@@ -337,7 +337,8 @@ def check_zero_padded(spec: ConvSpec) -> None:
     if pads_with_copies(spec):
         raise ValueError(
             f"layer {spec.name!r} pads with {spec.padding_mode!r}, which copies input values: the circular convolution "
-            "on its padded input does not bound it, so it is not clipped here (power_iteration_norm gives its norm)"
+            "on its padded input does not bound it: neither a bound nor a clip is taken from it here (power_iteration_norm "
+            "gives its norm)"
         )
 
 
