@@ -602,6 +602,7 @@ class NormDecay(CheckpointHooks):
         )
         if not keys:
             return {}
+        self._replicas.refuse_join("Decaying or capping batch norms")
         return dict(zip(keys, first_rank_copies([self._tensors[key] for key in keys], self._replicas)))
 
     def _project_batchnorms(self, projection) -> None:
@@ -680,7 +681,9 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
     each weight's decay state lives in the local optimizer of the rank that steps it, so that
     ``consolidate_state_dict`` gathers it). Under ``GradScaler`` a fused optimizer, which unscales
     inside its step, gets the decay scaled alike. (A step that such an optimizer then skips for
-    non-finite gradients has already advanced ``h``: an unfused one is not called at all.) The
+    non-finite gradients has already advanced ``h``, and, with ``bn_projection="released"``, projected
+    the batch norms' gammas, which that projection does before the step: an unfused one is not
+    called at all.) The
     pre-hook runs before the optimizer evaluates a closure, so closures are refused. After
     ``optimizer.add_param_group``, call ``decay.add_params()`` before the next forward (the wrapper's
     ``add_param_group`` does it): a module replaced meanwhile then gets its input size from that

@@ -18,6 +18,7 @@ know of the replicas: pass ``example_input``, and leave batch norms to ``SyncBat
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -33,8 +34,30 @@ class Replicas:
     and any other as None (the copy then no longer agrees with the other ranks).
     """
 
-    def __init__(self, group):
+    def __init__(self, group, ddp: nn.Module | None = None):
         self.group = group
+        # Weakly: the group is the model's, not the model ours. Lost in a pickle (then no Join is seen).
+        self._ddp = None if ddp is None else weakref.ref(ddp)
+
+    def refuse_join(self, what: str) -> None:
+        """Refuse, on every rank at once, a collective inside torch's ``Join`` (uneven inputs).
+
+        A rank that has run out of batches takes no step, so the ranks still stepping would wait
+        for it in the collective until the process group's timeout (30 minutes on gloo): all
+        ranks are still stepping at the first step inside ``Join``, and refuse it there.
+
+        Raises:
+            RuntimeError: the DDP model is inside a ``Join`` context.
+        """
+        ddp = None if self._ddp is None else self._ddp()
+        config = getattr(ddp, "_join_config", None)
+        if config is not None and config.enable:
+            raise RuntimeError(
+                f"{what} under DDP is one collective per step (so that every replica takes the same one), and "
+                "inside torch's Join a rank out of batches takes no step: the others would wait for it until the "
+                "process group's timeout. Give every rank the same number of batches (DistributedSampler with "
+                "drop_last=True, or a DataLoader with drop_last=True over equal shards) instead of Join"
+            )
 
     def __deepcopy__(self, memo) -> Replicas:
         return self
@@ -56,7 +79,7 @@ def replica_group(model: nn.Module) -> Replicas | None:
         True
     """
     ddp = next((m for m in wrappers(model) if isinstance(m, nn.parallel.DistributedDataParallel)), None)
-    return None if ddp is None else Replicas(ddp.process_group)
+    return None if ddp is None else Replicas(ddp.process_group, ddp)
 
 
 def _first_rank_copies(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:

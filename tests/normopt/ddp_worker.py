@@ -203,6 +203,40 @@ def _periodic_svc_agrees(rank: int, world_size: int, folder: str) -> None:
         f.write(outcome)
 
 
+def join_refused(rank: int, world_size: int, folder: str, through: str) -> None:
+    """Uneven inputs under torch's Join (rank 0 has three batches, rank 1 two), where the step is a
+    collective: the rank out of batches took no step, and rank 0 waited for it until the timeout."""
+    _in_group(_join_refused, rank, world_size, folder, through)
+
+
+def _join_refused(rank: int, world_size: int, folder: str, through: str) -> None:
+    from torch.distributed.algorithms.join import Join
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.parallel.DistributedDataParallel(inner)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    if through == "svc":
+        normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1)
+    else:
+        optimizer = normopt.NormDecayOptimizer(optimizer, model, beta=0.05, layers=("conv", "batchnorm"))
+    before = {k: v.clone() for k, v in inner.state_dict().items()}
+    outcome = "stepped"
+    try:
+        with Join([model]):
+            for _ in range(3 - rank):
+                optimizer.zero_grad()
+                model(torch.randn(4, 1, 6, 6)).sum().backward()
+                optimizer.step()
+    except RuntimeError as error:
+        outcome = str(error)
+    changed = [
+        k for k, v in inner.state_dict().items() if "running" not in k and "batches" not in k and not torch.equal(v, before[k])
+    ]
+    with open(f"{folder}/rank{rank}.txt", "w") as f:
+        f.write(f"{outcome}\nchanged: {changed}")
+
+
 class ConvOnlySometimes(nn.Module):
     """A conv branch that a forward may leave out (a rank's first batch takes the other branch)."""
 

@@ -1021,6 +1021,22 @@ def test_periodic_svc_on_ddp_replicas_of_different_input_sizes_decides_alike(tmp
     assert outcomes[0] == outcomes[1] and "several sizes" in outcomes[0]  # the same refusal, not a hang
 
 
+@pytest.mark.parametrize("through", ["norm decay", "svc"])
+def test_a_collective_step_inside_join_is_refused_on_every_rank_alike(tmp_path, through):
+    """Inside torch's Join (uneven inputs) a rank out of batches takes no step: the others waited
+    for it in the step's broadcast until the process group's timeout (review)."""
+    import ddp_worker
+
+    torch.multiprocessing.spawn(ddp_worker.join_refused, args=(2, str(tmp_path), through), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    what = "Singular value clipping" if through == "svc" else "Decaying or capping batch norms"
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith(f"{what} under DDP is one collective per step")
+    assert "inside torch's Join" in outcomes[0]
+    # Norm decay refuses before the inner step; SVC clips after it, so that step stands (the
+    # same on both ranks: the texts are equal), unclipped.
+    assert outcomes[0].endswith("changed: []") == (through == "norm decay")
+
+
 @pytest.mark.parametrize("through", ["wrapper", "hooks"])
 def test_zero_checkpoints_carry_the_decay_state_and_resume_bit_for_bit(tmp_path, through):
     import ddp_worker
