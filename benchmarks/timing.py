@@ -48,7 +48,9 @@ def require_torchvision(parser: argparse.ArgumentParser, without: str) -> None:
     try:
         import torchvision  # noqa: F401
     except (ImportError, RuntimeError) as error:  # missing, or built for another torch
-        parser.error(f"torchvision does not import ({error}): install it (pip install -e '.[cifar]') or pass {without}")
+        from experiments.data import torchvision_advice
+
+        parser.error(f"torchvision does not import ({error}): {torchvision_advice(error)}; or pass {without}")
 
 
 def set_threads(threads: int) -> None:

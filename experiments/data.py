@@ -7,6 +7,7 @@ pixel space, as in the paper.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import ClassVar
 
 import torch
@@ -17,6 +18,29 @@ DATASETS = ("digits", "cifar10")
 
 class DataError(Exception):
     """A data set that cannot be loaded, with the folder and what to do."""
+
+
+def torchvision_advice(error: Exception) -> str:
+    """What to install where torchvision failed to import with ``error``.
+
+    Missing, the ``cifar`` extra installs it. Installed but built for another torch (its
+    operators do not load: "operator torchvision::nms does not exist"), that extra changes nothing
+    (pip finds it satisfied): the torchvision built for this torch is needed, from torch's index.
+
+    Example:
+        >>> torchvision_advice(ImportError("No module named 'torchvision'"))
+        "install it: pip install -e '.[cifar]'"
+    """
+    if isinstance(error, ImportError):
+        return "install it: pip install -e '.[cifar]'"
+    import torch
+
+    return (
+        f"the torchvision installed was built for another torch than this one ({torch.__version__}): install "
+        "both from one index, e.g. pip install --force-reinstall torch torchvision --index-url "
+        "https://download.pytorch.org/whl/cpu for CPU builds, or pip install torchvision==<the release paired "
+        "with this torch> from the registry"
+    )
 
 
 def _unchecked_cifar10():
@@ -47,6 +71,15 @@ def _mismatched(folder: str) -> list[str]:
     return [n for n, md5 in present if not check_integrity(os.path.join(folder, n), md5)]
 
 
+def _missing(folder: str) -> list[str]:
+    """CIFAR-10 files absent from ``folder``."""
+    import torchvision
+
+    reference = torchvision.datasets.CIFAR10
+    names = [n for n, _ in (*reference.train_list, *reference.test_list)] + [reference.meta["filename"]]
+    return [n for n in names if not os.path.exists(os.path.join(folder, n))]
+
+
 def cifar10(root: str, train: bool, augment: bool = True, download: bool = False, verify: bool = True) -> Dataset:
     """CIFAR-10 from ``root`` (holding ``cifar-10-batches-py``); the paper's augmentation for training.
 
@@ -62,13 +95,18 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
         from torchvision import transforms
     except (ImportError, RuntimeError) as error:  # missing; or a build for another torch (its operators do not load)
         raise DataError(
-            f"CIFAR-10 is read through torchvision, which does not import ({error}); install the build that "
-            "matches torch: pip install -e '.[cifar]'"
+            f"CIFAR-10 is read through torchvision, which does not import ({error}); {torchvision_advice(error)}"
         ) from error
 
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train and augment else []
     transform = transforms.Compose([*steps, transforms.ToTensor()])
     folder = os.path.join(root, "cifar-10-batches-py")
+    missing = _missing(folder) if os.path.isdir(folder) and not download else []
+    if missing:  # torchvision says "not found or corrupted" of the whole folder
+        raise DataError(
+            f"CIFAR-10 in {os.path.abspath(folder)!r} lacks {missing}: put the python version of CIFAR-10 there "
+            "(data_batch_1 to data_batch_5, test_batch and batches.meta) or pass --download"
+        )
     if verify and os.path.isdir(folder):
         bad = _mismatched(folder)
         if bad and not download:
@@ -83,9 +121,21 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
             torchvision.datasets.CIFAR10(root, train=train, download=True)  # md5-checked download
         return reader(root, train=train, transform=transform)
     except (RuntimeError, OSError) as error:
+        if download:
+            raise DataError(
+                f"downloading CIFAR-10 into {os.path.abspath(root)!r} failed ({error}); put the python version of "
+                f"CIFAR-10 there yourself (expected {folder})"
+            ) from None
         raise DataError(
             f"CIFAR-10 not found in {os.path.abspath(root)!r} (expected {folder}); "
             f"put the python version of CIFAR-10 there or pass --download ({error})"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        # Only unchecked files get here (checked ones are torchvision's own): one cut short or
+        # not CIFAR-10's pickle at all.
+        raise DataError(
+            f"CIFAR-10 files in {os.path.abspath(folder)!r} could not be read ({type(error).__name__}: {error}); "
+            "replace them with the python version of CIFAR-10"
         ) from None
 
 
