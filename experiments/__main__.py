@@ -4,7 +4,7 @@ python -m experiments [--out runs] [--protocol released|paper] [--seeds 0,1] [--
 
 Both studies over every registered method that fits in minutes (two seeds each), robust accuracy
 at a sweep of radii, the timing study, and at the end the table of the paper's claims, each with
-the figure measured on this run and whether it holds (claims.{csv,md} in --out).
+the figure measured on this run and whether it holds (claims.{csv,md,tex} in --out).
 """
 
 from __future__ import annotations

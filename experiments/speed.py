@@ -66,7 +66,8 @@ def measure_shape(
     # tol=None: exactly `measured` iterations (tol=0 stops at two equal estimates), scaled to the
     # table's iteration count.
     power = _time(lambda: power_iteration_norm(weight, spec, iterations=measured, tol=None), repeats, device)
-    row[f"power iteration ({iterations} it.) s"] = power * iterations / measured
+    scaled = f", scaled from {measured}" if measured < iterations else ""  # --quick: say the figure is extrapolated
+    row[f"power iteration ({iterations} it.{scaled}) s"] = power * iterations / measured
     if svd and device.type == "cpu":  # SciPy runs on the CPU whatever the kernel's device
         # method="svd": SciPy's full complex SVD per frequency, the paper's baseline (the default,
         # normopt's Gram eigenvalues, is 3-6x faster and was what this column timed).
