@@ -288,7 +288,7 @@ class PeriodicSVC:
         modules = dict(self.model.named_modules())
         distributed = dist.is_available() and dist.is_initialized()
         if distributed and self._replicas is not None:
-            self._replicas.refuse_join("Singular value clipping")
+            self._replicas.warn_join("Singular value clipping")
         layers = layers_clipped = frequencies = frequencies_clipped = 0
         clipped_now = self._conv_specs()
         if clipped_now:  # refused before any layer is clipped, so that a refusal leaves every weight as it was

@@ -602,7 +602,7 @@ class NormDecay(CheckpointHooks):
         )
         if not keys:
             return {}
-        self._replicas.refuse_join("Decaying or capping batch norms")
+        self._replicas.warn_join("Decaying or capping batch norms")
         return dict(zip(keys, first_rank_copies([self._tensors[key] for key in keys], self._replicas)))
 
     def _project_batchnorms(self, projection) -> None:

@@ -18,13 +18,14 @@ know of the replicas: pass ``example_input``, and leave batch norms to ``SyncBat
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from normopt.discovery import wrappers
+from normopt.discovery import user_stacklevel, wrappers
 
 
 class Replicas:
@@ -38,25 +39,27 @@ class Replicas:
         self.group = group
         # Weakly: the group is the model's, not the model ours. Lost in a pickle (then no Join is seen).
         self._ddp = None if ddp is None else weakref.ref(ddp)
+        self._join_warned = False
 
-    def refuse_join(self, what: str) -> None:
-        """Refuse, on every rank at once, a collective inside torch's ``Join`` (uneven inputs).
+    def warn_join(self, what: str) -> None:
+        """Warn, once, where the DDP model has been under torch's ``Join`` (uneven inputs) and the
+        step is a collective.
 
-        A rank that has run out of batches takes no step, so the ranks still stepping would wait
-        for it in the collective until the process group's timeout (30 minutes on gloo): all
-        ranks are still stepping at the first step inside ``Join``, and refuse it there.
-
-        Raises:
-            RuntimeError: the DDP model is inside a ``Join`` context.
+        A rank out of batches inside ``Join`` takes no step, so the ranks still stepping would wait
+        for it in the collective until the process group's timeout (30 minutes on gloo). Whether a
+        ``Join`` block is running cannot be told: torch leaves the DDP model's join setting on after
+        the block (its own forward keeps acting on it), so this warns, and does not refuse.
         """
         ddp = None if self._ddp is None else self._ddp()
         config = getattr(ddp, "_join_config", None)
-        if config is not None and config.enable:
-            raise RuntimeError(
-                f"{what} under DDP is one collective per step (so that every replica takes the same one), and "
-                "inside torch's Join a rank out of batches takes no step: the others would wait for it until the "
-                "process group's timeout. Give every rank the same number of batches (DistributedSampler with "
-                "drop_last=True, or a DataLoader with drop_last=True over equal shards) instead of Join"
+        if config is not None and config.enable and not self._join_warned:
+            self._join_warned = True
+            warnings.warn(
+                f"{what} under DDP is one collective per step (so that every replica takes the same one), and the "
+                "model has been under torch's Join: inside it, a rank out of batches takes no step, and the others "
+                "would wait for it until the process group's timeout. Give every rank the same number of batches "
+                "(drop_last=True) instead of Join",
+                stacklevel=user_stacklevel(),
             )
 
     def __deepcopy__(self, memo) -> Replicas:

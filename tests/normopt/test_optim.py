@@ -1022,19 +1022,18 @@ def test_periodic_svc_on_ddp_replicas_of_different_input_sizes_decides_alike(tmp
 
 
 @pytest.mark.parametrize("through", ["norm decay", "svc"])
-def test_a_collective_step_inside_join_is_refused_on_every_rank_alike(tmp_path, through):
+def test_a_collective_step_under_join_warns_once_on_every_rank(tmp_path, through):
     """Inside torch's Join (uneven inputs) a rank out of batches takes no step: the others waited
-    for it in the step's broadcast until the process group's timeout (review)."""
+    for it in the step's broadcast until the process group's timeout (review). Whether a Join block
+    runs cannot be told (torch leaves the model's join setting on after it: a refusal refused every
+    later step, second review), so the step warns, once."""
     import ddp_worker
 
-    torch.multiprocessing.spawn(ddp_worker.join_refused, args=(2, str(tmp_path), through), nprocs=2, join=True)
+    torch.multiprocessing.spawn(ddp_worker.join_warned, args=(2, str(tmp_path), through), nprocs=2, join=True)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     what = "Singular value clipping" if through == "svc" else "Decaying or capping batch norms"
     assert outcomes[0] == outcomes[1] and outcomes[0].startswith(f"{what} under DDP is one collective per step")
-    assert "inside torch's Join" in outcomes[0]
-    # Norm decay refuses before the inner step; SVC clips after it, so that step stands (the
-    # same on both ranks: the texts are equal), unclipped.
-    assert outcomes[0].endswith("changed: []") == (through == "norm decay")
+    assert outcomes[0].count("torch's Join") == 1 and "\n" not in outcomes[0]  # one warning
 
 
 @pytest.mark.parametrize("through", ["wrapper", "hooks"])
