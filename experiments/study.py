@@ -368,11 +368,13 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
     Echoes the resolved configuration; user errors end in one line and exit code 2, Ctrl-C in
     exit code 130 with the command that resumes.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if int(world_size) > 1:
         # Every rank would train every run as a DDP run and write the same tables at once.
         cli.fail(
-            "a study runs in one process: to spread its runs over processes or machines, give each "
-            "its own --shard i/n (then --collect); torchrun -m experiments.train trains one run data-parallel"
+            f"WORLD_SIZE={world_size} is set (torchrun or a launcher), and a study runs in one process: unset it, "
+            "and to spread the study's runs over processes or machines give each its own --shard i/n (then "
+            "--collect); torchrun -m experiments.train trains one run data-parallel"
         )
     cli.set_threads(args.threads)
     shard = cli.or_exit(lambda: shard_of(args.shard))

@@ -56,8 +56,12 @@ def _distributed() -> bool:
 
 def _is_main() -> bool:
     """Rank 0, or the only process; before the process group starts, as torchrun numbered it (its
-    ``RANK``), so that what one process should print is not printed by every rank."""
-    return dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
+    ``RANK``), so that what one process should print is not printed by every rank. A ``RANK`` left
+    in the environment of a single process (``WORLD_SIZE`` unset or 1) does not count: that process
+    is the only one, and would otherwise write nothing."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return not _distributed() or int(os.environ.get("RANK", "0")) == 0
 
 
 def _world_size() -> int:

@@ -503,7 +503,7 @@ class InputSizeRecorder:
             if len(found) > 1:
                 warnings.warn(
                     f"transposed layer {name!r} was called with output paddings {sorted(found)}; using the largest per axis",
-                    stacklevel=3,
+                    stacklevel=user_stacklevel(),
                 )
             paddings[name] = tuple(max(axis) for axis in zip(*found))
         return paddings

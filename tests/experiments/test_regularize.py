@@ -69,6 +69,7 @@ def test_a_study_under_torchrun_is_refused_before_any_work(study, tmp_path, monk
         {"regularize": regularize, "adversarial": adversarial}[study].main([*TINY, "--out", str(tmp_path / "study")])
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "a study runs in one process" in err and "--shard" in err
+    assert "WORLD_SIZE=2 is set" in err
     assert not os.path.exists(tmp_path / "study")
 
 

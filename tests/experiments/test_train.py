@@ -166,11 +166,23 @@ def test_each_epoch_records_its_thread_count_and_a_resume_with_another_says_so(t
 
 def test_before_the_process_group_starts_only_torchruns_rank_zero_is_the_main_process(monkeypatch):
     """Every rank printed the configuration, the run folder and the notes of main() (review)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert not training._is_main()
     monkeypatch.setenv("RANK", "0")
     assert training._is_main()
     monkeypatch.delenv("RANK")
+    assert training._is_main()
+
+
+@pytest.mark.parametrize("world_size", [None, "1"])
+def test_a_single_process_with_a_stray_rank_is_the_main_process(monkeypatch, world_size):
+    """RANK=1 left in the environment of a single process made it write nothing (review)."""
+    monkeypatch.setenv("RANK", "1")
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
     assert training._is_main()
 
 

@@ -220,8 +220,9 @@ def _join_warned(rank: int, world_size: int, folder: str, through: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     if through == "svc":
         normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1)
-    else:
-        optimizer = normopt.NormDecayOptimizer(optimizer, model, beta=0.05, layers=("conv", "batchnorm"))
+    else:  # "discovery": convs only, whose input sizes the first step gathers from every rank
+        layers = ("conv",) if through == "discovery" else ("conv", "batchnorm")
+        optimizer = normopt.NormDecayOptimizer(optimizer, model, beta=0.05, layers=layers)
 
     def steps(count):
         for _ in range(count):
@@ -231,7 +232,8 @@ def _join_warned(rank: int, world_size: int, folder: str, through: str) -> None:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        steps(1)  # before any Join: no warning
+        if through != "discovery":
+            steps(1)  # before any Join: no warning
         with Join([model]):  # even inputs here: every rank steps twice
             steps(2)
         steps(1)  # torch leaves the model's join setting on: not warned again

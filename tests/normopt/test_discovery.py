@@ -480,9 +480,10 @@ def test_transposed_conv_called_with_two_output_sizes_warns_and_bounds_both(ord)
     x = torch.zeros(1, 1, 1)
     layer(x, output_size=[1])
     layer(x, output_size=[2])
-    with pytest.warns(UserWarning, match="output paddings"):
+    with pytest.warns(UserWarning, match="output paddings") as caught:
         assert recorder.output_paddings == {"0": (1,)}
         specs = recorder.specs()
+    assert {w.filename for w in caught if "output paddings" in str(w.message)} == {__file__}  # the caller's line
     calls = []
     for size in (1, 2):  # each call's matrix, from its Jacobian (the bias is no part of it)
         matrix = torch.autograd.functional.jacobian(lambda v, size=size: layer(v, output_size=[size]), x).reshape(size, 1)

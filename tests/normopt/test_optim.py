@@ -1021,7 +1021,7 @@ def test_periodic_svc_on_ddp_replicas_of_different_input_sizes_decides_alike(tmp
     assert outcomes[0] == outcomes[1] and "several sizes" in outcomes[0]  # the same refusal, not a hang
 
 
-@pytest.mark.parametrize("through", ["norm decay", "svc"])
+@pytest.mark.parametrize("through", ["norm decay", "svc", "discovery"])
 def test_a_collective_step_under_join_warns_once_on_every_rank(tmp_path, through):
     """Inside torch's Join (uneven inputs) a rank out of batches takes no step: the others waited
     for it in the step's broadcast until the process group's timeout (review). Whether a Join block
@@ -1031,7 +1031,11 @@ def test_a_collective_step_under_join_warns_once_on_every_rank(tmp_path, through
 
     torch.multiprocessing.spawn(ddp_worker.join_warned, args=(2, str(tmp_path), through), nprocs=2, join=True)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
-    what = "Singular value clipping" if through == "svc" else "Decaying or capping batch norms"
+    what = {
+        "svc": "Singular value clipping",
+        "norm decay": "Decaying or capping batch norms",
+        "discovery": "Gathering the recorded input sizes",
+    }[through]
     assert outcomes[0] == outcomes[1] and outcomes[0].startswith(f"{what} under DDP is one collective per step")
     assert outcomes[0].count("torch's Join") == 1 and "\n" not in outcomes[0]  # one warning
 
