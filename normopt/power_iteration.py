@@ -83,15 +83,26 @@ def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float, 
     return weight.detach().to(accumulation_dtype(weight.dtype))
 
 
+def _smallest_unscaled(dtype: torch.dtype) -> float:
+    """The smallest largest entry of a vector whose plain norm is exact to rounding: its largest
+    square is at least ``tiny / eps**2``, so that the squares that fall subnormal (each off by at
+    most ``tiny * eps``) add under ``eps**3`` each to the sum. 9e-13 for float32, 7e-139 for float64."""
+    finfo = torch.finfo(dtype)
+    return finfo.tiny**0.5 / finfo.eps
+
+
 def _norm(x: torch.Tensor) -> torch.Tensor:
     """``||x||``, where torch's (a sum of unscaled squares) loses precision in subnormal squares or
-    overflows to inf: of ``x`` scaled by its largest entry there (entries under ``max ** -0.25``, or
-    an infinite plain norm), the plain norm elsewhere (the same bits). No host read."""
+    overflows to inf: of ``x`` scaled by its largest entry there (a largest entry under
+    ``sqrt(n * tiny)``, below which the subnormal squares of its ``n`` entries, each off by at most
+    ``tiny * eps / 2``, could add more than rounding to the sum; or an infinite plain norm), the plain
+    norm elsewhere (the same bits as torch's). No host read."""
     finfo = torch.finfo(x.dtype)
     plain = x.norm()
     largest = x.abs().amax()
     scaled = (x / largest.clamp_min(finfo.tiny)).norm() * largest
-    return torch.where((largest >= finfo.max**-0.25) & torch.isfinite(plain), plain, scaled)
+    exact = largest >= (x.numel() * finfo.tiny) ** 0.5
+    return torch.where(exact & torch.isfinite(plain), plain, scaled)
 
 
 def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol: float | None, seed: int) -> torch.Tensor:
@@ -102,9 +113,10 @@ def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol
     # A^T A v is of size sigma^2: past sigma ~ 1e9 (float32) its squares overflowed torch's norm,
     # past ~ 1e19 it overflowed itself, and below ~ 1e-11 it underflowed, so that v became 0 (or
     # NaN) and the norm read 0 (or NaN). Out of that range A v is scaled to a largest entry of 1
-    # before the adjoint; within it, it is divided by exactly 1 (the same bits as before).
+    # before the adjoint; within it, it is divided by exactly 1 (the same bits as unscaled). The low
+    # end is where the squares of A^T A v (at least about low^4) would start to fall subnormal.
     finfo = torch.finfo(weight.dtype)
-    low, high = finfo.max**-0.25, finfo.max**0.25
+    low, high = _smallest_unscaled(weight.dtype), finfo.max**0.25
     estimate = 0.0
     for _ in range(iterations):
         out, adjoint = torch.func.vjp(forward, v)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import assert_close, brute_norms, conv_layers, explicit_matrix
@@ -143,3 +145,27 @@ def test_numpy_whole_numbers_are_taken_and_a_seed_that_is_none_is_refused_by_lay
     for seed in (None, 1.5):
         with pytest.raises(ValueError, match=rf"layer 'c': seed must be an int, got {seed}"):
             power_iteration_norm(weight, spec, seed=seed)
+
+
+def _unscaled_iteration(weight, spec, iterations):
+    """The iteration as it ran before the scaling, torch's plain norm throughout: the bits to keep
+    wherever no square of A v or A^T A v falls subnormal or overflows."""
+    forward = functools.partial(torch.nn.functional.conv2d, weight=weight, padding=1)  # the layers below
+    v = torch.randn((1, spec.in_channels, *spec.input_size), generator=torch.Generator().manual_seed(0))
+    v = v / v.norm()
+    for _ in range(iterations):
+        out, adjoint = torch.func.vjp(forward, v)
+        (w,) = adjoint(out)
+        v = w / w.norm()
+    return forward(v).norm()
+
+
+@pytest.mark.parametrize("scale", [1e-7, 1e-6, 1e-5, 1e-3, 1.0, 1e4, 1e8])
+def test_within_the_ordinary_range_the_scaling_leaves_the_bits_as_they_were(scale):
+    """The scaling switched on from sigma ~ 1e-4 (float32) and changed the result's bits where
+    nothing underflowed (review): it now starts where squares would fall subnormal."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+    spec = normopt.module_spec(conv, "c", (16, 16))
+    weight = conv.weight.detach() * scale
+    assert torch.equal(power_iteration_norm(weight, spec, iterations=30, tol=None), _unscaled_iteration(weight, spec, 30))
