@@ -415,7 +415,7 @@ class NormDecay(CheckpointHooks):
     def _refresh(self) -> None:
         """Lazy discovery and re-selection, outside the per-step computation (where :meth:`_stale`)."""
         if self._recorder is not None and self._replicas is not None:
-            self._replicas.warn_join("Gathering the recorded input sizes")
+            self._replicas.warn_join("Gathering the recorded input sizes", "at the first step")
             self._recorder.gather(self._replicas)  # every replica at the same step (see _stale)
         if self._recorder is not None and self._recorder.called:
             with quiet_overriding():

@@ -39,11 +39,11 @@ class Replicas:
         self.group = group
         # Weakly: the group is the model's, not the model ours. Lost in a pickle (then no Join is seen).
         self._ddp = None if ddp is None else weakref.ref(ddp)
-        self._join_warned = False
+        self._join_warned: set[str] = set()
 
-    def warn_join(self, what: str) -> None:
-        """Warn, once, where the DDP model has been under torch's ``Join`` (uneven inputs) and the
-        step is a collective.
+    def warn_join(self, what: str, when: str = "per step") -> None:
+        """Warn, once for each ``what``, where the DDP model has been under torch's ``Join`` (uneven
+        inputs) and the step is a collective (``when``: how often it runs).
 
         A rank out of batches inside ``Join`` takes no step, so the ranks still stepping would wait
         for it in the collective until the process group's timeout (30 minutes on gloo). Whether a
@@ -52,10 +52,10 @@ class Replicas:
         """
         ddp = None if self._ddp is None else self._ddp()
         config = getattr(ddp, "_join_config", None)
-        if config is not None and config.enable and not self._join_warned:
-            self._join_warned = True
+        if config is not None and config.enable and what not in self._join_warned:
+            self._join_warned.add(what)
             warnings.warn(
-                f"{what} under DDP is one collective per step (so that every replica takes the same one), and the "
+                f"{what} under DDP is one collective {when} (so that every replica takes the same one), and the "
                 "model has been under torch's Join: inside it, a rank out of batches takes no step, and the others "
                 "would wait for it until the process group's timeout. Give every rank the same number of batches "
                 "(drop_last=True) instead of Join",

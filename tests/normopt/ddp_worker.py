@@ -220,9 +220,8 @@ def _join_warned(rank: int, world_size: int, folder: str, through: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     if through == "svc":
         normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1)
-    else:  # "discovery": convs only, whose input sizes the first step gathers from every rank
-        layers = ("conv",) if through == "discovery" else ("conv", "batchnorm")
-        optimizer = normopt.NormDecayOptimizer(optimizer, model, beta=0.05, layers=layers)
+    else:  # "discovery": the first step also gathers the input sizes that every rank recorded
+        optimizer = normopt.NormDecayOptimizer(optimizer, model, beta=0.05, layers=("conv", "batchnorm"))
 
     def steps(count):
         for _ in range(count):
