@@ -47,7 +47,7 @@ def require_torchvision(parser: argparse.ArgumentParser, without: str) -> None:
     (``without``: the option that runs the benchmark without it)."""
     try:
         import torchvision  # noqa: F401
-    except (ImportError, RuntimeError) as error:  # missing, or built for another torch
+    except Exception as error:  # missing, or built for another torch (an ImportError, RuntimeError, AttributeError, ...)
         from experiments.data import torchvision_advice
 
         parser.error(f"torchvision does not import ({error}): {torchvision_advice(error)}; or pass {without}")

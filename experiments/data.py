@@ -27,11 +27,15 @@ def torchvision_advice(error: Exception) -> str:
     operators do not load: "operator torchvision::nms does not exist"), that extra changes nothing
     (pip finds it satisfied): the torchvision built for this torch is needed, from torch's index.
 
+    Only torchvision itself missing is "missing": an import error from inside an installed
+    torchvision (``cannot import name 'register_fake' from 'torch.library'``), like any other error
+    there, is a build for another torch.
+
     Example:
-        >>> torchvision_advice(ImportError("No module named 'torchvision'"))
+        >>> torchvision_advice(ModuleNotFoundError("No module named 'torchvision'", name="torchvision"))
         "install it: pip install -e '.[cifar]'"
     """
-    if isinstance(error, ImportError):
+    if isinstance(error, ModuleNotFoundError) and error.name == "torchvision":
         return "install it: pip install -e '.[cifar]'"
     import torch
 
@@ -93,7 +97,7 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
     try:
         import torchvision
         from torchvision import transforms
-    except (ImportError, RuntimeError) as error:  # missing; or a build for another torch (its operators do not load)
+    except Exception as error:  # missing; or a build for another torch (ImportError, RuntimeError, AttributeError, ...)
         raise DataError(
             f"CIFAR-10 is read through torchvision, which does not import ({error}); {torchvision_advice(error)}"
         ) from error

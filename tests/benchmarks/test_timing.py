@@ -56,3 +56,21 @@ def test_without_torchvision_the_benchmarks_say_what_to_install_before_any_work(
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "torchvision does not import" in err and without in err and "pip install -e '.[cifar]'" in err
+
+
+def test_a_torchvision_for_another_torch_is_a_usage_error_with_its_advice(tmp_path, monkeypatch, capsys):
+    """A torchvision newer than torch fails with an AttributeError, which ended in a traceback (review)."""
+    import sys
+
+    from benchmarks.timing import require_torchvision
+
+    stub = tmp_path / "torchvision"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("raise AttributeError(\"module 'torch.library' has no attribute 'register_fake'\")\n")
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        require_torchvision(argparse.ArgumentParser(prog="bench"), "--train-repeats 0")
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "register_fake" in err and "built for another torch" in err and "--train-repeats 0" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -149,9 +150,35 @@ def test_a_failed_download_does_not_ask_for_download(tmp_path, monkeypatch):
     assert "--download" not in str(error.value)
 
 
-def test_a_torchvision_built_for_another_torch_gets_other_advice_than_a_missing_one():
-    """Installed but built for another torch, "pip install -e '.[cifar]'" changed nothing (review)."""
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("operator torchvision::nms does not exist"),
+        ImportError("cannot import name 'register_fake' from 'torch.library'"),  # from inside torchvision
+        AttributeError("module 'torch.library' has no attribute 'register_fake'"),
+        ModuleNotFoundError("No module named 'torch._custom_ops'", name="torch._custom_ops"),
+    ],
+)
+def test_a_torchvision_built_for_another_torch_gets_other_advice_than_a_missing_one(error):
+    """Installed but built for another torch, "pip install -e '.[cifar]'" changed nothing (review);
+    an import error from inside torchvision got that advice too (second review)."""
     from experiments.data import torchvision_advice
 
-    advice = torchvision_advice(RuntimeError("operator torchvision::nms does not exist"))
+    advice = torchvision_advice(error)
     assert "built for another torch" in advice and torch.__version__ in advice and "[cifar]" not in advice
+    missing = torchvision_advice(ModuleNotFoundError("No module named 'torchvision'", name="torchvision"))
+    assert missing == "install it: pip install -e '.[cifar]'"
+
+
+def test_a_torchvision_that_fails_to_import_in_any_way_is_a_data_error(tmp_path, monkeypatch):
+    """A torchvision newer than torch fails with an AttributeError ('torch.library' has no
+    'register_fake'), which ended in a traceback (second review)."""
+    stub = tmp_path / "stub" / "torchvision"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise AttributeError(\"module 'torch.library' has no attribute 'register_fake'\")\n")
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "stub"))
+    with pytest.raises(DataError, match="register_fake") as error:
+        cifar10(str(tmp_path), train=True)
+    assert "built for another torch" in str(error.value)
