@@ -141,33 +141,44 @@ def friendly(resume_command: str):
         _resuming.pop()
 
 
-def check_folder(folder: str) -> None:
-    """Without creating anything: could ``folder`` be created (or written)?
+def check_folder(folder: str, option: str = "--out") -> None:
+    """Without creating anything: could ``folder`` (given as ``option``) be created (or written)?
 
     Raises:
         UserError: a file stands on its path, or its nearest existing folder is not writable.
     """
+    what = "output folder" if option == "--out" else f"{option} folder"
     parent = os.path.abspath(folder)
     while not os.path.exists(parent) and os.path.dirname(parent) != parent:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"output folder {folder!r}: {parent!r} is a file; choose another --out")
+        raise UserError(f"{what} {folder!r}: {parent!r} is a file; choose another {option}")
     if not os.access(parent, os.W_OK):
-        raise UserError(f"output folder {folder!r} is not writable ({parent!r})")
+        raise UserError(f"{what} {folder!r} is not writable ({parent!r})")
 
 
 def dry_run(runs, check=None) -> None:
     """Check the data and the output folders of ``runs`` (config, folder) pairs, and with ``check``
     (``check(config, folder)``, raising a UserError) what a folder already holds; train nothing."""
-    from experiments.data import dataset
+    from experiments.data import dataset, import_torchvision
 
     checked = set()
     for config, folder in runs:
-        key = (config.dataset, config.data_dir, config.verify_data)
-        if key not in checked:
+        key = (config.dataset, config.data_dir, config.verify_data, config.download)
+        if key not in checked and config.download and config.dataset == "cifar10":
+            # Nothing is downloaded in a dry run: what the download needs is checked instead.
+            import_torchvision()
+            check_folder(config.data_dir, "--data-dir")
+            print(
+                f"  would download CIFAR-10 into {os.path.abspath(config.data_dir)} where a file is missing or fails "
+                "its checksum (--download)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif key not in checked:
             dataset(config.dataset, True, config.data_dir, verify=config.verify_data)
             dataset(config.dataset, False, config.data_dir, verify=config.verify_data)
-            checked.add(key)
+        checked.add(key)
         check_folder(folder)
         if check is not None:
             check(config, folder)

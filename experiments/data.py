@@ -84,6 +84,23 @@ def _missing(folder: str) -> list[str]:
     return [n for n in names if not os.path.exists(os.path.join(folder, n))]
 
 
+def import_torchvision():
+    """torchvision, with its transforms and datasets.
+
+    Raises:
+        DataError: it does not import, with :func:`torchvision_advice`.
+    """
+    try:
+        import torchvision
+        import torchvision.datasets
+        import torchvision.transforms
+    except Exception as error:  # missing; or a build for another torch (ImportError, RuntimeError, AttributeError, ...)
+        raise DataError(
+            f"CIFAR-10 is read through torchvision, which does not import ({error}); {torchvision_advice(error)}"
+        ) from error
+    return torchvision
+
+
 def cifar10(root: str, train: bool, augment: bool = True, download: bool = False, verify: bool = True) -> Dataset:
     """CIFAR-10 from ``root`` (holding ``cifar-10-batches-py``); the paper's augmentation for training.
 
@@ -94,14 +111,8 @@ def cifar10(root: str, train: bool, augment: bool = True, download: bool = False
         DataError: the folder does not hold CIFAR-10 (or a file fails its checksum) and ``download``
             is off (or failed); or torchvision does not import.
     """
-    try:
-        import torchvision
-        from torchvision import transforms
-    except Exception as error:  # missing; or a build for another torch (ImportError, RuntimeError, AttributeError, ...)
-        raise DataError(
-            f"CIFAR-10 is read through torchvision, which does not import ({error}); {torchvision_advice(error)}"
-        ) from error
-
+    torchvision = import_torchvision()
+    transforms = torchvision.transforms
     steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if train and augment else []
     transform = transforms.Compose([*steps, transforms.ToTensor()])
     folder = os.path.join(root, "cifar-10-batches-py")

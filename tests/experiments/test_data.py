@@ -182,3 +182,22 @@ def test_a_torchvision_that_fails_to_import_in_any_way_is_a_data_error(tmp_path,
     with pytest.raises(DataError, match="register_fake") as error:
         cifar10(str(tmp_path), train=True)
     assert "built for another torch" in str(error.value)
+
+
+def test_a_dry_run_with_download_says_what_the_run_would_fetch_and_downloads_nothing(tmp_path, monkeypatch, capsys):
+    """With --download and CIFAR-10 absent, the dry run failed with "... or pass --download" (review)."""
+    import torchvision
+
+    from experiments import regularize
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", lambda *a, **k: pytest.fail("downloaded"))
+    data, out = tmp_path / "data", tmp_path / "out"
+    argv = ["--dataset", "cifar10", "--data-dir", str(data), "--models", "small", "--methods", "plain", "--out", str(out)]
+    regularize.main([*argv, "--download", "--dry-run"])
+    err = capsys.readouterr().err
+    assert f"would download CIFAR-10 into {data}" in err and "or pass --download" not in err
+    assert not data.exists() and not out.exists()
+    (tmp_path / "file").write_text("")  # a --data-dir that cannot be a folder is still refused
+    with pytest.raises(SystemExit) as exit:
+        regularize.main([*argv[:2], "--data-dir", str(tmp_path / "file" / "data"), *argv[4:], "--download", "--dry-run"])
+    assert exit.value.code == 2 and "choose another --data-dir" in capsys.readouterr().err
