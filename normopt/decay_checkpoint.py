@@ -24,9 +24,11 @@ from normopt.decay_state_dict import (
     RECENT,
     SCALE,
     check_buffers,
+    check_ords,
     checked_entry,
     compacted,
     saved_entries,
+    with_ords,
     with_pending,
     without_decay_state,
 )
@@ -94,6 +96,7 @@ class CheckpointHooks:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         ours = {name: self._weight[name] for name in (*self.decayed, *self._frozen_decayed())}
         entries = saved_entries(state_dict, params, ours)
+        check_ords(state_dict, entries, self.ord)
         self._loaded_decay = {
             name: checked_entry(name, saved, self._weight[name], self.specs[name], self.ord)
             for name, (_, saved) in entries.items()
@@ -208,6 +211,7 @@ class CheckpointHooks:
                 if entry is None or entry.get(BUFFER) is not buffer:
                     unsaved[name] = (buffer, scale, self._state.recent.get(name))
         entries = {**self._held_back, **self._pending, **unsaved}
+        state_dict = with_ords(state_dict, [index[id(w)] for w in self._weight.values() if id(w) in index], self.ord)
         return with_pending(
             state_dict, {index[id(self._weight[n])]: e for n, e in entries.items() if id(self._weight[n]) in index}
         )

@@ -15,6 +15,7 @@ These are pure functions of state dicts (they never change the one they are give
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -26,6 +27,7 @@ from normopt.specs import Spec
 BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
 DECAY_KEYS = (BUFFER, SCALE, RECENT)
 PENDING = "norm_decay_pending"
+ORDS = "norm_decay_ords"
 
 Entry = tuple  # (buffer, scale or None, recent or None)
 
@@ -176,6 +178,42 @@ def with_pending(state_dict: Mapping, entries: Mapping[int, Entry]) -> Mapping:
             entry[RECENT] = recent.clone()
         pending[i] = entry
     return {**state_dict, PENDING: pending}
+
+
+def with_ords(state_dict: Mapping, indices: Iterable[int], ord: float) -> Mapping:
+    """``state_dict`` recording, under :data:`ORDS`, the norm whose decay state the entries numbered
+    ``indices`` hold, beside what another decay on the optimizer recorded there.
+
+    Example:
+        >>> with_ords({"state": {}}, [0, 2], float("inf"))
+        {'state': {}, 'norm_decay_ords': {0: inf, 2: inf}}
+    """
+    return {**state_dict, ORDS: {**(state_dict.get(ORDS) or {}), **dict.fromkeys(indices, float(ord))}}
+
+
+def check_ords(state_dict: Mapping, entries: Mapping[str, tuple[int, Mapping]], ord: float) -> None:
+    """Refuse decay state saved by a norm decay of another norm (``entries``: :func:`saved_entries`):
+    its h is a running sum of that norm's subgradients, which the next steps would go on adding.
+    Checkpoints without :data:`ORDS` (earlier versions) are taken as they are.
+
+    Example:
+        >>> saved = {"norm_decay_ords": {0: 1.0}}
+        >>> check_ords(saved, {"fc": (0, {BUFFER: torch.zeros(1)})}, float("inf"))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the decay state of layer 'fc' was saved by an l1 norm decay, and this one is l_inf: ...
+    """
+    saved_ords = state_dict.get(ORDS) or {}
+    name = lambda o: "l1" if o == 1 else "l_inf" if o == math.inf else f"ord={o}"
+    for layer, (index, saved) in entries.items():
+        other = saved_ords.get(index)
+        if other is not None and saved.get(BUFFER) is not None and float(other) != float(ord):
+            raise ValueError(
+                f"the decay state of layer {layer!r} was saved by an {name(other)} norm decay, and this one is "
+                f"{name(ord)}: its h (a running sum of {name(other)} subgradients) would go on being added. Resume "
+                f"with ord={'1' if other == 1 else 'math.inf'}, or start h at zero: load the checkpoint without its "
+                f"{BUFFER!r}, {SCALE!r} and {RECENT!r} entries, {PENDING!r} and {ORDS!r}"
+            )
 
 
 def check_buffers(buffers: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:

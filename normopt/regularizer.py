@@ -13,7 +13,8 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
   ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing. The state
   of a weight the optimizer has not stepped yet (no gradient so far, frozen, loaded before the
   first step) is not in ``optimizer.state``, where Adam-like optimizers would take it for theirs:
-  ``state_dict()`` saves it under a key of its own, ``"norm_decay_pending"`` (by parameter index);
+  ``state_dict()`` saves it under a key of its own, ``"norm_decay_pending"`` (by parameter index),
+  and, under ``"norm_decay_ords"``, each layer's norm: decay state of the other norm is refused;
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
   changeable between steps by hand or by a scheduler, per group.
 """

@@ -720,3 +720,30 @@ def test_a_ring_that_a_bfloat16_load_rounded_is_rebuilt_from_h_when_the_decay_is
             step(triplet, fresh)
     same_weights(model, twin)
     same_weights(model, triplet)
+
+
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+@pytest.mark.parametrize(("saved_ord", "ord"), [(1, math.inf), (math.inf, 1)], ids=["l1 into l_inf", "l_inf into l1"])
+def test_decay_state_of_another_norm_is_refused_naming_the_layer_and_changing_nothing(through, saved_ord, ord):
+    """An l1 checkpoint loaded silently into an l_inf decay: its h, a running sum of l1
+    subgradients, went on being added (a helper's hunt)."""
+    make = wrapped if through == "wrapper" else attached
+    model = small_cnn()
+    writer = make(model, beta=0.1, ord=saved_ord)
+    one_step(model, writer)
+    checkpoint = copy.deepcopy(writer.state_dict())
+    twin = small_cnn()
+    optimizer = make(twin, beta=0.1, ord=ord)
+    one_step(twin, optimizer)
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"layer '0' was saved by an l(1|_inf) norm decay, and this one is l(1|_inf)"):
+        optimizer.load_state_dict(checkpoint)
+    after = optimizer.state_dict()
+    for i, entry in before["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][i][key], value), (i, key)
+    # Of the same norm, and without the record (an earlier version's checkpoint), it loads.
+    same = make(small_cnn(), beta=0.1, ord=saved_ord)
+    same.load_state_dict(checkpoint)
+    older = {key: value for key, value in checkpoint.items() if key != "norm_decay_ords"}
+    optimizer.load_state_dict(older)

@@ -11,13 +11,16 @@ from helpers import assert_close
 
 from normopt.decay_state_dict import (
     BUFFER,
+    ORDS,
     PENDING,
     RECENT,
     SCALE,
     check_buffers,
+    check_ords,
     checked_entry,
     compacted,
     saved_entries,
+    with_ords,
     with_pending,
     without_decay_state,
 )
@@ -141,3 +144,29 @@ def test_check_buffers_names_the_layer_that_does_not_fit(buffers, error, match):
     with pytest.raises(error, match=match):
         check_buffers(buffers, {"fc": torch.zeros(2, 3)})
     check_buffers({"fc": torch.zeros(2, 3, dtype=torch.float64)}, {"fc": torch.zeros(2, 3)})
+
+
+def test_with_ords_keeps_another_decays_record_and_changes_nothing_given():
+    first = with_ords({"state": {}}, [0, 1], 1)
+    given = copy.deepcopy(first)
+    both = with_ords(first, [2], math.inf)
+    assert both[ORDS] == {0: 1.0, 1: 1.0, 2: math.inf} and _same(first, given)
+
+
+@pytest.mark.parametrize(
+    ("saved", "refused"),
+    [
+        ({ORDS: {0: 1.0}}, True),
+        ({ORDS: {0: math.inf}}, False),  # the same norm
+        ({ORDS: {1: 1.0}}, False),  # another layer's record
+        ({}, False),  # an earlier version's checkpoint: no record
+    ],
+)
+@pytest.mark.parametrize("has_buffer", [True, False])
+def test_check_ords_refuses_only_a_buffer_of_the_other_norm(saved, refused, has_buffer):
+    entries = {"fc": (0, {BUFFER: torch.zeros(2, 3)} if has_buffer else {"momentum_buffer": torch.zeros(2, 3)})}
+    if refused and has_buffer:
+        with pytest.raises(ValueError, match="layer 'fc' was saved by an l1 norm decay, and this one is l_inf"):
+            check_ords(saved, entries, math.inf)
+    else:
+        assert check_ords(saved, entries, math.inf) is None  # no buffer of the other norm: nothing to refuse
