@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Iterable
@@ -14,7 +13,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-from normopt.arguments import positive_int
+from normopt.arguments import finite_number, positive_int
 from normopt.discovery import (
     UNRECORDED_HINT,
     InputSizeRecorder,
@@ -120,8 +119,7 @@ class PeriodicSVC:
     ):
         if isinstance(bound, torch.Tensor) and bound.dim() == 0 and bound.is_floating_point():
             bound = float(bound)  # read once: the clips compare it on the host
-        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not 0 < bound < math.inf:
-            raise ValueError(f"bound must be a positive finite number, got {bound!r}")
+        bound = finite_number(bound, "bound")
         every, iterations = positive_int(every, "every"), positive_int(iterations, "iterations")
         if input_size not in INPUT_SIZES:
             raise ValueError(f"input_size must be one of {INPUT_SIZES}, got {input_size!r}")

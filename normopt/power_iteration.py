@@ -84,9 +84,10 @@ def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float, 
 
 
 def _smallest_unscaled(dtype: torch.dtype) -> float:
-    """The smallest largest entry of a vector whose plain norm is exact to rounding: its largest
-    square is at least ``tiny / eps**2``, so that the squares that fall subnormal (each off by at
-    most ``tiny * eps``) add under ``eps**3`` each to the sum. 9e-13 for float32, 7e-139 for float64."""
+    """The smallest largest entry of ``A v`` that the iteration takes unscaled, ``sqrt(tiny) / eps``
+    (9e-13 for float32, 7e-139 for float64): ``A^T A v`` is then at least about its square (8e-25
+    in float32), clear of the subnormals (full precision down to ``tiny / eps``, 1e-31), and
+    :func:`_norm` takes its norm scaled where its squares would fall subnormal."""
     finfo = torch.finfo(dtype)
     return finfo.tiny**0.5 / finfo.eps
 
@@ -114,7 +115,7 @@ def _iterate(forward, spec: ConvSpec, weight: torch.Tensor, iterations: int, tol
     # past ~ 1e19 it overflowed itself, and below ~ 1e-11 it underflowed, so that v became 0 (or
     # NaN) and the norm read 0 (or NaN). Out of that range A v is scaled to a largest entry of 1
     # before the adjoint; within it, it is divided by exactly 1 (the same bits as unscaled). The low
-    # end is where the squares of A^T A v (at least about low^4) would start to fall subnormal.
+    # end keeps A^T A v clear of the subnormals (see _smallest_unscaled).
     finfo = torch.finfo(weight.dtype)
     low, high = _smallest_unscaled(weight.dtype), finfo.max**0.25
     estimate = 0.0
