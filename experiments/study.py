@@ -15,7 +15,7 @@ from experiments.claims import by_run
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
-from experiments.train import RunConfig, check_run, divergence, train
+from experiments.train import RunConfig, check_run, divergence, finished_result, train
 
 
 def run_label(config: RunConfig) -> str:
@@ -46,12 +46,10 @@ def finished(configs: list[RunConfig], out: str) -> tuple[list[dict], list[RunCo
     results, missing = [], []
     for config in configs:
         path = os.path.join(run_folder(config, out), "result.json")
-        try:
-            result = checkpoints.read_json(path) if os.path.exists(path) else None
-        except checkpoints.DamagedFile as error:  # counted as missing: training it again evaluates it anew
-            checkpoints.eprint(f"warning: {error}")
-            result = None
-        if result is not None and "accuracy" in result:
+        # Damaged, or another run's (copied in by hand): set aside and counted as missing, as a run
+        # of the study would (training it again evaluates it anew); it went into the tables.
+        result = finished_result(path, config) if os.path.exists(path) else None
+        if result is not None:
             result["label"] = run_label(config)
             results.append(result)
         else:
@@ -318,7 +316,9 @@ def names_given(text: str | None, option: str, parser, known, kind: str) -> list
     study's whole default grid."""
     if text is None:
         return None
-    names = [name for name in text.split(",") if name.strip()]
+    # A name given twice is taken once, as --methods and --sweep take theirs: twice, its runs
+    # entered the tables twice and every spread over seeds shrank by sqrt((n - 1) / (2n - 1)).
+    names = list(dict.fromkeys(name for name in text.split(",") if name.strip()))
     if not names:
         parser.error(f"{option} needs at least one name, got {text!r}")
     unknown = [name for name in names if name not in known]
@@ -380,7 +380,10 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
     shard = cli.or_exit(lambda: shard_of(args.shard))
     if shard and args.collect:
         cli.fail("--collect gathers every shard's runs; use it without --shard")
-    mine = configs[shard[0] - 1 :: shard[1]] if shard else configs
+    # Dealt from the runs in a fixed order, not the command line's: the study is the same one
+    # whatever the order of --seeds, --models or --methods (see identity), and so must its shards be.
+    dealt = sorted(configs, key=lambda c: (c.model, c.method, c.strength, c.seed))
+    mine = dealt[shard[0] - 1 :: shard[1]] if shard else configs
     eprint = checkpoints.eprint
     # The first run's options with the study's --released-skips (that run, plain, has none); each
     # run's fingerprint is listed below.

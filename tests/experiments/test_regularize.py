@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +125,46 @@ def test_a_dry_run_meets_the_refusals_of_the_real_run_without_writing(tmp_path, 
             regularize.main([*TINY, *changed, "--out", out, "--dry-run"])
         assert exit.value.code == 2 and named in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before
+
+
+def test_collect_sets_aside_a_result_of_another_run_instead_of_tabling_it(tmp_path, capsys):
+    """A result.json of seed 1 copied into seed 0's folder went into the collected tables: two seed-1
+    rows, no seed 0, no word (a helper's hunt); a study without --collect set it aside."""
+    import shutil
+
+    out = str(tmp_path / "study")
+    arguments = [*TINY, "--methods", "plain", "--seeds", "0,1", "--out", out]
+    for k in (1, 2):
+        regularize.main([*arguments, "--shard", f"{k}/2"])
+    folders = {
+        json.load(open(os.path.join(f, "config.json")))["config"]["seed"]: f for f in glob.glob(os.path.join(out, "*", "plain-*"))
+    }
+    shutil.copy(os.path.join(folders[1], "result.json"), os.path.join(folders[0], "result.json"))
+    capsys.readouterr()
+    regularize.main([*arguments, "--collect"])
+    err = capsys.readouterr().err
+    assert "is not the result of this run" in err and "1 run(s) not finished yet" in err
+    assert pd.read_csv(os.path.join(out, "results.csv"))["seed"].tolist() == [1]
+    assert os.path.exists(os.path.join(folders[0], "result.json.damaged"))
+
+
+def test_a_model_named_twice_runs_once(tmp_path, capsys):
+    """--models small,small trained and tabled each run twice (a helper's hunt)."""
+    regularize.main([*TINY, "--models", "small,small", "--methods", "plain", "--out", str(tmp_path / "s"), "--dry-run"])
+    assert "dry run: 1 run(s)" in capsys.readouterr().err
+
+
+def test_shards_are_the_same_whatever_the_order_of_the_seeds_and_methods(tmp_path, capsys):
+    """Shards were dealt in command-line order while the study check sorts: shard 1 of --seeds 0,1
+    and shard 2 of --seeds 1,0 trained the same half, and the other half never (a helper's hunt)."""
+    out = str(tmp_path / "s")
+
+    def runs(seeds, methods, k):
+        capsys.readouterr()
+        regularize.main([*TINY, "--methods", methods, "--seeds", seeds, "--shard", f"{k}/2", "--out", out, "--dry-run"])
+        return sorted(line for line in capsys.readouterr().err.splitlines() if line.startswith("  ") and "[" in line)
+
+    first = runs("0,1", "plain,nd-l1", 1)
+    assert first == runs("1,0", "nd-l1,plain", 1)
+    second = runs("1,0", "plain,nd-l1", 2)
+    assert second == runs("0,1", "nd-l1,plain", 2) and not set(first) & set(second) and len(first) + len(second) == 6
