@@ -15,7 +15,7 @@ from experiments.claims import by_run
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
-from experiments.train import RunConfig, check_run, divergence, finished_result, train
+from experiments.train import RunConfig, check_model_fits, check_run, divergence, finished_result, train
 
 
 def run_label(config: RunConfig) -> str:
@@ -403,6 +403,7 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
 
         cli.or_exit(check)
         return None
+    cli.or_exit(lambda: [check_model_fits(c) for c in configs])  # before the study's folder is claimed
     with cli.friendly(cli.command_line(module, argv)):
         claim_study(out, identity(name, configs))
         if not args.collect:

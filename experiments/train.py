@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -427,9 +428,34 @@ def check_device(config: RunConfig) -> None:
         raise UserError("--amp (mixed precision) needs a CUDA device, and there is none here: leave it out")
 
 
+@functools.cache
+def _misfit(model: str, dataset_name: str) -> str | None:
+    """Why ``model`` cannot take one image of ``dataset_name`` (torch's error), or None."""
+    channels, height, width = shape_of(dataset_name)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the runs' own draws stay as they were
+        try:
+            build_model(model, 10, channels).eval()(torch.zeros(1, channels, height, width))
+        except RuntimeError as error:
+            return str(error).splitlines()[0]
+    return None
+
+
+def check_model_fits(config: RunConfig) -> None:
+    """Refuse a model that cannot take the data set's images (VGG's five max-pools need more than
+    the digits' 8x8: a traceback, after the run folder was claimed)."""
+    error = _misfit(config.model, config.dataset)
+    if error is not None:
+        _, height, width = shape_of(config.dataset)
+        raise UserError(
+            f"--model {config.model} cannot take the {config.dataset} images ({height}x{width}: {error}); choose "
+            "another model or data set"
+        )
+
+
 def check_run(config: RunConfig, out: str, resume: bool) -> None:
     """What :func:`train` would refuse before training, found without writing anything (dry runs)."""
     check_device(config)
+    check_model_fits(config)
     claim_folder(config, out, resume, write=False)
 
 
@@ -440,9 +466,11 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
     not attacked, its accuracies are NaN.
 
     Raises:
-        UserError: ``out`` is not writable, is locked by another process, or holds another configuration.
+        UserError: ``out`` is not writable, is locked by another process, or holds another
+            configuration; or the model cannot take the data set's images.
     """
     check_device(config)
+    check_model_fits(config)
     if _distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():  # each process its own GPU, before the first collective (NCCL's objects go there)

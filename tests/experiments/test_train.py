@@ -550,3 +550,22 @@ def test_a_checkpoint_of_the_same_training_evaluated_otherwise_is_this_runs(tmp_
     shutil.copyfile(checkpoints.checkpoint_path(str(tmp_path / "a"), 2), checkpoints.checkpoint_path(str(tmp_path / "b"), 2))
     again = train(other, str(tmp_path / "b"), progress=False)
     assert "damaged" not in capsys.readouterr().err and again["history"] == trained["history"]
+
+
+@pytest.mark.parametrize("how", ["train", "train --dry-run", "regularize", "regularize --dry-run"])
+def test_a_model_that_cannot_take_the_images_is_refused_in_one_line_before_any_folder(how, tmp_path, capsys):
+    """VGG-11's five max-pools on the digits' 8x8 images: the dry run passed, and the run ended in a
+    traceback after it had claimed its folder (a helper's hunt)."""
+    from experiments import regularize
+
+    module, *flags = how.split()
+    out = tmp_path / "out"
+    tiny = ["--epochs", "1", "--threads", "1", "--out", str(out), *flags]
+    with pytest.raises(SystemExit) as exit:
+        if module == "train":
+            training.main(["--model", "vgg11", *tiny])
+        else:
+            regularize.main(["--models", "vgg11", "--methods", "plain", "--seeds", "0", *tiny])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "--model vgg11 cannot take the digits images (8x8: " in err and "Traceback" not in err
+    assert not out.exists()
