@@ -118,9 +118,9 @@ _resuming: list[str] = []  # the commands of the friendly blocks running, outerm
 
 
 @contextlib.contextmanager
-def friendly(resume_command: str):
-    """User errors: one line, exit 2. Ctrl-C: exit 130 naming the command that resumes: the
-    outermost one's (the main job's, not that of the study it was running)."""
+def friendly(resume_command: str, interrupted: str = "finished epochs are saved; resume with"):
+    """User errors: one line, exit 2. Ctrl-C: exit 130, saying ``interrupted`` and the command that
+    resumes: the outermost one's (the main job's, not that of the study it was running)."""
     from experiments.data import DataError
 
     _resuming.append(resume_command)
@@ -132,7 +132,7 @@ def friendly(resume_command: str):
         if len(_resuming) > 1:
             raise  # the outer block names its command
         print(
-            f"\ninterrupted: finished epochs are saved; resume with:\n  {resume_command}",
+            f"\ninterrupted: {interrupted}:\n  {resume_command}",
             file=sys.stderr,
             flush=True,
         )

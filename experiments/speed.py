@@ -115,7 +115,8 @@ def main(argv=None) -> str:
         return args.out
     cli.or_exit(lambda: checkpoints.check_writable(args.out))
     rows = []
-    with cli.friendly(cli.command_line("experiments.speed", list(argv or sys.argv[1:]))):
+    command = cli.command_line("experiments.speed", list(argv or sys.argv[1:]))
+    with cli.friendly(command, "nothing is written until every shape is timed; time them again with"):
         for d in devices:
             for i, shape in enumerate(shapes, 1):
                 rows.append(measure_shape(d, shape, args.iterations, measured, args.repeats, svd, threads))

@@ -57,3 +57,17 @@ def test_timing_makes_one_untimed_call_first_where_it_repeats(repeats, calls):
     made = []
     assert speed._time(lambda: made.append(1), repeats, speed.torch.device("cpu")) >= 0
     assert len(made) == calls
+
+
+def test_ctrl_c_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    """Ctrl-C said "finished epochs are saved; resume with", where the timing saves nothing and
+    starts over (a helper's hunt)."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(speed, "measure_shape", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        speed.main(["--quick", "--threads", "1", "--max-channels", "32", "--out", str(tmp_path / "speed")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 130 and "nothing is written until every shape is timed" in err and "epochs" not in err
