@@ -40,7 +40,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    threads = ["--threads", str(args.threads)] if args.threads is not None else []
+    # Chosen once, from the load at the start: each study choosing its own from the load of its
+    # own start could train one method at 1 thread in one study and 2 in the next.
+    count, why = (args.threads, "--threads") if args.threads is not None else cli.default_threads()
+    print(f"threads: {count} for every study ({why})", file=sys.stderr, flush=True)
+    threads = ["--threads", str(count)]
     shared = threads + (["--dry-run"] if args.dry_run else [])
     common = ["--protocol", args.protocol, "--seeds", args.seeds, *EVALUATION, *shared]
     start = time.perf_counter()

@@ -55,3 +55,17 @@ def test_the_main_jobs_thread_count_is_checked(capsys):
     with pytest.raises(SystemExit) as exit:
         main_job.main(["--threads", "0", "--dry-run"])
     assert exit.value.code == 2 and "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_without_threads_the_main_job_chooses_one_count_for_every_study(tmp_path, monkeypatch, capsys):
+    """Each study chose its thread count from the load at its own start: one job could train the
+    regularization study at 2 threads and the adversarial one at 1 (a helper's hunt)."""
+    from experiments import cli, speed
+
+    loads = iter([(2, "default: 2 core(s)"), (1, "default: 2 core(s), 1 busy"), (1, "default: 2 core(s), 1 busy")])
+    monkeypatch.setattr(cli, "default_threads", lambda: next(loads))
+    given = []
+    for module in (regularize, adversarial, speed):
+        monkeypatch.setattr(module, "main", lambda argv, given=given: given.append(argv[argv.index("--threads") + 1]))
+    main_job.main(["--out", str(tmp_path), "--dry-run"])
+    assert given == ["2", "2", "2"] and "threads: 2 for every study (default: 2 core(s))" in capsys.readouterr().err
