@@ -61,6 +61,9 @@ def main(argv=None) -> None:
         speed.main(["--quick", "--out", os.path.join(args.out, "speed"), *shared])
         if not args.dry_run:
             report(folders, args.out)
+    if args.dry_run:
+        print(f"dry run: every study checked, nothing trained; results would go under {os.path.abspath(args.out)}", flush=True)
+        return
     print(f"all studies done in {time.perf_counter() - start:.0f} s; results under {os.path.abspath(args.out)}", flush=True)
 
 

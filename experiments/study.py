@@ -15,7 +15,7 @@ from experiments.claims import by_run
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
-from experiments.train import RunConfig, check_model_fits, check_run, divergence, finished_result, train
+from experiments.train import RunConfig, check_model_fits, check_run, divergence, finished_result, is_finished, train
 
 
 def run_label(config: RunConfig) -> str:
@@ -33,7 +33,7 @@ def run_grid(configs: list[RunConfig], out: str) -> list[dict]:
     results = []
     for i, config in enumerate(configs, 1):
         folder = run_folder(config, out)
-        state = "done" if os.path.exists(os.path.join(folder, "result.json")) else "training"
+        state = "done" if is_finished(os.path.join(folder, "result.json"), config) else "training"
         print(f"[{i}/{len(configs)}] {config.model} {run_label(config)}: {state} ({folder})", file=sys.stderr, flush=True)
         result = train(config, folder, resume=True)
         result["label"] = run_label(config)
@@ -417,7 +417,7 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
         if missing:
             eprint(f"{len(missing)} run(s) not finished yet, left out of the tables:")
             for config in missing:
-                eprint(f"  {config.model} {run_label(config)}")
+                eprint(f"  {config.model} {run_label(config)} seed {config.seed}")
         if not results:
             raise UserError(f"no finished runs in {out!r} yet")
         report(results, out)

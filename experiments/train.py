@@ -405,14 +405,33 @@ def _same_run(result: dict, config: RunConfig) -> bool:
     return result.get("fingerprint") == config.fingerprint() or "last_layer_norms" not in config.definition()
 
 
+def _result_of(path: str, config: RunConfig) -> dict:
+    """The result in ``path`` of the run ``config`` (:func:`_same_run`).
+
+    Raises:
+        checkpoints.DamagedFile: the file is damaged, or another run's.
+    """
+    result = checkpoints.read_json(path)
+    if "accuracy" not in result or not _same_run(result, config):
+        raise checkpoints.DamagedFile(f"{path} is not the result of this run")
+    return result
+
+
+def is_finished(path: str, config: RunConfig) -> bool:
+    """Whether :func:`finished_result` would take ``path``'s result, read only: what a study says of
+    a run before training it (it said "done" of a damaged result, then evaluated the run again)."""
+    try:
+        return os.path.exists(path) and bool(_result_of(path, config))
+    except checkpoints.DamagedFile:
+        return False
+
+
 def finished_result(path: str, config: RunConfig) -> dict | None:
     """The result in ``path`` of the run ``config`` (:func:`_same_run`), or None where the file is
     damaged or another run's: then it is renamed ``*.damaged`` (reported), and the run is
     evaluated again from its last checkpoint."""
     try:
-        result = checkpoints.read_json(path)
-        if "accuracy" not in result or not _same_run(result, config):
-            raise checkpoints.DamagedFile(f"{path} is not the result of this run")
+        result = _result_of(path, config)
     except checkpoints.DamagedFile as error:
         kept = checkpoints.set_aside(path)
         checkpoints.eprint(f"warning: {error}; set aside as {kept}, evaluating the run again")

@@ -68,4 +68,6 @@ def test_without_threads_the_main_job_chooses_one_count_for_every_study(tmp_path
     for module in (regularize, adversarial, speed):
         monkeypatch.setattr(module, "main", lambda argv, given=given: given.append(argv[argv.index("--threads") + 1]))
     main_job.main(["--out", str(tmp_path), "--dry-run"])
-    assert given == ["2", "2", "2"] and "threads: 2 for every study (default: 2 core(s))" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert given == ["2", "2", "2"] and "threads: 2 for every study (default: 2 core(s))" in printed.err
+    assert "dry run: every study checked, nothing trained" in printed.out and "all studies done" not in printed.out

@@ -144,6 +144,7 @@ def test_collect_sets_aside_a_result_of_another_run_instead_of_tabling_it(tmp_pa
     regularize.main([*arguments, "--collect"])
     err = capsys.readouterr().err
     assert "is not the result of this run" in err and "1 run(s) not finished yet" in err
+    assert "  small plain seed 0\n" in err  # which of the runs (the list named no seed)
     assert pd.read_csv(os.path.join(out, "results.csv"))["seed"].tolist() == [1]
     assert os.path.exists(os.path.join(folders[0], "result.json.damaged"))
 
@@ -168,3 +169,18 @@ def test_shards_are_the_same_whatever_the_order_of_the_seeds_and_methods(tmp_pat
     assert first == runs("1,0", "nd-l1,plain", 1)
     second = runs("1,0", "plain,nd-l1", 2)
     assert second == runs("0,1", "nd-l1,plain", 2) and not set(first) & set(second) and len(first) + len(second) == 6
+
+
+def test_a_run_whose_result_is_damaged_is_not_called_done(tmp_path, capsys):
+    """The study printed "done" of a run right before "evaluating the run again" (a helper's hunt)."""
+    out = str(tmp_path / "study")
+    regularize.main([*TINY, "--methods", "plain", "--out", out])
+    (result,) = glob.glob(os.path.join(out, "*", "plain-*", "result.json"))
+    open(result, "w").write('{"accuracy": ')
+    capsys.readouterr()
+    regularize.main([*TINY, "--methods", "plain", "--out", out])
+    err = capsys.readouterr().err
+    assert "small plain: training (" in err and ": done (" not in err and "evaluating the run again" in err
+    capsys.readouterr()
+    regularize.main([*TINY, "--methods", "plain", "--out", out])
+    assert "small plain: done (" in capsys.readouterr().err

@@ -404,7 +404,9 @@ def test_a_study_counts_a_run_with_a_damaged_result_as_missing(tmp_path, capsys)
     from experiments.study import finished, run_folder
 
     done, damaged = RunConfig(**TINY), RunConfig(method="nd-l1", strength=0.5, **TINY)
-    for config, contents in ((done, json.dumps({"accuracy": {}})), (damaged, '{"accuracy": ')):
+    # The finished run's result is its own (collect sets another run's aside).
+    own = {"accuracy": {}, "config": done.as_dict(), "definition": done.definition()}
+    for config, contents in ((done, json.dumps(own)), (damaged, '{"accuracy": ')):
         os.makedirs(run_folder(config, str(tmp_path)))
         with open(os.path.join(run_folder(config, str(tmp_path)), "result.json"), "w") as f:
             f.write(contents)
