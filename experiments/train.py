@@ -448,7 +448,7 @@ def check_device(config: RunConfig) -> None:
 
 
 @functools.cache
-def _misfit(model: str, dataset_name: str) -> str | None:
+def _model_input_error(model: str, dataset_name: str) -> str | None:
     """Why ``model`` cannot take one image of ``dataset_name`` (torch's error), or None."""
     channels, height, width = shape_of(dataset_name)
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # the runs' own draws stay as they were
@@ -462,7 +462,7 @@ def _misfit(model: str, dataset_name: str) -> str | None:
 def check_model_fits(config: RunConfig) -> None:
     """Refuse a model that cannot take the data set's images (VGG's five max-pools need more than
     the digits' 8x8: a traceback, after the run folder was claimed)."""
-    error = _misfit(config.model, config.dataset)
+    error = _model_input_error(config.model, config.dataset)
     if error is not None:
         _, height, width = shape_of(config.dataset)
         raise UserError(
