@@ -46,8 +46,8 @@ def finished(configs: list[RunConfig], out: str) -> tuple[list[dict], list[RunCo
     results, missing = [], []
     for config in configs:
         path = os.path.join(run_folder(config, out), "result.json")
-        # Damaged, or another run's (copied in by hand): set aside and counted as missing, as a run
-        # of the study would (training it again evaluates it anew); it went into the tables.
+        # Damaged, or another run's (copied in by hand, it went into the tables): set aside and
+        # counted as missing, as a run of the study does (training it again evaluates it anew).
         result = finished_result(path, config) if os.path.exists(path) else None
         if result is not None:
             result["label"] = run_label(config)
@@ -317,7 +317,7 @@ def names_given(text: str | None, option: str, parser, known, kind: str) -> list
     if text is None:
         return None
     # A name given twice is taken once, as --methods and --sweep take theirs: twice, its runs
-    # entered the tables twice and every spread over seeds shrank by sqrt((n - 1) / (2n - 1)).
+    # entered the tables twice and every spread over n seeds shrank by sqrt(2 (n - 1) / (2n - 1)).
     names = list(dict.fromkeys(name for name in text.split(",") if name.strip()))
     if not names:
         parser.error(f"{option} needs at least one name, got {text!r}")
