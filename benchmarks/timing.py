@@ -45,11 +45,10 @@ def _at_least(text: str, low: int) -> int:
 def require_torchvision(parser: argparse.ArgumentParser, without: str) -> None:
     """Exit with a usage error, before anything is timed, where torchvision does not import
     (``without``: the option that runs the benchmark without it)."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception as error:  # missing, or built for another torch (an ImportError, RuntimeError, AttributeError, ...)
-        from experiments.data import torchvision_advice
+    from experiments.data import torchvision_advice, torchvision_import_error
 
+    error = torchvision_import_error()
+    if error is not None:
         parser.error(f"torchvision does not import ({error}): {torchvision_advice(error)}; or pass {without}")
 
 

@@ -84,20 +84,35 @@ def _missing(folder: str) -> list[str]:
     return [n for n in names if not os.path.exists(os.path.join(folder, n))]
 
 
+def torchvision_import_error() -> Exception | None:
+    """Why torchvision (with its datasets and transforms) does not import, or None where it does.
+
+    Any exception: a build for another torch fails with an ImportError, a RuntimeError ("operator
+    torchvision::nms does not exist") or an AttributeError ("'torch.library' has no attribute
+    'register_fake'"); missing, with a ModuleNotFoundError (see :func:`torchvision_advice`).
+    """
+    try:
+        import torchvision  # first: missing, its error names torchvision itself, not a submodule
+        import torchvision.datasets
+        import torchvision.transforms  # noqa: F401
+    except Exception as error:
+        return error
+    return None
+
+
 def import_torchvision():
     """torchvision, with its transforms and datasets.
 
     Raises:
         DataError: it does not import, with :func:`torchvision_advice`.
     """
-    try:
-        import torchvision
-        import torchvision.datasets
-        import torchvision.transforms
-    except Exception as error:  # missing; or a build for another torch (ImportError, RuntimeError, AttributeError, ...)
+    error = torchvision_import_error()
+    if error is not None:
         raise DataError(
             f"CIFAR-10 is read through torchvision, which does not import ({error}); {torchvision_advice(error)}"
         ) from error
+    import torchvision
+
     return torchvision
 
 
