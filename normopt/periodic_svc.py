@@ -71,7 +71,9 @@ class PeriodicSVC:
     ``report=True`` each clip records, in ``last_norms``, every layer's circular spectral norm
     after the crop, at the size it was clipped at (one more SVD per layer), which shows how far
     above ``bound`` the crop to the kernel's support left it. Every clip records a
-    :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work.
+    :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work. A clip
+writes every layer or none: every kernel is clipped first, and one that raises or comes out
+not finite leaves the model as it was.
 
     ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
     ``"raw"`` at the input size without padding, as the released code does, which also skips a
@@ -294,14 +296,22 @@ class PeriodicSVC:
             bad = [name for name, ok in zip(clipped_now, finite) if not ok]
             if bad:
                 raise ValueError(f"layers {bad}: kernels have non-finite values (NaN or inf); no layer was clipped")
+        # Every layer is clipped before any weight is written: a clip that raises, or gives a
+        # kernel that is not finite, leaves the model as it was (a copy of each clipped kernel
+        # is held meanwhile).
+        results = {}
         for name, spec in clipped_now.items():
-            weight = modules[name].weight
             clipped, count, exceeded = clip_layer_counted(
-                weight, spec, self.bound, self.iterations, input_size=self.input_size, **self._options
+                modules[name].weight, spec, self.bound, self.iterations, input_size=self.input_size, **self._options
             )
             layers, frequencies, frequencies_clipped = layers + 1, frequencies + count, frequencies_clipped + exceeded
-            if clipped is not None:
-                layers_clipped += 1
+            layers_clipped += clipped is not None
+            results[name] = clipped
+        bad = [name for name, clipped in results.items() if clipped is not None and not bool(torch.isfinite(clipped).all())]
+        if bad:
+            raise ValueError(f"layers {bad}: the clip gave kernels with non-finite values; no layer was clipped")
+        for name, clipped in results.items():
+            spec, weight = clipped_now[name], modules[name].weight
             if distributed:  # every rank takes part, whether or not its own clip found work
                 clipped = weight.detach().clone() if clipped is None else clipped
                 dist.broadcast(clipped, src=0)

@@ -24,7 +24,10 @@ Precision: float64 kernels run in complex128, others in complex64 (``precision``
 Gram matrix squares the values, so the small singular values carry an absolute error of about
 ``sqrt(eps) * max(s)``: 1e-8 relative to the largest in double, but about 3e-4 in single, where
 the values do not meet the double oracle's 1e-5 tolerance (the largest values do, to about 1e-5 of
-the largest value; see the tests).
+the largest value; see the tests). A kernel far out of the ordinary range (largest tap beyond
+``2**±32`` in single precision) is computed scaled by a power of two, which is exact, so that the
+squares neither overflow nor underflow; where LAPACK's ``eigh`` does not converge, the SVD path
+answers instead.
 """
 
 from __future__ import annotations
@@ -255,6 +258,35 @@ def _svd(matrices: np.ndarray, compute_uv: bool):
     raise np.linalg.LinAlgError("complex SVD did not converge with gesdd nor gesvd")
 
 
+def _gram_exponent(kernel: torch.Tensor, real: torch.dtype) -> int:
+    """``e`` such that ``kernel / 2**e`` keeps the Gram path's squares in range: 0 where they already are.
+
+    The Gram path squares the singular values in ``real`` (float32 for complex64): a kernel whose
+    largest tap is beyond about 1e19 (or under about 1e-19) in float32 overflows (underflows) the
+    Gram matrices, and gave NaN or 0 norms, NaN kernels written back, or ``eigh`` failing. Scaled by
+    a power of two (exact), the largest tap lies in ``[0.5, 1)``; a kernel whose largest tap lies
+    within ``2**±(E / 4)``, ``2**E`` the dtype's overflow (``2**±32`` in float32, ``2**±256`` in float64), is left as it is, so
+    the ordinary range keeps the bits of the unscaled computation. Host work (one read of the kernel).
+
+    Example:
+        >>> _gram_exponent(torch.full((1, 1, 3), 3e20), torch.float32), _gram_exponent(torch.ones(1, 1, 3), torch.float32)
+        (69, 0)
+    """
+    largest = float(kernel.detach().abs().amax()) if kernel.numel() else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return 0
+    exponent = math.frexp(largest)[1]
+    window = math.frexp(torch.finfo(real).max)[1] // 4  # a quarter of the largest exponent: 32 in float32
+    return 0 if -window <= exponent <= window else exponent
+
+
+def _scaled_kernel(kernel: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``kernel * 2**exponent`` in float64 on the CPU (exact, by ``ldexp``), or ``kernel`` where ``exponent`` is 0."""
+    if exponent == 0:
+        return kernel
+    return torch.from_numpy(np.ldexp(kernel.detach().to("cpu", torch.float64).numpy(), exponent))
+
+
 def _gram(t: torch.Tensor) -> torch.Tensor:
     """The smaller Hermitian Gram matrix of each ``D x C`` matrix: ``K^H K`` if ``D >= C``, else ``K K^H``."""
     th = t.mH
@@ -319,9 +351,14 @@ def conv_singular_values(
     input_size, dilation = _check_kernel(kernel, input_size, groups, dilation)
     if method == "gram":
         phases = _phases(tuple(kernel.shape[2:]), input_size, dilation, groups, _complex_dtype(kernel, precision))
+        exponent = _gram_exponent(kernel, phases.real)
         with _torch_threads(threads):
-            matrices = phases.forward(kernel)
-        values = _map_blocks(_gram_values, matrices, threads).numpy().astype(np.float64)
+            matrices = phases.forward(_scaled_kernel(kernel, -exponent))
+        try:
+            values = _map_blocks(_gram_values, matrices, threads).numpy().astype(np.float64)
+        except torch.linalg.LinAlgError:  # eigh did not converge: the SVD path (sturdier LAPACK drivers)
+            return conv_singular_values(kernel, input_size, groups=groups, dilation=dilation, method="svd", threads=threads)
+        values = np.ldexp(values, exponent)
         return np.repeat(values.reshape(groups, phases.frequencies, -1), phases.multiplicity, axis=1).reshape(-1)
     t = _fft_transfer(_dilated_kernel(kernel, groups, dilation), input_size, threads)
     values = _map_blocks(lambda m: _svd(m, compute_uv=False), np.ascontiguousarray(t.reshape(-1, *t.shape[-2:])), threads)

@@ -33,6 +33,7 @@ float32 kernels: about 1e-7 relative).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import scipy.fft
@@ -48,8 +49,10 @@ from normopt.spectrum import (
     _dilated_kernel,
     _fft_transfer,
     _gram,
+    _gram_exponent,
     _map_blocks,
     _phases,
+    _scaled_kernel,
     _svd,
     _torch_threads,
     conv_singular_values,
@@ -259,23 +262,31 @@ def _clip(kernel, input_size, bound, groups, dilation, iterations, method, preci
             return None, frequencies, clipped_first
         return result.to(dtype=kernel.dtype, device=kernel.device), frequencies, clipped_first
     dtype = _complex_dtype(kernel, precision)
-    limit = _round_off_limit(bound, kernel.dtype, dtype)
     phases = _phases(tuple(kernel.shape[2:]), input_size, dilation, groups, dtype)
+    # A kernel far out of the ordinary range is clipped scaled by a power of two (exact), at the
+    # bound scaled alike: the Gram matrices square its values (see _gram_exponent).
+    exponent = _gram_exponent(kernel, phases.real)
+    scaled_bound = math.ldexp(bound, -exponent)
+    limit = _round_off_limit(scaled_bound, kernel.dtype, dtype)
     frequencies = groups * phases.frequencies
-    taps, clipped_first, changed = kernel, 0, False
-    for round_ in range(iterations):
-        with _torch_threads(threads):
-            matrices = phases.forward(taps)
-        matrices, need = _map_blocks(_gram_clip, matrices, threads, bound, limit)
-        if round_ == 0:
-            clipped_first = int(need.sum())
-        if not need.any():
-            break
-        changed = True
-        with _torch_threads(threads):
-            taps = phases.inverse(matrices)
+    taps, clipped_first, changed = _scaled_kernel(kernel, -exponent), 0, False
+    try:
+        for round_ in range(iterations):
+            with _torch_threads(threads):
+                matrices = phases.forward(taps)
+            matrices, need = _map_blocks(_gram_clip, matrices, threads, scaled_bound, limit)
+            if round_ == 0:
+                clipped_first = int(need.sum())
+            if not need.any():
+                break
+            changed = True
+            with _torch_threads(threads):
+                taps = phases.inverse(matrices)
+    except torch.linalg.LinAlgError:  # eigh did not converge: the SVD path (sturdier LAPACK drivers)
+        return _clip(kernel, input_size, bound, groups, dilation, iterations, "svd", precision, threads)
     if not changed:
         return None, frequencies, clipped_first
+    taps = _scaled_kernel(taps, exponent)
     # The inverse transform's taps come out strided (channels last in memory): hand back a plain kernel.
     return taps.to(dtype=kernel.dtype, device=kernel.device).contiguous(), frequencies, clipped_first
 

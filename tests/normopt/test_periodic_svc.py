@@ -450,6 +450,33 @@ def test_a_non_finite_kernel_is_refused_before_any_layer_is_clipped():
     assert torch.equal(model[1].weight.nan_to_num(), before[1].nan_to_num())
 
 
+@pytest.mark.parametrize("failure", ["raises", "not finite"])
+def test_a_clip_that_fails_on_one_layer_leaves_every_layer_as_it_was(monkeypatch, failure):
+    """Layers are clipped before any weight is written: a LAPACK error, or a clipped kernel that is
+    not finite, on the second layer left the first one clipped (and the NaN kernel written)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1))
+    with torch.no_grad():
+        model[0].weight.mul_(10)  # above the bound: the first layer has work to do
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=1.0, every=1, example_input=torch.zeros(1, 1, 4, 4))
+    before = [conv.weight.clone() for conv in model]
+
+    def clip_second_fails(weight, spec, *args, **kwargs):
+        clipped, count, exceeded = clip_layer_counted(weight, spec, *args, **kwargs)
+        if spec.name == "1":
+            if failure == "raises":
+                raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+            clipped = torch.full_like(weight, float("nan"))
+        return clipped, count, exceeded
+
+    monkeypatch.setattr(normopt.periodic_svc, "clip_layer_counted", clip_second_fails)
+    error = torch.linalg.LinAlgError if failure == "raises" else ValueError
+    with pytest.raises(error, match=None if failure == "raises" else r"layers \['1'\]: the clip gave .*no layer was clipped"):
+        optimizer.step()
+    assert all(torch.equal(conv.weight, old) for conv, old in zip(model, before)) and svc.clips == 0
+
+
 def test_a_compiled_model_that_ran_before_the_clipper_was_made_is_named_as_the_likely_cause():
     torch._dynamo.reset()
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3))

@@ -53,6 +53,56 @@ def test_singular_values_equal_those_of_the_explicit_circular_matrix(case):
     np.testing.assert_allclose(ours, oracle, rtol=1e-5, atol=1e-9)
 
 
+def _in_range(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(weight / 2**e, e)`` with the largest |tap| of the result in [0.5, 1) (exact: a power of two)."""
+    e = int(np.frexp(float(weight.abs().max()))[1])
+    return torch.from_numpy(np.ldexp(weight.numpy(), -e)).to(weight.dtype), e
+
+
+# A float32 kernel beyond 2**±64 overflowed (underflowed) the squares of the Gram path: NaN or zero
+# norms, NaN kernels written back, eigh failing; float64 ones beyond 2**±512.
+FAR_SCALES = [(torch.float32, 70), (torch.float32, -70), (torch.float32, 120), (torch.float64, 600), (torch.float64, -600)]
+
+
+@settings(max_examples=40)
+@given(circular_cases(full_support=True), st.sampled_from(FAR_SCALES), st.floats(0.1, 0.9))
+def test_kernels_far_out_of_range_give_the_in_range_values_and_clips_scaled(case, far, fraction):
+    """Far out of the ordinary range the Gram path computes on the kernel scaled by a power of two:
+    the singular values and clipped kernels are, bit for bit, those of the in-range kernel scaled
+    back, and match the explicit matrix."""
+    weight, size, groups, dilation = case
+    dtype, scale = far
+    unit, _ = _in_range(weight.to(dtype))
+    assume(float(unit.abs().max()) > 0)
+    far_weight = torch.from_numpy(np.ldexp(unit.double().numpy(), scale)).to(dtype)
+    assert torch.isfinite(far_weight).all() and (far_weight != 0).any()
+    values = conv_singular_values(far_weight, size, groups=groups)
+    np.testing.assert_array_equal(values, np.ldexp(conv_singular_values(unit, size, groups=groups), scale))
+    oracle = sorted_svd(circular_matrix(unit.double(), size, groups, dilation))
+    np.testing.assert_allclose(np.ldexp(values.max(), -scale), oracle.max(), rtol=1e-5)
+    bound = fraction * float(values.max())
+    clipped = clip_singular_values(far_weight, size, bound, groups=groups)
+    in_range = clip_singular_values(unit, size, np.ldexp(bound, -scale), groups=groups)
+    assert torch.equal(clipped, torch.from_numpy(np.ldexp(in_range.double().numpy(), scale)).to(dtype))
+    after = sorted_svd(circular_matrix(torch.from_numpy(np.ldexp(clipped.double().numpy(), -scale)), size, groups, dilation))
+    assert after.max() <= np.ldexp(bound, -scale) * (1 + 1e-3)
+
+
+def test_the_gram_path_falls_back_to_the_svd_when_eigh_does_not_converge(monkeypatch):
+    """LAPACK's eigh can fail to converge where the SVD drivers do not: the Gram path then gives the
+    SVD path's values and clip, instead of a bare LinAlgError (and a half-clipped model)."""
+    weight = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    size, bound = (6, 6), 0.5 * conv_spectral_norm(weight, (6, 6))
+
+    def fails(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails)
+    np.testing.assert_array_equal(conv_singular_values(weight, size), conv_singular_values(weight, size, method="svd"))
+    assert torch.equal(clip_singular_values(weight, size, bound), clip_singular_values(weight, size, bound, method="svd"))
+
+
 @settings(max_examples=80)
 @given(circular_cases(full_support=True), st.floats(0.1, 0.9))
 def test_clipping_is_exact_when_the_kernel_covers_the_input(case, fraction):
