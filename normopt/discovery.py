@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import sys
 import warnings
 from collections.abc import Mapping
@@ -448,12 +449,20 @@ class InputSizeRecorder:
     is recorded too, because ``forward(x, output_size=...)`` changes the layer's matrix: the padding
     that call really used is in :attr:`output_paddings`.
 
+    Calls without gradients (an evaluation under ``torch.no_grad()`` or ``inference_mode``) count
+    for a layer only where no call with gradients reached it: an evaluation at another resolution
+    between the training forwards does not add its sizes to theirs (a layer refused by
+    :class:`~normopt.PeriodicSVC` at its first clip, or described by the large-input limit), and
+    a model only ever run without gradients is still recorded.
+
     Example:
         >>> import torch
         >>> from torch import nn
         >>> model = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2), nn.Conv2d(1, 1, 3))
         >>> recorder = InputSizeRecorder(model)
         >>> _ = model(torch.zeros(1, 1, 9, 9))
+        >>> with torch.no_grad():
+        ...     _ = model(torch.zeros(1, 1, 15, 15))  # an evaluation: the training forward's sizes stand
         >>> recorder.remove()
         >>> recorder.sizes
         {'0': (9, 9), '1': (4, 4)}
@@ -461,8 +470,11 @@ class InputSizeRecorder:
 
     def __init__(self, model: nn.Module):
         self.model = unwrap(model)
+        # {layer: sizes} of the calls with gradients, and of those without (see the class docstring)
         self._seen: dict[str, set[tuple[int, ...]]] = {}
         self._paddings: dict[str, set[tuple[int, ...]]] = {}
+        self._seen_without_grad: dict[str, set[tuple[int, ...]]] = {}
+        self._paddings_without_grad: dict[str, set[tuple[int, ...]]] = {}
         # Bound methods in partials, not closures: a deep copy (or pickle) of the model and the
         # recorder gives hooks that write into the copied recorder.
         self._handles = [
@@ -471,13 +483,24 @@ class InputSizeRecorder:
             if isinstance(module, _ConvNd)
         ]
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        for key in ("_seen_without_grad", "_paddings_without_grad"):  # a recorder pickled by an earlier version
+            self.__dict__.setdefault(key, {})
+
     def _record(self, name: str, module: _ConvNd, args, kwargs, output) -> None:
         dims = len(module.kernel_size)
         given = args[0] if args else _input_keyword(module, kwargs)
         size = tuple(int(n) for n in given.shape[-dims:])
-        self._seen.setdefault(name, set()).add(size)
+        graded = torch.is_grad_enabled()
+        (self._seen if graded else self._seen_without_grad).setdefault(name, set()).add(size)
         if module.transposed:
-            self._paddings.setdefault(name, set()).add(_output_padding(module, size, tuple(output.shape[-dims:])))
+            padding = _output_padding(module, size, tuple(output.shape[-dims:]))
+            (self._paddings if graded else self._paddings_without_grad).setdefault(name, set()).add(padding)
+
+    def _chosen(self, graded: dict, without: dict) -> dict:
+        """Per layer, the record of its calls with gradients where there are some, else of those without."""
+        return {**{name: found for name, found in without.items() if name not in self._seen}, **graded}
 
     @property
     def watching(self) -> bool:
@@ -487,19 +510,20 @@ class InputSizeRecorder:
     @property
     def called(self) -> bool:
         """Whether any convolution has run since the recorder was made."""
-        return bool(self._seen)
+        return bool(self._seen or self._seen_without_grad)
 
     @property
     def sizes(self) -> dict[str, tuple[int, ...] | list[tuple[int, ...]]]:
         """``{conv name: its input size}``, or the sorted list of sizes for a layer called with several."""
-        return {name: next(iter(found)) if len(found) == 1 else sorted(found) for name, found in self._seen.items()}
+        seen = self._chosen(self._seen, self._seen_without_grad)
+        return {name: next(iter(found)) if len(found) == 1 else sorted(found) for name, found in seen.items()}
 
     @property
     def output_paddings(self) -> dict[str, tuple[int, ...]]:
         """``{transposed conv: output padding its calls used}``; when calls differ, the largest per
         axis (more output rows can only raise a row or column sum, so it bounds every call) and a warning."""
         paddings = {}
-        for name, found in self._paddings.items():
+        for name, found in self._chosen(self._paddings, self._paddings_without_grad).items():
             if len(found) > 1:
                 warnings.warn(
                     f"transposed layer {name!r} was called with output paddings {sorted(found)}; using the largest per axis",
@@ -519,11 +543,12 @@ class InputSizeRecorder:
         :func:`normopt.replicas.replica_group`), so that replicas whose batches differ in size
         describe the model alike, and agree on :attr:`called`. A collective: every rank calls it,
         at the same step."""
+        records = (self._seen, self._paddings, self._seen_without_grad, self._paddings_without_grad)
         gathered: list = [None] * dist.get_world_size(replicas.group)
-        dist.all_gather_object(gathered, (self._seen, self._paddings), group=replicas.group)
-        for seen, paddings in gathered:
-            for mine, theirs in ((self._seen, seen), (self._paddings, paddings)):
-                for name, found in theirs.items():
+        dist.all_gather_object(gathered, records, group=replicas.group)
+        for theirs in gathered:
+            for mine, their in zip(records, theirs):
+                for name, found in their.items():
                     mine.setdefault(name, set()).update(found)
 
     def specs(self) -> LayerSpecs:
@@ -565,13 +590,23 @@ def _same_values(tensor: torch.Tensor, saved: torch.Tensor) -> bool:
     return torch.equal(tensor, saved)
 
 
+def _forked_rng(model: nn.Module, args: tuple):
+    """``torch.random.fork_rng`` over the CPU and the CUDA devices of ``model``'s tensors and ``args``."""
+    tensors = itertools.chain(model.parameters(), model.buffers(), (a for a in args if isinstance(a, torch.Tensor)))
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda, device_type="cuda")
+
+
 def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     """The recorder of one forward pass of ``example_input`` (input sizes, transposed output paddings).
 
     The pass runs in eval mode under ``torch.no_grad()`` so batch-norm running statistics and
     autograd state are untouched; every module's training flag is restored afterwards, and so is
     every buffer the pass wrote (the observers of quantization-aware training, say, calibrate in
-    eval mode too).
+    eval mode too). The flags are set directly, not through ``model.eval()``: a ``train()``
+    override that also freezes a backbone would leave it frozen. The random state of the CPU and
+    of the CUDA devices the model and input are on is put back too (a model that draws noise
+    in eval mode, or a lazy layer initialised by the pass, shifted the run's random stream).
     """
     recorder = InputSizeRecorder(model)
     modes = {module: module.training for module in model.modules()}
@@ -585,8 +620,9 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     ]
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
-        model.eval()
-        with torch.no_grad():
+        for module in modes:
+            module.training = False
+        with _forked_rng(model, args), torch.no_grad():
             model(*args)
     finally:
         recorder.remove()

@@ -60,47 +60,48 @@ def _weight_sources(conv: _ConvNd) -> list[torch.Tensor]:
 class PeriodicSVC:
     """Clips the singular values of every conv layer at ``bound`` after every ``every``-th step.
 
-    Installs a step post-hook on ``optimizer`` (any ``torch.optim.Optimizer``, NormDecayOptimizer
-    included). Each layer is clipped as the circular convolution on its padded input size, which
-    bounds the zero-padded, strided layer (see :mod:`normopt.svc`). Input sizes come from
-    ``example_input`` or, without it, from the training forward (hooks). Under
-    ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
-    same bits whatever its LAPACK does; given the DDP model (not its module), the replicas also
-    take the input sizes that every rank recorded (:mod:`normopt.replicas`), so that they clip the
-    same layers at the same sizes (given the module, pass ``example_input``). With
-    ``report=True`` each clip records, in ``last_norms``, every layer's circular spectral norm
-    after the crop, at the size it was clipped at (one more SVD per layer), which shows how far
-    above ``bound`` the crop to the kernel's support left it. Every clip records a
-    :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work. A clip
-writes every layer or none: every kernel is clipped first, and one that raises or comes out
-not finite leaves the model as it was.
+        Installs a step post-hook on ``optimizer`` (any ``torch.optim.Optimizer``, NormDecayOptimizer
+        included). Each layer is clipped as the circular convolution on its padded input size, which
+        bounds the zero-padded, strided layer (see :mod:`normopt.svc`). Input sizes come from
+        ``example_input`` or, without it, from the training forward (hooks). Under
+        ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
+        same bits whatever its LAPACK does; given the DDP model (not its module), the replicas also
+        take the input sizes that every rank recorded (:mod:`normopt.replicas`), so that they clip the
+        same layers at the same sizes (given the module, pass ``example_input``). With
+        ``report=True`` each clip records, in ``last_norms``, every layer's circular spectral norm
+        after the crop, at the size it was clipped at (one more SVD per layer), which shows how far
+        above ``bound`` the crop to the kernel's support left it. Every clip records a
+        :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work. A clip
+    writes every layer or none: every kernel is clipped first, and one that raises or comes out
+    not finite leaves the model as it was.
 
-    ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
-    ``"raw"`` at the input size without padding, as the released code does, which also skips a
-    layer whose raw input is smaller than its kernel (VGG's 3x3 convolutions on 2x2 maps): so does
-    this, naming it in ``skipped``. A layer whose input size no forward recorded (a training-only
-    head under ``example_input``'s eval-mode probe) is refused before any clip. Convolutions added
-    or replaced later (``add_param_group``) are described anew once a forward has recorded their
-    input sizes, and left alone until then. ``threads`` sizes the
-    thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
-    ``precision`` as in :func:`normopt.svc.clip_singular_values`.
-    ``exclude`` names modules to leave alone, each with every conv layer inside it. A conv whose
-    weight ``optimizer`` does not hold, or does not require grad, is not clipped either.
+        ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
+        ``"raw"`` at the input size without padding, as the released code does, which also skips a
+        layer whose raw input is smaller than its kernel (VGG's 3x3 convolutions on 2x2 maps): so does
+        this, naming it in ``skipped``. A layer whose input size no forward recorded (a training-only
+        head under ``example_input``'s eval-mode probe) is refused before any clip. Convolutions added
+        or replaced later (``add_param_group``) are described anew once a forward has recorded their
+        input sizes, and left alone until then. ``threads`` sizes the
+        thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
+        ``precision`` as in :func:`normopt.svc.clip_singular_values`.
+        ``exclude`` names modules to leave alone, each with every conv layer inside it. A conv whose
+        weight ``optimizer`` does not hold, or does not require grad, is not clipped either.
 
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
-        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> svc = PeriodicSVC(optimizer, model, bound=0.5, every=2, example_input=torch.zeros(1, 1, 4, 4))
-        >>> for _ in range(2):
-        ...     model(torch.randn(3, 1, 4, 4)).sum().backward()
-        ...     optimizer.step()
-        >>> svc.clips
-        1
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
+            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> svc = PeriodicSVC(optimizer, model, bound=0.5, every=2, example_input=torch.zeros(1, 1, 4, 4))
+            >>> for _ in range(2):
+            ...     model(torch.randn(3, 1, 4, 4)).sum().backward()
+            ...     optimizer.step()
+            >>> svc.clips
+            1
     """
 
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
+    _recorded = None  # {conv: input size or sizes} the forwards recorded, once described from them
     _overriding_warned: frozenset = frozenset()  # (layer, class) pairs named in an OverriddenForwardWarning
 
     def __init__(
@@ -142,6 +143,9 @@ not finite leaves the model as it was.
         self._optimizer = optimizer
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         convs = [m for n, m in self.model.named_modules() if isinstance(m, _ConvNd) and not within(n, self.exclude)]
+        if not convs:
+            outside = f" outside exclude={sorted(self.exclude)}" if self.exclude else ""
+            raise ValueError(f"the model has no conv layers{outside}: PeriodicSVC has nothing to clip")
         # Frozen ones may be unfrozen later; these never.
         if not any(id(p) in held for conv in convs for p in _weight_sources(conv)):
             raise ValueError(
@@ -191,6 +195,7 @@ not finite leaves the model as it was.
                     f"PeriodicSVC needs conv input sizes: run a forward first or pass example_input ({UNRECORDED_HINT})"
                 )
             with quiet_overriding():
+                self._recorded = self._recorder.sizes
                 self.specs, self._recorder, self._convs = self._recorder.specs(), None, self._conv_modules()
         # Convolutions added or replaced since the model was described (a new head given to
         # add_param_group) are described anew from the input sizes the next forward records;
@@ -201,6 +206,7 @@ not finite leaves the model as it was.
             self._recorder.gather(self._replicas)
         if changed and self._recorder is not None and self._recorder.called:
             with quiet_overriding():
+                self._recorded = self._recorder.sizes
                 self.specs, self._recorder, self._convs, changed = self._recorder.specs(), None, current, []
         elif changed:
             if self._recorder is None:
@@ -255,12 +261,7 @@ not finite leaves the model as it was.
             names, why = sorted(reasons), "; ".join(f"{name!r}: {reasons[name]}" for name in sorted(reasons))
             raise ValueError(f"conv layers {names} cannot be clipped ({why}); exclude them (exclude={tuple(names)!r})")
         if unknown:
-            raise ValueError(
-                f"the input sizes of conv layers {unknown} are not known (not called by the forward that recorded "
-                "them, as a training-only head under example_input's eval-mode probe; or called with several "
-                "sizes): leave example_input out to record them from the training forward, or exclude them "
-                f"(exclude={tuple(unknown)!r})"
-            )
+            raise ValueError(self._unknown_sizes_message(unknown))
         if self.input_size == "padded":  # before any layer is clipped
             refused = [name for name, spec in convs.items() if pads_with_copies(spec)]
             if refused:
@@ -280,6 +281,25 @@ not finite leaves the model as it was.
             {name: current[name] for name in convs}, self._overriding_warned, "PeriodicSVC clips"
         )
         return convs
+
+    def _unknown_sizes_message(self, unknown: list[str]) -> str:
+        """Why the input sizes of ``unknown`` are not known, and what to do, as the sizes were found."""
+        recorded = self._recorded
+        if recorded is None:  # described from example_input
+            return (
+                f"the input sizes of conv layers {unknown} are not known: example_input's forward (eval mode, no "
+                "gradients) did not call them (a training-only head), or called them with several sizes; leave "
+                f"example_input out to record them from the training forward, or exclude them (exclude={tuple(unknown)!r})"
+            )
+        how = "; ".join(
+            f"{name!r} called with input sizes {recorded[name]}" if name in recorded else f"{name!r} not called"
+            for name in unknown
+        )
+        return (
+            f"the input sizes of conv layers {unknown} are not known from the forwards before the first clip ({how}: "
+            "multi-scale training, or one layer shared at several sizes); pass example_input at the size to clip "
+            f"them at, or exclude them (exclude={tuple(unknown)!r})"
+        )
 
     @torch.compiler.disable  # host work (SciPy, LAPACK, a loop over frequencies): under a compiled step, dynamo traced it
     @torch.no_grad()

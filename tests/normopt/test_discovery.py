@@ -75,6 +75,40 @@ def test_probe_forward_leaves_training_mode_and_batchnorm_statistics_untouched()
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
+class FreezesInEval(nn.Module):
+    """A model whose ``train()`` override freezes its backbone in eval mode, and that draws noise in
+    eval mode too (a randomized defence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = nn.Conv2d(1, 2, 3), nn.Sequential(nn.LazyLinear(2))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.requires_grad_(mode)
+        return self
+
+    def forward(self, x):
+        return self.head(self.backbone(x + 0.1 * torch.randn_like(x)).flatten(1))
+
+
+def test_the_probe_forward_runs_no_train_override_and_leaves_the_random_stream():
+    """layer_specs' probe switched to eval mode by model.eval(): an override that freezes the backbone
+    left it frozen after the probe (its training flag restored, its requires_grad not); and it drew
+    from the global random stream (noise in eval mode, a lazy layer's initialisation), so logging
+    norms changed the run."""
+    torch.manual_seed(0)
+    model = FreezesInEval().train()
+    torch.manual_seed(1)
+    specs = layer_specs(model, torch.zeros(1, 1, 5, 5))
+    drawn = torch.rand(4)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(4))
+    assert model.training and model.backbone.weight.requires_grad and set(specs) == {"backbone", "head.0"}
+    model(torch.zeros(1, 1, 5, 5)).sum().backward()
+    assert model.backbone.weight.grad is not None
+
+
 def test_shared_module_appears_once_and_tied_weights_get_their_first_key():
     conv = nn.Conv2d(2, 2, 3, padding=1)
     other = nn.Conv2d(2, 2, 3, padding=1)
@@ -466,6 +500,26 @@ def test_transposed_conv_called_with_an_output_size_gets_the_matrix_of_that_call
     recorder = normopt.InputSizeRecorder(model)
     model(torch.zeros(1, 1, 1))
     assert recorder.specs()["up"] == specs["up"]  # the lazy path records the same
+
+
+def test_calls_without_gradients_count_only_for_layers_no_call_with_gradients_reached():
+    """An evaluation under no_grad at another size between training forwards does not add its sizes
+    (nor a transposed layer's output padding) to theirs; a layer only evaluated is still recorded."""
+    model = nn.ModuleDict({"conv": nn.Conv2d(1, 1, 3), "up": nn.ConvTranspose1d(1, 1, 3, stride=2), "judged": nn.Conv1d(1, 1, 3)})
+    recorder = normopt.InputSizeRecorder(model)
+    model["conv"](torch.zeros(1, 1, 8, 8))
+    model["up"](torch.zeros(1, 1, 4), output_size=[9])
+    with torch.no_grad():
+        model["conv"](torch.zeros(1, 1, 16, 16))
+        model["up"](torch.zeros(1, 1, 4), output_size=[10])
+        model["judged"](torch.zeros(1, 1, 5))
+    with torch.inference_mode():
+        model["conv"](torch.zeros(1, 1, 32, 32))
+    assert recorder.called
+    assert recorder.sizes == {"conv": (8, 8), "up": (4,), "judged": (5,)}
+    assert recorder.output_paddings == {"up": (0,)}
+    specs = recorder.specs()
+    assert specs["conv"].input_size == (8, 8) and specs["up"].output_padding == (0,) and specs["judged"].input_size == (5,)
 
 
 @pytest.mark.parametrize("ord", [1, math.inf])

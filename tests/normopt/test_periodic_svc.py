@@ -265,6 +265,43 @@ def test_a_trained_conv_that_layer_specs_skips_is_refused_by_name_not_left_uncli
 
 
 @pytest.mark.filterwarnings("ignore:layer 'aux' was not called by the recorded forward")
+def test_an_evaluation_at_another_size_before_the_first_clip_leaves_the_training_sizes():
+    """Without example_input the sizes come from the forwards before the first clip: an evaluation
+    under no_grad at full resolution among them made the clip refuse the layer inside
+    optimizer.step(), advising to leave example_input out (it was)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    svc = PeriodicSVC(optimizer, model, bound=0.1, every=2)
+
+    def train_step():
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.randn(4, 3, 8, 8)), torch.randint(0, 2, (4,))).backward()
+        optimizer.step()
+
+    train_step()
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 16, 16))
+    model.train()
+    train_step()  # the clip
+    assert svc.clips == 1 and svc.specs["0"].input_size == (8, 8)
+    assert svc.last_report.layers == svc.last_report.layers_clipped == 1
+
+
+@pytest.mark.filterwarnings("ignore:layer '0' was called with input sizes")
+def test_a_layer_trained_at_several_sizes_is_refused_naming_them_and_example_input():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=0.1, every=1)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    model(torch.randn(2, 1, 12, 12)).sum().backward()  # multi-scale training
+    before = model[0].weight.clone()
+    with pytest.raises(ValueError, match=r"'0' called with input sizes \[\(8, 8\), \(12, 12\)\].*pass example_input at"):
+        optimizer.step()
+    assert torch.equal(model[0].weight, before) and svc.clips == 0
+
+
 def test_conv_layers_added_or_replaced_later_are_clipped_once_a_forward_has_recorded_their_sizes():
     model = WithAuxiliaryHead().eval()
     optimizer = torch.optim.SGD(model.body.parameters(), lr=0.0)
@@ -389,8 +426,15 @@ def test_an_optimizer_that_holds_none_of_the_convs_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 2))
     with pytest.raises(ValueError, match="the optimizer holds none of the model's 1 conv layers"):
         PeriodicSVC(torch.optim.SGD(model[2].parameters(), lr=0.1), model, bound=0.1)
-    with pytest.raises(ValueError, match=r"excluded: \['0'\]"):
+    with pytest.raises(ValueError, match=r"no conv layers outside exclude=\['0'\]: PeriodicSVC has nothing to clip"):
         PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=0.1, exclude=("0",))
+
+
+def test_a_model_without_conv_layers_is_refused_as_having_nothing_to_clip():
+    """It was told to pass model.parameters() to the optimizer, which it had."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with pytest.raises(ValueError, match=r"^the model has no conv layers: PeriodicSVC has nothing to clip$"):
+        PeriodicSVC(torch.optim.SGD(model.parameters(), lr=0.1), model, bound=0.1)
 
 
 def test_a_frozen_conv_padded_with_copies_is_not_refused():
