@@ -117,6 +117,22 @@ def check_specs(specs) -> None:
         raise TypeError(f"specs must be a mapping {{layer name: spec}} (normopt.layer_specs gives one), got {kind}")
 
 
+def check_spec(spec, caller: str, every: str | None = None) -> None:
+    """Refuse anything but one layer's spec, naming what ``caller`` was given instead (and ``every``,
+    the function that takes the specs of every layer, if there is one)."""
+    if isinstance(spec, (LinearSpec, ConvSpec, BatchNormSpec)):
+        return
+    kind = type(spec).__name__
+    if isinstance(spec, Mapping):
+        instead = f", or {every}(tensors, specs) for every layer" if every else ""
+        raise TypeError(f"{caller} takes one layer's spec, got a {kind} of {len(spec)} layers: pass specs[name]{instead}")
+    shown = repr(spec) if len(repr(spec)) <= 60 else repr(spec)[:57] + "..."
+    raise TypeError(
+        f"{caller}: spec must be a LinearSpec, ConvSpec or BatchNormSpec (normopt.layer_specs(model, x)[name]), "
+        f"got {kind} {shown}"
+    )
+
+
 def checked(tensors: Mapping[str, torch.Tensor], key: str, spec: Spec, shape: tuple[int, ...]) -> torch.Tensor:
     """:func:`lookup`, refusing a tensor of the wrong shape with the layer's name."""
     tensor = lookup(tensors, key, spec)

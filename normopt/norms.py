@@ -34,6 +34,7 @@ import torch
 from normopt.batched import all_line_sums, batch_norms, batch_plan, batch_tables, batchnorm_factors
 from normopt.lines import (
     accumulation_dtype,
+    check_spec,
     check_specs,
     checked,
     line_plan,
@@ -125,6 +126,7 @@ def layer_norm(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> torch.
         >>> layer_norm(w, spec, 1), layer_norm(w, spec, "linf")
         (tensor(6.), tensor(7.))
     """
+    check_spec(spec, "layer_norm", "layer_norms")
     ord = parse_ord(ord)
     if ord == 2:
         return _spectral_norm(tensors, spec)
@@ -161,6 +163,7 @@ def layer_argmax(tensors: Mapping[str, torch.Tensor], spec: Spec, ord=1) -> Norm
         >>> layer_argmax({"fc.weight": torch.tensor([[1.0, -2.0], [3.0, 4.0]])}, spec, 1).channel
         tensor(1)
     """
+    check_spec(spec, "layer_argmax", "layer_argmaxes")
     ord = parse_ord(ord)
     if ord == 2:
         raise ValueError(f"layer {spec.name!r}: arg-max locations are defined for l1 and l_inf only")

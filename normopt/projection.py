@@ -21,17 +21,26 @@ import torch
 
 from normopt.arguments import finite_number
 from normopt.deterministic import put
-from normopt.lines import accumulation_dtype, line_plan, parse_ord
+from normopt.lines import accumulation_dtype, check_spec, line_plan, parse_ord
 from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, check_weight_shape
 
 
 def _check_radius(radius, where: str = "radius"):
     """The radius as a Python float, or a refusal of one that is not a positive finite number (NaN
     included: ``radius <= 0`` lets it through); a 0-d tensor is taken as it is, unread (a read
-    would synchronise an accelerator)."""
+    would synchronise an accelerator): see :func:`_inside_a_ball`."""
     if isinstance(radius, torch.Tensor) and radius.dim() == 0:
         return radius
     return finite_number(radius, where)
+
+
+def _inside_a_ball(radius, projected: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """``projected``, or ``original`` where a 0-d tensor ``radius`` is negative or NaN: no ball to
+    project onto (a scheduled radius gone below zero turned whole kernels into NaN), and a tensor
+    radius is never read on the host to refuse it. A radius of 0 projects onto the zero map."""
+    if isinstance(radius, torch.Tensor):
+        return torch.where(radius >= 0, projected, original)
+    return projected
 
 
 def _check_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius):
@@ -73,6 +82,8 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     radius = _check_radius(radius)
     if v.dim() == 0:
         raise ValueError("project_l1_ball projects the rows of v (its last axis): v is 0-d")
+    if not v.is_floating_point():
+        raise TypeError(f"project_l1_ball projects real floating-point rows, got {v.dtype}")
     if v.shape[-1] == 0:
         return v
     # In at least float32: a bfloat16 cumsum (and arange, inexact past 256) put the threshold, and
@@ -99,7 +110,7 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     if acc != v.dtype:  # rounded towards zero, so that no entry grows back past the float32 ball
         shrunk = _towards_zero(shrunk, v.dtype)
     projected = torch.sign(v) * shrunk
-    return torch.where(a.sum(-1, keepdim=True) > radius, projected, v)
+    return _inside_a_ball(radius, torch.where(a.sum(-1, keepdim=True) > radius, projected, v), v)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -146,7 +157,8 @@ def project_layer(
     Non-finite weights leave the kernel unchanged (a kernel's taps that no line reads are never
     changed, and do not count); so does an empty layer (the zero map). Low-precision kernels are
     projected in float32 and rounded towards zero, so their norm is at most ``radius`` to float32's
-    round-off.
+    round-off. ``radius`` is a positive number, or a 0-d tensor (never read on the host: one below
+    zero or NaN leaves the kernel unchanged, 0 gives the zero map).
 
     Example:
         >>> import torch
@@ -156,6 +168,7 @@ def project_layer(
         tensor([[2.0000, 0.0000],
                 [0.5000, 0.0000]])
     """
+    check_spec(spec, "project_layer")
     if not isinstance(spec, (LinearSpec, ConvSpec)):
         kind = type(spec).__name__
         raise TypeError(
@@ -189,7 +202,7 @@ def project_layer(
             flat = by_input.reshape(groups * cg, -1)
             new = project_l1_ball(flat, radius).reshape(by_input.shape).permute(0, 2, 1, 3).reshape(part.shape)
         w = w.index_copy(2, index, new)
-    return torch.where(finite, w.reshape(weight.shape), weight)
+    return _inside_a_ball(radius, torch.where(finite, w.reshape(weight.shape), weight), weight)
 
 
 def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius: float) -> torch.Tensor:
@@ -208,8 +221,10 @@ def project_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: Batc
     radius = _check_batchnorm(gamma, running_var, spec, radius)
     bound = radius * _bn_scale(gamma, running_var, spec)
     if bound.dtype != gamma.dtype:  # copysign keeps a -0.0 (a product with sign() did not)
-        return torch.copysign(_towards_zero(torch.minimum(gamma.abs().to(bound.dtype), bound), gamma.dtype), gamma)
-    return torch.maximum(torch.minimum(gamma, bound), -bound)
+        capped = torch.copysign(_towards_zero(torch.minimum(gamma.abs().to(bound.dtype), bound), gamma.dtype), gamma)
+    else:
+        capped = torch.maximum(torch.minimum(gamma, bound), -bound)
+    return _inside_a_ball(radius, capped, gamma)
 
 
 def _bn_scale(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec) -> torch.Tensor:
@@ -240,4 +255,4 @@ def project_batchnorm_argmax(gamma: torch.Tensor, running_var: torch.Tensor, spe
     if scale.dtype != gamma.dtype:
         capped = _towards_zero(capped, gamma.dtype)
     new = torch.where(norms.take(channel) > radius, capped * torch.sign(gamma.take(channel)), gamma.take(channel))
-    return put(gamma.clone(), channel, new)
+    return put(gamma.clone(), channel, _inside_a_ball(radius, new, gamma.take(channel)))

@@ -406,6 +406,27 @@ def test_model_norms_of_a_model_on_the_meta_device_are_meta_tensors(ord):
     assert normopt.nonfinite_layers(norms) == []
 
 
+@pytest.mark.parametrize(
+    "call, every",
+    [
+        (lambda sd, spec: layer_norm(sd, spec, 1), "layer_norms"),
+        (lambda sd, spec: layer_norm(sd, spec, 2), "layer_norms"),
+        (lambda sd, spec: layer_argmax(sd, spec, "linf"), "layer_argmaxes"),
+        (lambda sd, spec: normopt.project_layer(sd["0.weight"], spec, 1, 1.0), None),
+    ],
+)
+def test_the_specs_of_every_layer_or_a_name_given_for_one_spec_are_refused_saying_so(call, every):
+    """Given the whole LayerSpecs they raised "unhashable type: 'LayerSpecs'" (project_layer printed
+    the whole mapping as the layer's name); given a layer's name, "no operator-norm rule ... of layer '?'"."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
+    specs, sd = layer_specs(model, torch.zeros(1, 1, 4, 4)), model.state_dict()
+    suggestion = rf", or {every}\(tensors, specs\) for every layer$" if every else "$"
+    with pytest.raises(TypeError, match=r"takes one layer's spec, got a LayerSpecs of 2 layers: pass specs\[name\]" + suggestion):
+        call(sd, specs)
+    with pytest.raises(TypeError, match=r"spec must be a LinearSpec, ConvSpec or BatchNormSpec .* got str '0'$"):
+        call(sd, "0")
+
+
 def test_specs_that_are_not_a_mapping_are_refused():
     with pytest.raises(TypeError, match="specs must be a mapping"):
         normopt.layer_norms({"w": torch.ones(2, 2)}, [normopt.LinearSpec("fc", "w", 2, 2)], 1)

@@ -188,6 +188,40 @@ def test_a_low_precision_batchnorm_is_capped_inside_the_radius(dtype, project):
     assert torch.signbit(zero[0])  # -0.0 stays -0.0
 
 
+@pytest.mark.parametrize("radius", [-1.0, -1e-30, float("nan")])
+def test_a_tensor_radius_below_zero_or_nan_leaves_every_projection_unchanged(radius):
+    """A 0-d tensor radius is never read on the host (no sync), so it cannot be refused: one that a
+    schedule took below zero turned whole kernels into NaN, and capped batch-norm gammas to a
+    wrong sign. With no ball to project onto, the input comes back as it is."""
+    torch.manual_seed(0)
+    radius = torch.tensor(radius)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    spec = normopt.module_spec(conv, "c", (5, 5))
+    for ord in (1, math.inf):
+        assert torch.equal(project_layer(conv.weight.detach(), spec, ord, radius), conv.weight)
+    rows = torch.tensor([[2.0, -1.0], [0.5, 0.25]])
+    assert torch.equal(project_l1_ball(rows, radius), rows)
+    bn, gamma = normopt.module_spec(nn.BatchNorm2d(3), "bn"), torch.tensor([2.0, -3.0, 0.5])
+    for project in (project_batchnorm, project_batchnorm_argmax):
+        assert torch.equal(project(gamma, torch.ones(3), bn, radius), gamma)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_rows_that_are_not_real_floating_point_are_refused_naming_their_dtype(dtype):
+    with pytest.raises(TypeError, match=rf"project_l1_ball projects real floating-point rows, got {dtype}"):
+        project_l1_ball(torch.ones(2, 3, dtype=dtype), 1.0)
+
+
+def test_a_tensor_radius_of_zero_projects_onto_the_zero_map():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    spec, zero = normopt.module_spec(conv, "c", (5, 5)), torch.tensor(0.0)
+    for ord in (1, math.inf):
+        assert not project_layer(conv.weight.detach(), spec, ord, zero).any()
+    assert not project_l1_ball(torch.tensor([[2.0, -1.0]]), zero).any()
+    bn = normopt.module_spec(nn.BatchNorm2d(2), "bn")
+    assert not project_batchnorm(torch.tensor([2.0, -3.0]), torch.ones(2), bn, zero).any()
+
+
 @pytest.mark.parametrize("radius", [0.0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_a_radius_that_is_not_a_positive_finite_number_is_refused(radius):
     with pytest.raises(ValueError, match="radius must be a positive finite number"):
