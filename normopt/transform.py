@@ -91,6 +91,21 @@ def _place(view: torch.Tensor, bases) -> tuple[int, int, tuple[int, ...], tuple[
     return index, view.storage_offset() - bases[index].storage_offset(), tuple(view.shape), tuple(view.stride())
 
 
+def _check_views(state: NormDecayState, batches) -> None:
+    """Refuse a state whose views no longer share its buffers (``batches``: each batch's layers in
+    order): an update writes h into the buffers and reads it through the views, so a state copied
+    leaf by leaf (``torch.utils._pytree.tree_map``, a NamedTuple being a pytree) decayed with a
+    frozen h, silently. One view per batch tells (a copy cuts them all); host metadata only."""
+    for members, buffer, scale, ring in zip(batches, state.buffers, state.scales, state.rings):
+        own_buffer, own_scale = state.views[members[0]]
+        rows = [state.recent[n] for n in members if n in state.recent][:1]
+        if own_buffer._base is not buffer or own_scale._base is not scale or any(row._base is not ring for row in rows):
+            raise ValueError(
+                "this NormDecayState's views are not views of its buffers: copied leaf by leaf (a pytree tree_map, or "
+                "each tensor cloned), the decay would read a stale h; copy it with copy.deepcopy, or torch.save / pickle"
+            )
+
+
 def _viewed(bases, place) -> torch.Tensor:
     index, offset, shape, stride = place
     return bases[index].as_strided(shape, stride, bases[index].storage_offset() + offset)
@@ -225,7 +240,12 @@ def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, mat
         if isinstance(v, torch.Tensor):
             if device_of is None:
                 raise TypeError(f"{_where(what, name)} must be a number, not a tensor")
-            return check_tensor_beta(v, _where(what, name), device_of(name))
+            check_tensor_beta(v, _where(what, name), device_of(name))
+            # A CPU one's value is read (free, no device to wait for) and checked as a number's
+            # (a NaN beta made every gradient NaN); an accelerator's never is.
+            if v.device.type == "cpu" and not torch.compiler.is_compiling():
+                one(float(v), name)
+            return v
         v = plain_number(v)
         # Comparisons, not math.isfinite: they refuse NaN too, and a float that dynamo made
         # symbolic goes through them without a graph break.
@@ -447,12 +467,17 @@ def norm_decay(
     def _update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool):
         if not layout:
             raise RuntimeError("norm_decay: call init before update")
+        for what, given in (("grads", grads), ("tensors", tensors)):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"norm_decay.update: {what} must be a mapping {{name: tensor}}, got {type(given).__name__}")
         if (
             len(state.buffers) != len(layout)
             or any(b.numel() != sum(plan.numels) for b, (_, plan, _) in zip(state.buffers, layout))
             or (check and _layout_of(state) != made[0])
         ):
             raise ValueError("norm_decay: this state was not made by this transformation's init (or not by its last one)")
+        if check and not torch.compiler.is_compiling():  # compiled, the views are rebuilt from the buffers
+            _check_views(state, [members for members, _, _ in layout])
         # The key each weight has in ``tensors`` (a DDP or compiled model's prefix included): its
         # gradient has the same one in ``grads``.
         keys = {n: resolve(tensors, specs[n].weight, specs[n]) for n in names}
@@ -577,6 +602,9 @@ def norm_decay(
             if given.shape != own.shape:
                 # h itself (scale=None) for a scale of another layout
                 raise ValueError(f"layer {layer!r}: decay {what} of shape {tuple(given.shape)}, expected {tuple(own.shape)}")
+            # In the state's dtype: a float64 1e300 became inf in a float32 state.
+            if not bool(torch.isfinite(given.to(own.dtype)).all()):
+                raise ValueError(f"layer {layer!r}: the decay {what} has values that are not finite in {own.dtype}")
         own_buffer.copy_(buffer)
         own_scale.copy_(scale if scale is not None else torch.ones_like(own_scale))
         own_ring = state.recent.get(layer)

@@ -555,6 +555,9 @@ def test_float32_gradients_of_bfloat16_weights_and_numpy_hyperparameters_are_tak
         (True, 0.5, "beta must be"),
         ("0.1", 0.5, "beta must be"),
         ({"0": 0.1, "1": 0.1, "3": float("nan")}, 0.5, "beta of layer '3' must be"),
+        # A CPU tensor's value is read (free): a NaN one made every gradient NaN.
+        (torch.tensor(float("nan")), 0.5, "beta of layer '0' must be a finite number, got nan"),
+        ({"0": 0.1, "1": torch.tensor(float("inf")), "3": 0.1}, 0.5, "beta of layer '1' must be"),
     ],
 )
 def test_update_refuses_a_beta_or_gamma_that_is_not_a_finite_number_in_its_range(beta, gamma, match):
@@ -573,10 +576,40 @@ def test_load_refuses_by_layer_what_does_not_fit():
         (("0", torch.zeros(1)), ValueError, r"layer '0': decay buffer of shape \(1,\), expected \(4, 1, 3, 3\)"),
         (("0", torch.zeros(4, 1, 3, 3, dtype=torch.complex64)), TypeError, "layer '0': the decay buffer must be a real"),
         (("0", torch.zeros(4, 1, 3, 3), torch.ones(2)), ValueError, r"layer '0': decay scale of shape \(2,\)"),
+        (("0", torch.full((4, 1, 3, 3), float("nan"))), ValueError, "layer '0': the decay buffer has values that are not finite"),
+        # finite in float64, not in the float32 state
+        (("0", torch.full((4, 1, 3, 3), 1e300, dtype=torch.float64)), ValueError, r"not finite in torch.float32"),
     ):
         with pytest.raises(error, match=match):
             transform.load(state, *args)
     assert all(not state.decay_buffer(name).any() for name in specs)
+
+
+def test_a_state_copied_leaf_by_leaf_is_refused_before_it_decays_with_a_stale_h():
+    """A NamedTuple is a pytree: tree_map(clone) gave the views storage of their own, and the update
+    wrote h into the buffers but added the stale views to the gradients (h frozen, silently)."""
+    from torch.utils import _pytree as pytree
+
+    _, specs, tensors = _small_model()
+    transform = norm_decay(specs)
+    state = transform.init(tensors)
+    grads = {specs[n].weight: torch.zeros_like(tensors[specs[n].weight]) for n in specs}
+    _, state, _ = transform.update(dict(grads), state, tensors, beta=0.1, gamma=0.5)
+    copied = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, state)
+    with pytest.raises(ValueError, match="views are not views of its buffers: copied leaf by leaf"):
+        transform.update(dict(grads), copied, tensors, beta=0.1, gamma=0.5)
+    transform.update(dict(grads), copy.deepcopy(state), tensors, beta=0.1, gamma=0.5)  # the way to copy one
+
+
+@pytest.mark.parametrize("grads_none", [True, False])
+def test_grads_or_weights_that_are_not_a_mapping_are_refused_by_name(grads_none):
+    _, specs, tensors = _small_model()
+    transform = norm_decay(specs)
+    state = transform.init(tensors)
+    args = (None, state, tensors) if grads_none else ({}, state, list(tensors.values()))
+    what, got = ("grads", "NoneType") if grads_none else ("tensors", "list")
+    with pytest.raises(TypeError, match=rf"norm_decay.update: {what} must be a mapping \{{name: tensor\}}, got {got}"):
+        transform.update(*args, beta=0.1, gamma=0.5)
 
 
 @pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
