@@ -453,7 +453,10 @@ class InputSizeRecorder:
     for a layer only where no call with gradients reached it: an evaluation at another resolution
     between the training forwards does not add its sizes to theirs (a layer refused by
     :class:`~normopt.PeriodicSVC` at its first clip, or described by the large-input limit), and
-    a model only ever run without gradients is still recorded.
+    a model only ever run without gradients is still recorded. A layer that the training forward
+    also runs without gradients at another size (a stop-gradient branch through it) is described
+    at the sizes of its calls with gradients only: give such a model ``input_sizes`` or
+    ``example_input``.
 
     Example:
         >>> import torch
@@ -591,7 +594,11 @@ def _same_values(tensor: torch.Tensor, saved: torch.Tensor) -> bool:
 
 
 def _forked_rng(model: nn.Module, args: tuple):
-    """``torch.random.fork_rng`` over the CPU and the CUDA devices of ``model``'s tensors and ``args``."""
+    """``torch.random.fork_rng`` over the CPU and the CUDA devices of ``model``'s tensors and ``args``;
+    none where the pass initialises lazy layers: their weights come from the random stream, and a
+    stream put back would draw them again for the next layer made."""
+    if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in itertools.chain(model.parameters(), model.buffers())):
+        return contextlib.nullcontext()
     tensors = itertools.chain(model.parameters(), model.buffers(), (a for a in args if isinstance(a, torch.Tensor)))
     cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
     return torch.random.fork_rng(devices=cuda, device_type="cuda")
@@ -605,8 +612,9 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     every buffer the pass wrote (the observers of quantization-aware training, say, calibrate in
     eval mode too). The flags are set directly, not through ``model.eval()``: a ``train()``
     override that also freezes a backbone would leave it frozen. The random state of the CPU and
-    of the CUDA devices the model and input are on is put back too (a model that draws noise
-    in eval mode, or a lazy layer initialised by the pass, shifted the run's random stream).
+    of the CUDA devices the model and input are on is put back too (a model that draws noise in
+    eval mode shifted the run's random stream), except where the pass initialises lazy layers,
+    whose weights are drawn from it as a first forward of the user's would draw them.
     """
     recorder = InputSizeRecorder(model)
     modes = {module: module.training for module in model.modules()}

@@ -60,48 +60,49 @@ def _weight_sources(conv: _ConvNd) -> list[torch.Tensor]:
 class PeriodicSVC:
     """Clips the singular values of every conv layer at ``bound`` after every ``every``-th step.
 
-        Installs a step post-hook on ``optimizer`` (any ``torch.optim.Optimizer``, NormDecayOptimizer
-        included). Each layer is clipped as the circular convolution on its padded input size, which
-        bounds the zero-padded, strided layer (see :mod:`normopt.svc`). Input sizes come from
-        ``example_input`` or, without it, from the training forward (hooks). Under
-        ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
-        same bits whatever its LAPACK does; given the DDP model (not its module), the replicas also
-        take the input sizes that every rank recorded (:mod:`normopt.replicas`), so that they clip the
-        same layers at the same sizes (given the module, pass ``example_input``). With
-        ``report=True`` each clip records, in ``last_norms``, every layer's circular spectral norm
-        after the crop, at the size it was clipped at (one more SVD per layer), which shows how far
-        above ``bound`` the crop to the kernel's support left it. Every clip records a
-        :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work. A clip
+    Installs a step post-hook on ``optimizer`` (any ``torch.optim.Optimizer``, NormDecayOptimizer
+    included). Each layer is clipped as the circular convolution on its padded input size, which
+    bounds the zero-padded, strided layer (see :mod:`normopt.svc`). Input sizes come from
+    ``example_input`` or, without it, from the training forward (hooks). Under
+    ``torch.distributed`` the clipped kernels are broadcast from rank 0, so every replica holds the
+    same bits whatever its LAPACK does; given the DDP model (not its module), the replicas also
+    take the input sizes that every rank recorded (:mod:`normopt.replicas`), so that they clip the
+    same layers at the same sizes (given the module, pass ``example_input``). With
+    ``report=True`` each clip records, in ``last_norms``, every layer's circular spectral norm
+    after the crop, at the size it was clipped at (one more SVD per layer), which shows how far
+    above ``bound`` the crop to the kernel's support left it. Every clip records a
+    :class:`ClipReport` in ``last_report``: how many layers and frequencies needed work. A clip
     writes every layer or none: every kernel is clipped first, and one that raises or comes out
     not finite leaves the model as it was.
 
-        ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
-        ``"raw"`` at the input size without padding, as the released code does, which also skips a
-        layer whose raw input is smaller than its kernel (VGG's 3x3 convolutions on 2x2 maps): so does
-        this, naming it in ``skipped``. A layer whose input size no forward recorded (a training-only
-        head under ``example_input``'s eval-mode probe) is refused before any clip. Convolutions added
-        or replaced later (``add_param_group``) are described anew once a forward has recorded their
-        input sizes, and left alone until then. ``threads`` sizes the
-        thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
-        ``precision`` as in :func:`normopt.svc.clip_singular_values`.
-        ``exclude`` names modules to leave alone, each with every conv layer inside it. A conv whose
-        weight ``optimizer`` does not hold, or does not require grad, is not clipped either.
+    ``input_size="padded"`` (default) clips each layer at input + padding (a sound bound);
+    ``"raw"`` at the input size without padding, as the released code does, which also skips a
+    layer whose raw input is smaller than its kernel (VGG's 3x3 convolutions on 2x2 maps): so does
+    this, naming it in ``skipped``. A layer whose input size no forward recorded (a training-only
+    head under ``example_input``'s eval-mode probe) is refused before any clip. Convolutions added
+    or replaced later (``add_param_group``) are described anew once a forward has recorded their
+    input sizes, and left alone until then. ``threads`` sizes the
+    thread pool of the clip (default ``torch.get_num_threads()`` at clip time); ``method`` and
+    ``precision`` as in :func:`normopt.svc.clip_singular_values`.
+    ``exclude`` names modules to leave alone, each with every conv layer inside it. A conv whose
+    weight ``optimizer`` does not hold, or does not require grad, is not clipped either.
 
-        Example:
-            >>> import torch
-            >>> from torch import nn
-            >>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
-            >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            >>> svc = PeriodicSVC(optimizer, model, bound=0.5, every=2, example_input=torch.zeros(1, 1, 4, 4))
-            >>> for _ in range(2):
-            ...     model(torch.randn(3, 1, 4, 4)).sum().backward()
-            ...     optimizer.step()
-            >>> svc.clips
-            1
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(32, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> svc = PeriodicSVC(optimizer, model, bound=0.5, every=2, example_input=torch.zeros(1, 1, 4, 4))
+        >>> for _ in range(2):
+        ...     model(torch.randn(3, 1, 4, 4)).sum().backward()
+        ...     optimizer.step()
+        >>> svc.clips
+        1
     """
 
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
     _recorded = None  # {conv: input size or sizes} the forwards recorded, once described from them
+    _from_example = None  # whether described from example_input (None: a copy made by an earlier version)
     _overriding_warned: frozenset = frozenset()  # (layer, class) pairs named in an OverriddenForwardWarning
 
     def __init__(
@@ -153,6 +154,7 @@ class PeriodicSVC:
                 "pass model.parameters() to it"
             )
         self._recorder = None if example_input is not None else InputSizeRecorder(self.model)
+        self._from_example = example_input is not None
         with quiet_overriding():  # the clip names the overriding layers it clips (warn_overriding)
             self.specs = layer_specs(self.model, example_input) if example_input is not None else None
         # {layer: reason} of the conv layers left alone (raw input smaller than the kernel's reach)
@@ -284,21 +286,27 @@ class PeriodicSVC:
 
     def _unknown_sizes_message(self, unknown: list[str]) -> str:
         """Why the input sizes of ``unknown`` are not known, and what to do, as the sizes were found."""
-        recorded = self._recorded
-        if recorded is None:  # described from example_input
+        exclude = f"exclude them (exclude={tuple(unknown)!r})"
+        if self._from_example:
             return (
                 f"the input sizes of conv layers {unknown} are not known: example_input's forward (eval mode, no "
                 "gradients) did not call them (a training-only head), or called them with several sizes; leave "
-                f"example_input out to record them from the training forward, or exclude them (exclude={tuple(unknown)!r})"
+                f"example_input out to record them from the training forward, or {exclude}"
+            )
+        if self._recorded is None:  # a copy made by an earlier version: either way
+            return (
+                f"the input sizes of conv layers {unknown} are not known (not called by the forward that recorded "
+                "them, or called with several sizes): pass example_input at the size to clip them at, or leave it "
+                f"out to record them from the training forward, or {exclude}"
             )
         how = "; ".join(
-            f"{name!r} called with input sizes {recorded[name]}" if name in recorded else f"{name!r} not called"
+            f"{name!r} called with input sizes {self._recorded[name]}" if name in self._recorded else f"{name!r} not called"
             for name in unknown
         )
         return (
-            f"the input sizes of conv layers {unknown} are not known from the forwards before the first clip ({how}: "
-            "multi-scale training, or one layer shared at several sizes); pass example_input at the size to clip "
-            f"them at, or exclude them (exclude={tuple(unknown)!r})"
+            f"the input sizes of conv layers {unknown} are not known from the forwards that recorded them ({how}: "
+            f"multi-scale training, or one layer shared at several sizes); pass example_input at the size to clip "
+            f"them at, or {exclude}"
         )
 
     @torch.compiler.disable  # host work (SciPy, LAPACK, a loop over frequencies): under a compiled step, dynamo traced it
@@ -317,23 +325,33 @@ class PeriodicSVC:
             if bad:
                 raise ValueError(f"layers {bad}: kernels have non-finite values (NaN or inf); no layer was clipped")
         # Every layer is clipped before any weight is written: a clip that raises, or gives a
-        # kernel that is not finite, leaves the model as it was (a copy of each clipped kernel
-        # is held meanwhile).
-        results = {}
+        # kernel that is not finite, leaves the model as it was. The clipped kernels wait on the
+        # CPU, where the clip computes anyway (not beside the weights, on an accelerator's memory);
+        # a weight shared by several layers is clipped for each in turn, from the last one's result.
+        results, working = {}, {}
         for name, spec in clipped_now.items():
+            weight = modules[name].weight
+            source = working.get(id(weight))
+            source = weight.detach().to("cpu") if source is None else source
             clipped, count, exceeded = clip_layer_counted(
-                modules[name].weight, spec, self.bound, self.iterations, input_size=self.input_size, **self._options
+                source, spec, self.bound, self.iterations, input_size=self.input_size, **self._options
             )
             layers, frequencies, frequencies_clipped = layers + 1, frequencies + count, frequencies_clipped + exceeded
             layers_clipped += clipped is not None
+            if clipped is not None:
+                working[id(weight)] = clipped
             results[name] = clipped
         bad = [name for name, clipped in results.items() if clipped is not None and not bool(torch.isfinite(clipped).all())]
+        if distributed:  # rank 0's kernels are the ones broadcast: its finding decides, on every rank at once
+            decision = [bad]
+            dist.broadcast_object_list(decision, src=0)
+            bad = decision[0]
         if bad:
             raise ValueError(f"layers {bad}: the clip gave kernels with non-finite values; no layer was clipped")
         for name, clipped in results.items():
             spec, weight = clipped_now[name], modules[name].weight
             if distributed:  # every rank takes part, whether or not its own clip found work
-                clipped = weight.detach().clone() if clipped is None else clipped
+                clipped = weight.detach().clone() if clipped is None else clipped.to(weight.device)
                 dist.broadcast(clipped, src=0)
             if clipped is not None:
                 weight.copy_(clipped)

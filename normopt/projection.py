@@ -27,20 +27,23 @@ from normopt.specs import BatchNormSpec, ConvSpec, LinearSpec, check_weight_shap
 
 def _check_radius(radius, where: str = "radius"):
     """The radius as a Python float, or a refusal of one that is not a positive finite number (NaN
-    included: ``radius <= 0`` lets it through); a 0-d tensor is taken as it is, unread (a read
-    would synchronise an accelerator): see :func:`_inside_a_ball`."""
+    included: ``radius <= 0`` lets it through). A 0-d tensor is not refused (see
+    :func:`_inside_a_ball`): on the CPU it is read (free) and comes back as a float, which may be
+    negative or NaN; on an accelerator it is taken as it is, unread (a read would synchronise)."""
     if isinstance(radius, torch.Tensor) and radius.dim() == 0:
-        return radius
+        # A CPU radius beside accelerator weights as a tensor: torch.where copies a CPU condition
+        # to the device and waits for it.
+        return float(radius) if radius.device.type == "cpu" and not torch.compiler.is_compiling() else radius
     return finite_number(radius, where)
 
 
 def _inside_a_ball(radius, projected: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """``projected``, or ``original`` where a 0-d tensor ``radius`` is negative or NaN: no ball to
-    project onto (a scheduled radius gone below zero turned whole kernels into NaN), and a tensor
-    radius is never read on the host to refuse it. A radius of 0 projects onto the zero map."""
+    """``projected``, or ``original`` where a tensor-given ``radius`` (see :func:`_check_radius`) is
+    negative or NaN: no ball to project onto (a scheduled radius gone below zero turned whole
+    kernels into NaN), and a tensor radius is never refused. A radius of 0 projects onto the zero map."""
     if isinstance(radius, torch.Tensor):
         return torch.where(radius >= 0, projected, original)
-    return projected
+    return projected if radius >= 0 else original  # a float: NaN compares False
 
 
 def _check_batchnorm(gamma: torch.Tensor, running_var: torch.Tensor, spec: BatchNormSpec, radius):
@@ -84,6 +87,11 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
         raise ValueError("project_l1_ball projects the rows of v (its last axis): v is 0-d")
     if not v.is_floating_point():
         raise TypeError(f"project_l1_ball projects real floating-point rows, got {v.dtype}")
+    return _inside_a_ball(radius, _project_rows(v, radius), v)
+
+
+def _project_rows(v: torch.Tensor, radius) -> torch.Tensor:
+    """:func:`project_l1_ball` of checked ``v`` and ``radius`` (a negative radius gives NaN rows)."""
     if v.shape[-1] == 0:
         return v
     # In at least float32: a bfloat16 cumsum (and arange, inexact past 256) put the threshold, and
@@ -110,7 +118,7 @@ def project_l1_ball(v: torch.Tensor, radius: float) -> torch.Tensor:
     if acc != v.dtype:  # rounded towards zero, so that no entry grows back past the float32 ball
         shrunk = _towards_zero(shrunk, v.dtype)
     projected = torch.sign(v) * shrunk
-    return _inside_a_ball(radius, torch.where(a.sum(-1, keepdim=True) > radius, projected, v), v)
+    return torch.where(a.sum(-1, keepdim=True) > radius, projected, v)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -195,12 +203,12 @@ def project_layer(
     for index in taps:
         part = torch.nan_to_num(w.index_select(2, index), nan=0.0, posinf=0.0, neginf=0.0)  # (d, cg, t)
         if rows:
-            new = project_l1_ball(part.reshape(d, -1), radius).reshape(part.shape)
+            new = _project_rows(part.reshape(d, -1), radius).reshape(part.shape)
         else:
             # Columns of input channel c gather its group's output channels: (g, d/g, cg, t).
             by_input = part.reshape(groups, d // groups, cg, -1).permute(0, 2, 1, 3)
             flat = by_input.reshape(groups * cg, -1)
-            new = project_l1_ball(flat, radius).reshape(by_input.shape).permute(0, 2, 1, 3).reshape(part.shape)
+            new = _project_rows(flat, radius).reshape(by_input.shape).permute(0, 2, 1, 3).reshape(part.shape)
         w = w.index_copy(2, index, new)
     return _inside_a_ball(radius, torch.where(finite, w.reshape(weight.shape), weight), weight)
 

@@ -26,8 +26,8 @@ Gram matrix squares the values, so the small singular values carry an absolute e
 the values do not meet the double oracle's 1e-5 tolerance (the largest values do, to about 1e-5 of
 the largest value; see the tests). A kernel far out of the ordinary range (largest tap beyond
 ``2**±32`` in single precision) is computed scaled by a power of two, which is exact, so that the
-squares neither overflow nor underflow; where LAPACK's ``eigh`` does not converge, the SVD path
-answers instead.
+squares neither overflow nor underflow; where LAPACK's ``eigh`` does not converge, SciPy's SVD of
+the same transfer matrices answers instead.
 """
 
 from __future__ import annotations
@@ -281,7 +281,8 @@ def _gram_exponent(kernel: torch.Tensor, real: torch.dtype) -> int:
 
 
 def _scaled_kernel(kernel: torch.Tensor, exponent: int) -> torch.Tensor:
-    """``kernel * 2**exponent`` in float64 on the CPU (exact, by ``ldexp``), or ``kernel`` where ``exponent`` is 0."""
+    """``kernel * 2**exponent`` in float64 on the CPU (by ``ldexp``: exact but for taps that fall
+    subnormal, far below the round-off of the largest), or ``kernel`` where ``exponent`` is 0."""
     if exponent == 0:
         return kernel
     return torch.from_numpy(np.ldexp(kernel.detach().to("cpu", torch.float64).numpy(), exponent))
@@ -296,6 +297,11 @@ def _gram(t: torch.Tensor) -> torch.Tensor:
 def _gram_values(t: torch.Tensor) -> torch.Tensor:
     """Singular values (ascending) of each matrix from the eigenvalues of its Gram matrix."""
     return torch.linalg.eigvalsh(_gram(t)).clamp_(min=0).sqrt_()
+
+
+def _svd_values(t: torch.Tensor) -> torch.Tensor:
+    """Singular values of each matrix by SciPy's SVD (gesdd, then gesvd): where ``eigh`` did not converge."""
+    return torch.from_numpy(np.ascontiguousarray(_svd(t.numpy(), compute_uv=False)))
 
 
 def _map_blocks(fn, matrices, threads: int, *args):
@@ -356,8 +362,8 @@ def conv_singular_values(
             matrices = phases.forward(_scaled_kernel(kernel, -exponent))
         try:
             values = _map_blocks(_gram_values, matrices, threads).numpy().astype(np.float64)
-        except torch.linalg.LinAlgError:  # eigh did not converge: the SVD path (sturdier LAPACK drivers)
-            return conv_singular_values(kernel, input_size, groups=groups, dilation=dilation, method="svd", threads=threads)
+        except torch.linalg.LinAlgError:  # eigh did not converge: SciPy's SVD of the same matrices
+            values = _map_blocks(_svd_values, matrices, threads).numpy().astype(np.float64)
         values = np.ldexp(values, exponent)
         return np.repeat(values.reshape(groups, phases.frequencies, -1), phases.multiplicity, axis=1).reshape(-1)
     t = _fft_transfer(_dilated_kernel(kernel, groups, dilation), input_size, threads)

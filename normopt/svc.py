@@ -187,6 +187,14 @@ def _svd_clip(t: np.ndarray, bound: float) -> tuple[np.ndarray, np.ndarray]:
     return (u * np.minimum(s, bound)[..., None, :]) @ vh, s[..., 0]
 
 
+def _svd_clip_matrices(k: torch.Tensor, bound: float, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_gram_clip`'s results from SciPy's SVD of the same matrices (gesdd, then gesvd), where
+    LAPACK's ``eigh`` did not converge: the same frequencies, so the same counts."""
+    clipped, top = _svd_clip(k.numpy(), bound)
+    need = torch.from_numpy(top > limit)
+    return torch.where(need[:, None, None], torch.from_numpy(clipped).to(k.dtype), k), need
+
+
 def _check_clip(bound, iterations) -> float:
     """``bound`` as a float (a number, or a 0-d tensor or array: both paths compute with floats), checked."""
     try:
@@ -270,20 +278,20 @@ def _clip(kernel, input_size, bound, groups, dilation, iterations, method, preci
     limit = _round_off_limit(scaled_bound, kernel.dtype, dtype)
     frequencies = groups * phases.frequencies
     taps, clipped_first, changed = _scaled_kernel(kernel, -exponent), 0, False
-    try:
-        for round_ in range(iterations):
-            with _torch_threads(threads):
-                matrices = phases.forward(taps)
+    for round_ in range(iterations):
+        with _torch_threads(threads):
+            matrices = phases.forward(taps)
+        try:
             matrices, need = _map_blocks(_gram_clip, matrices, threads, scaled_bound, limit)
-            if round_ == 0:
-                clipped_first = int(need.sum())
-            if not need.any():
-                break
-            changed = True
-            with _torch_threads(threads):
-                taps = phases.inverse(matrices)
-    except torch.linalg.LinAlgError:  # eigh did not converge: the SVD path (sturdier LAPACK drivers)
-        return _clip(kernel, input_size, bound, groups, dilation, iterations, "svd", precision, threads)
+        except torch.linalg.LinAlgError:  # eigh did not converge: SciPy's SVD of the same matrices
+            matrices, need = _map_blocks(_svd_clip_matrices, matrices, threads, scaled_bound, limit)
+        if round_ == 0:
+            clipped_first = int(need.sum())
+        if not need.any():
+            break
+        changed = True
+        with _torch_threads(threads):
+            taps = phases.inverse(matrices)
     if not changed:
         return None, frequencies, clipped_first
     taps = _scaled_kernel(taps, exponent)

@@ -203,6 +203,37 @@ def _periodic_svc_agrees(rank: int, world_size: int, folder: str) -> None:
         f.write(outcome)
 
 
+def periodic_svc_rank_zero_decides(rank: int, world_size: int, folder: str, bad_rank: int) -> None:
+    """A clip whose kernel comes out not finite on one rank only: the rank that raised left the
+    other waiting in the broadcast. Rank 0's kernels are the ones broadcast: its finding decides."""
+    _in_group(_periodic_svc_rank_zero_decides, rank, world_size, folder, bad_rank)
+
+
+def _periodic_svc_rank_zero_decides(rank: int, world_size: int, folder: str, bad_rank: int) -> None:
+    import normopt.periodic_svc
+
+    if rank == bad_rank:  # this rank's LAPACK went wrong
+        clip = normopt.periodic_svc.clip_layer_counted
+
+        def not_finite(*args, **kwargs):
+            clipped, count, exceeded = clip(*args, **kwargs)
+            return torch.full_like(clipped, float("nan")), count, exceeded
+
+        normopt.periodic_svc.clip_layer_counted = not_finite
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        model.module[0].weight.mul_(10)  # above the bound: work to do
+    normopt.PeriodicSVC(optimizer, model, bound=0.5, every=1, example_input=torch.zeros(1, 1, 6, 6))
+    try:
+        optimizer.step()
+        outcome = "stepped"
+    except ValueError as error:
+        outcome = str(error)
+    torch.save({"outcome": outcome, "weight": model.module[0].weight.detach()}, f"{folder}/rank{rank}.pt")
+
+
 def join_warned(rank: int, world_size: int, folder: str, through: str) -> None:
     """Under torch's Join, where the step is a collective: a rank out of batches takes no step, and
     the others waited for it until the process group's timeout; the step warns (once)."""

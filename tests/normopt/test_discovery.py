@@ -81,7 +81,7 @@ class FreezesInEval(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.backbone, self.head = nn.Conv2d(1, 2, 3), nn.Sequential(nn.LazyLinear(2))
+        self.backbone, self.head = nn.Conv2d(1, 2, 3), nn.Linear(18, 2)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -95,8 +95,7 @@ class FreezesInEval(nn.Module):
 def test_the_probe_forward_runs_no_train_override_and_leaves_the_random_stream():
     """layer_specs' probe switched to eval mode by model.eval(): an override that freezes the backbone
     left it frozen after the probe (its training flag restored, its requires_grad not); and it drew
-    from the global random stream (noise in eval mode, a lazy layer's initialisation), so logging
-    norms changed the run."""
+    from the global random stream (noise in eval mode), so logging norms changed the run."""
     torch.manual_seed(0)
     model = FreezesInEval().train()
     torch.manual_seed(1)
@@ -104,9 +103,23 @@ def test_the_probe_forward_runs_no_train_override_and_leaves_the_random_stream()
     drawn = torch.rand(4)
     torch.manual_seed(1)
     assert torch.equal(drawn, torch.rand(4))
-    assert model.training and model.backbone.weight.requires_grad and set(specs) == {"backbone", "head.0"}
+    assert model.training and model.backbone.weight.requires_grad and set(specs) == {"backbone", "head"}
     model(torch.zeros(1, 1, 5, 5)).sum().backward()
     assert model.backbone.weight.grad is not None
+
+
+def test_a_lazy_layer_initialised_by_the_probe_draws_from_the_stream_as_a_first_forward_would():
+    """With the random state put back after the probe, the next layer made drew the lazy layer's
+    initial weights again, bit for bit (a review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(4))
+    layer_specs(model, torch.zeros(1, 1, 5, 5))
+    after_probe = nn.Linear(18, 4).weight
+    torch.manual_seed(0)
+    twin = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(4))
+    twin(torch.zeros(1, 1, 5, 5))
+    assert torch.equal(model[2].weight, twin[2].weight) and torch.equal(after_probe, nn.Linear(18, 4).weight)
+    assert not torch.equal(after_probe, model[2].weight)
 
 
 def test_shared_module_appears_once_and_tied_weights_get_their_first_key():

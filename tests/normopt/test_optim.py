@@ -1021,6 +1021,21 @@ def test_periodic_svc_on_ddp_replicas_of_different_input_sizes_decides_alike(tmp
     assert outcomes[0] == outcomes[1] and "several sizes" in outcomes[0]  # the same refusal, not a hang
 
 
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_a_clip_gone_non_finite_on_one_replica_is_decided_by_rank_zero_on_every_rank(tmp_path, bad_rank):
+    import ddp_worker
+
+    torch.multiprocessing.spawn(
+        ddp_worker.periodic_svc_rank_zero_decides, args=(2, str(tmp_path), bad_rank), nprocs=2, join=True, daemon=True
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"]) and torch.isfinite(ranks[0]["weight"]).all()
+    if bad_rank == 0:  # refused on both ranks, nothing written
+        assert all(r["outcome"].startswith("layers ['0']: the clip gave kernels with non-finite values") for r in ranks)
+    else:  # rank 0's kernel, written on both
+        assert all(r["outcome"] == "stepped" for r in ranks)
+
+
 @pytest.mark.parametrize("through", ["norm decay", "svc", "discovery"])
 def test_a_collective_step_under_join_warns_once_on_every_rank(tmp_path, through):
     """Inside torch's Join (uneven inputs) a rank out of batches takes no step: the others waited

@@ -264,7 +264,6 @@ def test_a_trained_conv_that_layer_specs_skips_is_refused_by_name_not_left_uncli
     assert svc.last_report.layers == 1
 
 
-@pytest.mark.filterwarnings("ignore:layer 'aux' was not called by the recorded forward")
 def test_an_evaluation_at_another_size_before_the_first_clip_leaves_the_training_sizes():
     """Without example_input the sizes come from the forwards before the first clip: an evaluation
     under no_grad at full resolution among them made the clip refuse the layer inside
@@ -302,6 +301,7 @@ def test_a_layer_trained_at_several_sizes_is_refused_naming_them_and_example_inp
     assert torch.equal(model[0].weight, before) and svc.clips == 0
 
 
+@pytest.mark.filterwarnings("ignore:layer 'aux' was not called by the recorded forward")
 def test_conv_layers_added_or_replaced_later_are_clipped_once_a_forward_has_recorded_their_sizes():
     model = WithAuxiliaryHead().eval()
     optimizer = torch.optim.SGD(model.body.parameters(), lr=0.0)
@@ -519,6 +519,22 @@ def test_a_clip_that_fails_on_one_layer_leaves_every_layer_as_it_was(monkeypatch
     with pytest.raises(error, match=None if failure == "raises" else r"layers \['1'\]: the clip gave .*no layer was clipped"):
         optimizer.step()
     assert all(torch.equal(conv.weight, old) for conv, old in zip(model, before)) and svc.clips == 0
+
+
+def test_a_weight_shared_by_two_layers_is_clipped_for_each_in_turn():
+    """Clipping every layer before writing any clipped both from the original weight, and the last
+    one written dropped the first one's clip (a review)."""
+    first, second = nn.Conv1d(1, 1, 3, padding=1, bias=False), nn.Conv1d(1, 1, 3, padding=1, bias=False)
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[[3.0, -3.0, 3.0]]]))
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Upsample(scale_factor=0.5), second)
+    specs = normopt.layer_specs(model, torch.zeros(1, 1, 16))
+    expected = clip_layer(clip_layer(first.weight.detach(), specs["0"], 1.0), specs["2"], 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    svc = PeriodicSVC(optimizer, model, bound=1.0, every=1, example_input=torch.zeros(1, 1, 16))
+    svc.clip()
+    assert svc.last_report.layers_clipped == 2 and torch.equal(first.weight, expected)
 
 
 def test_a_compiled_model_that_ran_before_the_clipper_was_made_is_named_as_the_likely_cause():

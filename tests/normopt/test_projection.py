@@ -204,6 +204,11 @@ def test_a_tensor_radius_below_zero_or_nan_leaves_every_projection_unchanged(rad
     bn, gamma = normopt.module_spec(nn.BatchNorm2d(3), "bn"), torch.tensor([2.0, -3.0, 0.5])
     for project in (project_batchnorm, project_batchnorm_argmax):
         assert torch.equal(project(gamma, torch.ones(3), bn, radius), gamma)
+    # Compiled, the radius stays a tensor (a CPU one is read otherwise; an accelerator's never is).
+    torch._dynamo.reset()
+    compiled = torch.compile(project_l1_ball, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(rows, radius), rows)
+    assert torch.equal(compiled(rows, torch.tensor(2.0)), project_l1_ball(rows, 2.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
