@@ -34,7 +34,8 @@ def run_grid(configs: list[RunConfig], out: str) -> list[dict]:
     for i, config in enumerate(configs, 1):
         folder = run_folder(config, out)
         state = "done" if is_finished(os.path.join(folder, "result.json"), config) else "training"
-        print(f"[{i}/{len(configs)}] {config.model} {run_label(config)}: {state} ({folder})", file=sys.stderr, flush=True)
+        line = f"[{i}/{len(configs)}] {config.model} {run_label(config)} seed {config.seed}: {state} ({folder})"
+        print(line, file=sys.stderr, flush=True)
         result = train(config, folder, resume=True)
         result["label"] = run_label(config)
         results.append(result)

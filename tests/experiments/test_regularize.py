@@ -180,7 +180,7 @@ def test_a_run_whose_result_is_damaged_is_not_called_done(tmp_path, capsys):
     capsys.readouterr()
     regularize.main([*TINY, "--methods", "plain", "--out", out])
     err = capsys.readouterr().err
-    assert "small plain: training (" in err and ": done (" not in err and "evaluating the run again" in err
+    assert "small plain seed 0: training (" in err and ": done (" not in err and "evaluating the run again" in err
     capsys.readouterr()
     regularize.main([*TINY, "--methods", "plain", "--out", out])
-    assert "small plain: done (" in capsys.readouterr().err
+    assert "small plain seed 0: done (" in capsys.readouterr().err
