@@ -264,9 +264,10 @@ def _gram_exponent(kernel: torch.Tensor, real: torch.dtype) -> int:
     The Gram path squares the singular values in ``real`` (float32 for complex64): a kernel whose
     largest tap is beyond about 1e19 (or under about 1e-19) in float32 overflows (underflows) the
     Gram matrices, and gave NaN or 0 norms, NaN kernels written back, or ``eigh`` failing. Scaled by
-    a power of two (exact), the largest tap lies in ``[0.5, 1)``; a kernel whose largest tap lies
-    within ``2**±(E / 4)``, ``2**E`` the dtype's overflow (``2**±32`` in float32, ``2**±256`` in float64), is left as it is, so
-    the ordinary range keeps the bits of the unscaled computation. Host work (one read of the kernel).
+    a power of two (exact), the largest tap lies in ``[0.5, 1)``. A kernel whose largest tap lies
+    within ``2**±(E / 4)``, ``2**E`` the dtype's overflow (``2**±32`` in float32, ``2**±256`` in
+    float64), is left as it is, so the ordinary range keeps the bits of the unscaled computation.
+    Host work (one read of the kernel).
 
     Example:
         >>> _gram_exponent(torch.full((1, 1, 3), 3e20), torch.float32), _gram_exponent(torch.ones(1, 1, 3), torch.float32)

@@ -83,11 +83,18 @@ def _layer_views(buffer: torch.Tensor, scale: torch.Tensor, members, plan: Batch
     return views
 
 
+# Why a state is refused whose views no longer view its buffers (by pickle and by update).
+CUT_VIEWS = (
+    "this NormDecayState's views are not views of its buffers: copied leaf by leaf (a pytree tree_map, or each "
+    "tensor cloned), the decay would read a stale h; copy it with copy.deepcopy, or torch.save / pickle"
+)
+
+
 def _place(view: torch.Tensor, bases) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """Where ``view`` lies in the one of ``bases`` it views: ``(index, offset, shape, stride)``."""
     index = next((i for i, base in enumerate(bases) if base is not None and view._base is base), None)
     if index is None:
-        raise ValueError("this NormDecayState's views are not views of its buffers (was it copied piece by piece?)")
+        raise ValueError(CUT_VIEWS)
     return index, view.storage_offset() - bases[index].storage_offset(), tuple(view.shape), tuple(view.stride())
 
 
@@ -100,10 +107,7 @@ def _check_views(state: NormDecayState, batches) -> None:
         own_buffer, own_scale = state.views[members[0]]
         rows = [state.recent[n] for n in members if n in state.recent][:1]
         if own_buffer._base is not buffer or own_scale._base is not scale or any(row._base is not ring for row in rows):
-            raise ValueError(
-                "this NormDecayState's views are not views of its buffers: copied leaf by leaf (a pytree tree_map, or "
-                "each tensor cloned), the decay would read a stale h; copy it with copy.deepcopy, or torch.save / pickle"
-            )
+            raise ValueError(CUT_VIEWS)
 
 
 def _viewed(bases, place) -> torch.Tensor:
