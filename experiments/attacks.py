@@ -119,15 +119,34 @@ def apgd(model, x: np.ndarray, y: np.ndarray, eps: float, iterations: int, targe
     return attack.generate(x=x, y=y)
 
 
-def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, classes: int, seed: int):
-    """Standard AutoAttack (Croce & Hein, 2020: APGD-CE, APGD-T, FAB-T, Square, l_inf) through
-    torchattacks, a maintained implementation (ART has no FAB); adversarial images as NumPy."""
+def standard_autoattack(model: nn.Module, eps: float, classes: int, seed: int, iterations: int = 100):
+    """Standard AutoAttack (Croce & Hein, 2020: APGD-CE, APGD-T, FAB-T, Square, l_inf) built from
+    torchattacks' attacks, a maintained implementation (ART has no FAB), with the settings of
+    AutoAttack's own ``version='standard'``: ``iterations`` (100 there) for APGD-CE, APGD-T and
+    FAB-T, one restart each, every other class a target, Square of 5,000 queries without the
+    rescaled schedule. (torchattacks' ``AutoAttack(version="standard")`` leaves its attacks at 10
+    steps and Square's schedule rescaled: a weaker attack under the same name.)"""
     try:
         import torchattacks
     except ImportError:
         raise ValueError("--attacks autoattack needs torchattacks: pip install torchattacks") from None
+    common = {"norm": "Linf", "eps": eps, "seed": seed, "n_restarts": 1}
+    return torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, steps=iterations, loss="ce", **common),
+            torchattacks.APGDT(model, steps=iterations, n_classes=classes, **common),
+            torchattacks.FAB(model, steps=iterations, multi_targeted=True, n_classes=classes, **common),
+            torchattacks.Square(model, n_queries=5000, p_init=0.8, resc_schedule=False, **common),
+        ]
+    )
+
+
+def autoattack(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, classes: int, seed: int, iterations: int
+):
+    """:func:`standard_autoattack`'s adversarial images, as NumPy."""
     device = next(model.parameters()).device
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=classes, seed=seed)
+    attack = standard_autoattack(model, eps, classes, seed, iterations)
     with torch.enable_grad():
         return attack(images.to(device), labels.to(device)).detach().cpu().numpy()
 
@@ -155,7 +174,8 @@ def robust_accuracy(
 
     ``apgd-t`` attacks each image towards its ``targets`` most likely wrong classes in turn, as
     AutoAttack does; ``pgd`` is 20-step PGD; ``autoattack`` the full standard AutoAttack (APGD-CE,
-    APGD-T, FAB-T, Square; torchattacks). An image counts as robust only if every attack fails.
+    APGD-T, FAB-T, Square; torchattacks; :func:`standard_autoattack`), its first three of
+    ``iterations`` steps. An image counts as robust only if every attack fails.
 
     The model is attacked in eval mode and handed back as it came: each module's mode, and its
     parameters' gradients and ``requires_grad`` (:func:`attacking`).
@@ -194,7 +214,9 @@ def _robust_accuracy(model, images, labels, eps, attacks, iterations, targets, b
                 adv = pgd(model, images.to(device), labels.to(device), eps, eps / 4, 20)
             survived &= _predict(model, adv.cpu().numpy(), batch_size).argmax(1) == y
         elif name == "autoattack":
-            survived &= _predict(model, autoattack(model, images, labels, eps, classes, seed), batch_size).argmax(1) == y
+            survived &= (
+                _predict(model, autoattack(model, images, labels, eps, classes, seed, iterations), batch_size).argmax(1) == y
+            )
         else:
             raise ValueError(f"unknown attack {name!r}; choose from apgd-ce, apgd-t, pgd, autoattack")
         result[name] = float(survived.mean())

@@ -46,6 +46,24 @@ def test_robust_accuracy_with_apgd():
         robust_accuracy(model, x, y, 1.0, attacks=("cw",))
 
 
+def test_standard_autoattack_has_autoattacks_own_standard_settings():
+    """torchattacks' AutoAttack(version="standard") ran its APGD-CE, APGD-T and FAB-T for 10 steps
+    (AutoAttack's standard: 100, the released code's auto_attack/autoattack.py) and Square with its
+    schedule rescaled (a helper's hunt)."""
+    torchattacks = pytest.importorskip("torchattacks")
+    from experiments.attacks import standard_autoattack
+
+    model, _, _ = model_and_data()
+    attack = standard_autoattack(model, 8 / 255, classes=10, seed=3)
+    apgd_ce, apgd_t, fab_t, square = attack.attacks
+    assert [type(a) for a in attack.attacks] == [torchattacks.APGD, torchattacks.APGDT, torchattacks.FAB, torchattacks.Square]
+    assert apgd_ce.steps == apgd_t.steps == fab_t.steps == 100 and apgd_ce.loss == "ce"
+    assert apgd_ce.n_restarts == apgd_t.n_restarts == fab_t.n_restarts == square.n_restarts == 1
+    assert apgd_t.n_target_classes == fab_t.n_target_classes == 9 and fab_t.multi_targeted
+    assert square.n_queries == 5000 and square.p_init == 0.8 and not square.rescale_schedule
+    assert all(a.eps == 8 / 255 and a.norm == "Linf" and a.seed == 3 for a in attack.attacks)
+
+
 def test_pgd20_and_full_autoattack_beside_the_default():
     """PGD-20 and standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) are options; each is an
     attack (below clean accuracy at a large radius) and AutoAttack is at least as strong as PGD-20."""
