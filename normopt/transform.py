@@ -244,12 +244,7 @@ def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, mat
         if isinstance(v, torch.Tensor):
             if device_of is None:
                 raise TypeError(f"{_where(what, name)} must be a number, not a tensor")
-            check_tensor_beta(v, _where(what, name), device_of(name))
-            # A CPU one's value is read (free, no device to wait for) and checked as a number's
-            # (a NaN beta made every gradient NaN); an accelerator's never is.
-            if v.device.type == "cpu" and not torch.compiler.is_compiling():
-                one(float(v), name)
-            return v
+            return check_tensor_beta(v, _where(what, name), device_of(name))
         v = plain_number(v)
         # Comparisons, not math.isfinite: they refuse NaN too, and a float that dynamo made
         # symbolic goes through them without a graph break.

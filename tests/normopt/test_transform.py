@@ -555,9 +555,6 @@ def test_float32_gradients_of_bfloat16_weights_and_numpy_hyperparameters_are_tak
         (True, 0.5, "beta must be"),
         ("0.1", 0.5, "beta must be"),
         ({"0": 0.1, "1": 0.1, "3": float("nan")}, 0.5, "beta of layer '3' must be"),
-        # A CPU tensor's value is read (free): a NaN one made every gradient NaN.
-        (torch.tensor(float("nan")), 0.5, "beta of layer '0' must be a finite number, got nan"),
-        ({"0": 0.1, "1": torch.tensor(float("inf")), "3": 0.1}, 0.5, "beta of layer '1' must be"),
     ],
 )
 def test_update_refuses_a_beta_or_gamma_that_is_not_a_finite_number_in_its_range(beta, gamma, match):
