@@ -179,9 +179,7 @@ def project_layer(
     check_spec(spec, "project_layer")
     if not isinstance(spec, (LinearSpec, ConvSpec)):
         kind = type(spec).__name__
-        raise TypeError(
-            f"layer {getattr(spec, 'name', spec)!r} is described by a {kind}: project_layer caps linear and conv layers"
-        )
+        raise TypeError(f"layer {spec.name!r} is described by a {kind}: project_layer caps linear and conv layers")
     ord = parse_ord(ord)
     if ord not in (1, math.inf):
         raise ValueError(f"layer {spec.name!r}: projection caps the l1 or l_inf norm, not ord={ord}")
