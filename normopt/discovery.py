@@ -8,7 +8,7 @@ import inspect
 import itertools
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,8 @@ def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
         raise TypeError(
             f"{what} must be an iterable of module names, not the string {value!r}; did you mean {what}=({value!r},)?"
         )
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{what} must be an iterable of module names, got {value!r}")
     names = tuple(value)
     bad = [v for v in names if not isinstance(v, str)]
     if bad:
@@ -144,6 +146,9 @@ def unwrap(model: nn.Module) -> nn.Module:
         >>> unwrap(nn.DataParallel(inner)) is inner
         True
     """
+    if not isinstance(model, nn.Module):
+        hint = ": pass the model itself, not its state_dict()" if isinstance(model, Mapping) else ""
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     *_, model = wrappers(model)
     if isinstance(model, torch.jit.ScriptModule):  # its submodules hide their parameters' dicts
         raise TypeError(
@@ -249,6 +254,12 @@ def _weight_reason(module: nn.Module) -> str | None:
             f"{type(module).__name__}: weight is parametrized (torch.nn.utils.parametrize); describe it with "
             "normopt.module_spec(module, name, input_size) and compute its norm from the weight it computes with "
             "normopt.layer_norm({**model.state_dict(), name + '.weight': module.weight}, spec)"
+        )
+    normalises = _normalises_by_running_statistics(module) or _is_frozen_batchnorm(module)
+    if normalises and parametrize.is_parametrized(module, "running_var"):
+        return (
+            f"{type(module).__name__}: running_var is parametrized (torch.nn.utils.parametrize); describe it with "
+            "normopt.module_spec and pass the running_var it computes"
         )
     # A batch norm without affine weights keeps the key, as None; a hook-computed weight removes it.
     computed = not isinstance(module._parameters.get("weight"), torch.Tensor)
@@ -604,17 +615,28 @@ def _forked_rng(model: nn.Module, args: tuple):
     return torch.random.fork_rng(devices=cuda, device_type="cuda")
 
 
+def _eager():
+    """Compiled submodules run eagerly: code compiled before the recorder's hooks were added does not
+    call them (dynamo does not guard on hooks), and the probe saw no call of a layer that ran."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
+
+
 def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     """The recorder of one forward pass of ``example_input`` (input sizes, transposed output paddings).
 
     The pass runs in eval mode under ``torch.no_grad()`` so batch-norm running statistics and
     autograd state are untouched; every module's training flag is restored afterwards, and so is
     every buffer the pass wrote (the observers of quantization-aware training, say, calibrate in
-    eval mode too). The flags are set directly, not through ``model.eval()``: a ``train()``
-    override that also freezes a backbone would leave it frozen. The random state of the CPU and
-    of the CUDA devices the model and input are on is put back too (a model that draws noise in
-    eval mode shifted the run's random stream), except where the pass initialises lazy layers,
-    whose weights are drawn from it as a first forward of the user's would draw them.
+    eval mode too). Submodules compiled with ``torch.compile`` run eagerly in the pass (compiled
+    code does not call hooks added after it compiled). The flags are set directly, not through
+    ``model.eval()``: a ``train()`` override that also freezes a backbone would leave it frozen.
+    The random state of the CPU and of the CUDA devices the model and input are on is put back
+    too (a model that draws noise in eval mode shifted the run's random stream), except where the
+    pass initialises lazy layers, whose weights are drawn from it as a first forward of the
+    user's would draw them.
     """
     recorder = InputSizeRecorder(model)
     modes = {module: module.training for module in model.modules()}
@@ -630,8 +652,16 @@ def record_input_sizes(model: nn.Module, example_input) -> InputSizeRecorder:
     try:
         for module in modes:
             module.training = False
-        with _forked_rng(model, args), torch.no_grad():
-            model(*args)
+        with _forked_rng(model, args), torch.no_grad(), _eager():
+            try:
+                model(*args)
+            except Exception as error:
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(
+                        "normopt: raised by the model's forward of example_input (one pass in eval mode under "
+                        "no_grad, which records the convolutions' input sizes): pass an input the model takes"
+                    )
+                raise
     finally:
         recorder.remove()
         for module, mode in modes.items():
@@ -726,8 +756,15 @@ def _layer_specs(model: nn.Module, example_input, input_sizes, output_paddings) 
             skipped[name] = reason
         elif _described(module):
             if probed and isinstance(module, _ConvNd) and name not in sizes:
+                below = (
+                    f" (with {module.padding_mode} padding, which folds taps together on small inputs, that limit "
+                    "may be below its norm at the size it runs at: describe it with normopt.module_spec(module, "
+                    "name, input_size))"
+                    if pads_with_copies(module_spec(module, name, None, keys, paddings.get(name)))
+                    else ""
+                )
                 warnings.warn(
-                    f"layer {name!r} was not called by the recorded forward; using the large-input limit",
+                    f"layer {name!r} was not called by the recorded forward; using the large-input limit{below}",
                     stacklevel=user_stacklevel(),
                 )
             size = sizes.get(name)

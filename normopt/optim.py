@@ -250,7 +250,16 @@ class NormDecayOptimizer(torch.optim.Optimizer):
         legacy = state_dict.pop("norm_decay", None)
         buffers = dict((legacy or {}).get("buffers", {}))
         self.norm_decay.check_buffers(buffers)  # before anything changes
-        self.optimizer.load_state_dict(state_dict)
+        inner = self.optimizer
+        before = {"state": inner.state, "param_groups": inner.param_groups}
+        try:
+            inner.load_state_dict(state_dict)
+        except BaseException:
+            # torch puts new state and param groups in place before a subclass's __setstate__ may
+            # still refuse them (Adam's, given an SGD checkpoint without "step"), leaving groups
+            # without their betas; it builds new objects, so the old ones are as they were.
+            inner.__dict__.update(before)
+            raise
         if buffers:
             self.norm_decay.load_buffers(buffers)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -137,6 +137,8 @@ class NormDecay(CheckpointHooks):
             raise ValueError(f"unknown rule {rule!r}; expected one of {list(RULES)}")
         if isinstance(layers, str):
             layers = (layers,)
+        if not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be an iterable of layer kinds (some of {sorted(KINDS)}), got {layers!r}")
         layers = tuple(layers)
         unknown = [kind for kind in layers if kind not in KINDS]
         if unknown:
@@ -163,8 +165,9 @@ class NormDecay(CheckpointHooks):
             self._select(layer_specs(self.model, example_input))
         self._refuse_shared()
         if not self.decayed and not self.bn_projected:
+            kinds = "/".join(layers) or "(no kinds: layers=())"
             raise ValueError(
-                f"no layer to regularize: none of the model's {'/'.join(layers)} layers has a trainable weight in "
+                f"no layer to regularize: none of the model's {kinds} layers has a trainable weight in "
                 f"the optimizer (skipped modules: {self.skipped}; excluded: {sorted(self.exclude)})"
             )
         self._refuse_other_hyperparameters(beta, gamma)

@@ -69,7 +69,8 @@ class ConvSpec:
 
     def __post_init__(self):
         n = len(self.kernel_size)
-        for attr in ("stride", "padding", "dilation") + (("input_size",) if self.input_size else ()):
+        # ``is not None``: an empty size (the shape[2:] of a 2-d tensor) is refused, not read as unknown.
+        for attr in ("stride", "padding", "dilation") + (("input_size",) if self.input_size is not None else ()):
             if len(getattr(self, attr)) != n:
                 raise ValueError(f"layer {self.name!r}: {attr} has {len(getattr(self, attr))} axes, kernel has {n}")
         if self.padding_mode not in PADDING_MODES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -437,6 +438,17 @@ def test_input_sizes_given_as_lists_are_one_size_each():
         normopt.module_spec(model[0], "c", [(4, 4), (8, 8)])
 
 
+@pytest.mark.parametrize("given", [[], ()], ids=["list", "tuple"])
+def test_an_empty_input_size_is_refused_naming_the_layer(given):
+    """An empty size (the shape[2:] of a 2-d tensor) passed the axis check, which read it as unknown, and
+    gave an l1 norm of a reflect-padded Conv2d neither exact nor its large-input limit (3.30, 5.05)."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"layer '0': input_size has 0 axes, kernel has 2"):
+        layer_specs(model, input_sizes={"0": given})
+    with pytest.raises(ValueError, match=r"layer 'c': input_size has 0 axes, kernel has 2"):
+        ConvSpec("c", "c.weight", 2, 3, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), input_size=tuple(given))
+
+
 def test_a_layer_that_pads_nothing_called_at_several_sizes_gets_the_limit_whatever_its_mode():
     """With no padding nothing is copied, and the large-input limit bounds every size."""
     conv = nn.Conv1d(1, 1, 3, padding=0, padding_mode="reflect")
@@ -457,6 +469,68 @@ def test_layer_not_reached_by_the_example_forward_warns():
     with pytest.warns(UserWarning, match="'unused' was not called"):
         specs = layer_specs(Unused(), torch.zeros(1, 1, 9))
     assert specs["used"].input_size == (9,) and specs["unused"].input_size is None
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+def test_a_layer_with_copy_padding_not_reached_warns_that_the_limit_may_be_below_its_norm(mode):
+    """A reflect-padded Conv2d(2, 3, 3, padding=2) that runs on 3x3 inputs in training only: its large-input
+    limit (l1 8.10 in the hunt) is below its norm there (14.68); with zero padding the limit bounds it."""
+
+    class TrainingBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.main, self.aux = nn.Conv2d(2, 2, 1), nn.Conv2d(2, 3, 3, padding=2, padding_mode=mode)
+
+        def forward(self, x):
+            return self.aux(x) if self.training else self.main(x)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        specs = layer_specs(TrainingBranch(), torch.zeros(1, 2, 3, 3))
+    (message,) = [str(w.message) for w in caught]
+    assert message.startswith("layer 'aux' was not called by the recorded forward; using the large-input limit")
+    assert ("may be below its norm at the size it runs at" in message) == (mode == "reflect")
+    assert specs["aux"].input_size is None
+
+
+def test_a_compiled_submodule_that_ran_in_eval_mode_is_recorded_by_the_probe():
+    """Its code, compiled under eval mode and no_grad before the probe's hooks existed, does not call
+    them: the probe warned "not called" and gave a reflect-padded layer its large-input limit, below
+    its norm at the size it runs at. The probe runs compiled submodules eagerly."""
+    torch._dynamo.reset()
+    model = nn.Sequential()
+    model.add_module(
+        "backbone", torch.compile(nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, padding_mode="reflect")), backend="aot_eager")
+    )
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    model.double().eval()
+    with torch.no_grad():
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        specs = layer_specs(model, x)
+    name = "backbone._orig_mod.0"
+    assert specs[name].input_size == (3, 3)
+    matrix = explicit_matrix(model.backbone._orig_mod[0], (2, 3, 3))
+    for ord in (1, math.inf):
+        assert_close(normopt.layer_norms(dict(model.named_parameters()), specs, ord)[name], brute_norms(matrix)[ord])
+    torch._dynamo.reset()
+
+
+def test_a_model_that_refuses_the_example_input_raises_its_error_naming_example_input():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3))
+    with pytest.raises(RuntimeError, match="expected input") as raised:
+        layer_specs(model, torch.zeros(1, 3, 5, 5))
+    if hasattr(raised.value, "add_note"):  # Python 3.11+
+        assert "raised by the model's forward of example_input" in raised.value.__notes__[0]
+
+
+def test_a_batch_norm_with_a_parametrized_running_var_is_skipped():
+    """Its spec named '0.running_var', a key neither state_dict() nor named_buffers() holds then."""
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    nn.utils.parametrize.register_parametrization(model[0], "running_var", _Positive())
+    specs = layer_specs(model)
+    assert not specs and "running_var is parametrized" in specs.skipped["0"]
 
 
 def test_distributed_data_parallel_prefix(tmp_path):

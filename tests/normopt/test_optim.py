@@ -397,6 +397,31 @@ def test_a_bad_checkpoint_is_refused_before_anything_changes():
     assert torch.equal(optimizer.norm_decay.decay_buffers()["0"], before["0"])
 
 
+def test_a_checkpoint_the_inner_optimizer_refuses_half_way_changes_nothing():
+    """Adam given an SGD checkpoint (no "step") raises in its __setstate__, after torch put the
+    checkpoint's groups in place: the wrapper's groups lost their betas and norm_decay_beta, and
+    the next step raised KeyError: 'betas'."""
+    sgd_model = small_cnn()
+    sgd = NormDecayOptimizer(torch.optim.SGD(sgd_model.parameters(), lr=0.05, momentum=0.9), sgd_model)
+    run(sgd_model, sgd, 1)
+    model = small_cnn()
+    optimizer = NormDecayOptimizer(torch.optim.Adam(model.parameters(), lr=0.01), model, beta=0.1)
+    run(model, optimizer, 2)
+    twin, twin_optimizer = copy.deepcopy((model, optimizer))
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(KeyError, match="step"):
+        optimizer.load_state_dict(copy.deepcopy(sgd.state_dict()))
+    after = optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value), (index, key)
+    run(model, optimizer, 2, seed=5)
+    run(twin, twin_optimizer, 2, seed=5)
+    for mine, theirs in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(mine, theirs)
+
+
 def test_closure_is_evaluated_once_and_matches_the_plain_loop():
     calls = []
     model, twin = small_cnn(), small_cnn()

@@ -472,6 +472,10 @@ def test_the_released_batchnorm_projection_caps_the_argmax_channel_before_the_st
         (lambda: nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)), {}, ValueError, r"layer '0' has an empty weight"),
         (lambda: nn.Sequential(nn.Linear(3, 2).to(torch.complex64)), {}, TypeError, r"layer '0' has complex weights"),
         (small_cnn, {"exclude": "0"}, TypeError, r"exclude must be an iterable of module names, not the string '0'"),
+        (small_cnn, {"exclude": 3}, TypeError, r"exclude must be an iterable of module names, got 3"),
+        (small_cnn, {"exclude": None}, TypeError, r"exclude must be an iterable of module names, got None"),
+        (small_cnn, {"layers": None}, TypeError, r"layers must be an iterable of layer kinds \(some of \['batchnorm'"),
+        (small_cnn, {"layers": ()}, ValueError, r"none of the model's \(no kinds: layers=\(\)\) layers has a trainable"),
         (small_cnn, {"beta": 1e39}, ValueError, r"beta=1e\+39 is too large"),
         (small_cnn, {"beta": True}, ValueError, "beta must be"),
         (small_cnn, {"beta": torch.tensor(-1.0)}, ValueError, "beta must be a finite number >= 0"),
@@ -492,6 +496,12 @@ def test_bad_input_is_refused_at_construction(make_model, kwargs, error, match):
     with pytest.raises(error, match=match):
         NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_state_dict_given_as_the_model_is_refused_naming_the_model():
+    model = small_cnn()
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got OrderedDict: pass the model itself"):
+        NormDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.state_dict())
 
 
 @pytest.mark.parametrize(
