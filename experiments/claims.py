@@ -55,14 +55,23 @@ def radii(results: pd.DataFrame) -> list[str]:
 
 def sweep_table(results: pd.DataFrame) -> pd.DataFrame:
     """Robust accuracy at every radius of the sweep: ``mean ± sd`` over seeds (the mean alone for a
-    run of one seed), one row per run."""
+    run of one seed), one row per run.
+
+    Its ``clean`` column is the accuracy on the images the radii are measured on (the run's
+    ``--eval-images``), the curve's start; the accuracy on the whole test set counted other images,
+    and put a robust accuracy above the clean one on small subsets. Results without it (written
+    before it was recorded) give the whole test set's, named so: ``clean (all test images)``.
+    """
     runs = by_run(results)
+    live = runs[runs.seeds > 0]
+    subset = "clean subset acc" in runs.columns and not live["clean subset acc"].isna().any()
+    clean, header = ("clean subset acc", "clean") if subset else ("clean acc", "clean (all test images)")
     rows = []
     for _, run in runs.iterrows():
         row = {"model": run.model, "run": REGISTRY[run.method].run_label(run.strength), "seeds": int(run.seeds)}
         if runs.diverged.any():  # the seeds left out, named only when there are some
             row["diverged"] = int(run.diverged)
-        row["clean"] = _spread(run, "clean acc")
+        row[header] = _spread(run, clean)
         for r in radii(results):
             row[f"eps {r}/255"] = _spread(run, f"robust@{r}")
         rows.append(row)

@@ -21,6 +21,7 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+MAX_THREADS = 1024
 THREADS_HELP = "CPU threads for torch and BLAS, set once (default: the cores this process may use minus those busy at start)"
 
 
@@ -84,6 +85,8 @@ def set_threads(threads: int | None) -> int:
 
     if threads is not None and threads < 1:
         fail(f"--threads must be at least 1, got {threads}")
+    if threads is not None and threads > MAX_THREADS:  # torch overflowed, threadpoolctl ran out of memory
+        fail(f"--threads must be at most {MAX_THREADS}, got {threads}")
     count, why = (threads, "--threads") if threads else default_threads()
     print(f"threads: {count} for torch and BLAS ({why})", file=sys.stderr, flush=True)
     torch.set_num_threads(count)
@@ -157,14 +160,32 @@ def check_folder(folder: str, option: str = "--out") -> None:
         raise UserError(f"{what} {folder!r} is not writable ({parent!r})")
 
 
+def data_key(config) -> tuple:
+    return (config.dataset, config.data_dir, config.verify_data, config.download)
+
+
+def check_data(configs) -> None:
+    """Load the training and test sets of ``configs`` (each distinct one once), raising their
+    DataError where a file is missing or damaged; those downloaded by the run are not checked."""
+    from experiments.data import dataset
+
+    seen = set()
+    for config in configs:
+        if config.download or data_key(config) in seen:
+            continue
+        seen.add(data_key(config))
+        dataset(config.dataset, True, config.data_dir, verify=config.verify_data)
+        dataset(config.dataset, False, config.data_dir, verify=config.verify_data)
+
+
 def dry_run(runs, check=None) -> None:
     """Check the data and the output folders of ``runs`` (config, folder) pairs, and with ``check``
     (``check(config, folder)``, raising a UserError) what a folder already holds; train nothing."""
-    from experiments.data import dataset, import_torchvision
+    from experiments.data import import_torchvision
 
     checked = set()
     for config, folder in runs:
-        key = (config.dataset, config.data_dir, config.verify_data, config.download)
+        key = data_key(config)
         if key not in checked and config.download and config.dataset == "cifar10":
             # Nothing is downloaded in a dry run: what the download needs is checked instead.
             import_torchvision()
@@ -176,8 +197,7 @@ def dry_run(runs, check=None) -> None:
                 flush=True,
             )
         elif key not in checked:
-            dataset(config.dataset, True, config.data_dir, verify=config.verify_data)
-            dataset(config.dataset, False, config.data_dir, verify=config.verify_data)
+            check_data([config])
         checked.add(key)
         check_folder(folder)
         if check is not None:

@@ -162,6 +162,9 @@ class RunConfig:
         return fingerprint({**self.as_dict(), "definition": self.definition()})
 
 
+MAX_COUNT = 2**31 - 1  # the most of any count option: torch's and the DataLoader's sizes overflow past it
+
+
 def check(config: RunConfig) -> str | None:
     """The first impossible option as a sentence, or None."""
     if config.model not in MODELS:
@@ -173,6 +176,8 @@ def check(config: RunConfig) -> str | None:
         if not getattr(config, name) > 0:  # also refuses NaN
             least = "at least 1" if name in counts else "> 0"
             return f"--{name.replace('_', '-')} must be {least}, got {getattr(config, name)}"
+        if name in counts and getattr(config, name) > MAX_COUNT:  # a batch of 2**64 crashed in the DataLoader
+            return f"--{name.replace('_', '-')} must be at most {MAX_COUNT}, got {getattr(config, name)}"
     non_negative = ("strength", "momentum", "bn_radius", "adv_eps", "adv_step", "trades_beta", "alp_weight", "eval_eps")
     non_negative += ("he_margin",)
     for name in non_negative:

@@ -405,6 +405,8 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
         cli.or_exit(check)
         return None
     cli.or_exit(lambda: [check_model_fits(c) for c in configs])  # before the study's folder is claimed
+    if not args.collect:  # missing data left a study.json that refused every other study in --out
+        cli.or_exit(lambda: cli.check_data(mine))
     with cli.friendly(cli.command_line(module, argv)):
         claim_study(out, identity(name, configs))
         if not args.collect:

@@ -471,6 +471,20 @@ def check_model_fits(config: RunConfig) -> None:
         )
 
 
+@contextlib.contextmanager
+def _unclaimed_on_failure(out: str):
+    """Take back the config.json that :func:`claim_folder` just wrote if the run fails before its
+    first checkpoint (its data missing, say): the folder holds no run, and the file would refuse
+    every other configuration there."""
+    try:
+        yield
+    except BaseException:
+        if not checkpoints.epochs(out) and not os.path.exists(os.path.join(out, "result.json")):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, "config.json"))
+        raise
+
+
 def check_run(config: RunConfig, out: str, resume: bool) -> None:
     """What :func:`train` would refuse before training, found without writing anything (dry runs)."""
     check_device(config)
@@ -495,9 +509,13 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
         if torch.cuda.is_available():  # each process its own GPU, before the first collective (NCCL's objects go there)
             torch.cuda.set_device(device())
     result_path = os.path.join(out, "result.json")
-    with checkpoints.locked(out) if _is_main() else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
         if _is_main():
+            stack.enter_context(checkpoints.locked(out))
+            claimed = not os.path.exists(os.path.join(out, "config.json"))
             claim_folder(config, out, resume)
+            if claimed:
+                stack.enter_context(_unclaimed_on_failure(out))
             for name in checkpoints.remove_temporaries(out):
                 checkpoints.eprint(f"  removed {name}, left by a write that was cut short")
         # The main process alone decides whether the run is done (it holds the lock, and sets a

@@ -71,7 +71,13 @@ def test_options_a_method_uses_are_accepted():
 
 @pytest.mark.parametrize(
     ("option", "value", "message"),
-    [("lr", -1.0, "--lr must be > 0, got -1.0"), ("epochs", 0, "--epochs must be at least 1, got 0")],
+    [
+        ("lr", -1.0, "--lr must be > 0, got -1.0"),
+        ("epochs", 0, "--epochs must be at least 1, got 0"),
+        # a batch of 2**64 passed the dry run and crashed in the DataLoader
+        ("batch_size", 2**64, f"--batch-size must be at most 2147483647, got {2**64}"),
+        ("eval_iterations", 2**31, f"--eval-iterations must be at most 2147483647, got {2**31}"),
+    ],
 )
 def test_a_count_must_be_at_least_1_and_a_rate_above_0(option, value, message):
     """--lr -1 answered "must be at least 1 (or > 0)"."""

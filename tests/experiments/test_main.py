@@ -51,10 +51,15 @@ def test_ctrl_c_in_the_main_job_names_the_command_that_resumes_all_of_it(tmp_pat
     assert " -m experiments --out " in resume and "experiments.regularize" not in resume
 
 
-def test_the_main_jobs_thread_count_is_checked(capsys):
+@pytest.mark.parametrize(
+    ("threads", "message"),
+    # torch.set_num_threads overflowed, threadpoolctl ran out of memory: tracebacks
+    [("0", "--threads must be at least 1"), ("100000", "--threads must be at most 1024"), (str(2**70), "at most 1024")],
+)
+def test_the_main_jobs_thread_count_is_checked(threads, message, capsys):
     with pytest.raises(SystemExit) as exit:
-        main_job.main(["--threads", "0", "--dry-run"])
-    assert exit.value.code == 2 and "--threads must be at least 1" in capsys.readouterr().err
+        main_job.main(["--threads", threads, "--dry-run"])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_without_threads_the_main_job_chooses_one_count_for_every_study(tmp_path, monkeypatch, capsys):

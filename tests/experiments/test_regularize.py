@@ -81,6 +81,9 @@ def test_missing_cifar10_exits_with_code_two(tmp_path, capsys):
             ["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--methods", "plain", "--out", str(tmp_path)]
         )
     assert exit.value.code == 2 and "CIFAR-10 not found" in capsys.readouterr().err
+    # Found before the study claims --out: its study.json refused every other study there.
+    assert os.listdir(tmp_path) == []
+    regularize.main([*TINY, "--methods", "plain", "--out", str(tmp_path)])
 
 
 def test_another_seed_is_another_study_and_never_overwrites(tmp_path, capsys):

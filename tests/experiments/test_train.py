@@ -212,6 +212,21 @@ def test_missing_cifar10_folder_exits_with_code_two(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         training.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "out")])
     assert exit.value.code == 2 and str(tmp_path / "none") in capsys.readouterr().err
+    # The config.json it claimed the folder with is taken back: it refused every other run there.
+    assert not os.path.exists(tmp_path / "out" / "config.json")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_folder_free(tmp_path, monkeypatch):
+    def broken(config, where):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(training, "build", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(RunConfig(**TINY), str(tmp_path), progress=False)
+    assert not os.path.exists(tmp_path / "config.json")
+    monkeypatch.undo()
+    other = RunConfig(**{**TINY, "lr": RunConfig(**TINY).lr / 2})
+    assert train(other, str(tmp_path), progress=False)["config"]["lr"] == other.lr  # another configuration takes it
 
 
 def test_every_layer_norm_is_recorded_every_step(tmp_path):
