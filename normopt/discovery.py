@@ -755,18 +755,7 @@ def _layer_specs(model: nn.Module, example_input, input_sizes, output_paddings) 
         if reason is not None:
             skipped[name] = reason
         elif _described(module):
-            if probed and isinstance(module, _ConvNd) and name not in sizes:
-                below = (
-                    f" (with {module.padding_mode} padding, which folds taps together on small inputs, that limit "
-                    "may be below its norm at the size it runs at: describe it with normopt.module_spec(module, "
-                    "name, input_size))"
-                    if pads_with_copies(module_spec(module, name, None, keys, paddings.get(name)))
-                    else ""
-                )
-                warnings.warn(
-                    f"layer {name!r} was not called by the recorded forward; using the large-input limit{below}",
-                    stacklevel=user_stacklevel(),
-                )
+            unrecorded = probed and isinstance(module, _ConvNd) and name not in sizes
             size = sizes.get(name)
             if _several_sizes(size) and len(size) == 1:
                 size = tuple(size[0])
@@ -786,5 +775,17 @@ def _layer_specs(model: nn.Module, example_input, input_sizes, output_paddings) 
                 size = None
             specs[name] = module_spec(module, name, size, keys, paddings.get(name))
             described[name] = module
+            if unrecorded:
+                below = (
+                    f" (with {module.padding_mode} padding, which folds taps together on small inputs, that limit "
+                    "may be below its norm at the size it runs at: describe it with normopt.module_spec(module, "
+                    "name, input_size))"
+                    if pads_with_copies(specs[name])
+                    else ""
+                )
+                warnings.warn(
+                    f"layer {name!r} was not called by the recorded forward; using the large-input limit{below}",
+                    stacklevel=user_stacklevel(),
+                )
     warn_overriding(described)
     return LayerSpecs(specs, skipped)
