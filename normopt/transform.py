@@ -105,8 +105,8 @@ def _check_views(state: NormDecayState, batches) -> None:
     frozen h, silently. One view per batch tells (a copy cuts them all); host metadata only."""
     for members, buffer, scale, ring in zip(batches, state.buffers, state.scales, state.rings):
         own_buffer, own_scale = state.views[members[0]]
-        rows = [state.recent[n] for n in members if n in state.recent][:1]
-        if own_buffer._base is not buffer or own_scale._base is not scale or any(row._base is not ring for row in rows):
+        row = next((state.recent[n] for n in members if n in state.recent), None)
+        if own_buffer._base is not buffer or own_scale._base is not scale or (row is not None and row._base is not ring):
             raise ValueError(CUT_VIEWS)
 
 
