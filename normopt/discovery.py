@@ -709,7 +709,8 @@ def layer_specs(
     Returns:
         ``{module name: spec}``; modules that hold weights but are not linear maps are listed
         with the reason in ``.skipped``. A module shared under several names appears once, under
-        its first name, and a tensor shared by several modules gets its first key.
+        its first name (``input_sizes`` and ``output_paddings`` may use any of them), and a tensor
+        shared by several modules gets its first key.
 
     Example:
         >>> import torch
@@ -722,12 +723,36 @@ def layer_specs(
         {'2': 'LayerNorm: normalises each sample by its own statistics: not a linear map'}
     """
     model = unwrap(model)
-    convs = [name for name, module in model.named_modules() if isinstance(module, _ConvNd)]
+    # Every name of every convolution, to the one its spec is listed under (a shared module's first).
+    first: dict[int, str] = {}
+    convs = {
+        name: first.setdefault(id(module), name)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, _ConvNd)
+    }
     for what, given in (("input_sizes", input_sizes), ("output_paddings", output_paddings)):
         unknown = sorted(set(given or ()) - set(convs))
         if unknown:  # a typo left the layer at the large-input limit, with a warning about the layer only
-            raise ValueError(f"{what} names {unknown}, which are no convolutions of the model; its convolutions: {convs}")
+            raise ValueError(f"{what} names {unknown}, which are no convolutions of the model; its convolutions: {list(convs)}")
+    input_sizes = _under_first_names(input_sizes, convs, "input_sizes")
+    output_paddings = _under_first_names(output_paddings, convs, "output_paddings")
     return _layer_specs(model, example_input, input_sizes, output_paddings)
+
+
+def _under_first_names(given, names: dict[str, str], what: str) -> dict | None:
+    """``given`` keyed by the names specs are listed under (``names``: any name -> that one)."""
+    if given is None:
+        return None
+    out, by = {}, {}
+    for name, value in given.items():
+        key = names[name]
+        if key in out and out[key] != value:
+            raise ValueError(
+                f"{what} gives {by[key]!r} and {name!r}, two names of one shared module, different values: "
+                f"{out[key]!r} and {value!r}"
+            )
+        out[key], by[key] = value, name
+    return out
 
 
 def _layer_specs(model: nn.Module, example_input, input_sizes, output_paddings) -> LayerSpecs:

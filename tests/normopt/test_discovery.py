@@ -136,6 +136,19 @@ def test_shared_module_appears_once_and_tied_weights_get_their_first_key():
     assert normopt.layer_norms(model.state_dict(), specs, 1).keys() == {"0", "3"}
 
 
+def test_input_sizes_may_name_a_shared_module_by_any_of_its_names():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), conv)
+    for name in ("0", "2"):
+        specs = layer_specs(model, input_sizes={name: (4, 4)})
+        assert list(specs) == ["0"] and specs["0"].input_size == (4, 4)
+        norms = normopt.layer_norms(dict(model.named_parameters()), specs, 1)
+        assert_close(norms["0"], brute_norms(explicit_matrix(conv, (2, 4, 4)))[1])
+    assert layer_specs(model, input_sizes={"0": (4, 4), "2": (4, 4)})["0"].input_size == (4, 4)
+    with pytest.raises(ValueError, match=r"'0' and '2', two names of one shared module"):
+        layer_specs(model, input_sizes={"0": (4, 4), "2": (5, 5)})
+
+
 def test_skipped_modules_are_listed_with_a_reason():
     class Custom(nn.Module):
         def __init__(self):
