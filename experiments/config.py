@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass
 
 from experiments import protocol as P
@@ -23,7 +24,8 @@ MAX_SEED = 2**32 - 1
 # What an HE run's logged last-layer norms are of (experiments.train.applied_tensors): part of its definition.
 HE_LAST_LAYER_NORMS = "applied weight scale * normalize(W)"
 
-# Where data lives and whether to fetch it change no result: they stay out of the fingerprint.
+# Where data lives and whether to fetch it change no result: they stay out of the fingerprint
+# (unless CIFAR-10 is read unchecked: result_options).
 NOT_RESULT = ("data_dir", "download", "verify_data")
 # Options of the evaluation after training: a checkpoint (of training) is this run's whatever they are.
 EVALUATION = ("eval_eps", "sweep", "eval_images", "eval_iterations", "eval_targets", "attacks")
@@ -259,14 +261,38 @@ def unit_warnings(config: RunConfig) -> list[str]:
     ]
 
 
+# The identity of CIFAR-10 files read without their checksums: whatever their folder holds.
+UNVERIFIED = "unverified data_dir"
+
+
+def result_options(options: dict) -> dict:
+    """The options of ``options`` that change a result.
+
+    Where and how data are fetched are left out, except that CIFAR-10 files read without their
+    checksums (``--skip-data-checksums``) are whatever their folder holds, so that folder, as an
+    absolute path, is kept: a run trained on one folder is not taken as finished for another.
+
+    Example:
+        >>> result_options({"lr": 0.1, "dataset": "cifar10", "data_dir": "/d", "verify_data": True})
+        {'lr': 0.1, 'dataset': 'cifar10'}
+        >>> result_options({"dataset": "cifar10", "data_dir": "/d", "verify_data": False})[UNVERIFIED]
+        '/d'
+    """
+    kept = {k: v for k, v in options.items() if k not in NOT_RESULT}
+    if options.get("verify_data") is False and options.get("dataset") == "cifar10" and options.get("data_dir"):
+        kept[UNVERIFIED] = os.path.abspath(options["data_dir"])
+    return kept
+
+
 def fingerprint(options: dict) -> str:
-    kept = {k: v for k, v in sorted(options.items()) if k not in NOT_RESULT}
+    kept = dict(sorted(result_options(options).items()))
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
-    """``name: saved -> wanted`` for every result-changing option that differs."""
-    names = sorted((set(saved) | set(wanted)) - set(NOT_RESULT))
+    """``name: saved -> wanted`` for every result-changing option that differs (:func:`result_options`)."""
+    saved, wanted = result_options(saved), result_options(wanted)
+    names = sorted(set(saved) | set(wanted))
     return [f"{n}: {saved.get(n)!r} -> {wanted.get(n)!r}" for n in names if saved.get(n) != wanted.get(n)]
 
 

@@ -93,6 +93,25 @@ def test_fingerprint_follows_results_not_paths():
     assert fingerprint({**config.as_dict(), "definition": config.definition()}) == config.fingerprint()
 
 
+def test_unverified_cifar10_files_are_known_by_their_folder(tmp_path):
+    """With --skip-data-checksums the files are whatever their folder holds: a run trained on one
+    folder was taken as finished for another (its data_dir stayed out of its identity)."""
+    from experiments.train import claim_folder
+
+    unverified = dict(dataset="cifar10", verify_data=False)
+    one, other = RunConfig(data_dir=str(tmp_path / "a"), **unverified), RunConfig(data_dir=str(tmp_path / "b"), **unverified)
+    assert one.fingerprint() != other.fingerprint()
+    assert one.fingerprint() == RunConfig(data_dir=str(tmp_path / "a" / "." / ""), **unverified).fingerprint()
+    checked = dict(dataset="cifar10", verify_data=True)
+    assert RunConfig(data_dir="a", **checked).fingerprint() == RunConfig(data_dir="b", **checked).fingerprint()
+    assert RunConfig(data_dir="a", verify_data=False).fingerprint() == RunConfig(data_dir="b").fingerprint()  # digits
+    (tmp_path / "run").mkdir()
+    claim_folder(one, str(tmp_path / "run"), resume=True)
+    with pytest.raises(UserError, match=r"unverified data_dir: '.*a' -> '.*b'"):
+        claim_folder(other, str(tmp_path / "run"), resume=True)
+    claim_folder(one, str(tmp_path / "run"), resume=True)  # the same folder resumes
+
+
 def test_a_changed_method_definition_is_another_run(monkeypatch, tmp_path):
     import experiments.config
     from experiments.methods import REGISTRY
