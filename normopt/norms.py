@@ -29,6 +29,7 @@ import threading
 from collections.abc import Mapping
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from normopt.batched import all_line_sums, batch_norms, batch_plan, batch_tables, batchnorm_factors
@@ -308,8 +309,9 @@ def layer_argmaxes(tensors: Mapping[str, torch.Tensor], specs: Mapping[str, Spec
 def nonfinite_layers(norms: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the layers whose norm is NaN or infinite (synchronises once with each device).
 
-    A norm may also be a plain number (a logged ``float(norm)``), or a tensor of several values
-    (named if any is not finite). Norms on the meta device have no values: they are not named.
+    A norm may also be a plain number (a logged ``float(norm)``), a NumPy array (``norm.numpy()``),
+    or a tensor or array of several values (named if any is not finite). Norms on the meta device
+    have no values: they are not named.
 
     Example:
         >>> import torch
@@ -324,8 +326,13 @@ def nonfinite_layers(norms: Mapping[str, torch.Tensor]) -> list[str]:
         elif isinstance(norm, numbers.Real) and not isinstance(norm, bool):
             if not isinstance(norm, numbers.Integral) and not math.isfinite(norm):  # math.isfinite(10**400) overflows
                 bad.add(name)
+        elif isinstance(norm, numpy.ndarray) and norm.dtype.kind in "iuf":
+            if not numpy.isfinite(norm).all():
+                bad.add(name)
         else:
-            raise TypeError(f"layer {name!r}: a norm must be a tensor or a real number (not a bool), got {norm!r:.40}")
+            raise TypeError(
+                f"layer {name!r}: a norm must be a tensor, a real NumPy array or a real number (not a bool), got {norm!r:.40}"
+            )
     for names in on_device.values():  # one stack per device: a model may span several
         finite = torch.stack([torch.isfinite(norms[n]).all() for n in names]).tolist()
         bad.update(name for name, ok in zip(names, finite) if not ok)

@@ -211,8 +211,12 @@ def test_nonfinite_layers_takes_logged_numbers_and_tensors_of_several_values():
     NaN was silently called finite."""
     norms = {"a": 1.0, "b": float("nan"), "c": torch.tensor([1.0, float("inf")]), "d": torch.ones(2), "e": np.float32(np.inf)}
     assert normopt.nonfinite_layers(norms) == ["b", "c", "e"]
-    for bad in ("1.0", True, np.True_):
-        with pytest.raises(TypeError, match=r"layer 'x': a norm must be a tensor or a real number \(not a bool\)"):
+    arrays = {"f": np.array(1.0), "n": np.array(np.nan), "i": np.array([1.0, -np.inf]), "k": np.array([2, 3])}
+    assert normopt.nonfinite_layers(arrays) == ["n", "i"]  # a 0-d array was refused
+    for bad in ("1.0", True, np.True_, np.array(True), np.array(["1.0"])):
+        with pytest.raises(
+            TypeError, match=r"layer 'x': a norm must be a tensor, a real NumPy array or a real number \(not a bool\)"
+        ):
             normopt.nonfinite_layers({"x": bad})
     assert normopt.nonfinite_layers({"huge": 10**400}) == []  # a finite int, too large for a float
 
