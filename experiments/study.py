@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -15,7 +16,16 @@ from experiments.claims import by_run
 from experiments.config import MAX_SEED, UserError, differences, unit_warnings
 from experiments.methods import METHODS, REGISTRY, how_strong
 from experiments.models import MODELS
-from experiments.train import RunConfig, check_model_fits, check_run, divergence, finished_result, is_finished, train
+from experiments.train import (
+    RunConfig,
+    check_model_fits,
+    check_run,
+    divergence,
+    finished_result,
+    holds_run,
+    is_finished,
+    train,
+)
 
 
 def run_label(config: RunConfig) -> str:
@@ -101,8 +111,9 @@ def check_study(out: str, study: dict) -> None:
         raise UserError(f"{out!r} holds another study ({'; '.join(changed)}); its outputs are kept: choose another --out")
 
 
-def claim_study(out: str, study: dict) -> None:
-    """Write ``out/study.json``, or check that ``out`` holds this very study (shards wait for each other here).
+def claim_study(out: str, study: dict) -> bool:
+    """Write ``out/study.json``, or check that ``out`` holds this very study (shards wait for each
+    other here). Returns whether it wrote the file.
 
     Raises:
         UserError: ``out`` holds another study; the differing options are named.
@@ -110,8 +121,24 @@ def claim_study(out: str, study: dict) -> None:
     checkpoints.check_writable(out)
     with checkpoints.waiting_lock(os.path.join(out, ".study.lock")):
         check_study(out, study)
-        if not os.path.exists(os.path.join(out, "study.json")):
-            checkpoints.write_json(os.path.join(out, "study.json"), study)
+        if os.path.exists(os.path.join(out, "study.json")):
+            return False
+        checkpoints.write_json(os.path.join(out, "study.json"), study)
+        return True
+
+
+@contextlib.contextmanager
+def _unclaimed_on_failure(out: str, configs: list[RunConfig]):
+    """Take back the study.json that :func:`claim_study` just wrote if the study fails before any
+    of its runs holds a checkpoint or a result (its first epoch crashed, say): ``out`` holds no run
+    of it, and the file would refuse every other study there."""
+    try:
+        yield
+    except BaseException:
+        if not any(holds_run(run_folder(c, out)) for c in configs):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out, "study.json"))
+        raise
 
 
 def diverged(result: dict) -> bool:
@@ -408,9 +435,11 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
     if not args.collect:  # missing data left a study.json that refused every other study in --out
         cli.or_exit(lambda: cli.check_data(mine))
     with cli.friendly(cli.command_line(module, argv)):
-        claim_study(out, identity(name, configs))
+        claimed = claim_study(out, identity(name, configs))
         if not args.collect:
-            run_grid(mine, out)
+            # Not for a shard: another may be in its first epoch, under the same study.json.
+            with _unclaimed_on_failure(out, configs) if claimed and not shard else contextlib.nullcontext():
+                run_grid(mine, out)
         if shard:
             eprint(
                 f"shard {shard[0]}/{shard[1]} done; once every shard is, run the same command with --collect instead of --shard"

@@ -154,8 +154,8 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
     """
     path = os.path.join(out, "config.json")
     wanted = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
-    holds_run = bool(checkpoints.epochs(out)) or os.path.exists(os.path.join(out, "result.json"))
-    if not os.path.exists(path) and holds_run:
+    holding = holds_run(out)
+    if not os.path.exists(path) and holding:
         raise UserError(
             f"{out!r} holds checkpoints or a result but no config.json: which run they belong to is unknown; choose another --out"
         )
@@ -169,7 +169,7 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
             changed.append(f"definition of {config.method!r}: {saved['definition']} -> {wanted['definition']}")
         if changed:
             raise UserError(f"{out!r} holds a run of another configuration ({'; '.join(changed)}); choose another --out")
-        if not resume and holds_run:
+        if not resume and holding:
             raise UserError(f"{out!r} already holds this run; pass --resume to continue it, or choose another --out")
     if write:
         checkpoints.write_json(path, wanted)
@@ -471,6 +471,11 @@ def check_model_fits(config: RunConfig) -> None:
         )
 
 
+def holds_run(out: str) -> bool:
+    """Whether the folder ``out`` holds (part of) a run: a checkpoint or a result."""
+    return bool(checkpoints.epochs(out)) or os.path.exists(os.path.join(out, "result.json"))
+
+
 @contextlib.contextmanager
 def _unclaimed_on_failure(out: str):
     """Take back the config.json that :func:`claim_folder` just wrote if the run fails before its
@@ -479,7 +484,7 @@ def _unclaimed_on_failure(out: str):
     try:
         yield
     except BaseException:
-        if not checkpoints.epochs(out) and not os.path.exists(os.path.join(out, "result.json")):
+        if not holds_run(out):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out, "config.json"))
         raise

@@ -86,6 +86,32 @@ def test_missing_cifar10_exits_with_code_two(tmp_path, capsys):
     regularize.main([*TINY, "--methods", "plain", "--out", str(tmp_path)])
 
 
+def test_a_study_that_fails_before_any_run_holds_a_checkpoint_takes_back_its_claim(tmp_path, monkeypatch):
+    """A study whose first run crashed in its first epoch left its study.json, which refused
+    every other study in that --out though it held no run."""
+    from experiments import study
+
+    out = str(tmp_path / "study")
+
+    def crash(config, folder, resume=True):
+        raise RuntimeError("out of memory in the first epoch")
+
+    monkeypatch.setattr(study, "train", crash)
+    with pytest.raises(RuntimeError, match="first epoch"):
+        regularize.main([*TINY, "--methods", "plain", "--out", out])
+    assert not os.path.exists(os.path.join(out, "study.json"))
+
+    def crash_after_a_result(config, folder, resume=True):
+        os.makedirs(folder, exist_ok=True)
+        training.checkpoints.write_json(os.path.join(folder, "result.json"), {})
+        raise RuntimeError("crashed after its first run")
+
+    monkeypatch.setattr(study, "train", crash_after_a_result)
+    with pytest.raises(RuntimeError, match="after its first run"):
+        regularize.main([*TINY, "--methods", "plain", "--seeds", "1", "--out", out])
+    assert json.load(open(os.path.join(out, "study.json")))["options"]["seeds"] == [1]  # a run holds a result: kept
+
+
 def test_another_seed_is_another_study_and_never_overwrites(tmp_path, capsys):
     out = str(tmp_path / "study")
     regularize.main([*TINY, "--methods", "plain", "--out", out])
