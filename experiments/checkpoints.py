@@ -180,6 +180,20 @@ def read_json(path: str) -> dict:
     return value
 
 
+@contextlib.contextmanager
+def taken_back_on_failure(path: str, keep):
+    """Remove ``path``, a claim (``config.json``, ``study.json``) just written, if the block raises
+    and ``keep()`` is false: a folder left holding a claim but nothing of its run or study would
+    refuse every other configuration there."""
+    try:
+        yield
+    except BaseException:
+        if not keep():
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        raise
+
+
 def check_writable(folder: str) -> None:
     """Create ``folder`` if needed and prove it writable, before any work.
 

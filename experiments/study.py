@@ -127,20 +127,6 @@ def claim_study(out: str, study: dict) -> bool:
         return True
 
 
-@contextlib.contextmanager
-def _unclaimed_on_failure(out: str, configs: list[RunConfig]):
-    """Take back the study.json that :func:`claim_study` just wrote if the study fails before any
-    of its runs holds a checkpoint or a result (its first epoch crashed, say): ``out`` holds no run
-    of it, and the file would refuse every other study there."""
-    try:
-        yield
-    except BaseException:
-        if not any(holds_run(run_folder(c, out)) for c in configs):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(out, "study.json"))
-        raise
-
-
 def diverged(result: dict) -> bool:
     """Whether a run diverged: marked so by train, or (a result.json written before runs were
     marked) with a non-finite loss or norm."""
@@ -437,8 +423,11 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
     with cli.friendly(cli.command_line(module, argv)):
         claimed = claim_study(out, identity(name, configs))
         if not args.collect:
-            # Not for a shard: another may be in its first epoch, under the same study.json.
-            with _unclaimed_on_failure(out, configs) if claimed and not shard else contextlib.nullcontext():
+            # Taken back if the study fails before any of its runs holds a checkpoint or a result
+            # (its first epoch crashed, say); not by a shard: another may be in its first epoch.
+            holding = lambda: any(holds_run(run_folder(c, out)) for c in configs)
+            study_json = os.path.join(out, "study.json")
+            with checkpoints.taken_back_on_failure(study_json, holding) if claimed and not shard else contextlib.nullcontext():
                 run_grid(mine, out)
         if shard:
             eprint(

@@ -476,20 +476,6 @@ def holds_run(out: str) -> bool:
     return bool(checkpoints.epochs(out)) or os.path.exists(os.path.join(out, "result.json"))
 
 
-@contextlib.contextmanager
-def _unclaimed_on_failure(out: str):
-    """Take back the config.json that :func:`claim_folder` just wrote if the run fails before its
-    first checkpoint (its data missing, say): the folder holds no run, and the file would refuse
-    every other configuration there."""
-    try:
-        yield
-    except BaseException:
-        if not holds_run(out):
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(out, "config.json"))
-        raise
-
-
 def check_run(config: RunConfig, out: str, resume: bool) -> None:
     """What :func:`train` would refuse before training, found without writing anything (dry runs)."""
     check_device(config)
@@ -520,7 +506,8 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             claimed = not os.path.exists(os.path.join(out, "config.json"))
             claim_folder(config, out, resume)
             if claimed:
-                stack.enter_context(_unclaimed_on_failure(out))
+                # Taken back if the run fails before its first checkpoint (its data missing, say).
+                stack.enter_context(checkpoints.taken_back_on_failure(os.path.join(out, "config.json"), lambda: holds_run(out)))
             for name in checkpoints.remove_temporaries(out):
                 checkpoints.eprint(f"  removed {name}, left by a write that was cut short")
         # The main process alone decides whether the run is done (it holds the lock, and sets a
