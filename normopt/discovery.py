@@ -41,6 +41,13 @@ if hasattr(nn, "RMSNorm"):
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name of every module of ``model`` (a shared module has several) -> the name
+    ``model.named_modules()`` lists it under, its first."""
+    canonical = {id(module): name for name, module in model.named_modules()}
+    return {name: canonical[id(module)] for name, module in model.named_modules(remove_duplicate=False)}
+
+
 def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
     """``value`` (an iterable of module names of ``model``) as a set of the names ``model`` itself
     gives them, or a clear error.
@@ -61,8 +68,7 @@ def module_names(value, what: str, model: nn.Module) -> frozenset[str]:
     bad = [v for v in names if not isinstance(v, str)]
     if bad:
         raise TypeError(f"{what} must hold module names (strings), got {bad}")
-    canonical = {id(module): name for name, module in model.named_modules()}
-    known = {name: canonical[id(module)] for name, module in model.named_modules(remove_duplicate=False)}
+    known = canonical_names(model)
 
     def resolve(name: str) -> str | None:
         while name not in known:
@@ -723,13 +729,9 @@ def layer_specs(
         {'2': 'LayerNorm: normalises each sample by its own statistics: not a linear map'}
     """
     model = unwrap(model)
-    # Every name of every convolution, to the one its spec is listed under (a shared module's first).
-    first: dict[int, str] = {}
-    convs = {
-        name: first.setdefault(id(module), name)
-        for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, _ConvNd)
-    }
+    # Every name of every convolution, to the one its spec is listed under.
+    canonical = canonical_names(model)
+    convs = {name: canonical[name] for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, _ConvNd)}
     for what, given in (("input_sizes", input_sizes), ("output_paddings", output_paddings)):
         unknown = sorted(set(given or ()) - set(convs))
         if unknown:  # a typo left the layer at the large-input limit, with a warning about the layer only
