@@ -354,10 +354,14 @@ def check_zero_padded(spec: ConvSpec) -> None:
     not a restriction of the circular convolution on its padded input, whose norm can then fall
     below the layer's (1.087 against 0.942 for a circular 3-tap kernel on 4 inputs)."""
     if pads_with_copies(spec):
+        circular = spec.padding_mode == "circular" and all(
+            sum(pads) <= d * (k - 1) for pads, d, k in zip(spec.padding, spec.dilation, spec.kernel_size)
+        )
+        raw = "; input_size='raw' clips the circular convolution on its input, which bounds it: see raw_input_size"
         raise ValueError(
             f"layer {spec.name!r} pads with {spec.padding_mode!r}, which copies input values: the circular convolution "
             "on its padded input does not bound it: neither a bound nor a clip is taken from it here (power_iteration_norm "
-            "gives its norm)"
+            f"gives its norm{raw if circular else ''})"
         )
 
 
@@ -367,6 +371,13 @@ def raw_input_size(spec: ConvSpec) -> tuple[int, ...]:
     The circular convolution on it does not contain the zero-padded layer, so its norm is not a
     bound of the layer's (:func:`padded_input_size` is); offered to reproduce the released numbers.
     For a transposed layer, the input size of its adjoint convolution.
+
+    A *circular*-padded layer whose paddings add up, per axis, to at most its kernel's reach
+    ``dilation * (kernel - 1)`` reads each row of this circular convolution at most once: with
+    ``'same'`` padding and stride 1 it *is* that convolution (equal singular values), otherwise its
+    norm is bounded by it. Larger paddings repeat rows, and the bound fails (a 1-tap kernel padded
+    by 1 on 2 samples: ``sqrt(2)`` times the circular norm). (The circular convolution needs the
+    kernel's reach to fit in the input.)
     """
     if spec.input_size is None:
         raise ValueError(f"layer {spec.name!r}: the input size is unknown; build specs with an example input")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import brute_norms, circular_cases, conv_layers, explicit_matrix
-from hypothesis import assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -162,6 +162,39 @@ def test_circular_norm_on_the_padded_input_bounds_the_zero_padded_layer(case):
     layer = layer.double()
     oracle = brute_norms(explicit_matrix(layer, input_shape))[2]
     assert oracle <= layer_spectral_bound(layer.weight, spec) * (1 + 1e-9) + 1e-12
+
+
+@settings(max_examples=100)
+@given(conv_layers(transposed=False, modes=("circular",)))
+def test_the_raw_circular_operator_is_a_circular_layer_whose_output_is_its_input_size(case):
+    """A circular-padded conv whose paddings add up to at most the kernel's reach (``'same'`` or
+    less), on an input its kernel fits in, reads rows of the circular convolution on its raw input, each at most once: at stride 1
+    and ``'same'`` padding all of them (the singular values are equal), otherwise some (a bound)."""
+    layer, spec, input_shape = case
+    padded = [sum(pads) for pads in spec.padding]
+    reach = [d * (k - 1) for d, k in zip(spec.dilation, spec.kernel_size)]
+    assume(all(p <= r < n for p, r, n in zip(padded, reach, spec.input_size)))  # the raw operator's taps fit in
+    layer = layer.double()
+    matrix = explicit_matrix(layer, input_shape)
+    ours = conv_singular_values(layer.weight.detach(), raw_input_size(spec), groups=spec.groups, dilation=spec.dilation)
+    exact = padded == reach and all(s == 1 for s in spec.stride)
+    event("every singular value" if exact else "a bound")
+    if exact:
+        oracle = sorted_svd(matrix)
+        np.testing.assert_allclose(np.sort(ours), oracle[-len(ours) :], rtol=1e-5, atol=1e-9)
+    else:
+        assert brute_norms(matrix)[2] <= ours.max() * (1 + 1e-9) + 1e-12
+
+
+def test_the_raw_circular_operator_does_not_bound_a_circular_layer_whose_output_is_longer():
+    """Paddings beyond the kernel's reach repeat rows: a 1-tap kernel padded by 1 on 2 samples
+    reads [x1, x0, x1, x0], norm sqrt(2) |w|, against |w| for the circular convolution on 2."""
+    layer = nn.Conv1d(1, 1, 1, padding=1, padding_mode="circular", bias=False).double()
+    spec = normopt.module_spec(layer, "c", (2,))
+    assert raw_input_size(spec) == (2,)
+    raw = conv_singular_values(layer.weight.detach(), raw_input_size(spec)).max()
+    oracle = float(brute_norms(explicit_matrix(layer, (1, 2)))[2])
+    np.testing.assert_allclose([raw * 2**0.5], [oracle], rtol=1e-12)
 
 
 def test_clip_layer_bounds_a_strided_zero_padded_layer():
@@ -459,6 +492,13 @@ def test_a_layer_padded_with_copies_of_its_input_is_refused_where_the_bound_woul
             call()
     unpadded = normopt.module_spec(nn.Conv1d(1, 1, 3, padding_mode=mode), "u", (4,))  # nothing copied
     assert layer_spectral_bound(layer.weight, unpadded) > 0
+    if mode == "circular":  # 'same' circular padding is the circular convolution on the input: the refusal says so
+        with pytest.raises(ValueError, match="input_size='raw' clips the circular convolution on its input"):
+            clip_layer(layer.weight, spec, 1.0)
+        layer = layer.double()
+        with torch.no_grad():  # a 3-tap kernel on 4 samples: iterations shrink what the support projection adds back
+            layer.weight.copy_(clip_layer(layer.weight, spec, 0.5, iterations=50, input_size="raw"))
+        assert float(torch.linalg.matrix_norm(explicit_matrix(layer, (1, 4)), 2)) <= 0.5 * (1 + 1e-6)
 
 
 def test_a_clip_refuses_a_misspelt_option_another_kind_of_layer_and_a_weight_of_another_shape():
