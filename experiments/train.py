@@ -144,9 +144,10 @@ def _report_divergence(result: dict) -> None:
         )
 
 
-def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) -> None:
+def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) -> bool:
     """Write the run's configuration into ``out``, or check it against the one already there
-    (``write=False``: check only, as a dry run does).
+    (``write=False``: check only, as a dry run does). Returns whether it wrote ``config.json``
+    afresh (the folder held none), as :func:`experiments.study.claim_study` does ``study.json``.
 
     Raises:
         UserError: the folder holds a run of another configuration (the differing options are
@@ -159,7 +160,8 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
         raise UserError(
             f"{out!r} holds checkpoints or a result but no config.json: which run they belong to is unknown; choose another --out"
         )
-    if os.path.exists(path):
+    existed = os.path.exists(path)
+    if existed:
         try:
             saved = checkpoints.read_json(path)
         except checkpoints.DamagedFile as error:
@@ -173,6 +175,7 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
             raise UserError(f"{out!r} already holds this run; pass --resume to continue it, or choose another --out")
     if write:
         checkpoints.write_json(path, wanted)
+    return write and not existed
 
 
 def build(config: RunConfig, where: torch.device) -> SimpleNamespace:
@@ -503,9 +506,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
     with contextlib.ExitStack() as stack:
         if _is_main():
             stack.enter_context(checkpoints.locked(out))
-            claimed = not os.path.exists(os.path.join(out, "config.json"))
-            claim_folder(config, out, resume)
-            if claimed:
+            if claim_folder(config, out, resume):
                 # Taken back if the run fails before its first checkpoint (its data missing, say).
                 stack.enter_context(checkpoints.taken_back_on_failure(os.path.join(out, "config.json"), lambda: holds_run(out)))
             for name in checkpoints.remove_temporaries(out):

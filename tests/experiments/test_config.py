@@ -106,10 +106,11 @@ def test_unverified_cifar10_files_are_known_by_their_folder(tmp_path):
     assert RunConfig(data_dir="a", **checked).fingerprint() == RunConfig(data_dir="b", **checked).fingerprint()
     assert RunConfig(data_dir="a", verify_data=False).fingerprint() == RunConfig(data_dir="b").fingerprint()  # digits
     (tmp_path / "run").mkdir()
-    claim_folder(one, str(tmp_path / "run"), resume=True)
+    assert not claim_folder(one, str(tmp_path / "run"), resume=True, write=False)  # a dry run writes nothing
+    assert claim_folder(one, str(tmp_path / "run"), resume=True)  # written afresh: a failed run takes it back
     with pytest.raises(UserError, match=r"unverified data_dir: '.*a' -> '.*b'"):
         claim_folder(other, str(tmp_path / "run"), resume=True)
-    claim_folder(one, str(tmp_path / "run"), resume=True)  # the same folder resumes
+    assert not claim_folder(one, str(tmp_path / "run"), resume=True)  # the same folder resumes; its file was there
 
 
 def test_a_changed_method_definition_is_another_run(monkeypatch, tmp_path):
