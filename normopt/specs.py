@@ -73,6 +73,30 @@ class ConvSpec:
         for attr in ("stride", "padding", "dilation") + (("input_size",) if self.input_size is not None else ()):
             if len(getattr(self, attr)) != n:
                 raise ValueError(f"layer {self.name!r}: {attr} has {len(getattr(self, attr))} axes, kernel has {n}")
+        if self.transposed and len(self.output_padding) != n:
+            raise ValueError(f"layer {self.name!r}: output_padding has {len(self.output_padding)} axes, kernel has {n}")
+        # What torch refuses to build is refused here too, by name: a hand-built spec otherwise
+        # failed deep in the line sums (a division by a zero stride or groups), or gave a number
+        # for a layer that cannot exist (dilation 0, negative padding).
+        _check_ints(self, "in_channels", (self.in_channels,), 0)
+        _check_ints(self, "out_channels", (self.out_channels,), 0)
+        _check_ints(self, "groups", (self.groups,), 1)
+        for attr in ("kernel_size", "stride", "dilation"):
+            _check_ints(self, attr, getattr(self, attr), 1)
+        _check_ints(self, "padding", [p for pads in self.padding for p in _pair(self, pads)], 0)
+        _check_ints(self, "output_padding", self.output_padding, 0)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"layer {self.name!r}: groups={self.groups} does not divide in_channels={self.in_channels} "
+                f"and out_channels={self.out_channels}"
+            )
+        if not self.transposed and any(self.output_padding):
+            raise ValueError(f"layer {self.name!r}: output_padding {self.output_padding} is for transposed convolutions only")
+        for j, (extra, s, d) in enumerate(zip(self.output_padding, self.stride, self.dilation)):
+            if extra >= max(s, d):  # torch's own rule
+                raise ValueError(
+                    f"layer {self.name!r}: output_padding {extra} on axis {j} must be smaller than stride {s} or dilation {d}"
+                )
         if self.padding_mode not in PADDING_MODES:
             raise ValueError(f"layer {self.name!r}: unknown padding_mode {self.padding_mode!r}")
         if self.transposed and self.padding_mode != "zeros":
@@ -134,6 +158,22 @@ def axis_geometries(spec: ConvSpec, input_size: tuple[int, ...]) -> tuple[AxisGe
     input, with output positions cut to the transposed layer's input size ``n``.
     """
     return tuple(_axis(spec, j, n) for j, n in enumerate(input_size))
+
+
+def _check_ints(spec: ConvSpec, attr: str, values, minimum: int) -> None:
+    """Refuse, naming the layer and ``attr``, values that are not ints of at least ``minimum``."""
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            given = getattr(spec, attr)
+            what = "hold ints" if isinstance(given, (tuple, list)) else "be an int"
+            raise ValueError(f"layer {spec.name!r}: {attr} must {what} of at least {minimum}, got {given!r}")
+
+
+def _pair(spec: ConvSpec, pads) -> tuple:
+    """One axis' ``(left, right)`` padding, refused by name if it is not a pair."""
+    if not isinstance(pads, (tuple, list)) or len(pads) != 2:
+        raise ValueError(f"layer {spec.name!r}: padding must be one (left, right) pair per axis, got {spec.padding!r}")
+    return tuple(pads)
 
 
 def _check_axis(spec: ConvSpec, j: int, axis: AxisGeometry) -> None:
