@@ -389,8 +389,11 @@ class NormDecay(CheckpointHooks):
         """Select the layers of ``specs`` anew, keeping the decay state of those still regularized."""
         if self._state is None:  # what was loaded before the first step, all of it
             kept = self._pending
-        else:  # h itself: the new layout may scale and batch it differently
-            kept = {name: (h, None, None) for name, h in self.decay_buffers().items()}
+        else:  # as a copy or a checkpoint carries it (buffer, scale and ring, not their product h,
+            # which rounds): a run that resumes or is copied and then reselects goes on bit for bit
+            # as the one that reselected live (a scale of another layout makes _write take h)
+            views, recent = self._state.views, self._state.recent
+            kept = {name: (buffer, scale, recent.get(name)) for name, (buffer, scale) in views.items()}
         kept = {**self._held_back, **kept}
         owners = dict(self._weight)  # as chosen, each kept h's weight (a parametrization may have moved it)
         decayed_before, shared_before = set(self.decayed), set(self._shared)

@@ -415,11 +415,17 @@ def norm_decay(
         layout.clear()
         limits.clear()
         buffers, scales, tables, scratch, views = [], [], [], [], {}
-        rings, all_ring_tables, recent = [], [], {}
+        rings, all_ring_tables, recent, sparse_batches = [], [], {}, []
         for (device, dtype), members in by_batch.items():
             order, plan = batch_plan(tuple(specs[n] for n in members), ord, rule == "reference")
             members = tuple(members[i] for i in order)
             length = horizon(max_gamma, dtype) if rule == "paper" and sparse else None
+            # A gamma too large for any ring makes the batch dense from the start; its rings are
+            # kept all the same, marked DENSE, so that a checkpoint says so, as it does of a batch
+            # that turned dense later (a run resumed at a smaller gamma went sparse).
+            dense = rule == "paper" and sparse and length is None
+            if dense:
+                length = horizon(0.5, dtype)
             chosen = ring_layers(plan, length) if length is not None else ()
             layout.append((members, plan, length))
             limits.append(covered(length, dtype) if chosen else max_gamma)
@@ -432,13 +438,14 @@ def norm_decay(
             work = torch.empty(plan.max_numel, device=device, dtype=dtype)
             scratch.append(tuple(work[: math.prod(p.shape)].view(p.shape) for p in plan.plans))
             if chosen:
-                ring = torch.full((len(chosen), length), -1, dtype=torch.int64, device=device)
+                ring = torch.full((len(chosen), length), DENSE if dense else -1, dtype=torch.int64, device=device)
                 recent.update({members[i]: row for i, row in zip(chosen, ring.unbind(0))})
                 rings.append(ring)
                 all_ring_tables.append(ring_tables(plan, chosen, length, device))
             else:
                 rings.append(None)
                 all_ring_tables.append(None)
+            sparse_batches.append(bool(chosen) and not dense)
         state = NormDecayState(
             tuple(buffers),
             tuple(scales),
@@ -448,7 +455,7 @@ def norm_decay(
             tuple(rings),
             tuple(all_ring_tables),
             recent,
-            tuple(ring is not None for ring in rings),
+            tuple(sparse_batches),
         )
         made[0] = _layout_of(state)
         return state

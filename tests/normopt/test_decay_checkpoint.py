@@ -222,6 +222,82 @@ def test_a_checkpoint_loaded_before_the_first_step_is_saved_again_whole(rings, m
     same_weights(model, third)
 
 
+@pytest.mark.parametrize(  # hooks are not copied with an optimizer (documented): no copy of the attached decay
+    ("make", "resume"), [(wrapped, "checkpoint"), (wrapped, "copy"), (attached, "checkpoint")], ids=["wrapper", "copy", "hooks"]
+)
+def test_a_batch_dense_from_its_start_stays_dense_when_resumed_at_a_smaller_gamma(rings, make, resume):
+    """A gamma warm-up from 0.97 (too slow a decay for any ring) lays the batch out dense for good;
+    its checkpoint carried no ring, and a run resumed after gamma fell to 0.5 went sparse, away from
+    the uninterrupted run."""
+    model = small_cnn()
+    optimizer = make(model, beta=0.1, gamma=0.97, ord=math.inf)
+    for seed in range(6):
+        if seed == 2:
+            for group in optimizer.param_groups:
+                group["norm_decay_gamma"] = 0.5
+        one_step(model, optimizer, seed)
+    if resume == "copy":
+        twin, twin_optimizer = copy.deepcopy((model, optimizer))
+    else:
+        twin, twin_optimizer = saved_and_reloaded(model, optimizer, make, beta=0.1, gamma=0.97, ord=math.inf)
+    for seed in range(6, 9):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    for o in (optimizer, twin_optimizer):  # both dense, and their checkpoints say so
+        rings = [entry["norm_decay_recent"] for entry in o.state_dict()["state"].values() if "norm_decay_recent" in entry]
+        assert rings and all(bool((ring == DENSE).all()) for ring in rings)
+    same_weights(model, twin)
+
+
+@pytest.mark.parametrize("resume", ["checkpoint", "copy"])
+@pytest.mark.parametrize("gamma", [0.9, 0.5])
+@pytest.mark.parametrize("event", ["unfreeze", "add_param_group"])
+def test_a_resumed_run_that_chooses_its_layers_anew_at_once_goes_on_bit_for_bit(rings, resume, gamma, event):
+    """Layers chosen anew (a head unfrozen or added) kept h as buffer * scale when live, which rounds
+    unless gamma is a power of two, and rebuilt its ring; a resumed run kept the checkpoint's split."""
+    model = small_cnn()
+    head = list(model[6].parameters())
+    params = model.parameters() if event == "unfreeze" else [p for p in model.parameters() if all(p is not q for q in head)]
+    if event == "unfreeze":
+        for p in head:
+            p.requires_grad_(False)
+    make = lambda m, **options: NormDecayOptimizer(
+        torch.optim.SGD(
+            m.parameters() if event == "unfreeze" else [p for p in m.parameters() if all(p is not q for q in m[6].parameters())],
+            lr=0.05,
+            momentum=0.9,
+        ),
+        m,
+        **options,
+    )
+    optimizer = NormDecayOptimizer(torch.optim.SGD(params, lr=0.05, momentum=0.9), model, beta=0.1, gamma=gamma, ord=math.inf)
+    for seed in range(5):
+        one_step(model, optimizer, seed)
+    if resume == "copy":
+        twin, twin_optimizer = copy.deepcopy((model, optimizer))
+    else:
+        if event == "unfreeze":  # the twin is built as the model was: its head frozen
+            saved = copy.deepcopy(optimizer.state_dict())
+            twin = small_cnn()
+            twin.load_state_dict(model.state_dict())
+            for p in twin[6].parameters():
+                p.requires_grad_(False)
+            twin_optimizer = make(twin, beta=0.1, gamma=gamma, ord=math.inf)
+            twin_optimizer.load_state_dict(saved)
+        else:
+            twin, twin_optimizer = saved_and_reloaded(model, optimizer, make, beta=0.1, gamma=gamma, ord=math.inf)
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        if event == "unfreeze":
+            for p in m[6].parameters():
+                p.requires_grad_(True)
+        else:
+            o.add_param_group({"params": list(m[6].parameters())})
+    for seed in range(5, 9):
+        one_step(model, optimizer, seed)
+        one_step(twin, twin_optimizer, seed)
+    same_weights(model, twin)
+
+
 def test_a_ring_of_an_earlier_selection_leaves_the_optimizer_state(rings):
     model = small_cnn()
     head = list(model[6].parameters())
@@ -234,7 +310,10 @@ def test_a_ring_of_an_earlier_selection_leaves_the_optimizer_state(rings):
     one_step(model, optimizer, 3)
     entries = optimizer.state_dict()["state"].values()
     assert sum("norm_decay_buffer" in entry for entry in entries) == 3
-    assert not any("norm_decay_recent" in entry for entry in entries)
+    # The new layout is dense from its start: its rings say so (so that a resume stays dense); none
+    # holds the earlier ring's channels.
+    rings = [entry["norm_decay_recent"] for entry in entries if "norm_decay_recent" in entry]
+    assert rings and all(bool((ring == DENSE).all()) for ring in rings)
 
 
 @pytest.mark.parametrize(
