@@ -21,6 +21,7 @@ from normopt.decay_options import BETA, GAMMA, check_group
 from normopt.decay_state_dict import (
     BUFFER,
     DECAY_KEYS,
+    ORD,
     RECENT,
     SCALE,
     check_buffers,
@@ -40,10 +41,12 @@ except ImportError:  # torch built without distributed
     ZERO = ()
 
 
-def put_decay_state(entry: dict, buffer: torch.Tensor, scale: torch.Tensor, recent: torch.Tensor | None) -> None:
-    """Write a weight's decay state into its ``optimizer.state`` entry; without a ring, take out one
-    an earlier selection left there (a layout that reads the layer densely)."""
-    entry[BUFFER], entry[SCALE] = buffer, scale
+def put_decay_state(entry: dict, buffer: torch.Tensor, scale: torch.Tensor, recent: torch.Tensor | None, ord: float) -> None:
+    """Write a weight's decay state, of the norm ``ord``, into its ``optimizer.state`` entry; without
+    a ring, take out one an earlier selection left there (a layout that reads the layer densely)."""
+    # A 0-d tensor, as every other value of the entry: code that walks an optimizer's state moving
+    # or comparing its tensors (and torch's own load, which casts them) takes it as it takes those.
+    entry[BUFFER], entry[SCALE], entry[ORD] = buffer, scale, buffer.new_tensor(float(ord))
     if recent is not None:
         entry[RECENT] = recent
     else:
@@ -138,7 +141,7 @@ class CheckpointHooks:
         for name, (buffer, scale, recent) in joined.items():
             saved = self._home(self._weight[name], zero_local).get(self._weight[name])
             if saved:  # the optimizer's own state of the weight came back: the decay's joins it
-                put_decay_state(saved, buffer, scale, recent)
+                put_decay_state(saved, buffer, scale, recent, self.ord)
 
     def _take(self, loaded: Mapping[str, tuple], zero_fill: bool) -> None:
         """Make ``loaded`` (``{layer: (buffer, scale, recent)}``, checked) the decay state that the next

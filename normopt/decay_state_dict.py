@@ -25,7 +25,10 @@ from normopt.recent_slices import DENSE
 from normopt.specs import Spec
 
 BUFFER, SCALE, RECENT = "norm_decay_buffer", "norm_decay_scale", "norm_decay_recent"
-DECAY_KEYS = (BUFFER, SCALE, RECENT)
+# The norm whose decay state an entry holds, in the entry itself: an optimizer's own
+# load_state_dict keeps its entries but drops the top-level ORDS.
+ORD = "norm_decay_ord"
+DECAY_KEYS = (BUFFER, SCALE, RECENT, ORD)
 PENDING = "norm_decay_pending"
 ORDS = "norm_decay_ords"
 
@@ -86,8 +89,17 @@ def check_state_tensor(value, what: str) -> None:
 
 def checked_entry(name: str, saved: Mapping, weight: torch.Tensor, spec: Spec, ord: float) -> Entry:
     """``(buffer, scale, recent)`` of layer ``name``'s saved state (each None where absent; recent a
-    copy), refused with the layer's name where it does not fit ``weight``."""
+    copy), refused with the layer's name where it does not fit ``weight``, or was saved by a decay
+    of another norm (:data:`ORD`; entries of earlier versions have none)."""
     buffer, scale, recent = saved.get(BUFFER), saved.get(SCALE), saved.get(RECENT)
+    other = saved.get(ORD)
+    if buffer is not None and other is not None and getattr(other, "device", None) != torch.device("meta"):
+        try:
+            other = float(other)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+            raise ValueError(f"decay state of layer {name!r}: {ORD} must be 1 or inf, got {other!r}") from None
+        if other != float(ord):
+            _refuse_other_norm(name, other, ord)
     for what, value in (("buffer", buffer), ("scale", scale)):
         if value is not None:
             check_state_tensor(value, f"decay {what} of layer {name!r}")
@@ -204,16 +216,20 @@ def check_ords(state_dict: Mapping, entries: Mapping[str, tuple[int, Mapping]], 
         ValueError: the decay state of layer 'fc' was saved by an l1 norm decay, and this one is l_inf: ...
     """
     saved_ords = state_dict.get(ORDS) or {}
-    name = lambda o: "l1" if o == 1 else "l_inf" if o == math.inf else f"ord={o}"
     for layer, (index, saved) in entries.items():
         other = saved_ords.get(index)
         if other is not None and saved.get(BUFFER) is not None and float(other) != float(ord):
-            raise ValueError(
-                f"the decay state of layer {layer!r} was saved by an {name(other)} norm decay, and this one is "
-                f"{name(ord)}: its h (a running sum of {name(other)} subgradients) would go on being added. Resume "
-                f"with ord={'1' if other == 1 else 'math.inf'}, or start h at zero: load the checkpoint without its "
-                f"{BUFFER!r}, {SCALE!r} and {RECENT!r} entries, {PENDING!r} and {ORDS!r}"
-            )
+            _refuse_other_norm(layer, other, ord)
+
+
+def _refuse_other_norm(layer: str, other: float, ord: float) -> None:
+    name = lambda o: "l1" if o == 1 else "l_inf" if o == math.inf else f"ord={o}"
+    raise ValueError(
+        f"the decay state of layer {layer!r} was saved by an {name(other)} norm decay, and this one is "
+        f"{name(ord)}: its h (a running sum of {name(other)} subgradients) would go on being added. Resume "
+        f"with ord={'1' if other == 1 else 'math.inf'}, or start h at zero: load the checkpoint without its "
+        f"{BUFFER!r}, {SCALE!r}, {RECENT!r} and {ORD!r} entries, {PENDING!r} and {ORDS!r}"
+    )
 
 
 def check_buffers(buffers: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]) -> None:

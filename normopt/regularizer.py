@@ -9,12 +9,19 @@ finds the layers, keeps the decay state where torch keeps optimizer state, and r
 * ``optimizer.state[weight]["norm_decay_buffer"]`` and ``["norm_decay_scale"]``: the layer's decay
   buffer ``h = buffer * scale`` (see :mod:`normopt.transform`), and ``["norm_decay_recent"]``,
   the channels of its last slices written (large layers whose slices are rows: l_inf norms, l1 of
-  transposed convolutions; :mod:`normopt.recent_slices`), so the optimizer's own
-  ``state_dict()`` saves them and ``load_state_dict()`` restores them, all or nothing. The state
+  transposed convolutions; :mod:`normopt.recent_slices`), and ``["norm_decay_ord"]``, the norm
+  they belong to, so the optimizer's own ``state_dict()`` saves them and ``load_state_dict()``
+  restores them: all or nothing through :class:`~normopt.NormDecayOptimizer`, whose
+  ``load_state_dict`` puts everything back where the inner optimizer refuses a checkpoint half-way;
+  with hooks alone (:func:`attach_norm_decay`) as atomic as the optimizer's own load (torch's is
+  not: a refusal of one entry, Adam's missing ``"step"``, leaves the groups and the entries before
+  it loaded; the decay keeps its state from before the load, and a good checkpoint loaded then
+  resumes). The state
   of a weight the optimizer has not stepped yet (no gradient so far, frozen, loaded before the
   first step) is not in ``optimizer.state``, where Adam-like optimizers would take it for theirs:
   ``state_dict()`` saves it under a key of its own, ``"norm_decay_pending"`` (by parameter index),
-  and, under ``"norm_decay_ords"``, each layer's norm: decay state of the other norm is refused;
+  and, under ``"norm_decay_ords"``, each layer's norm: decay state of the other norm is refused
+  (through the optimizer's own load too, which keeps the entries' ``"norm_decay_ord"``);
 * ``group["norm_decay_beta"]`` and ``group["norm_decay_gamma"]``: set like ``weight_decay``,
   changeable between steps by hand or by a scheduler, per group.
 """
@@ -583,7 +590,7 @@ class NormDecay(CheckpointHooks):
                     state = home[weight]
                     if state is None:  # ZeRO loads None for the parameters another rank steps
                         state = home[weight] = {}
-                    put_decay_state(state, buffer, scale, self._state.recent.get(name))
+                    put_decay_state(state, buffer, scale, self._state.recent.get(name), self.ord)
         if self.max_norm is not None:
             for name, spec in self.decayed.items():
                 if isinstance(spec, BatchNormSpec):
@@ -710,7 +717,7 @@ def attach_norm_decay(optimizer: torch.optim.Optimizer, model: nn.Module, **opti
         >>> model(torch.randn(5, 3)).sum().backward()
         >>> optimizer.step()
         >>> list(decay.last_norms), sorted(optimizer.state[model.weight])
-        ([''], ['norm_decay_buffer', 'norm_decay_scale'])
+        ([''], ['norm_decay_buffer', 'norm_decay_ord', 'norm_decay_scale'])
         >>> decay.detach()
     """
     decay = NormDecay(optimizer, model, **options)

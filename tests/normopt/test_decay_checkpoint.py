@@ -821,8 +821,57 @@ def test_decay_state_of_another_norm_is_refused_naming_the_layer_and_changing_no
     for i, entry in before["state"].items():
         for key, value in entry.items():
             assert torch.equal(after["state"][i][key], value), (i, key)
-    # Of the same norm, and without the record (an earlier version's checkpoint), it loads.
+    # Of the same norm, and without the records (an earlier version's checkpoint), it loads.
     same = make(small_cnn(), beta=0.1, ord=saved_ord)
     same.load_state_dict(checkpoint)
     older = {key: value for key, value in checkpoint.items() if key != "norm_decay_ords"}
+    older["state"] = {i: {k: v for k, v in entry.items() if k != "norm_decay_ord"} for i, entry in checkpoint["state"].items()}
     optimizer.load_state_dict(older)
+
+
+@pytest.mark.parametrize("through", ["wrapper", "hooks"])
+def test_decay_state_of_another_norm_that_the_optimizer_loaded_before_the_decay_was_made_is_refused(through):
+    """Loaded by the inner optimizer before wrapping (the README's other resume path), an l1 h was
+    adopted by an l_inf decay: torch's load keeps the state entries but drops the top-level record
+    of their norm, so each entry records it too."""
+    model = small_cnn()
+    writer = wrapped(model, beta=0.1, ord=1)
+    one_step(model, writer)
+    checkpoint = copy.deepcopy(writer.state_dict())
+    assert all(float(entry["norm_decay_ord"]) == 1.0 for entry in checkpoint["state"].values() if "norm_decay_buffer" in entry)
+    twin = small_cnn()
+    twin.load_state_dict(model.state_dict())
+    inner = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    inner.load_state_dict(checkpoint)
+    make = NormDecayOptimizer if through == "wrapper" else attach_norm_decay
+    with pytest.raises(ValueError, match=r"layer '0' was saved by an l1 norm decay, and this one is l_inf"):
+        make(inner, twin, beta=0.1, ord=math.inf)
+    resumed = make(inner, twin, beta=0.1, ord=1)  # refused, it changed nothing: the same norm resumes
+    one_step(model, writer, 1)
+    one_step(twin, resumed if through == "wrapper" else inner, 1)
+    same_weights(model, twin)
+
+
+def test_a_load_the_optimizer_refuses_half_way_leaves_an_attached_decay_its_state():
+    """With hooks alone a load is as atomic as the optimizer's own (torch's is not: Adam refuses an
+    entry without "step" after loading the groups); the decay keeps its state from before the load,
+    and a good checkpoint loaded then resumes."""
+    model = small_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    decay = attach_norm_decay(optimizer, model, beta=0.1)
+    for seed in range(2):
+        one_step(model, optimizer, seed)
+    before = {name: h.clone() for name, h in decay.decay_buffers().items()}
+    good = copy.deepcopy(optimizer.state_dict())
+    bad = copy.deepcopy(good)
+    del bad["state"][max(bad["state"])]["step"]
+    with pytest.raises(KeyError, match="step"):
+        optimizer.load_state_dict(bad)
+    for name, h in decay.decay_buffers().items():
+        assert torch.equal(h, before[name]), name
+    optimizer.load_state_dict(good)
+    for name, h in decay.decay_buffers().items():
+        assert torch.equal(h, before[name]), name
+    one_step(model, optimizer, 2)
+    weights = {name: module.weight for name, module in model.named_modules() if name in decay.decayed}
+    assert all("norm_decay_buffer" in optimizer.state[w] for w in weights.values())
