@@ -211,11 +211,16 @@ class NormDecay(CheckpointHooks):
         # step builds the transformation anew from it, as a resumed run does: bit for bit.
         state = self.__dict__.copy()
         if self._state is not None:
-            views, recent = self._state.views, self._state.recent
-            # Views, as optimizer.state holds: torch.save and deepcopy keep one copy of their buffer.
-            state["_pending"] = {name: (buffer, scale, recent.get(name)) for name, (buffer, scale) in views.items()}
+            state["_pending"] = self._carried()
             state["_transform"] = state["_state"] = None
         return state
+
+    def _carried(self) -> dict[str, tuple]:
+        """``{layer: (buffer, scale, ring)}`` of the live decay state, as a copy or a checkpoint
+        carries it: views, as optimizer.state holds them (torch.save and deepcopy keep one copy of
+        their flat buffer), and not their product h, which rounds unless gamma is a power of two."""
+        views, recent = self._state.views, self._state.recent
+        return {name: (buffer, scale, recent.get(name)) for name, (buffer, scale) in views.items()}
 
     def _hook_optimizer(self) -> list:
         """Register the checkpoint hooks on the optimizer (load: check, then adopt the decay state;
@@ -396,11 +401,10 @@ class NormDecay(CheckpointHooks):
         """Select the layers of ``specs`` anew, keeping the decay state of those still regularized."""
         if self._state is None:  # what was loaded before the first step, all of it
             kept = self._pending
-        else:  # as a copy or a checkpoint carries it (buffer, scale and ring, not their product h,
-            # which rounds): a run that resumes or is copied and then reselects goes on bit for bit
-            # as the one that reselected live (a scale of another layout makes _write take h)
-            views, recent = self._state.views, self._state.recent
-            kept = {name: (buffer, scale, recent.get(name)) for name, (buffer, scale) in views.items()}
+        else:  # as a copy or a checkpoint carries it: a run that resumes or is copied and then
+            # reselects goes on bit for bit as the one that reselected live (a scale of another
+            # layout makes _write take h)
+            kept = self._carried()
         kept = {**self._held_back, **kept}
         owners = dict(self._weight)  # as chosen, each kept h's weight (a parametrization may have moved it)
         decayed_before, shared_before = set(self.decayed), set(self._shared)
