@@ -155,12 +155,11 @@ def claim_folder(config: RunConfig, out: str, resume: bool, write: bool = True) 
     """
     path = os.path.join(out, "config.json")
     wanted = {"config": config.as_dict(), "definition": config.definition(), "fingerprint": config.fingerprint()}
-    holding = holds_run(out)
-    if not os.path.exists(path) and holding:
+    holding, existed = holds_run(out), os.path.exists(path)
+    if not existed and holding:
         raise UserError(
             f"{out!r} holds checkpoints or a result but no config.json: which run they belong to is unknown; choose another --out"
         )
-    existed = os.path.exists(path)
     if existed:
         try:
             saved = checkpoints.read_json(path)
