@@ -90,6 +90,46 @@ def test_doubling_beta_between_steps_doubles_the_next_added_gradient(rings, kind
     assert all(added[0][f"{i}.weight"].abs().sum() > 0 for i in (0, 3, 6))
 
 
+def _set_in_groups(optimizer, key, value) -> None:
+    for group in optimizer.param_groups:
+        group[key] = value
+
+
+# What changes the groups between steps; each step reuses the last one's per-layer values while
+# the groups hold the very same numbers, so that each change must be seen.
+_GROUP_CHANGES = {
+    "beta": lambda optimizer, number: _set_in_groups(optimizer, "norm_decay_beta", number(0.3)),
+    "gamma": lambda optimizer, number: _set_in_groups(optimizer, "norm_decay_gamma", number(0.25)),
+    "maximize": lambda optimizer, number: _set_in_groups(optimizer, "maximize", True),
+    "group-replaced": lambda optimizer, number: optimizer.param_groups.__setitem__(
+        0, {**optimizer.param_groups[0], "norm_decay_beta": number(0.3)}
+    ),
+    "default": lambda optimizer, number: (
+        [group.pop("norm_decay_beta") for group in optimizer.param_groups],
+        optimizer.defaults.__setitem__("norm_decay_beta", number(0.3)),
+    ),
+}
+
+
+@pytest.mark.parametrize("change", list(_GROUP_CHANGES))
+@pytest.mark.parametrize("how", ["wrapper", "hooks"])
+def test_param_groups_changed_between_steps_are_read_anew(change, how):
+    import numpy as np
+
+    runs = []
+    for number in (float, np.float64):  # NumPy floats, which no step reuses the last one's values for
+        model = small_cnn()
+        optimizer = wrapped(model, beta=0.1) if how == "wrapper" else attached(model, beta=0.1)
+        _set_in_groups(optimizer, "norm_decay_beta", number(0.1))
+        for step in range(4):
+            if step == 2:
+                _GROUP_CHANGES[change](optimizer, number)
+            one_step(model, optimizer, step)
+        runs.append(model)
+    same_weights(*runs)
+    assert not all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), small_cnn().parameters()))
+
+
 @pytest.mark.parametrize("rule", ["paper", "reference"])
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
 def test_a_step_inside_torch_autocast_gives_the_weights_of_one_outside(ord, rule):

@@ -679,6 +679,55 @@ def test_a_tensor_beta_gives_the_float_betas_update(ord, ring, rule, per_layer, 
         assert_close(runs[1][key], value, rtol=1e-6, msg=key)
 
 
+def _unmemoized(value):
+    """``value`` (a number, a tensor, or ``{layer: value}``) with the same values, as objects that an
+    update never reuses its last call's values for (NumPy floats, which it takes as Python's)."""
+    if isinstance(value, dict):
+        return {name: _unmemoized(v) for name, v in value.items()}
+    return value.clone() if isinstance(value, torch.Tensor) else np.float64(value)
+
+
+def _set_first(mapping: dict, value) -> None:
+    mapping[next(iter(mapping))] = value
+
+
+# (beta, gamma, what changes them in place after the first step)
+_CHANGED_IN_PLACE = {
+    "beta-dict-entry": (lambda s: dict.fromkeys(s, 0.1), lambda s: 0.5, lambda beta, gamma: _set_first(beta, 0.3)),
+    "gamma-dict-entry": (lambda s: 0.1, lambda s: dict.fromkeys(s, 0.5), lambda beta, gamma: _set_first(gamma, 0.25)),
+    "tensor-beta": (lambda s: torch.tensor(0.1), lambda s: 0.5, lambda beta, gamma: beta.fill_(0.3)),
+    "tensor-beta-entry": (lambda s: dict.fromkeys(s, torch.tensor(0.1)), lambda s: 0.5, lambda beta, gamma: _set_first(beta, torch.tensor(0.3))),
+    "beta-zero-to-negative-zero": (lambda s: dict.fromkeys(s, 0.0), lambda s: 0.5, lambda beta, gamma: _set_first(beta, -0.0)),
+}
+
+
+@pytest.mark.parametrize("change", list(_CHANGED_IN_PLACE))
+@pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
+def test_hyperparameters_changed_in_place_between_updates_are_read_anew(change, ord):
+    # The update reuses the per-layer values of its last call while it is handed the very same
+    # numbers: a mapping changed in place, a tensor filled, or 0.0 turned -0.0 must not be missed.
+    _, specs, tensors = _small_model()
+    make_beta, make_gamma, mutate = _CHANGED_IN_PLACE[change]
+    runs = []
+    for unmemoized in (False, True):
+        transform = norm_decay(specs, ord=ord)
+        state = transform.init(tensors)
+        given_beta, given_gamma = make_beta(specs), make_gamma(specs)
+        steps = []
+        for step in range(3):
+            if step == 1:
+                mutate(given_beta, given_gamma)
+            # -0.0 gradients: a -0.0 beta leaves their sign, a 0.0 one does not
+            grads = {spec.weight: torch.full_like(tensors[spec.weight], -0.0) for spec in specs.values()}
+            args = (_unmemoized(given_beta), _unmemoized(given_gamma)) if unmemoized else (given_beta, given_gamma)
+            grads, state, _ = transform.update(grads, state, tensors, beta=args[0], gamma=args[1])
+            steps.append(grads)
+        runs.append(steps)
+    for step, (got, expected) in enumerate(zip(*runs)):
+        for key, value in expected.items():
+            assert torch.equal(got[key], value) and torch.equal(got[key].signbit(), value.signbit()), (step, key)
+
+
 def test_a_tensor_gamma_or_an_unusable_tensor_beta_is_refused_by_layer_before_anything_changes():
     transform = norm_decay({"fc": normopt.LinearSpec("fc", "w", 2, 2)})
     tensors = {"w": torch.ones(2, 2)}
