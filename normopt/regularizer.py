@@ -69,7 +69,7 @@ from normopt.projection import project_batchnorm, project_batchnorm_argmax, proj
 from normopt.recent_slices import DENSE, RING_MAX_LENGTH, covered, horizon
 from normopt.replicas import first_rank_copies, replica_group
 from normopt.specs import BatchNormSpec, ConvSpec
-from normopt.transform import RULES, NormDecayState, NormDecayTransform, norm_decay, number_snapshot, same_numbers
+from normopt.transform import RULES, NormDecayState, NormDecayTransform, norm_decay
 
 # Each optimizer's decays whose hooks are on it, to refuse a second decay of one weight.
 _DECAYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -119,9 +119,6 @@ class NormDecay(CheckpointHooks):
     _overriding_warned: frozenset = frozenset()  # (layer, class) pairs named in an OverriddenForwardWarning
     _agreed: dict = {}  # noqa: RUF012  replaced, never changed in place: this step's running variances under DDP
     _replicas = None  # a DDP model's (normopt.replicas), set at construction (unset in copies of earlier versions)
-    # (param-group mapping, snapshot of the groups' numbers, the dicts of _hyper) of the last step:
-    # rebuilding the per-layer dicts took about 20 microseconds a step for 45 layers (CPU).
-    _hyper_last: tuple | None = None
 
     def __init__(
         self,
@@ -213,7 +210,6 @@ class NormDecay(CheckpointHooks):
         # carries the decay state as a checkpoint loaded before the first step does, and its next
         # step builds the transformation anew from it, as a resumed run does: bit for bit.
         state = self.__dict__.copy()
-        state["_hyper_last"] = None
         if self._state is not None:
             state["_pending"] = self._carried()
             state["_transform"] = state["_state"] = None
@@ -479,19 +475,8 @@ class NormDecay(CheckpointHooks):
     # -- the step ---------------------------------------------------------------------------------
 
     def _hyper(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Each regularized layer's beta and gamma, read from its param group now (checked once per
-        group): the dicts of the last step while every group holds the very same numbers."""
+        """Each regularized layer's beta and gamma, read from its param group now (checked once per group)."""
         defaults = self.optimizer.defaults
-        beta, gamma = defaults.get(BETA), defaults.get(GAMMA)
-        raw = tuple(
-            value
-            for group in self.optimizer.param_groups
-            for value in (group.get(BETA, beta), group.get(GAMMA, gamma), group.get("maximize", False))
-        )
-        compiling = torch.compiler.is_compiling()  # dynamo would guard on the objects themselves
-        last = self._hyper_last
-        if not compiling and last is not None and last[0] is self._group_of and same_numbers(raw, last[1]):
-            return last[2]
         per_group = [
             (
                 signed_beta(
@@ -501,14 +486,10 @@ class NormDecay(CheckpointHooks):
             )
             for i, group in enumerate(self.optimizer.param_groups)
         ]
-        hyper = (
+        return (
             {name: per_group[i][0] for name, i in self._group_of.items()},
             {name: per_group[i][1] for name, i in self._group_of.items()},
         )
-        if not compiling:
-            snapshot = number_snapshot(raw)
-            self._hyper_last = None if snapshot is None else (self._group_of, snapshot, hyper)
-        return hyper
 
     def _selection_changed(self) -> bool:
         """Whether the layers must be chosen anew: param groups added, or :meth:`_layers_changed`."""

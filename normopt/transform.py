@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -278,54 +277,6 @@ def _per_layer(value, names, what: str, device_of=None, interval=(-math.inf, mat
     return [one(value, None)] * len(names)
 
 
-def number_snapshot(values) -> tuple | None:
-    """``values`` as a tuple to compare a later call's with :func:`same_numbers`, or None where one
-    is not a plain Python number: a tensor may change in place, a mutable value otherwise.
-
-    Example:
-        >>> number_snapshot([0.5, 2, False]), number_snapshot([torch.tensor(0.5)])
-        ((0.5, 2, False), None)
-    """
-    values = tuple(values)
-    return values if all(type(v) in (float, int, bool) for v in values) else None
-
-
-def same_numbers(values: tuple, snapshot: tuple | None) -> bool:
-    """Whether ``values`` are the very objects of ``snapshot``: identical, which equal is not
-    (``0.0 == -0.0``; a scheduler that sets a value anew makes a new object, and is read anew).
-
-    Example:
-        >>> beta = 1e-3
-        >>> same_numbers((beta,), number_snapshot([beta])), same_numbers((-0.0,), number_snapshot([0.0]))
-        (True, False)
-    """
-    return snapshot is not None and len(values) == len(snapshot) and all(map(operator.is_, values, snapshot))
-
-
-def _mapping_snapshot(value) -> tuple | None:
-    """What identifies ``value`` (a number, or ``{layer: number}``) for :func:`same_numbers`: its layers
-    and its numbers; None where it holds anything but plain numbers."""
-    if isinstance(value, Mapping):
-        numbers_of = number_snapshot(value.values())
-        return None if numbers_of is None else (tuple(value), numbers_of)
-    numbers_of = number_snapshot((value,))
-    return None if numbers_of is None else ((), numbers_of)
-
-
-def _same_snapshot(now: tuple | None, before: tuple | None) -> bool:
-    return now is not None and before is not None and now[0] == before[0] and same_numbers(now[1], before[1])
-
-
-class _Hyper(NamedTuple):
-    """One step's hyperparameters, resolved per layer and per batch (:func:`norm_decay`'s update)."""
-
-    gammas: dict[str, float]
-    strengths: dict[str, object]  # beta / N per layer: a float, or a 0-d tensor
-    decays: list[list[float]]  # per batch, its layers' gammas
-    shared: list[float | None]  # per batch, the gamma all its layers share, or None
-    strength: list[object]  # per batch, the strength all its layers share, or None
-
-
 def _common(values: list):
     """The value every entry of ``values`` holds (equal numbers, or one and the same tensor), else None."""
     first = values[0]
@@ -451,11 +402,6 @@ def norm_decay(
     # per batch, the largest gamma its ring holds every slice for (a larger one turns it dense)
     limits: list[float] = []
     made: list[tuple] = [()]  # the _layout_of the state the last init made, to know it again
-    # Each weight's key where ``tensors`` holds it under its own name (no DDP or compiled prefix).
-    direct = {n: specs[n].weight for n in names}
-    # (beta's snapshot, gamma's, their _Hyper) of the last step: resolving them per layer anew
-    # took about 0.1 ms a step for RegNetX-200MF's 45 layers (CPU), about a percent of the step.
-    resolved: list = [None]
 
     def init(tensors: Mapping[str, torch.Tensor]) -> NormDecayState:
         by_batch: dict[tuple[torch.device, torch.dtype], list[str]] = {}
@@ -468,7 +414,6 @@ def norm_decay(
             by_batch.setdefault((weight.device, weight.dtype), []).append(name)
         layout.clear()
         limits.clear()
-        resolved[0] = None  # its per-batch values follow the layout
         buffers, scales, tables, scratch, views = [], [], [], [], {}
         rings, all_ring_tables, recent, sparse_batches = [], [], {}, []
         for (device, dtype), members in by_batch.items():
@@ -525,8 +470,36 @@ def norm_decay(
                 return _update(grads, state, tensors, beta=beta, gamma=gamma, check=check)
         return _update(grads, state, tensors, beta=beta, gamma=gamma, check=check)
 
-    def _resolve(beta, gamma, keys, tensors) -> _Hyper:
-        """beta and gamma (numbers, or ``{layer: number}``) checked and resolved per layer and batch."""
+    def _update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool):
+        if not layout:
+            raise RuntimeError("norm_decay: call init before update")
+        for what, given in (("grads", grads), ("tensors", tensors)):
+            if not isinstance(given, Mapping):
+                raise TypeError(f"norm_decay.update: {what} must be a mapping {{name: tensor}}, got {type(given).__name__}")
+        if (
+            len(state.buffers) != len(layout)
+            or any(b.numel() != sum(plan.numels) for b, (_, plan, _) in zip(state.buffers, layout))
+            or (check and _layout_of(state) != made[0])
+        ):
+            raise ValueError("norm_decay: this state was not made by this transformation's init (or not by its last one)")
+        if check and not torch.compiler.is_compiling():  # compiled, the views are rebuilt from the buffers
+            _check_views(state, [members for members, _, _ in layout])
+        # The key each weight has in ``tensors`` (a DDP or compiled model's prefix included): its
+        # gradient has the same one in ``grads``.
+        keys = {n: resolve(tensors, specs[n].weight, specs[n]) for n in names}
+        # Every batch's weights and gradients, all checked before any is changed: a refusal in a
+        # later batch (another dtype or device) left the earlier ones decayed.
+        batch_weights, batch_grads = [], []
+        for (members, plan, _), buffer in zip(layout, state.buffers):
+            weights = [tensors[keys[n]] for n in members]
+            # Keyed like ``tensors``, or without the wrapper's prefix.
+            layer_grads = [grads.get(keys[n]) for n in members]
+            if any(keys[n] != specs[n].weight for n in members):
+                layer_grads = [g if g is not None else grads.get(specs[n].weight) for g, n in zip(layer_grads, members)]
+            if check:
+                _check_step(members, weights, layer_grads, plan, buffer.device, buffer.dtype)  # init made it so
+            batch_weights.append(weights)
+            batch_grads.append(layer_grads)
         betas = dict(zip(names, _per_layer(beta, names, "beta", lambda n: tensors[keys[n]].device)))
         gammas = dict(zip(names, _per_layer(gamma, names, "gamma", interval=(0, 1))))
         count = layer_count if rule == "paper" else 1  # the paper's beta is shared among the layers
@@ -544,57 +517,6 @@ def norm_decay(
                 strengths[n] = known[0]
             else:
                 strengths[n] = b / count
-        decays = [[gammas[n] for n in members] for members, _, _ in layout]
-        # Compared, never hashed: compiled, a gamma that changed is a symbol, and a set of
-        # symbols fixed their values (a recompile at every new gamma).
-        shared = [_common(d) for d in decays]
-        strength = [_common([strengths[n] for n in members]) for members, _, _ in layout]
-        return _Hyper(gammas, strengths, decays, shared, strength)
-
-    def _update(grads, state: NormDecayState, tensors, *, beta, gamma, check: bool):
-        if not layout:
-            raise RuntimeError("norm_decay: call init before update")
-        for what, given in (("grads", grads), ("tensors", tensors)):
-            if not isinstance(given, Mapping):
-                raise TypeError(f"norm_decay.update: {what} must be a mapping {{name: tensor}}, got {type(given).__name__}")
-        if (
-            len(state.buffers) != len(layout)
-            or any(b.numel() != sum(plan.numels) for b, (_, plan, _) in zip(state.buffers, layout))
-            or (check and _layout_of(state) != made[0])
-        ):
-            raise ValueError("norm_decay: this state was not made by this transformation's init (or not by its last one)")
-        if check and not torch.compiler.is_compiling():  # compiled, the views are rebuilt from the buffers
-            _check_views(state, [members for members, _, _ in layout])
-        # The key each weight has in ``tensors`` (a DDP or compiled model's prefix included): its
-        # gradient has the same one in ``grads``.
-        if all(key in tensors for key in direct.values()):
-            keys = direct
-        else:
-            keys = {n: resolve(tensors, specs[n].weight, specs[n]) for n in names}
-        # Every batch's weights and gradients, all checked before any is changed: a refusal in a
-        # later batch (another dtype or device) left the earlier ones decayed.
-        batch_weights, batch_grads = [], []
-        for (members, plan, _), buffer in zip(layout, state.buffers):
-            weights = [tensors[keys[n]] for n in members]
-            # Keyed like ``tensors``, or without the wrapper's prefix.
-            layer_grads = [grads.get(keys[n]) for n in members]
-            if keys is not direct and any(keys[n] != specs[n].weight for n in members):
-                layer_grads = [g if g is not None else grads.get(specs[n].weight) for g, n in zip(layer_grads, members)]
-            if check:
-                _check_step(members, weights, layer_grads, plan, buffer.device, buffer.dtype)  # init made it so
-            batch_weights.append(weights)
-            batch_grads.append(layer_grads)
-        if torch.compiler.is_compiling():  # dynamo would guard on the objects themselves
-            hyper = _resolve(beta, gamma, keys, tensors)
-        else:
-            snapshots = (_mapping_snapshot(beta), _mapping_snapshot(gamma))
-            last = resolved[0]
-            if last is not None and _same_snapshot(snapshots[0], last[0]) and _same_snapshot(snapshots[1], last[1]):
-                hyper = last[2]
-            else:
-                hyper = _resolve(beta, gamma, keys, tensors)
-                resolved[0] = (*snapshots, hyper) if None not in snapshots else None
-        gammas, strengths = hyper.gammas, hyper.strengths
         norms: dict[str, torch.Tensor] = {}
         all_views = state.views
         if torch.compiler.is_compiling():
@@ -615,7 +537,10 @@ def norm_decay(
             lines = all_line_sums(weights, factors, plan, tables, scratch)
             found = argmax_slices(padded_line_sums(lines, plan, tables), tables)
             values, counts = slice_subgradients(weights, found, factors, plan, tables)
-            decays, shared = hyper.decays[batch], hyper.shared[batch]
+            decays = [gammas[n] for n in members]
+            # Compared, never hashed: compiled, a gamma that changed is a symbol, and a set of
+            # symbols fixed their values (a recompile at every new gamma).
+            shared = _common(decays)
             if shared is not None:  # h <- gamma h, on the scales only
                 scale.mul_(shared)
             else:
@@ -647,7 +572,7 @@ def norm_decay(
             if have:
                 layer_scales = [all_views[members[i]][1] for i in have]
                 values_of = [strengths[members[i]] for i in have]
-                value = hyper.strength[batch] if hyper.strength[batch] is not None else _common(values_of)
+                value = _common(values_of)
                 if not isinstance(value, float):  # a tensor beta's scaled scales are rounded to
                     # their dtype before the product: with reduced-precision weights, one rounding
                     # more than a float beta's
@@ -657,7 +582,7 @@ def norm_decay(
             if through_ring and any(layer_grads[i] is not None for i in through_ring):
                 coefficients = ring_coefficients(ring, scale, ring_table)
                 values_of = [strengths[members[i]] for i in through_ring]
-                common = hyper.strength[batch] if hyper.strength[batch] is not None else _common(values_of)
+                common = _common(values_of)
                 if common is not None:
                     coefficients = coefficients * common
                 else:

@@ -95,8 +95,8 @@ def _set_in_groups(optimizer, key, value) -> None:
         group[key] = value
 
 
-# What changes the groups between steps; each step reuses the last one's per-layer values while
-# the groups hold the very same numbers, so that each change must be seen.
+# What changes the groups between steps: each change must be seen at the next step, whether the
+# groups hold Python floats (the same objects until changed) or NumPy ones.
 _GROUP_CHANGES = {
     "beta": lambda optimizer, number: _set_in_groups(optimizer, "norm_decay_beta", number(0.3)),
     "gamma": lambda optimizer, number: _set_in_groups(optimizer, "norm_decay_gamma", number(0.25)),
@@ -117,7 +117,7 @@ def test_param_groups_changed_between_steps_are_read_anew(change, how):
     import numpy as np
 
     runs = []
-    for number in (float, np.float64):  # NumPy floats, which no step reuses the last one's values for
+    for number in (float, np.float64):
         model = small_cnn()
         optimizer = wrapped(model, beta=0.1) if how == "wrapper" else attached(model, beta=0.1)
         _set_in_groups(optimizer, "norm_decay_beta", number(0.1))

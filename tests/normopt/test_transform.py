@@ -679,11 +679,11 @@ def test_a_tensor_beta_gives_the_float_betas_update(ord, ring, rule, per_layer, 
         assert_close(runs[1][key], value, rtol=1e-6, msg=key)
 
 
-def _unmemoized(value):
-    """``value`` (a number, a tensor, or ``{layer: value}``) with the same values, as objects that an
-    update never reuses its last call's values for (NumPy floats, which it takes as Python's)."""
+def _rebuilt(value):
+    """``value`` (a number, a tensor, or ``{layer: value}``) with the same values as new objects of
+    another type (NumPy floats, which an update takes as Python's)."""
     if isinstance(value, dict):
-        return {name: _unmemoized(v) for name, v in value.items()}
+        return {name: _rebuilt(v) for name, v in value.items()}
     return value.clone() if isinstance(value, torch.Tensor) else np.float64(value)
 
 
@@ -696,7 +696,11 @@ _CHANGED_IN_PLACE = {
     "beta-dict-entry": (lambda s: dict.fromkeys(s, 0.1), lambda s: 0.5, lambda beta, gamma: _set_first(beta, 0.3)),
     "gamma-dict-entry": (lambda s: 0.1, lambda s: dict.fromkeys(s, 0.5), lambda beta, gamma: _set_first(gamma, 0.25)),
     "tensor-beta": (lambda s: torch.tensor(0.1), lambda s: 0.5, lambda beta, gamma: beta.fill_(0.3)),
-    "tensor-beta-entry": (lambda s: dict.fromkeys(s, torch.tensor(0.1)), lambda s: 0.5, lambda beta, gamma: _set_first(beta, torch.tensor(0.3))),
+    "tensor-beta-entry": (
+        lambda s: dict.fromkeys(s, torch.tensor(0.1)),
+        lambda s: 0.5,
+        lambda beta, gamma: _set_first(beta, torch.tensor(0.3)),
+    ),
     "beta-zero-to-negative-zero": (lambda s: dict.fromkeys(s, 0.0), lambda s: 0.5, lambda beta, gamma: _set_first(beta, -0.0)),
 }
 
@@ -704,12 +708,13 @@ _CHANGED_IN_PLACE = {
 @pytest.mark.parametrize("change", list(_CHANGED_IN_PLACE))
 @pytest.mark.parametrize("ord", [1, math.inf], ids=["l1", "linf"])
 def test_hyperparameters_changed_in_place_between_updates_are_read_anew(change, ord):
-    # The update reuses the per-layer values of its last call while it is handed the very same
-    # numbers: a mapping changed in place, a tensor filled, or 0.0 turned -0.0 must not be missed.
+    # A per-step cache of the resolved values (keyed on the objects handed in) must not miss a
+    # mapping changed in place, a tensor filled, or 0.0 turned -0.0: each update reads them anew,
+    # as it reads new objects of the same values.
     _, specs, tensors = _small_model()
     make_beta, make_gamma, mutate = _CHANGED_IN_PLACE[change]
     runs = []
-    for unmemoized in (False, True):
+    for rebuilt in (False, True):
         transform = norm_decay(specs, ord=ord)
         state = transform.init(tensors)
         given_beta, given_gamma = make_beta(specs), make_gamma(specs)
@@ -719,7 +724,7 @@ def test_hyperparameters_changed_in_place_between_updates_are_read_anew(change, 
                 mutate(given_beta, given_gamma)
             # -0.0 gradients: a -0.0 beta leaves their sign, a 0.0 one does not
             grads = {spec.weight: torch.full_like(tensors[spec.weight], -0.0) for spec in specs.values()}
-            args = (_unmemoized(given_beta), _unmemoized(given_gamma)) if unmemoized else (given_beta, given_gamma)
+            args = (_rebuilt(given_beta), _rebuilt(given_gamma)) if rebuilt else (given_beta, given_gamma)
             grads, state, _ = transform.update(grads, state, tensors, beta=args[0], gamma=args[1])
             steps.append(grads)
         runs.append(steps)
