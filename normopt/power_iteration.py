@@ -72,8 +72,9 @@ def _checked(weight: torch.Tensor, spec: ConvSpec, iterations: int, tol: float, 
     positive_int(iterations, f"layer {spec.name!r}: iterations")
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf):
         raise ValueError(f"layer {spec.name!r}: tol must be a finite number >= 0 or None, got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f"layer {spec.name!r}: seed must be an int, got {seed!r}")
+    # torch.Generator's range: a seed beyond it failed there with "Overflow when unpacking long long"
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"layer {spec.name!r}: seed must be an int in [-2**63, 2**64), got {seed!r}")
     if not isinstance(weight, torch.Tensor) or weight.is_complex() or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise TypeError(f"layer {spec.name!r}: power iteration needs a real floating-point weight, got {got}")

@@ -142,9 +142,11 @@ def test_numpy_whole_numbers_are_taken_and_a_seed_that_is_none_is_refused_by_lay
     weight = conv.weight.detach()
     expected = power_iteration_norm(weight, spec, iterations=20, seed=3)
     assert torch.equal(power_iteration_norm(weight, spec, iterations=np.int64(20), seed=np.int32(3)), expected)
-    for seed in (None, 1.5):
-        with pytest.raises(ValueError, match=rf"layer 'c': seed must be an int, got {seed}"):
+    for seed in (None, 1.5, 2**64, -(2**63) - 1):  # beyond torch.Generator's range too
+        with pytest.raises(ValueError, match=rf"layer 'c': seed must be an int in \[-2\*\*63, 2\*\*64\), got {seed}"):
             power_iteration_norm(weight, spec, seed=seed)
+    for seed in (2**64 - 1, -(2**63)):  # the ends of its range are taken
+        assert torch.isfinite(power_iteration_norm(weight, spec, iterations=2, seed=seed))
 
 
 def _unscaled_iteration(weight, spec, iterations):
