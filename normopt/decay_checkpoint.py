@@ -25,6 +25,7 @@ from normopt.decay_state_dict import (
     RECENT,
     SCALE,
     check_buffers,
+    check_group_sizes,
     check_ords,
     checked_entry,
     compacted,
@@ -96,6 +97,7 @@ class CheckpointHooks:
         # Each group's beta and gamma now: a checkpoint of a plain optimizer has none, and torch
         # replaces the groups with the saved ones (it fills in its own missing options alike).
         self._hyper_before_load = [(group.get(BETA), group.get(GAMMA)) for group in optimizer.param_groups]
+        check_group_sizes(state_dict, self.optimizer.param_groups)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         ours = {name: self._weight[name] for name in (*self.decayed, *self._frozen_decayed())}
         entries = saved_entries(state_dict, params, ours)

@@ -35,6 +35,26 @@ ORDS = "norm_decay_ords"
 Entry = tuple  # (buffer, scale or None, recent or None)
 
 
+def check_group_sizes(state_dict: Mapping, groups: list[dict]) -> None:
+    """Refuse, as ``torch.optim.Optimizer.load_state_dict`` does and in its words, saved param groups
+    that are not as many, or not as large, as ``groups``: the decay pairs the saved parameters with
+    the optimizer's by position before torch looks, and named a layer's buffer instead.
+
+    Example:
+        >>> check_group_sizes({"param_groups": [{"params": [0, 1]}]}, [{"params": [torch.zeros(1)]}])
+        Traceback (most recent call last):
+        ...
+        ValueError: loaded state dict contains a parameter group that doesn't match the size of optimizer's group
+    """
+    saved = state_dict.get("param_groups")
+    if saved is None:
+        return
+    if len(saved) != len(groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's group")
+
+
 def saved_entries(state_dict: Mapping, params: list[torch.Tensor], weights: Mapping[str, torch.Tensor]) -> dict:
     """``{layer: (index, the saved state of its weight)}``: each layer of ``weights`` (``{layer:
     weight}``) found by the optimizer's numbering (``params``, its parameters in group order), its

@@ -478,6 +478,45 @@ def test_a_refused_load_changes_neither_the_optimizer_nor_the_decay_state(throug
             assert torch.equal(value, inner["state"][i][key]), (i, key)
 
 
+def _two_groups(model: nn.Module) -> list[dict]:
+    """The convolutions (4 parameters) and the head (2) of :func:`small_cnn`, in two groups."""
+    return [{"params": [*model[0].parameters(), *model[3].parameters()]}, {"params": list(model[6].parameters())}]
+
+
+@pytest.mark.parametrize("make", [NormDecayOptimizer, attach_norm_decay], ids=["wrapper", "hooks"])
+@pytest.mark.parametrize(
+    ("regroup", "message"),
+    [
+        (lambda groups: groups[::-1], "contains a parameter group that doesn't match the size of optimizer's group"),
+        (lambda groups: [{"params": [p for g in groups for p in g["params"]]}], "has a different number of parameter groups"),
+    ],
+    ids=["sizes", "count"],
+)
+def test_a_checkpoint_of_other_param_groups_is_refused_in_torchs_words(make, regroup, message):
+    # The decay pairs saved parameters with the optimizer's by position before torch checks the
+    # groups: it named a layer's buffer of another shape instead.
+    model = small_cnn()
+    optimizer = torch.optim.SGD(_two_groups(model), lr=0.05, momentum=0.9)
+    decay = make(optimizer, model, beta=0.1)
+    stepping = decay if make is NormDecayOptimizer else optimizer
+    one_step(model, stepping)
+    saved = copy.deepcopy(stepping.state_dict())
+    other = small_cnn()
+    plain = torch.optim.SGD(regroup(_two_groups(other)), lr=0.05, momentum=0.9)
+    with pytest.raises(ValueError, match=message):
+        plain.load_state_dict(copy.deepcopy(saved))  # torch's own refusal
+    inner = torch.optim.SGD(regroup(_two_groups(other)), lr=0.05, momentum=0.9)
+    target = make(inner, other, beta=0.1)
+    loading = target if make is NormDecayOptimizer else inner
+    one_step(other, loading)
+    before = copy.deepcopy(loading.state_dict())
+    with pytest.raises(ValueError, match=message):
+        loading.load_state_dict(saved)
+    for i, entry in loading.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, before["state"][i][key]), (i, key)
+
+
 def test_checkpoints_of_the_previous_version_still_load():
     model = small_cnn()
     optimizer = wrapped(model, beta=0.1)
