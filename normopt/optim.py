@@ -167,7 +167,10 @@ class NormDecayOptimizer(torch.optim.Optimizer):
 
         An inner optimizer that requires a closure and re-evaluates it (LBFGS) gets one that runs
         ``closure`` and then adds the decay, so no evaluation's gradient lacks it; ``h`` then
-        advances once per evaluation (``gamma`` counts evaluations, not steps). As with the inner
+        advances once per evaluation (``gamma`` counts evaluations, not steps). Norm decay is no
+        loss's gradient (``h`` is a running sum of subgradients), so a line search
+        (``line_search_fn="strong_wolfe"``) checks its conditions with the closure's loss, which has
+        no decay term, against gradients that hold the decay. As with the inner
         optimizer, the gradients stay as the step used them: the decay is in ``.grad`` after the
         step (a gradient-norm logged after it includes it, and a second step on the same
         gradients adds it again). Step hooks

@@ -326,7 +326,10 @@ def clip_singular_values(
     ``precision`` and ``threads`` as in :func:`conv_singular_values`.
 
     Returns:
-        A tensor of the kernel's shape, dtype and device.
+        A tensor of the kernel's shape, dtype and device. A half-precision kernel is clipped in
+        float32 and rounded to its dtype at the end, entry by entry to the nearest: the stored
+        kernel's largest singular value can sit above ``bound`` by that rounding (up to 1.2% over
+        random bfloat16 kernels as large as their input, 1-D to 3-D: about 1.5 ulps of bfloat16).
 
     Example:
         >>> import torch
