@@ -94,10 +94,10 @@ class CheckpointHooks:
             self.add_params()
         for i, group in enumerate(state_dict.get("param_groups", [])):
             check_group(group, f"param group {i} of the checkpoint")
+        check_group_sizes(state_dict, self.optimizer.param_groups)
         # Each group's beta and gamma now: a checkpoint of a plain optimizer has none, and torch
         # replaces the groups with the saved ones (it fills in its own missing options alike).
         self._hyper_before_load = [(group.get(BETA), group.get(GAMMA)) for group in optimizer.param_groups]
-        check_group_sizes(state_dict, self.optimizer.param_groups)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         ours = {name: self._weight[name] for name in (*self.decayed, *self._frozen_decayed())}
         entries = saved_entries(state_dict, params, ours)

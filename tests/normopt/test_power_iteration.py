@@ -86,6 +86,9 @@ def test_without_a_tolerance_exactly_the_iterations_asked_run_reading_nothing_ba
     after 293 (and every iteration read the estimate back)."""
     from helpers import host_reads
 
+    # Seeded: of 30 seeds, 11 give weights whose estimates never repeat exactly in 3000 iterations
+    # (the test failed or passed with the tests that ran before it on its worker).
+    torch.manual_seed(3)
     conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
     spec = normopt.module_spec(conv, "c", (6, 6))
     weight = conv.weight.detach().double()
