@@ -286,7 +286,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds", help="comma-separated seeds, each run once per seed (default 0; 1 on cifar10, the released scripts')"
     )
-    parser.add_argument("--out", help="output folder (default runs/<study>-<dataset>)")
+    parser.add_argument("--out", type=cli.folder, help="output folder (default runs/<study>-<dataset>)")
     parser.add_argument("--shard", help="K/N: train only the K-th of N disjoint shares of the runs (no tables)")
     parser.add_argument("--collect", action="store_true", help="train nothing: tables and figures from the finished runs")
     cli.protocol_options(parser)
@@ -422,24 +422,26 @@ def run_study(name: str, module: str, argv: list[str], args, configs: list[RunCo
         cli.or_exit(lambda: cli.check_data(mine))
     with cli.friendly(cli.command_line(module, argv)):
         claimed = claim_study(out, identity(name, configs))
-        if not args.collect:
-            # Taken back if the study fails before any of its runs holds a checkpoint or a result
-            # (its first epoch crashed, say); not by a shard: another may be in its first epoch.
-            holding = lambda: any(holds_run(run_folder(c, out)) for c in configs)
-            study_json = os.path.join(out, "study.json")
-            with checkpoints.taken_back_on_failure(study_json, holding) if claimed and not shard else contextlib.nullcontext():
+        # Taken back if the study fails before any of its runs holds a checkpoint or a result (its
+        # first epoch crashed, or a --collect found nothing to collect); not by a shard: another
+        # may be in its first epoch.
+        holding = lambda: any(holds_run(run_folder(c, out)) for c in configs)
+        study_json = os.path.join(out, "study.json")
+        with checkpoints.taken_back_on_failure(study_json, holding) if claimed and not shard else contextlib.nullcontext():
+            if not args.collect:
                 run_grid(mine, out)
-        if shard:
-            eprint(
-                f"shard {shard[0]}/{shard[1]} done; once every shard is, run the same command with --collect instead of --shard"
-            )
-            return out
-        results, missing = finished(configs, out)
-        if missing:
-            eprint(f"{len(missing)} run(s) not finished yet, left out of the tables:")
-            for config in missing:
-                eprint(f"  {config.model} {run_label(config)} seed {config.seed}")
-        if not results:
-            raise UserError(f"no finished runs in {out!r} yet")
+            if shard:
+                eprint(
+                    f"shard {shard[0]}/{shard[1]} done; once every shard is, "
+                    "run the same command with --collect instead of --shard"
+                )
+                return out
+            results, missing = finished(configs, out)
+            if missing:
+                eprint(f"{len(missing)} run(s) not finished yet, left out of the tables:")
+                for config in missing:
+                    eprint(f"  {config.model} {run_label(config)} seed {config.seed}")
+            if not results:
+                raise UserError(f"no finished runs in {out!r} yet")
         report(results, out)
     return out

@@ -112,6 +112,18 @@ def test_a_study_that_fails_before_any_run_holds_a_checkpoint_takes_back_its_cla
     assert json.load(open(os.path.join(out, "study.json")))["options"]["seeds"] == [1]  # a run holds a result: kept
 
 
+def test_a_collect_that_finds_no_finished_run_leaves_the_folder_free(tmp_path, capsys):
+    """--collect into a folder with no finished run failed ("no finished runs") but left its
+    study.json, which then refused every other study there (a helper's hunt)."""
+    out = str(tmp_path / "study")
+    with pytest.raises(SystemExit) as exit:
+        regularize.main([*TINY, "--methods", "plain", "--out", out, "--collect"])
+    assert exit.value.code == 2 and "no finished runs" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "study.json"))
+    regularize.main([*TINY, "--methods", "plain", "--epochs", "2", "--out", out, "--dry-run"])
+    assert "dry run: 1 run(s)" in capsys.readouterr().err
+
+
 def test_another_seed_is_another_study_and_never_overwrites(tmp_path, capsys):
     out = str(tmp_path / "study")
     regularize.main([*TINY, "--methods", "plain", "--out", out])
