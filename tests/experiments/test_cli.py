@@ -143,6 +143,20 @@ def test_each_bad_number_exits_2_in_one_line(module, arguments, named, tmp_path,
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "module",
+    ["experiments.__main__", "experiments.train", "experiments.regularize", "experiments.adversarial", "experiments.speed"],
+)
+def test_an_empty_out_is_refused_before_anything_is_written(module, tmp_path, monkeypatch, capsys):
+    """--out "$OUT" with OUT unset: the studies wrote to their default folder, and the main job
+    into the current one, failing at its last step after all its training (a helper's hunt)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:
+        importlib.import_module(module).main(["--out", "", "--dry-run"])
+    assert exit.value.code == 2 and "argument --out: an empty folder" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize(("module", "arguments", "named"), [BAD[0], BAD[2], BAD[8], BAD[13]])
 def test_bad_numbers_through_the_real_command_line(module, arguments, named, tmp_path):
     done = run(module, *arguments, "--out", str(tmp_path / "out"), timeout=120)
