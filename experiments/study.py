@@ -166,11 +166,13 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
         # A NaN model's accuracies are chance or worse, not a measurement.
         row.update({f"{k} acc": math.nan if dead else v for k, v in result["accuracy"].items() if k != "sweep"})
         row.update({f"robust@{r}": math.nan if dead else v for r, v in result["accuracy"].get("sweep", {}).items()})
-        # skipna=False: pandas' sum skips NaN, which wrote a diverged run's summed norm as 0.
-        row["sum l1"] = linear[linear.ord == "l1"].norm.sum(skipna=False)
-        row["sum linf"] = linear[linear.ord == "linf"].norm.sum(skipna=False)
+        # skipna=False: pandas' sum skips NaN, which wrote a diverged run's summed norm as 0. NaN
+        # for a run that diverged through a buffer too (a non-finite running variance), whose
+        # weights' norms stayed finite: 7.4e16 and 13.8 were tabled.
+        row["sum l1"] = math.nan if dead else linear[linear.ord == "l1"].norm.sum(skipna=False)
+        row["sum linf"] = math.nan if dead else linear[linear.ord == "linf"].norm.sum(skipna=False)
         bn = last[last.kind == "batchnorm"]
-        row["max bn"] = bn[bn.ord == "l1"].norm.max(skipna=False) if len(bn) else math.nan
+        row["max bn"] = bn[bn.ord == "l1"].norm.max(skipna=False) if len(bn) and not dead else math.nan
         row["diverged"] = dead
         rows.append(row)
     return pd.DataFrame(rows)

@@ -281,6 +281,11 @@ def test_a_diverged_run_is_marked_not_evaluated_and_never_sums_to_zero(tmp_path,
     # A result.json written before runs were marked: found diverged from its NaN norms all the same.
     old = {k: v for k, v in result.items() if k != "diverged"}
     assert summary_table([old]).diverged.tolist() == [True]
+    # Diverged through a buffer (a non-finite running variance), its weights' norms finite: its
+    # sums were tabled (7.4e16 in a helper's hunt), where the docs promise NaN.
+    through_a_buffer = {**fine, "diverged": "epoch 1: 1.running_var is not finite"}
+    row = summary_table([through_a_buffer]).iloc[0]
+    assert row["diverged"] and all(math.isnan(row[k]) for k in ("sum l1", "sum linf", "max bn", "clean acc"))
 
 
 def test_an_he_run_describes_its_cosine_layer_without_the_warning_about_overriding_classes():
