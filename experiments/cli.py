@@ -255,6 +255,8 @@ def protocol_changes(args) -> dict:
         text = getattr(args, name, None)
         if text is not None:
             parts = [w for w in text.split(",") if w]
+            if name == "sweep" and not parts:  # "--sweep $RADII" with RADII unset: no sweep, without a word
+                fail(f"--sweep takes comma-separated radii, got {text!r}; leave it out for no sweep")
             changes[name] = tuple(parts) if name == "attacks" else tuple(or_exit(lambda p=parts, n=name: _floats(p, n)))
     if getattr(args, "norms_every", None) is not None:
         changes["norms_every"] = args.norms_every

@@ -110,8 +110,8 @@ class RunConfig:
     def __post_init__(self):
         # Frozen: normalise lists from JSON or the command line through object.__setattr__.
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        object.__setattr__(self, "attacks", tuple(self.attacks))
-        object.__setattr__(self, "sweep", tuple(float(r) for r in self.sweep))
+        object.__setattr__(self, "attacks", tuple(dict.fromkeys(self.attacks)))  # each once, in order
+        object.__setattr__(self, "sweep", radii(self.sweep))
         problem = check(self)
         if problem:
             raise UserError(problem)
@@ -164,6 +164,7 @@ class RunConfig:
         return fingerprint({**self.as_dict(), "definition": self.definition()})
 
 
+MAX_RADIUS = 255.0  # attack radii are in 1/255 units; pixels lie in [0, 1]
 MAX_COUNT = 2**31 - 1  # the most of any count option: torch's and the DataLoader's sizes overflow past it
 
 
@@ -191,6 +192,8 @@ def check(config: RunConfig) -> str | None:
             return f"--{name.replace('_', '-')} must be finite, got {getattr(config, name)}"
     if config.method == "svc" and config.strength <= 0:
         return f"--strength (the SVC bound) must be > 0, got {config.strength}"
+    if config.method == "svc" and config.svc_timing == "released" and config.svc_every == 1:  # i % 1 is never 1
+        return "svc_every=1 never clips with svc_timing='released' (batch index % svc_every == 1); use svc_timing='steps'"
     problem = unused(config)
     if problem:
         return problem
@@ -214,6 +217,11 @@ def check(config: RunConfig) -> str | None:
         return "--attacks autoattack needs torchattacks (pip install -e '.[autoattack]'); it is not installed"
     if any(not 0 <= r < math.inf for r in config.sweep):
         return f"--sweep radii must be finite and >= 0, got {list(config.sweep)}"
+    # Past 255/255 an l_inf ball holds every image: at 1e300, ART's step overflowed float32 and
+    # the attack's NaN images were scored as a robust accuracy.
+    for option, r in (("--eval-eps", config.eval_eps), *(("--sweep radius", r) for r in config.sweep)):
+        if r > MAX_RADIUS:
+            return f"{option} must be at most {MAX_RADIUS:g} (1/255 units: the whole pixel range), got {r:g}"
     if not 0 <= config.norm_decay_gamma <= 1:
         return f"--norm-decay-gamma must be in [0, 1], got {config.norm_decay_gamma}"
     # Seeds are mixed into per-epoch seeds (seed * 100_003 + epoch, an int64 in torch) and into
@@ -265,6 +273,17 @@ def unit_warnings(config: RunConfig) -> list[str]:
 UNVERIFIED = "unverified data_dir"
 
 
+def radii(values) -> tuple[float, ...]:
+    """Attack radii as a set: sorted, each once, -0 as 0 (the sweep measures each radius once, in
+    order, whatever the command line's order: ``--sweep 4,2,2`` is ``--sweep 2,4``).
+
+    Example:
+        >>> radii([4, 2, 2.0, -0.0])
+        (0.0, 2.0, 4.0)
+    """
+    return tuple(sorted({float(r) + 0.0 for r in values}))
+
+
 def result_options(options: dict) -> dict:
     """The options of ``options`` that change a result.
 
@@ -279,6 +298,12 @@ def result_options(options: dict) -> dict:
         '/d'
     """
     kept = {k: v for k, v in options.items() if k not in NOT_RESULT}
+    # As RunConfig takes them: a config.json of an earlier version, with the radii in the command
+    # line's order or an attack named twice, is the same run.
+    if isinstance(kept.get("sweep"), (list, tuple)):
+        kept["sweep"] = list(radii(kept["sweep"]))
+    if isinstance(kept.get("attacks"), (list, tuple)):
+        kept["attacks"] = list(dict.fromkeys(kept["attacks"]))
     if options.get("verify_data") is False and options.get("dataset") == "cifar10" and options.get("data_dir"):
         kept[UNVERIFIED] = os.path.abspath(options["data_dir"])
     return kept

@@ -120,6 +120,10 @@ BAD = [
     ("experiments.train", ["--eval-eps", "inf"], "--eval-eps"),
     ("experiments.adversarial", ["--eval-eps", "inf"], "--eval-eps"),
     ("experiments.regularize", ["--sweep", "4,inf"], "--sweep"),
+    # Past the whole pixel range; and an empty list ("--sweep $RADII", RADII unset) taken as none.
+    ("experiments.train", ["--eval-eps", "300"], "--eval-eps must be at most 255"),
+    ("experiments.adversarial", ["--sweep", "4,1e300"], "--sweep radius must be at most 255"),
+    ("experiments.regularize", ["--sweep", ","], "--sweep takes comma-separated radii, got ','"),
     ("experiments.train", ["--method", "pgd-at", "--strength", "0.5"], "--strength is not used by --method pgd-at"),
     ("experiments.train", ["--method", "nd-linf"], "--method nd-linf needs --strength > 0"),
     ("experiments.train", ["--bn-radius", "2"], "--bn-radius is not used by --method plain"),

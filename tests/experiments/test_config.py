@@ -31,6 +31,8 @@ from experiments.config import RunConfig, UserError, differences, fingerprint
         ("lr", float("inf")),
         ("strength", float("inf")),
         ("sweep", (4.0, float("inf"))),
+        ("eval_eps", 255.5),  # past the whole pixel range: at 1e300 ART's NaN images were scored
+        ("sweep", (4.0, 256.0)),
         ("seed", -1),
         ("seed", 2**32),
         ("seed", 100_000_000_000_000_000),
@@ -91,6 +93,21 @@ def test_fingerprint_follows_results_not_paths():
     for change in ({"seed": 1}, {"epochs": 3, "milestones": (1,)}, {"eval_iterations": 7}, {"method": "wd", "strength": 0.5}):
         assert RunConfig(**change).fingerprint() != config.fingerprint(), change
     assert fingerprint({**config.as_dict(), "definition": config.definition()}) == config.fingerprint()
+
+
+def test_radii_and_attacks_in_another_order_or_named_twice_are_the_same_run():
+    """--sweep 2,4 and 4,2 (or 2,2 and 2) were other runs, with other folders, of one measurement
+    (a helper's hunt); a config.json of an earlier version that kept the command line's order
+    still finds its run."""
+    config = RunConfig(sweep=(2.0, 4.0))
+    assert RunConfig(sweep=(4, 2, 2.0)).sweep == (2.0, 4.0) and RunConfig(sweep=(-0.0,)).sweep == (0.0,)
+    assert RunConfig(sweep=(4.0, 2.0, 4.0)).fingerprint() == config.fingerprint()
+    assert RunConfig(attacks=("apgd-t", "apgd-t")).attacks == ("apgd-t",)
+    earlier = {**config.as_dict(), "sweep": [4.0, 2.0, 2.0], "attacks": ["apgd-ce", "apgd-t", "apgd-ce"]}
+    assert differences(earlier, config.as_dict()) == []
+    assert fingerprint({**earlier, "definition": config.definition()}) == config.fingerprint()
+    # The order of the attacks stays: they draw from one random stream, in order.
+    assert RunConfig(attacks=("apgd-t", "apgd-ce")).fingerprint() != RunConfig().fingerprint()
 
 
 def test_unverified_cifar10_files_are_known_by_their_folder(tmp_path):
