@@ -206,6 +206,25 @@ def build(config: RunConfig, where: torch.device) -> SimpleNamespace:
     return run
 
 
+def check_svc_clips(config: RunConfig, train_size: int) -> None:
+    """Refuse an SVC run that would never clip: with the released timing it clips at the second
+    batch of each epoch (index 1 modulo ``svc_every``), which an epoch of one batch never reaches;
+    it trained as plain SGD under the SVC label.
+
+    Raises:
+        UserError: the epoch holds one batch per process.
+    """
+    if config.method != "svc" or config.svc_timing != "released":
+        return
+    batches = math.ceil(train_size / _world_size() / config.batch_size)
+    if batches < 2:
+        raise UserError(
+            f"--method svc clips at the second batch of each epoch (the released timing), and an epoch of "
+            f"{train_size} images in batches of {config.batch_size} has {batches}: it would never clip; "
+            "choose a smaller --batch-size"
+        )
+
+
 def scheduler_milestones(config: RunConfig) -> list[int]:
     """MultiStepLR milestones so that epoch ``m`` (1-based) of ``config.milestones`` is the first
     trained at the lowered rate, as the released scripts set the lr before each epoch: the
@@ -524,6 +543,7 @@ def train(config: RunConfig, out: str, resume: bool = True, progress: bool = Tru
             return result
         where = device()
         run = restore(config, out, where) if resume else build(config, where)
+        check_svc_clips(config, len(run.train_set))
         _note_threads(run.history, progress and _is_main())
         for epoch in range(run.start, config.epochs + 1):
             row = train_epoch(config, run, epoch, where)

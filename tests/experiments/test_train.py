@@ -591,3 +591,15 @@ def test_a_model_that_cannot_take_the_images_is_refused_in_one_line_before_any_f
     err = capsys.readouterr().err
     assert exit.value.code == 2 and "--model vgg11 cannot take the digits images (8x8: " in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_an_svc_run_that_would_never_clip_is_refused(tmp_path):
+    """The released timing clips at batch index 1 modulo svc_every of each epoch: an epoch of one
+    batch, or svc_every 1, never clipped, and the run trained as plain SGD labelled SVC (a helper's hunt)."""
+    with pytest.raises(UserError, match="svc_every=1 never clips"):
+        RunConfig(method="svc", strength=0.1, svc_every=1)
+    assert RunConfig(method="svc", strength=0.1, svc_every=1, svc_timing="steps").svc_every == 1
+    out = str(tmp_path / "svc")
+    with pytest.raises(UserError, match=r"an epoch of \d+ images in batches of 2000 has 1: it would never clip"):
+        train(RunConfig(method="svc", strength=0.1, batch_size=2000, **TINY), out, progress=False)
+    assert not os.path.exists(os.path.join(out, "config.json"))  # the claim taken back: the folder stays free
