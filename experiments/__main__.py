@@ -31,7 +31,7 @@ ADVERSARIAL_METHODS = "plain,pgd-at,trades,alp,pgd-at-he,trades-he,alp-he,at+nd,
 
 def main(argv=None) -> None:
     parser = cli.Parser(prog="python -m experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs", type=cli.folder, help="parent folder of the three studies' folders")
+    parser.add_argument("--out", default="runs", type=cli.out_folder, help="parent folder of the three studies' folders")
     parser.add_argument("--protocol", default="released", choices=["released", "paper"])
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds of every run (default 0,1)")
     parser.add_argument("--threads", type=int, help=cli.THREADS_HELP)

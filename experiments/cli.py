@@ -144,13 +144,13 @@ def friendly(resume_command: str, interrupted: str = "finished epochs are saved;
         _resuming.pop()
 
 
-def folder(value: str) -> str:
+def out_folder(value: str) -> str:
     """An ``--out`` folder, refused when empty: an unset shell variable (``--out "$OUT"``) put a
     study's outputs in its default folder and made the main job write into the current folder
     and fail at its last step, after all its training.
 
     Example:
-        >>> folder("runs/mine")
+        >>> out_folder("runs/mine")
         'runs/mine'
     """
     if not value.strip():

@@ -86,7 +86,7 @@ def main(argv=None) -> str:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-svd", action="store_true", help="skip the (slow, CPU-only) SciPy SVD column")
     parser.add_argument("--max-channels", type=int, help="only the shapes with at most this many in/out channels")
-    parser.add_argument("--out", default=os.path.join("runs", "speed"), type=cli.folder)
+    parser.add_argument("--out", default=os.path.join("runs", "speed"), type=cli.out_folder)
     parser.add_argument("--threads", type=int, help=cli.THREADS_HELP)
     parser.add_argument("--dry-run", action="store_true", help="print the shapes and output folder, time nothing")
     args = parser.parse_args(argv)

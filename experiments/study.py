@@ -288,7 +288,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds", help="comma-separated seeds, each run once per seed (default 0; 1 on cifar10, the released scripts')"
     )
-    parser.add_argument("--out", type=cli.folder, help="output folder (default runs/<study>-<dataset>)")
+    parser.add_argument("--out", type=cli.out_folder, help="output folder (default runs/<study>-<dataset>)")
     parser.add_argument("--shard", help="K/N: train only the K-th of N disjoint shares of the runs (no tables)")
     parser.add_argument("--collect", action="store_true", help="train nothing: tables and figures from the finished runs")
     cli.protocol_options(parser)

@@ -613,7 +613,7 @@ def parser() -> argparse.ArgumentParser:
     cli.evaluation_options(p)
     p.add_argument("--bn-radius", type=float, help="batch-norm projection radius (nd-*+bn only)")
     p.add_argument("--amp", action="store_true", help="mixed precision (GPU only)")
-    p.add_argument("--out", default="runs/train", type=cli.folder)
+    p.add_argument("--out", default="runs/train", type=cli.out_folder)
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (its configuration must match)")
     cli.common_options(p)
     return p
