@@ -248,6 +248,21 @@ def evaluation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norms-every", type=int, help="steps between two records of every layer's norms (default 1; 10 cifar10)")
 
 
+# The attacks that read each evaluation option: PGD-20 takes its own 20 steps, and only APGD-T
+# has target classes (standard AutoAttack takes --eval-iterations for its APGD runs).
+READ_BY = {"eval_iterations": ("apgd-ce", "apgd-t", "autoattack"), "eval_targets": ("apgd-t",)}
+
+
+def check_evaluation_options(args, attacks) -> None:
+    """Refuse ``--eval-iterations`` or ``--eval-targets`` given for attacks that never read them,
+    as :func:`experiments.config.unused` refuses method options: they were ignored, yet made
+    another run (another fingerprint and folder) of the same measurement."""
+    for name, readers in READ_BY.items():
+        if getattr(args, name, None) is not None and not set(attacks) & set(readers):
+            option = f"--{name.replace('_', '-')}"
+            fail(f"{option} is not used by --attacks {','.join(attacks)} (only by {', '.join(readers)}); leave it out")
+
+
 def protocol_changes(args) -> dict:
     """The configuration fields the shared switches set."""
     changes = {"skip_layers": "released"} if args.released_skips else {}

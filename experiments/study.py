@@ -373,9 +373,11 @@ def configs_for(args, parser, grid: dict[str, list[float]], **fixed) -> list[Run
             seeded = {**seeded, "skip_layers": skips}
         return RunConfig.resolve(args.protocol, args.dataset, model=model, method=method, strength=strength, **seeded)
 
-    return cli.or_exit(
+    configs = cli.or_exit(
         lambda: [make(m, method, s, seed) for seed in seeds for m in models for method, values in grid.items() for s in values]
     )
+    cli.check_evaluation_options(args, configs[0].attacks)  # the study's runs share their attacks
+    return configs
 
 
 def run_study(name: str, module: str, argv: list[str], args, configs: list[RunConfig], out: str, report) -> str | None:

@@ -629,6 +629,7 @@ def parse_args(argv=None) -> tuple[RunConfig, argparse.Namespace]:
     config = cli.or_exit(
         lambda: RunConfig.resolve(args.protocol, args.dataset, **{**changes, "verify_data": not args.skip_data_checksums})
     )
+    cli.check_evaluation_options(args, config.attacks)
     return config, args
 
 

@@ -124,6 +124,13 @@ BAD = [
     ("experiments.train", ["--eval-eps", "300"], "--eval-eps must be at most 255"),
     ("experiments.adversarial", ["--sweep", "4,1e300"], "--sweep radius must be at most 255"),
     ("experiments.regularize", ["--sweep", ","], "--sweep takes comma-separated radii, got ','"),
+    # Options no chosen attack reads: ignored, yet another run of the same measurement.
+    ("experiments.train", ["--attacks", "pgd", "--eval-iterations", "7"], "--eval-iterations is not used by --attacks pgd"),
+    (
+        "experiments.regularize",
+        ["--attacks", "apgd-ce", "--eval-targets", "2"],
+        "--eval-targets is not used by --attacks apgd-ce",
+    ),
     ("experiments.train", ["--method", "pgd-at", "--strength", "0.5"], "--strength is not used by --method pgd-at"),
     ("experiments.train", ["--method", "nd-linf"], "--method nd-linf needs --strength > 0"),
     ("experiments.train", ["--bn-radius", "2"], "--bn-radius is not used by --method plain"),
