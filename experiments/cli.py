@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 
-from experiments.config import UserError
+from experiments.config import READ_BY, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -246,11 +246,6 @@ def evaluation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--sweep", help="comma-separated further attack radii in 1/255 units (robust accuracy at each)")
     p.add_argument("--norms-every", type=int, help="steps between two records of every layer's norms (default 1; 10 cifar10)")
-
-
-# The attacks that read each evaluation option: PGD-20 takes its own 20 steps, and only APGD-T
-# has target classes (standard AutoAttack takes --eval-iterations for its APGD runs).
-READ_BY = {"eval_iterations": ("apgd-ce", "apgd-t", "autoattack"), "eval_targets": ("apgd-t",)}
 
 
 def check_evaluation_options(args, attacks) -> None:

@@ -17,6 +17,9 @@ from experiments.models import MODELS
 # Attacks of the robust evaluation: "autoattack" is the full standard AutoAttack (APGD-CE, APGD-T,
 # FAB-T, Square, through torchattacks; the others run through ART); "pgd" is 20-step PGD.
 ATTACKS = ("apgd-ce", "apgd-t", "pgd", "autoattack")
+# The attacks that read each evaluation option: PGD-20 takes its own 20 steps, and only APGD-T
+# has target classes (standard AutoAttack takes eval_iterations for its APGD runs).
+READ_BY = {"eval_iterations": ("apgd-ce", "apgd-t", "autoattack"), "eval_targets": ("apgd-t",)}
 
 # Largest seed: NumPy's seeds are 32-bit (the attacks seed it with the run's seed).
 MAX_SEED = 2**32 - 1
